@@ -1,0 +1,53 @@
+"""Atomic artifact writes and safe loads: a stage killed midway leaves nothing that looks complete."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _atomic(path: Path, write) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    data = json.dumps(obj, indent=2, sort_keys=False, default=_jsonable).encode() + b"\n"
+    return _atomic(Path(path), lambda f: f.write(data))
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> Path:
+    return _atomic(Path(path), lambda f: torch.save(tensors, f))
+
+
+def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Tensors only: torch.load(weights_only=True) refuses pickled code."""
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def _jsonable(o: Any) -> Any:
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, os.PathLike):
+        return str(o)
+    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
