@@ -22,7 +22,7 @@ STAGE_SECTIONS = ("data", "train", "prune", "retrain")
 # key -> (default, accepted types, description)
 SCHEMA: dict[str, tuple[Any, tuple[type, ...], str]] = {
     "seed": (0, (int,), "seed for data subsets, initialisation, batch order and augmentation"),
-    "data.root": (None, (str, type(None)), "COCO root in the official layout; null = the embedded synthetic COCO-format set"),
+    "data.root": ("embedded", (str, type(None)), "COCO root in the official layout, or 'embedded' for the embedded synthetic set"),
     "data.embedded": (
         {"seed": 0, "train_images": 500, "val_images": 160, "image_size": 160},
         (dict,),
@@ -133,6 +133,9 @@ def validate(cfg: dict) -> list[str]:
     for key in ("train.epochs", "train.batch_size", "retrain.batch_size", "data.image_size"):
         if flat[key] < 1:
             problems.append(f"{key} must be at least 1, got {flat[key]}")
+    if flat["data.root"] is None:
+        problems.append("data.root is not set: give a COCO 2017 root, e.g. -p data.root=/path/to/coco "
+                        "(or 'embedded' for the embedded dataset)")
     if flat["retrain.epochs"] < 0:
         problems.append(f"retrain.epochs must be 0 or more, got {flat['retrain.epochs']}")
     for key in ("train.lr", "retrain.lr"):

@@ -57,11 +57,11 @@ def embedded_root(embedded: dict | None) -> tuple[Path, dict]:
 
 
 # --- stage 1 -----------------------------------------------------------------------------------
-def run_data(run_dir=None, *, root=None, embedded=None, classes="top:10", image_size=64, context=0.2,
+def run_data(run_dir=None, *, root="embedded", embedded=None, classes="top:10", image_size=64, context=0.2,
              min_box=16, max_per_class=None, max_test_per_class=None, seed=0, out_dir=None) -> dict:
-    """Build the 10-class crop set from COCO-format data; root=None uses the embedded dataset."""
+    """Build the 10-class crop set from COCO-format data; root='embedded' uses the embedded dataset."""
     run_dir = resolve_run_dir(run_dir)
-    if root is None:
+    if root == "embedded":
         where, params = embedded_root(embedded)
         root = synth.ensure(where, **params)
     return data.build_dataset(config.resolve_path(root), stage_dir(run_dir, "data", out_dir), classes=classes,
@@ -181,6 +181,18 @@ def collect_results(run_dir, params: dict | None = None, timings: dict | None = 
         res["timings_s"] = timings
     res["provenance"] = provenance()
     return res
+
+
+def load_results(run_dir=None) -> dict:
+    """Results of a run as the analysis sees them: fresh from the stage outputs, with the
+    parameters and stage timings that `prunestudy run` recorded in results.json when present."""
+    run_dir = resolve_run_dir(run_dir)
+    require("data", run_dir / "data")
+    saved = store.read_json(run_dir / "results.json") if (run_dir / "results.json").is_file() else {}
+    params = saved.get("params")
+    if params is None and (run_dir / "params.json").is_file():
+        params = store.read_json(run_dir / "params.json")
+    return collect_results(run_dir, params, saved.get("timings_s"))
 
 
 def environment(device: torch.device) -> dict:

@@ -84,6 +84,14 @@ _P_TINY = 0.07  # chance a shape is tiny
 _TINY_LO, _TINY_HI = 7.0, 14.0  # tiny diameters (absolute px) -> boxes < 16 px
 _P_CROWD = 0.07  # chance an image holds one crowd group
 _P_LOW_CONTRAST = 0.25  # chance a shape's colour is near the local background
+_LOW_CONTRAST_DELTA = (15.0, 40.0)  # ... within this RGB distance scale
+_P_HOLLOW = 0.08  # chance a shape is drawn as a thick outline only
+_P_TRANSLUCENT = 0.25  # chance a shape is partly transparent
+_BG_DISTRACTORS = (3, 10)  # unannotated clutter under the shapes (min, max count)
+_FG_DISTRACTORS = (0, 3)  # thin clutter drawn over the shapes
+_BLOTCH_AMP = (10.0, 45.0)  # background colour-blotch amplitude
+_TEXTURE_AMP = (6.0, 30.0)  # background stripes/checker/grain amplitude
+_FILL_NOISE = (8.0, 35.0)  # noise std of textured shape fills
 _SS = 2  # supersampling factor for anti-aliasing
 
 # Scene layout rules (fractions): how much of a shape must lie inside the image,
@@ -243,10 +251,10 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     t *= np.float32(1.0 / max(abs(cth) + abs(sth), 1e-6))
     bg = c0 + t[:, :, None] * (c1 - c0)
     # colour blotches
-    bg += _smooth_noise(rng, size, int(rng.integers(3, 9)), 3) * np.float32(rng.uniform(10, 45))
+    bg += _smooth_noise(rng, size, int(rng.integers(3, 9)), 3) * np.float32(rng.uniform(*_BLOTCH_AMP))
     # texture: stripes, checker or fine blotchy grain, plus per-pixel grain
     kind = rng.integers(0, 4)
-    amp = np.float32(rng.uniform(6, 30))
+    amp = np.float32(rng.uniform(*_TEXTURE_AMP))
     tex = rng.standard_normal((size, size), dtype=np.float32) * np.float32(rng.uniform(1, 6))
     if kind == 0:
         f = rng.uniform(4, 18)
@@ -351,16 +359,16 @@ def _paint_shape(canvas: Image.Image, bg: np.ndarray, poly1x: np.ndarray, rng: n
     if rng.random() < _P_LOW_CONTRAST:
         cx = min(max((x0 + x1) // (2 * _SS), 0), bg.shape[1] - 1)
         cy = min(max((y0 + y1) // (2 * _SS), 0), bg.shape[0] - 1)
-        base = bg[cy, cx] + rng.normal(0, 1, 3) * rng.uniform(15, 40)
+        base = bg[cy, cx] + rng.normal(0, 1, 3) * rng.uniform(*_LOW_CONTRAST_DELTA)
         col = np.clip(base, 0, 255)
     else:
         col = rng.uniform(0, 255, 3)
 
-    style = rng.random()
-    opacity = 255 if rng.random() < 0.75 else int(rng.integers(150, 255))
+    style = rng.random()  # < _P_HOLLOW: hollow, then solid / gradient / textured fill
+    opacity = 255 if rng.random() >= _P_TRANSLUCENT else int(rng.integers(150, 255))
     mask = Image.new("L", (w, h), 0)
     mdraw = ImageDraw.Draw(mask)
-    if style < 0.08:  # hollow: thick outline only
+    if style < _P_HOLLOW:  # hollow: thick outline only
         mdraw.line(pts + [pts[0]], fill=opacity, width=int(rng.integers(3, 8)), joint="curve")
     else:
         mdraw.polygon(pts, fill=opacity)
@@ -375,10 +383,10 @@ def _paint_shape(canvas: Image.Image, bg: np.ndarray, poly1x: np.ndarray, rng: n
         arr = col[None, None, :] + t[:, :, None] * (c2 - col)[None, None, :]
         fill = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
     else:  # textured / noisy fill
-        arr = col[None, None, :] + rng.normal(0, rng.uniform(8, 35), (h, w, 1))
+        arr = col[None, None, :] + rng.normal(0, rng.uniform(*_FILL_NOISE), (h, w, 1))
         fill = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
     canvas.paste(fill, (x0, y0), mask)
-    if style >= 0.08 and rng.random() < 0.25:  # contrasting outline
+    if style >= _P_HOLLOW and rng.random() < 0.25:  # contrasting outline
         ImageDraw.Draw(canvas).line(
             [(a + x0, b + y0) for a, b in pts] + [(pts[0][0] + x0, pts[0][1] + y0)],
             fill=_rand_colour(rng),
@@ -417,7 +425,7 @@ def _scene(rng: np.random.Generator, size: int) -> tuple[Image.Image, list[dict[
     bg = _background(rng, size)  # at 1x: smooth enough, 4x cheaper; upscaled below
     canvas = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8)).resize((S, S), Image.NEAREST)
     draw = ImageDraw.Draw(canvas)
-    _draw_distractors(draw, rng, S, int(rng.integers(3, 11)), thin=False)
+    _draw_distractors(draw, rng, S, int(rng.integers(_BG_DISTRACTORS[0], _BG_DISTRACTORS[1] + 1)), thin=False)
 
     # plan objects: (category, list of full polygons, iscrowd)
     plans: list[tuple[int, list[np.ndarray], int]] = []
@@ -499,7 +507,7 @@ def _scene(rng: np.random.Generator, size: int) -> tuple[Image.Image, list[dict[
             }
         )
 
-    _draw_distractors(draw, rng, S, int(rng.integers(0, 4)), thin=True)
+    _draw_distractors(draw, rng, S, int(rng.integers(_FG_DISTRACTORS[0], _FG_DISTRACTORS[1] + 1)), thin=True)
 
     arr = np.asarray(canvas.reduce(_SS), dtype=np.float32)  # box-filter downsample = anti-aliasing
     if rng.random() < 0.6:  # slight separable 3-tap blur
@@ -636,7 +644,7 @@ def _build(tmp: pathlib.Path, p: dict[str, int]) -> None:
         n = p["train_images"] if split == "train2017" else p["val_images"]
         coco = _write_split(tmp, code, split, n, first_image_id, first_ann_id, p)
         with open(tmp / "annotations" / f"instances_{split}.json", "w", encoding="utf-8") as f:
-            json.dump(coco, f, separators=(",", ":"))
+            f.write(json.dumps(coco, separators=(",", ":")))  # dumps: C encoder, much faster than dump
         first_image_id += n
         first_ann_id += len(coco["annotations"])
         counts[split] = n

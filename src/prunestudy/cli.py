@@ -1,0 +1,70 @@
+"""`prunestudy` command line: run the study, install the kernel, show parameters."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import yaml
+
+from . import config, pipeline
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="prunestudy", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the five notebooks with papermill and render the HTML report")
+    _add_params_args(run)
+    run.add_argument("--run-dir", help="output folder (default: runs/<params file name>[-<hash of overrides>])")
+    show = sub.add_parser("params", help="print the effective parameters (defaults, file, overrides)")
+    _add_params_args(show)
+    sub.add_parser("kernel", help="install the 'prunestudy' Jupyter kernel for this Python")
+    args = parser.parse_args(argv)
+
+    if args.command == "kernel":
+        print(f"kernel '{pipeline.ensure_kernel()}' -> {sys.executable} ({pipeline.kernel_dir()})")
+        return 0
+    try:
+        cfg = config.load(args.file, args.param)
+    except config.ParamsError as e:
+        print(f"prunestudy: {e}", file=sys.stderr)
+        return 2
+    if args.command == "params":
+        print(yaml.safe_dump(cfg, sort_keys=False), end="")
+        print(f"# params hash: {config.stage_hash(cfg)}")
+        return 0
+    run_dir = config.resolve_path(args.run_dir) if args.run_dir else pipeline.default_run_dir(args.file, args.param, cfg)
+    print(f"prunestudy: run folder {run_dir} (params hash {config.stage_hash(cfg)})", flush=True)
+    try:
+        res = pipeline.run(cfg, run_dir, log=lambda m: print(m, flush=True))
+    except FileNotFoundError as e:
+        print(f"prunestudy: {e}", file=sys.stderr)
+        return 2
+    except pipeline.StageFailed as e:
+        print(f"prunestudy: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"prunestudy: interrupted; finished stages are kept in {run_dir}", file=sys.stderr)
+        return 130
+    print(_summary(res))
+    return 0
+
+
+def _add_params_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-f", "--file", help="YAML parameter file (e.g. params/default.yaml)")
+    p.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one parameter, e.g. -p train.epochs=3 (repeatable; value read as YAML)")
+
+
+def _summary(res: dict) -> str:
+    rows = []
+    for stage in ("train", "prune", "retrain"):
+        if stage in res:
+            r = res[stage]
+            sp = f", sparsity {r['global_sparsity']:.1%}" if "global_sparsity" in r else ""
+            rows.append(f"  {stage:8s} test acc {r['test_accuracy']:.1%}, test loss {r['test_loss']:.4f}{sp}")
+    return "results:\n" + "\n".join(rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,794 @@
+"""Stage 5 (analysis): the summary table, findings computed from the numbers, and the figures.
+
+Everything here reads a run folder (or its ``results.json`` dict) and returns something the
+analysis notebook displays: a DataFrame, a list of sentences / Markdown, or a matplotlib Figure.
+Figures are created with pyplot (so the notebook's inline backend shows them once, at the end of
+the cell that made them) and are never shown or closed here. Class and layer names are arbitrary
+strings: they are always drawn as literal text (``$`` escaped) and escaped in Markdown.
+
+The seed report's figures are kept in ``SEED_REPORT``; its test losses are not comparable with
+this study's (see ``SEED_REPORT["note"]``) and are therefore never plotted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+import torch
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
+
+from . import store
+
+# --------------------------------------------------------------------------- constants
+
+STATES = ("trained", "pruned", "retrained")
+STAGE_OF = {"trained": "train", "pruned": "prune", "retrained": "retrain"}
+PHASE_NAME = {"trained": "training", "pruned": "pruning", "retrained": "retraining"}
+
+_deep = sns.color_palette("deep")
+STATE_COLORS: dict[str, Any] = {
+    "trained": _deep[0],        # blue
+    "pruned": _deep[1],         # orange
+    "retrained": _deep[2],      # green
+    "seed report": "#b0b0b0",   # muted grey, drawn hatched
+}
+SEED_HATCH = "///"
+SEED_EDGE = "#707070"
+_SPLIT_COLORS = {"train": _deep[4], "test": _deep[5]}   # data splits are not model states
+
+SEED_REPORT: dict[str, Any] = {
+    "trained": {"test_accuracy": 0.71},
+    "pruned": {"test_accuracy": 0.70},
+    "source": "seed test report (COCO 2017, 10 classes, 64x64, batch 32, 10 epochs, lr 1e-4, prune rate 0.2)",
+    "hardware": "GPU 3060",
+    "prune_amount": 0.2,
+    "batch_size": 32,
+    "epochs": 10,
+    # reported "average test loss": a sum of batch-mean losses divided by the number of samples
+    "reported_test_loss": {"trained": 0.0269, "pruned": 0.0272},
+    # batch-mean step losses as printed during training (epoch 10: range of its last steps only)
+    "step_loss": {
+        1: {"first": 2.285719, "min": 0.716590, "max": 1.696788, "last": 0.990119},
+        2: {"first": 0.969307, "min": 0.534181, "max": 1.641705},
+        10: {"first": 0.686697, "last_steps_min": 0.774062, "last_steps_max": 1.142819},
+    },
+    "note": ("The seed report's 'average test loss' (0.0269 after training, 0.0272 after pruning) is a sum of "
+             "batch-mean losses divided by the number of test samples, i.e. about batch-size (32) times too "
+             "small; it is not comparable with the true per-sample mean test loss of this study and is not "
+             "plotted. Its retraining results were not reported."),
+}
+
+ACC, LOSS, SPARSITY, NONZERO, TOTAL = ("test accuracy (%)", "test loss (mean per sample)", "global sparsity (%)",
+                                       "nonzero params", "total params")
+SUMMARY_COLUMNS = [ACC, LOSS, SPARSITY, NONZERO, TOTAL]
+FIGSIZE = (10, 4)
+DPI = 100
+
+
+def setup_style() -> None:
+    """One clean theme for every figure of the report (call once, before plotting)."""
+    sns.set_theme(style="whitegrid", context="notebook", palette="deep",
+                  rc={"figure.dpi": DPI, "savefig.dpi": 150, "axes.titlesize": 11, "axes.labelsize": 10,
+                      "legend.fontsize": 8, "xtick.labelsize": 9, "ytick.labelsize": 9,
+                      "figure.max_open_warning": 0})
+
+
+# --------------------------------------------------------------------------- small helpers
+
+def _text(s: Any) -> str:
+    """A string drawn literally by matplotlib: '$' would otherwise start mathtext."""
+    return str(s).replace("$", r"\$")
+
+
+_MD_ESCAPE = re.compile(r"([\\`*_\[\]#|~$])")
+
+
+def md_escape(s: Any) -> str:
+    """Plain text -> Markdown that renders as the same text (no HTML, links, emphasis or math)."""
+    s = str(s).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return _MD_ESCAPE.sub(r"\\\1", s)
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text()) if Path(path).is_file() else None
+
+
+def load_results(run_dir) -> dict:
+    """``run_dir/results.json`` (an empty dict when the file is missing)."""
+    return _read_json(Path(run_dir) / "results.json") or {}
+
+
+def _stage(results: dict, state: str) -> dict:
+    return results.get(STAGE_OF[state]) or {}
+
+
+def _epochs(results: dict, state: str) -> list[dict]:
+    return _stage(results, state).get("epochs") or []
+
+
+def _pct(fraction: float, digits: int = 1) -> str:
+    return f"{100 * fraction:.{digits}f}%"
+
+
+def _pts(points: float) -> str:
+    """Absolute size of a change in percentage points, precise enough to show small ones."""
+    return f"{abs(points):.1f}" if abs(points) >= 0.095 or points == 0 else f"{abs(points):.2f}"
+
+
+def _n(x: int) -> str:
+    return f"{int(x):,}"
+
+
+def _test_size(results: dict) -> int | None:
+    data = results.get("data") or {}
+    if data.get("test_size"):
+        return int(data["test_size"])
+    counts = (data.get("counts") or {}).get("test")
+    return int(sum(counts.values())) if counts else None
+
+
+def binomial_se(p: float, n: int) -> float:
+    """Standard error of an accuracy p measured on n independent test samples (a fraction)."""
+    return math.sqrt(max(p * (1 - p), 0.0) / n)
+
+
+def _figure(ncols: int = 1, nrows: int = 1, size: tuple[float, float] = FIGSIZE, **kw) -> tuple[Figure, list]:
+    """A constrained-layout figure and its axes as a flat list (always a list)."""
+    fig, axes = plt.subplots(nrows, ncols, figsize=size, dpi=DPI, layout="constrained", squeeze=False, **kw)
+    return fig, list(axes.flat)
+
+
+def _label(ax, xlabel: str, ylabel: str, title: str | None = None) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+
+
+def _placeholder(message: str, size: tuple[float, float] = (10, 1.5)) -> Figure:
+    """A small figure that says what is missing, instead of an exception in the report."""
+    fig, (ax,) = _figure(size=size)
+    ax.text(0.5, 0.5, _text(message), ha="center", va="center", fontsize=11, color="dimgray",
+            transform=ax.transAxes)
+    ax.set_axis_off()
+    return fig
+
+
+def _bar_values(ax, container, fmt: str) -> None:
+    ax.bar_label(container, fmt=fmt, padding=2, fontsize=8)
+
+
+# --------------------------------------------------------------------------- table
+
+def _summary_row(stage: dict) -> dict:
+    def get(key, scale=1.0):
+        v = stage.get(key)
+        return np.nan if v is None else scale * float(v)
+    return {ACC: get("test_accuracy", 100), LOSS: get("test_loss"), SPARSITY: get("global_sparsity", 100),
+            NONZERO: stage.get("params_nonzero"), TOTAL: stage.get("params_total")}
+
+
+def summary_table(results: dict) -> pd.DataFrame:
+    """One row per model state of this run (trained / pruned / retrained, those present) and the seed
+    report's two rows. Accuracy and sparsity in % (2 decimals), loss the true per-sample mean
+    (4 decimals; NaN for the seed, whose loss is not comparable), parameter counts as integers.
+    Sparsity and nonzero count are NaN/NA where the stage did not measure them (the dense model)."""
+    rows = {state: _summary_row(_stage(results, state)) for state in STATES if _stage(results, state)}
+    for state in ("trained", "pruned"):
+        rows[f"seed report: {state}"] = {ACC: 100 * SEED_REPORT[state]["test_accuracy"]}
+    df = pd.DataFrame.from_dict(rows, orient="index").reindex(columns=SUMMARY_COLUMNS)
+    df[[ACC, SPARSITY]] = df[[ACC, SPARSITY]].astype(float).round(2)
+    df[LOSS] = df[LOSS].astype(float).round(4)
+    df[[NONZERO, TOTAL]] = df[[NONZERO, TOTAL]].astype("Int64")
+    df.index.name = "model state"
+    return df
+
+
+def summary_styler(results: dict):
+    """``summary_table`` formatted for display (thousands separators, '—' for not measured)."""
+    return (summary_table(results).style
+            .format({ACC: "{:.2f}", LOSS: "{:.4f}", SPARSITY: "{:.2f}", NONZERO: "{:,}", TOTAL: "{:,}"}, na_rep="—")
+            .set_caption(SEED_REPORT["note"]))
+
+
+# --------------------------------------------------------------------------- findings
+
+def _f_data(results: dict) -> str | None:
+    data = results.get("data") or {}
+    counts = data.get("counts") or {}
+    train, test = counts.get("train"), counts.get("test")
+    if not train or not test:
+        return None
+    small, big = min(train, key=train.get), max(train, key=train.get)
+    common = max(test, key=test.get)
+    n_test = sum(test.values())
+    ratio = train[big] / train[small] if train[small] else float("inf")
+    return (f"The data has {_n(sum(train.values()))} training and {_n(n_test)} test crops over {len(train)} classes; "
+            f"training classes range from '{small}' ({_n(train[small])} crops) to '{big}' ({_n(train[big])}), "
+            f"a {ratio:.1f}:1 imbalance, and always answering the commonest test class ('{common}') would score "
+            f"{_pct(test[common] / n_test)}, the floor any model has to beat.")
+
+
+def _f_accuracy(results: dict) -> str | None:
+    train = _stage(results, "trained")
+    if "test_accuracy" not in train:
+        return "Training has not run in this run folder, so there is no trained model to report."
+    acc, n = train["test_accuracy"], _test_size(results)
+    s = f"After {len(train.get('epochs') or [])} training epochs the {train.get('model', 'model')} reached {_pct(acc)} test accuracy"
+    if train.get("test_loss") is not None:
+        s += f" (test loss {train['test_loss']:.3f}, a true per-sample mean)"
+    if n:
+        s += f"; on {_n(n)} test crops one binomial standard error of that accuracy is ±{100 * binomial_se(acc, n):.1f} points"
+    return s + "."
+
+
+def _f_train_loss(results: dict, state: str) -> str | None:
+    rows = _epochs(results, state)
+    if not rows:
+        return None
+    loss = [r["train_loss"] for r in rows]
+    lo, hi = int(np.argmin(loss)), int(np.argmax(loss))
+    s = (f"During {PHASE_NAME[state]}, the per-epoch training loss (sample mean) went from {loss[0]:.3f} in epoch 1 "
+         f"to {loss[-1]:.3f} in epoch {len(loss)}; lowest {loss[lo]:.3f} (epoch {lo + 1}), highest {loss[hi]:.3f} "
+         f"(epoch {hi + 1})")
+    if all("step_loss_min" in r for r in rows):
+        s += (f"; single optimizer steps ranged from {min(r['step_loss_min'] for r in rows):.3f} "
+              f"to {max(r['step_loss_max'] for r in rows):.3f} (batch means)")
+    return s + "."
+
+
+def _f_overfit(results: dict, state: str) -> str | None:
+    rows = [r for r in _epochs(results, state) if r.get("test_loss") is not None]
+    if len(rows) < 2:
+        return None
+    test = [r["test_loss"] for r in rows]
+    train = [r["train_loss"] for r in rows]
+    acc = [r.get("test_accuracy", np.nan) for r in rows]
+    best, last = int(np.argmin(test)), len(rows) - 1
+    best_acc = int(np.nanargmax(acc)) if not np.all(np.isnan(acc)) else None
+    tail = (f"; test accuracy peaked at {_pct(acc[best_acc])} in epoch {best_acc + 1} (last epoch {_pct(acc[-1])})"
+            if best_acc is not None else "")
+    phase = PHASE_NAME[state].capitalize()
+    if best < last and test[last] > test[best] and train[last] < train[best]:
+        return (f"{phase} overfits: test loss was lowest ({test[best]:.3f}) in epoch {best + 1} and rose to "
+                f"{test[last]:.3f} by epoch {last + 1} while training loss kept falling ({train[best]:.3f} → "
+                f"{train[last]:.3f}){tail}.")
+    trend = "fell" if test[last] < test[0] else "did not fall"
+    return (f"{phase}: test loss {trend} from {test[0]:.3f} to {test[last]:.3f} over {last + 1} epochs while "
+            f"training loss went from {train[0]:.3f} to {train[last]:.3f}, with no rise of test loss after its "
+            f"minimum, so no sign of overfitting by loss{tail}.")
+
+
+def _change(points: float, what: str) -> str:
+    if abs(points) < 0.005:
+        return f"{what} did not change"
+    return f"{what} {'fell' if points < 0 else 'rose'} by {_pts(points)} points"
+
+
+def _dense_accuracy(results: dict) -> float | None:
+    prune = _stage(results, "pruned")
+    return prune.get("dense_test_accuracy", _stage(results, "trained").get("test_accuracy"))
+
+
+def _f_prune(results: dict) -> str:
+    prune = _stage(results, "pruned")
+    dense = _dense_accuracy(results)
+    if "test_accuracy" not in prune or dense is None:
+        return "Pruning has not run in this run folder, so there is no pruned model to compare."
+    acc, n = prune["test_accuracy"], _test_size(results)
+    d = 100 * (acc - dense)
+    s = (f"Pruning ({prune.get('method', '?')}, amount {prune.get('amount', float('nan')):g} of the "
+         f"{prune.get('targets', '?')} targeted weights) {_change(d, 'test accuracy')}, from {_pct(dense)} to {_pct(acc)}")
+    if n:
+        se = 100 * binomial_se(dense, n)
+        if abs(d) <= se:
+            s += f"; that is within one binomial standard error (±{se:.1f} points on {_n(n)} test crops), indistinguishable from sampling noise"
+        else:
+            s += (f"; that is {abs(d) / se:.1f} binomial standard errors (±{se:.1f} points on {_n(n)} test crops), "
+                  f"larger than sampling noise of one standard error")
+    if prune.get("test_loss") is not None and prune.get("dense_test_loss") is not None:
+        s += f"; test loss went from {prune['dense_test_loss']:.3f} to {prune['test_loss']:.3f}"
+    return s + "."
+
+
+def _f_sparsity(results: dict) -> str | None:
+    prune = _stage(results, "pruned")
+    if "global_sparsity" not in prune:
+        return None
+    layers = prune.get("layers") or {}
+    s = f"Measured sparsity of the targeted weights is {_pct(prune['global_sparsity'], 2)}"
+    if prune.get("amount") is not None:
+        s += f" against the asked {_pct(prune['amount'], 2)}"
+    if layers:
+        lo, hi = min(layers, key=layers.get), max(layers, key=layers.get)
+        s += (f" (every one of the {len(layers)} layers at {_pct(layers[lo], 2)})" if layers[hi] - layers[lo] < 5e-5
+              else f" (per layer from {_pct(layers[lo], 2)} in {lo} to {_pct(layers[hi], 2)} in {hi})")
+    if prune.get("params_nonzero") is not None and prune.get("params_total"):
+        nz, tot = prune["params_nonzero"], prune["params_total"]
+        s += (f"; counting biases and untargeted tensors, {_n(nz)} of {_n(tot)} parameters ({_pct(nz / tot)}) "
+              f"remain nonzero, {_n(tot - nz)} are zero")
+    return s + "."
+
+
+def _f_retrain(results: dict) -> str:
+    re_, prune = _stage(results, "retrained"), _stage(results, "pruned")
+    if "test_accuracy" not in re_:
+        return "Retraining has not run in this run folder, so recovery after pruning is not measured."
+    acc, dense, pruned = re_["test_accuracy"], _dense_accuracy(results), prune.get("test_accuracy")
+    s = f"Retraining for {len(re_.get('epochs') or [])} epochs with the masks held"
+    if pruned is None:
+        return s + f" reached {_pct(acc)} test accuracy."
+    s += f" {_change(100 * (acc - pruned), 'test accuracy')} (from {_pct(pruned)} to {_pct(acc)})"
+    if dense is not None:
+        drop, gain, vs_dense = 100 * (dense - pruned), 100 * (acc - pruned), 100 * (acc - dense)
+        if vs_dense >= 0:
+            s += f", ending {_pts(vs_dense)} points above the dense model's {_pct(dense)}: fully recovered"
+        elif drop > 0:
+            s += (f", recovering {100 * max(gain, 0) / drop:.0f}% of the {_pts(drop)}-point pruning drop "
+                  f"and ending {_pts(vs_dense)} points below the dense model's {_pct(dense)}")
+        else:
+            s += f", ending {_pts(vs_dense)} points below the dense model's {_pct(dense)} although pruning itself cost nothing"
+    if re_.get("global_sparsity") is not None and prune.get("global_sparsity") is not None:
+        a, b = re_["global_sparsity"], prune["global_sparsity"]
+        s += (f"; sparsity stayed at {_pct(a, 2)}, so the masks held" if abs(a - b) < 1e-9
+              else f"; sparsity changed from {_pct(b, 2)} to {_pct(a, 2)}, so the masks did NOT hold")
+    return s + ". The seed report gives no retraining result to compare with."
+
+
+def _f_seed(results: dict) -> str | None:
+    dense, pruned = _dense_accuracy(results), _stage(results, "pruned").get("test_accuracy")
+    if dense is None:
+        return None
+    seed_t, seed_p = SEED_REPORT["trained"]["test_accuracy"], SEED_REPORT["pruned"]["test_accuracy"]
+    gap = 100 * (dense - seed_t)
+    s = (f"This run's trained accuracy {_pct(dense)} is {_pts(gap)} points {'above' if gap >= 0 else 'below'} the "
+         f"seed report's {_pct(seed_t, 0)}")
+    if pruned is None:
+        return s + "; the pruning comparison waits for the prune stage."
+    seed_drop, drop = 100 * (seed_t - seed_p), 100 * (dense - pruned)
+    amount = _stage(results, "pruned").get("amount")
+    amount_s = f" at amount {amount:g}" if amount is not None else ""
+    diff = drop - seed_drop
+    rel = "the same as" if abs(diff) < 0.05 else f"{_pts(diff)} points {'more' if diff > 0 else 'less'} than"
+    what = "dropped" if drop >= 0 else "gained"
+    return (s + f"; the seed lost {seed_drop:.1f} point to pruning at rate {SEED_REPORT['prune_amount']:g} "
+            f"({_pct(seed_t, 0)} → {_pct(seed_p, 0)}), this run {what} {_pts(drop)} points{amount_s} "
+            f"({_pct(dense)} → {_pct(pruned)}), {rel} the seed's drop.")
+
+
+def _f_loss_note(results: dict) -> str | None:
+    losses = [(state, _stage(results, state).get("test_loss")) for state in STATES]
+    losses = [(s, v) for s, v in losses if v is not None]
+    if not losses:
+        return None
+    ours = ", ".join(f"{v:.3f} ({s})" for s, v in losses)
+    seed = SEED_REPORT["reported_test_loss"]
+    return (f"Test losses are not comparable with the seed report: its {seed['trained']} / {seed['pruned']} are "
+            f"batch-mean losses divided by the number of samples (about {SEED_REPORT['batch_size']}× too small), "
+            f"whereas this run's {ours} are true per-sample means; the seed's losses are therefore not plotted.")
+
+
+def _f_first_steps(results: dict) -> str | None:
+    rows = _epochs(results, "trained")
+    if not rows or "step_loss_first" not in rows[0]:
+        return None
+    k = len((results.get("data") or {}).get("classes") or []) or 10
+    seed = SEED_REPORT["step_loss"][1]
+    r = rows[0]
+    return (f"The first optimizer step's loss was {r['step_loss_first']:.3f} (chance level for {k} classes: "
+            f"ln {k} = {math.log(k):.3f}; seed report {seed['first']:.3f}); epoch-1 step losses spanned "
+            f"{r['step_loss_min']:.3f}–{r['step_loss_max']:.3f} here vs {seed['min']:.3f}–{seed['max']:.3f} in the seed report.")
+
+
+def _f_time(results: dict) -> str | None:
+    parts = []
+    for state in ("trained", "retrained"):
+        st = _stage(results, state)
+        if st.get("seconds") is not None:
+            rates = [r["images_per_s"] for r in st.get("epochs") or [] if "images_per_s" in r]
+            rate = f", {np.mean(rates):.0f} images/s" if rates else ""
+            parts.append(f"{PHASE_NAME[state]} took {st['seconds']:.1f} s{rate}")
+    if not parts:
+        return None
+    device = _stage(results, "trained").get("device")
+    return ("; ".join(parts) + (f" on {device}" if device else "")).capitalize() + "."
+
+
+def findings(results: dict) -> list[str]:
+    """Sentences computed from the numbers of ``results`` (each one changes when its numbers do)."""
+    builders = [_f_data, _f_accuracy, lambda r: _f_train_loss(r, "trained"), _f_first_steps,
+                lambda r: _f_overfit(r, "trained"), _f_prune, _f_sparsity, _f_seed, _f_retrain,
+                lambda r: _f_train_loss(r, "retrained"), lambda r: _f_overfit(r, "retrained"),
+                _f_loss_note, _f_time]
+    return [s for s in (b(results) for b in builders) if s]
+
+
+def findings_markdown(results: dict) -> str:
+    """The findings as a Markdown bullet list (text escaped: no HTML, links or math)."""
+    return "\n".join(f"- {md_escape(s)}" for s in findings(results))
+
+
+def title_markdown(results: dict) -> str:
+    """A heading naming the model, the pruning and the run's parameter hash."""
+    model = _stage(results, "trained").get("model", "model")
+    prune = _stage(results, "pruned")
+    what = (f"{prune.get('method', 'pruning')} at {_pct(prune['amount'], 0)}" if prune.get("amount") is not None
+            else "pruning not run")
+    h = results.get("params_hash")
+    return (f"# Pruning study: {md_escape(model)}, {md_escape(what)}\n\n"
+            + (f"Run parameters hash `{md_escape(h)}`. " if h else "")
+            + md_escape(f"Seed report for comparison: {SEED_REPORT['source']}."))
+
+
+def provenance_markdown(results: dict) -> str:
+    """Versions, platform, commit, parameter hash and stage timings as a Markdown table."""
+    prov = results.get("provenance") or {}
+    rows = [("parameters hash", results.get("params_hash")), ("git commit", prov.get("git_commit")),
+            ("python", prov.get("python")), ("platform", prov.get("platform")),
+            ("processor", prov.get("processor")), ("cuda", prov.get("cuda"))]
+    rows += [(pkg, v) for pkg, v in (prov.get("versions") or {}).items()]
+    rows += [(f"time: {stage}", f"{s:.1f} s") for stage, s in (results.get("timings_s") or {}).items()]
+    lines = ["| item | value |", "|---|---|"] + [f"| {md_escape(k)} | {md_escape(v if v is not None else '—')} |"
+                                                 for k, v in rows]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- figures: curves
+
+def _history(run_dir: Path, state: str) -> dict | None:
+    h = _read_json(Path(run_dir) / STAGE_OF[state] / "history.json")
+    return h if h and h.get("steps") else None
+
+
+def _epoch_chunks(n_steps: int, n_epochs: int) -> list[np.ndarray]:
+    """Step indices of each epoch (steps per epoch = n_steps / n_epochs)."""
+    return np.array_split(np.arange(n_steps), max(n_epochs, 1))
+
+
+def _seed_step_ranges(ax, train_chunks: list[np.ndarray]) -> None:
+    """The seed report's printed step-loss ranges at the matching epochs of this run (if it has them)."""
+    drawn = False
+    for epoch, r in SEED_REPORT["step_loss"].items():
+        if epoch > len(train_chunks):
+            continue
+        lo, hi = r.get("min", r.get("last_steps_min")), r.get("max", r.get("last_steps_max"))
+        chunk = train_chunks[epoch - 1]
+        x = chunk[0] + 1 + (0.5 if "min" in r else 0.9) * len(chunk)
+        ax.errorbar([x], [(lo + hi) / 2], yerr=[[(hi - lo) / 2]], fmt="none", ecolor=SEED_EDGE, elinewidth=2.5,
+                    capsize=5, zorder=5, label=None if drawn else "seed report: step-loss range (epochs 1, 2; end of 10)")
+        drawn = True
+
+
+def plot_step_loss(run_dir) -> Figure:
+    """Every optimizer step's loss, per-epoch mean and min-max band; retraining continues the step axis."""
+    phases = [(s, h) for s in ("trained", "retrained") if (h := _history(Path(run_dir), s))]
+    if not phases:
+        return _placeholder("No training history (train/history.json) in this run folder.")
+    fig, (ax,) = _figure()
+    offset = 0
+    for state, hist in phases:
+        steps, color, name = np.asarray(hist["steps"], float), STATE_COLORS[state], PHASE_NAME[state]
+        chunks = _epoch_chunks(len(steps), len(hist.get("epochs") or []))
+        ax.plot(offset + np.arange(1, len(steps) + 1), steps, lw=0.6, alpha=0.35, color=color, label=f"{name}: every step")
+        edges = [offset + c[0] + 0.5 for c in chunks] + [offset + len(steps) + 0.5]
+        lo, hi = [steps[c].min() for c in chunks], [steps[c].max() for c in chunks]
+        ax.fill_between(edges, lo + lo[-1:], hi + hi[-1:], step="post", color=color, alpha=0.15, lw=0,
+                        label=f"{name}: epoch min–max")
+        ax.plot([offset + c.mean() + 1 for c in chunks], [steps[c].mean() for c in chunks], "o-", color=color,
+                lw=1.8, ms=4, label=f"{name}: epoch mean")
+        if state == "trained":
+            _seed_step_ranges(ax, chunks)
+        elif offset:
+            ax.axvline(offset + 0.5, color="dimgray", ls="--", lw=1)
+            ax.text(offset + 0.5, 0.98, " retraining starts", transform=ax.get_xaxis_transform(), va="top",
+                    fontsize=8, color="dimgray")
+        offset += len(steps)
+    ax.set_xlim(0.5, offset + 0.5)
+    _label(ax, "optimizer step", "cross-entropy loss (batch mean)", "Loss of every optimizer step")
+    ax.legend(ncols=2, loc="upper right")
+    return fig
+
+
+def plot_epoch_metrics(results: dict) -> Figure:
+    """Test accuracy (%) and test/train loss per epoch; retraining continues the epoch count, the pruned
+    model sits half an epoch after training, the seed report's accuracies are grey stars."""
+    train_rows, re_rows = _epochs(results, "trained"), _epochs(results, "retrained")
+    if not train_rows and not re_rows:
+        return _placeholder("No per-epoch metrics (train / retrain stages) in results.json.")
+    fig, (acc_ax, loss_ax) = _figure(2)
+    n_train = len(train_rows)
+    for state, rows, start in (("trained", train_rows, 1), ("retrained", re_rows, n_train + 1)):
+        if not rows:
+            continue
+        x, c, name = np.arange(start, start + len(rows)), STATE_COLORS[state], PHASE_NAME[state]
+        acc_ax.plot(x, [100 * r["test_accuracy"] for r in rows], "o-", color=c, label=f"{name}: test accuracy")
+        loss_ax.plot(x, [r["test_loss"] for r in rows], "o-", color=c, label=f"{name}: test loss")
+        loss_ax.plot(x, [r["train_loss"] for r in rows], "s--", color=c, alpha=0.6, ms=4, label=f"{name}: train loss")
+    prune = _stage(results, "pruned")
+    if "test_accuracy" in prune:
+        x = n_train + 0.5
+        acc_ax.plot([x], [100 * prune["test_accuracy"]], "D", color=STATE_COLORS["pruned"], ms=8, label="pruned (no training)")
+        if prune.get("test_loss") is not None:
+            loss_ax.plot([x], [prune["test_loss"]], "D", color=STATE_COLORS["pruned"], ms=8, label="pruned: test loss")
+    if n_train:
+        acc_ax.plot([n_train, n_train + 0.5], [100 * SEED_REPORT[s]["test_accuracy"] for s in ("trained", "pruned")],
+                    "*", color=STATE_COLORS["seed report"], mec=SEED_EDGE, ms=13, ls="none",
+                    label="seed report: trained / pruned")
+    _label(acc_ax, "epoch (retraining continues the count)", "test accuracy (%)", "Test accuracy per epoch")
+    _label(loss_ax, "epoch (retraining continues the count)", "cross-entropy loss (mean per sample)",
+           "Loss per epoch (seed report's loss not comparable)")
+    for ax in (acc_ax, loss_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(loc="best")
+    return fig
+
+
+# --------------------------------------------------------------------------- figures: bars
+
+def plot_accuracy(results: dict) -> Figure:
+    """Test accuracy of this run's model states beside the seed report's 71% / 70% (hatched grey bars)."""
+    ours = [(s, _stage(results, s)["test_accuracy"]) for s in STATES if "test_accuracy" in _stage(results, s)]
+    n = _test_size(results)
+    fig, (ax,) = _figure(size=(8, 4))
+    x = np.arange(len(ours), dtype=float)
+    if ours:
+        bars = ax.bar(x, [100 * a for _, a in ours], color=[STATE_COLORS[s] for s, _ in ours], width=0.7,
+                      yerr=[100 * binomial_se(a, n) for _, a in ours] if n else None, capsize=4, ecolor="black")
+        _bar_values(ax, bars, "%.1f%%")
+    seed_x = np.arange(2) + len(ours) + 0.5
+    seed = ax.bar(seed_x, [100 * SEED_REPORT[s]["test_accuracy"] for s in ("trained", "pruned")], width=0.7,
+                  color=STATE_COLORS["seed report"], hatch=SEED_HATCH, edgecolor=SEED_EDGE)
+    _bar_values(ax, seed, "%.0f%%")
+    ax.set_xticks(np.concatenate([x, seed_x]), [s for s, _ in ours] + ["seed report:\ntrained", "seed report:\npruned"])
+    ax.set_ylim(0, min(100, max([71] + [100 * a for _, a in ours]) + 15))
+    handles = [Patch(color=STATE_COLORS[s], label=f"this run: {s}") for s, _ in ours]
+    handles.append(Patch(facecolor=STATE_COLORS["seed report"], hatch=SEED_HATCH, edgecolor=SEED_EDGE,
+                         label="seed report (COCO 2017; retraining not reported)"))
+    if n:
+        handles.append(Line2D([], [], color="black", marker="_", ls="none", ms=10,
+                              label=f"±1 binomial SE ({_n(n)} test crops)"))
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
+    _label(ax, "model state", "test accuracy (%)", "Test accuracy: this run beside the seed report")
+    return fig
+
+
+def plot_layer_sparsity(results: dict) -> Figure:
+    """Per-layer sparsity (%) after pruning and after retraining, the asked amount as a dashed line."""
+    series = [(s, _stage(results, s)["layers"]) for s in ("pruned", "retrained") if _stage(results, s).get("layers")]
+    if not series:
+        return _placeholder("No per-layer sparsity: the prune stage has not run.")
+    layers = list(dict.fromkeys(name for _, sp in series for name in sp))
+    fig, (ax,) = _figure(size=(min(20, max(10, 0.45 * len(layers) * len(series))), 4))
+    x, width = np.arange(len(layers)), 0.8 / len(series)
+    for i, (state, sp) in enumerate(series):
+        bars = ax.bar(x + (i - (len(series) - 1) / 2) * width, [100 * sp.get(l, np.nan) for l in layers], width,
+                      color=STATE_COLORS[state], label=f"after {PHASE_NAME[state]}")
+        if len(layers) <= 12:
+            _bar_values(ax, bars, "%.2f")
+    amount = _stage(results, "pruned").get("amount")
+    top = max(100 * v for _, sp in series for v in sp.values())
+    if amount is not None:
+        ax.axhline(100 * amount, color="black", ls="--", lw=1, label=f"asked amount ({_pct(amount, 0)})")
+        top = max(top, 100 * amount)
+    ax.set_xticks(x, [_text(l) for l in layers], rotation=0 if len(layers) <= 8 else 60,
+                  ha="center" if len(layers) <= 8 else "right")
+    ax.set_ylim(0, max(top * 1.3, 1))
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
+    _label(ax, "layer", "sparsity (% of weights exactly 0)", "Sparsity per pruned layer")
+    return fig
+
+
+def plot_class_counts(info: dict) -> Figure:
+    """Training and test crops per class (``info`` = data.json, or results['data'])."""
+    classes, counts = info.get("classes") or [], info.get("counts") or {}
+    splits = [s for s in ("train", "test") if counts.get(s)]
+    if not classes or not splits:
+        return _placeholder("No class counts (data.json) available.")
+    fig, axes = _figure(len(splits), size=(10, max(3, 0.32 * len(classes) + 1)), sharey=True)
+    y = np.arange(len(classes))
+    for ax, split in zip(axes, splits):
+        values = [counts[split].get(c, 0) for c in classes]
+        bars = ax.barh(y, values, color=_SPLIT_COLORS[split])
+        _bar_values(ax, bars, "%d")
+        ax.set_xlim(0, max(values + [1]) * 1.15)
+        _label(ax, f"{split} crops (count)", "class" if ax is axes[0] else "", f"{split}: {_n(sum(values))} crops")
+    axes[0].set_yticks(y, [_text(c) for c in classes])
+    axes[0].invert_yaxis()
+    return fig
+
+
+# --------------------------------------------------------------------------- figures: weights, images, errors
+
+def _layer_weights(path: Path) -> dict[str, np.ndarray] | None:
+    """Every conv/linear weight (key ending in '.weight', ndim >= 2) of a saved state_dict, flattened."""
+    if not Path(path).is_file():
+        return None
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: v.detach().double().flatten().numpy() for k, v in sd.items()
+            if k.endswith(".weight") and torch.is_tensor(v) and v.ndim >= 2}
+
+
+def cut_threshold(dense: np.ndarray, pruned: np.ndarray) -> float | None:
+    """The largest |w| of the dense model that pruning set to zero (None when nothing was pruned)."""
+    cut = (pruned == 0) & (dense != 0)
+    return float(np.abs(dense[cut]).max()) if cut.any() else None
+
+
+def _pick_layers(weights: dict[str, np.ndarray], max_layers: int) -> list[str]:
+    """All layers in network order, or the ``max_layers`` largest ones (still in network order)."""
+    names = list(weights)
+    if len(names) <= max_layers:
+        return names
+    keep = set(sorted(names, key=lambda k: -weights[k].size)[:max_layers])
+    return [k for k in names if k in keep]
+
+
+def _weight_panel(ax, name: str, dense: np.ndarray, pruned: np.ndarray | None, retrained: np.ndarray | None,
+                  bins: int) -> None:
+    before = np.abs(dense[dense != 0])
+    after = None if pruned is None or pruned.shape != dense.shape else np.abs(pruned[pruned != 0])
+    again = None if retrained is None or retrained.shape != dense.shape else np.abs(retrained[retrained != 0])
+    present = [a for a in (before, after, again) if a is not None and a.size]
+    if not present:
+        ax.text(0.5, 0.5, "all weights are zero", ha="center", transform=ax.transAxes)
+        return
+    lo, hi = min(a.min() for a in present), max(a.max() for a in present)
+    edges = np.logspace(np.log10(lo), np.log10(hi), bins + 1)
+    edges[0], edges[-1] = lo, hi          # exactly: log/exp round-off would drop the extreme weights
+    ax.hist(before, edges, color=STATE_COLORS["trained"], alpha=0.45, label="before pruning (all)")
+    if after is not None:
+        ax.hist(after, edges, histtype="step", lw=1.6, color=STATE_COLORS["pruned"], label="after pruning (nonzero)")
+    if again is not None:
+        ax.hist(again, edges, histtype="step", lw=1.2, ls="--", color=STATE_COLORS["retrained"],
+                label="after retraining (nonzero)")
+    ax.set_xscale("log")
+    cut = cut_threshold(dense, pruned) if after is not None else None
+    title = _text(name.removesuffix(".weight"))
+    if cut is not None:
+        ax.axvline(cut, color="black", ls=":", lw=1.2, label="cut threshold")
+        ax.text(cut, 0.97, f" cut {cut:.2g}", transform=ax.get_xaxis_transform(), va="top", fontsize=8)
+        title += f" ({100 * (pruned == 0).mean():.1f}% zero)"
+    elif after is not None:
+        title += " (not pruned)"
+    _label(ax, "|w| (log scale)", "weights per bin", title)
+
+
+def plot_weight_histograms(run_dir, max_layers: int = 12, bins: int = 60) -> Figure:
+    """Per layer: |w| before pruning (train/model.pt) vs the nonzero |w| after pruning (and after
+    retraining), log-scale x, with the cut threshold (the largest |w| that was set to zero)."""
+    run_dir = Path(run_dir)
+    dense = _layer_weights(run_dir / "train" / "model.pt")
+    if not dense:
+        return _placeholder("No trained weights (train/model.pt) in this run folder.")
+    pruned = _layer_weights(run_dir / "prune" / "model.pt") or {}
+    retrained = _layer_weights(run_dir / "retrain" / "model.pt") or {}
+    names = _pick_layers(dense, max_layers)
+    ncols = min(3, len(names))
+    nrows = math.ceil(len(names) / ncols)
+    fig, axes = _figure(ncols, nrows, size=(10, 2.7 * nrows + 0.6))
+    for ax, name in zip(axes, names):
+        _weight_panel(ax, name, dense[name], pruned.get(name), retrained.get(name), bins)
+    for ax in axes[len(names):]:
+        ax.remove()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside upper center", ncols=len(labels))
+    if len(names) < len(dense):
+        fig.suptitle(f"the {len(names)} largest of {len(dense)} weight tensors", fontsize=9)
+    return fig
+
+
+def _data_info(run_dir: Path) -> dict:
+    info = _read_json(Path(run_dir) / "data" / "data.json")
+    if info is None:
+        raise FileNotFoundError(f"{Path(run_dir) / 'data' / 'data.json'} not found: the data stage has not run")
+    return info
+
+
+def sample_mosaic(images: np.ndarray, labels: np.ndarray, n_classes: int, per_class: int, gap: int = 2) -> np.ndarray:
+    """One row per class of its first ``per_class`` images (white where a class has fewer)."""
+    size = images.shape[1]
+    step = size + gap
+    mosaic = np.full((n_classes * step - gap, per_class * step - gap, 3), 255, np.uint8)
+    for c in range(n_classes):
+        for j, i in enumerate(np.flatnonzero(labels == c)[:per_class]):
+            img = np.asarray(images[i])
+            mosaic[c * step:c * step + size, j * step:j * step + size] = img[..., None] if img.ndim == 2 else img[..., :3]
+    return mosaic
+
+
+def plot_samples(run_dir, per_class: int = 8) -> Figure:
+    """A grid of the first ``per_class`` training crops of every class, class names as row labels."""
+    run_dir = Path(run_dir)
+    classes = _data_info(run_dir)["classes"]
+    images = np.load(run_dir / "data" / "train_images.npy", mmap_mode="r")
+    labels = np.load(run_dir / "data" / "train_labels.npy")
+    mosaic = sample_mosaic(images, labels, len(classes), per_class)
+    step = images.shape[1] + 2
+    fig, (ax,) = _figure(size=(0.75 * per_class + 2.2, 0.75 * len(classes) + 0.9))
+    ax.imshow(mosaic, interpolation="nearest")
+    ax.set_yticks(np.arange(len(classes)) * step + images.shape[1] / 2, [_text(c) for c in classes])
+    ax.set_xticks(np.arange(per_class) * step + images.shape[1] / 2, np.arange(1, per_class + 1))
+    ax.grid(False)
+    _label(ax, f"training crop ({images.shape[1]}×{images.shape[2]} px, first {per_class} of each class)", "class")
+    return fig
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, n_classes: int) -> np.ndarray:
+    """Counts: rows = true class, columns = predicted class."""
+    labels, predictions = np.asarray(labels, np.int64), np.asarray(predictions, np.int64)
+    if labels.shape != predictions.shape:
+        raise ValueError(f"{predictions.size} predictions for {labels.size} test labels")
+    return np.bincount(labels * n_classes + predictions, minlength=n_classes ** 2).reshape(n_classes, n_classes)
+
+
+def row_normalised(cm: np.ndarray) -> np.ndarray:
+    """Each row in % of its true class (rows without samples stay 0)."""
+    totals = cm.sum(axis=1, keepdims=True)
+    return np.divide(100.0 * cm, totals, out=np.zeros(cm.shape), where=totals > 0)
+
+
+def plot_confusion(run_dir) -> Figure:
+    """Row-normalised confusion matrices (%) of the trained / pruned / retrained models side by side."""
+    run_dir = Path(run_dir)
+    classes = _data_info(run_dir)["classes"]
+    labels = np.load(run_dir / "data" / "test_labels.npy")
+    states = [(s, np.load(p)) for s in STATES if (p := run_dir / STAGE_OF[s] / "predictions.npy").is_file()]
+    if not states:
+        return _placeholder("No predictions (train/prune/retrain predictions.npy) in this run folder.")
+    k = len(classes)
+    side = min(6.0, max(3.8, 0.38 * k + 1.2))
+    fig, axes = _figure(len(states), size=(side * len(states) + 0.8, side + 0.6))
+    names = [_text(c) for c in classes]
+    for i, (ax, (state, pred)) in enumerate(zip(axes, states)):
+        cm = confusion_matrix(labels, pred, k)
+        sns.heatmap(row_normalised(cm), ax=ax, vmin=0, vmax=100, square=True, cbar=False,
+                    cmap=sns.light_palette(STATE_COLORS[state], as_cmap=True), annot=k <= 15, fmt=".0f",
+                    annot_kws={"fontsize": 7}, xticklabels=names, yticklabels=names if i == 0 else False,
+                    linewidths=0.5, linecolor="white")
+        ax.set_title(f"{state}: {100 * np.trace(cm) / max(cm.sum(), 1):.1f}% correct",
+                     color=STATE_COLORS[state], fontweight="bold")
+        _label(ax, "predicted class", "true class (each row sums to 100%)" if i == 0 else "")
+        ax.tick_params(axis="x", labelrotation=60)
+        for t in ax.get_xticklabels():
+            t.set_ha("right")
+            t.set_rotation_mode("anchor")
+    return fig
+
+
+# --------------------------------------------------------------------------- saving
+
+_FIG_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def save_figures(run_dir, figures: dict[str, Figure], dpi: int = 150) -> list[Path]:
+    """Write each figure to run_dir/analysis/figures/<name>.png atomically (temp file + os.replace)."""
+    out = Path(run_dir) / "analysis" / "figures"
+    paths = []
+    for name, fig in figures.items():
+        name = str(name).removesuffix(".png")
+        if not _FIG_NAME.fullmatch(name):
+            raise ValueError(f"figure name {name!r} is not a plain file name (letters, digits, '_', '-', '.')")
+        paths.append(store._atomic(out / f"{name}.png",
+                                   lambda f, fig=fig: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")))
+    return paths
+
+
+def all_figures(run_dir, results: dict | None = None) -> dict[str, Figure]:
+    """Every figure of the report by name (the names ``save_figures`` writes)."""
+    results = load_results(run_dir) if results is None else results
+    return {"accuracy": plot_accuracy(results), "step_loss": plot_step_loss(run_dir),
+            "epoch_metrics": plot_epoch_metrics(results), "layer_sparsity": plot_layer_sparsity(results),
+            "weight_histograms": plot_weight_histograms(run_dir),
+            "class_counts": plot_class_counts(_read_json(Path(run_dir) / "data" / "data.json") or results.get("data") or {}),
+            "samples": plot_samples(run_dir), "confusion": plot_confusion(run_dir)}

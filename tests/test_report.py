@@ -1,0 +1,439 @@
+"""Tests for prunestudy.report: the summary table, computed findings and figures of a run folder.
+
+A fake but realistic run folder is written to tmp_path (results.json, histories, tiny state_dicts
+with exact zeros after pruning, predictions, data arrays); expectations are computed here from the
+fixture's own numbers, independently of the module's helpers.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.container import BarContainer  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+
+from prunestudy import report  # noqa: E402
+
+# class names that would break naive rendering: mathtext, HTML, markdown
+CLASSES = ["person", "car", "$\\frac$ cup", "<b>dog</b>", "traffic light", "cat", "a_b*c", "bus", "bird", "chair"]
+K = len(CLASSES)
+N_TRAIN, N_TEST = 60, 500
+STEPS_PER_EPOCH = 12
+TRAIN_EPOCHS, RETRAIN_EPOCHS = 10, 3
+AMOUNT = 0.2
+SHAPES = {"conv1.weight": (8, 3, 3, 3), "conv1.bias": (8,), "bn.weight": (8,), "conv2.weight": (16, 8, 3, 3),
+          "fc1.weight": (32, 64), "fc1.bias": (32,), "fc2.weight": (K, 32), "fc2.bias": (K,)}
+LAYERS = ["conv1", "conv2", "fc1", "fc2"]   # the >=2-D weights
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    report.setup_style()
+    yield
+    plt.close("all")
+
+
+def _epoch_rows(steps: np.ndarray, test_loss: list[float], test_acc: list[float]) -> list[dict]:
+    rows = []
+    for e, chunk in enumerate(np.split(steps, len(test_loss))):
+        rows.append({"epoch": e + 1, "train_loss": float(chunk.mean()), "step_loss_first": float(chunk[0]),
+                     "step_loss_min": float(chunk.min()), "step_loss_max": float(chunk.max()),
+                     "step_loss_last": float(chunk[-1]), "test_loss": test_loss[e], "test_accuracy": test_acc[e],
+                     "seconds": 2.0, "images_per_s": 30.0})
+    return rows
+
+
+def _l1_prune(w: torch.Tensor, amount: float) -> torch.Tensor:
+    k = round(amount * w.numel())
+    idx = torch.argsort(w.abs().flatten())[:k]
+    out = w.clone().flatten()
+    out[idx] = 0
+    return out.view_as(w)
+
+
+def _sparsity(sd: dict) -> dict:
+    layers = {n: {"zeros": int((sd[f"{n}.weight"] == 0).sum()), "size": sd[f"{n}.weight"].numel()} for n in LAYERS}
+    total = sum(v.numel() for v in sd.values())
+    nonzero = sum(int((v != 0).sum()) for v in sd.values())
+    zeros = sum(v["zeros"] for v in layers.values())
+    return {"global_sparsity": zeros / sum(v["size"] for v in layers.values()),
+            "layers": {n: v["zeros"] / v["size"] for n, v in layers.items()}, "layer_counts": layers,
+            "params_total": total, "params_nonzero": nonzero}
+
+
+def build_run(root: Path) -> dict:
+    """Write a complete run folder; returns the facts the tests check against."""
+    rng = np.random.default_rng(0)
+    # data
+    data_dir = root / "data"
+    data_dir.mkdir(parents=True)
+    train_labels = np.repeat(np.arange(K), N_TRAIN // K)
+    train_labels[-1] = 0                                     # class 0 gets one more
+    test_labels = rng.integers(0, K, N_TEST)
+    np.save(data_dir / "train_images.npy", rng.integers(0, 256, (N_TRAIN, 64, 64, 3), dtype=np.uint8))
+    np.save(data_dir / "train_labels.npy", train_labels.astype(np.int64))
+    np.save(data_dir / "test_labels.npy", test_labels.astype(np.int64))
+    counts = {split: {c: int((lab == i).sum()) for i, c in enumerate(CLASSES)}
+              for split, lab in (("train", train_labels), ("test", test_labels))}
+    info = {"classes": CLASSES, "train_size": N_TRAIN, "test_size": N_TEST, "counts": counts,
+            "skipped": {"train": {"small": 3}}, "root": "/nowhere"}
+    (data_dir / "data.json").write_text(json.dumps(info))
+
+    # weights
+    torch.manual_seed(0)
+    dense = {k: torch.randn(s) * 0.05 for k, s in SHAPES.items()}
+    pruned = {k: (_l1_prune(v, AMOUNT) if v.ndim >= 2 else v.clone()) for k, v in dense.items()}
+    retrained = {k: torch.where(v == 0, v, v * 1.1) for k, v in pruned.items()}
+    # predictions: trained 63.0%, pruned 61.8%, retrained 64.4% correct
+    preds = {}
+    for stage, n_right in (("train", 315), ("prune", 309), ("retrain", 322)):
+        p = (test_labels + 1) % K
+        p[:n_right] = test_labels[:n_right]
+        preds[stage] = p.astype(np.int64)
+    for stage, sd in (("train", dense), ("prune", pruned), ("retrain", retrained)):
+        (root / stage).mkdir()
+        torch.save(sd, root / stage / "model.pt")
+        np.save(root / stage / "predictions.npy", preds[stage])
+
+    # histories
+    train_steps = np.concatenate([2.3 * np.exp(-0.15 * e) + 0.2 * rng.random(STEPS_PER_EPOCH)
+                                  for e in range(TRAIN_EPOCHS)])
+    train_steps[0] = 2.31
+    retrain_steps = 0.7 + 0.2 * rng.random(STEPS_PER_EPOCH * RETRAIN_EPOCHS)
+    train_test_loss = [1.8, 1.5, 1.3, 1.2, 1.1, 1.05, 1.02, 1.03, 1.06, 1.09]   # min at epoch 7, then up
+    train_acc = [0.35, 0.44, 0.5, 0.54, 0.57, 0.6, 0.62, 0.63, 0.625, 0.63]
+    train_rows = _epoch_rows(train_steps, train_test_loss, train_acc)
+    re_rows = _epoch_rows(retrain_steps, [1.04, 1.01, 1.0], [0.635, 0.64, 0.644])
+    for stage, steps, rows in (("train", train_steps, train_rows), ("retrain", retrain_steps, re_rows)):
+        (root / stage / "history.json").write_text(json.dumps({"steps": steps.tolist(), "epochs": rows}))
+
+    results = {
+        "data": info,
+        "train": {"model": "seed_cnn", "params_total": sum(v.numel() for v in dense.values()), "test_accuracy": 0.63,
+                  "test_loss": 1.09, "epochs": train_rows, "seconds": 20.0, "device": "cpu"},
+        "prune": {"method": "l1_unstructured", "amount": AMOUNT, "targets": "all", **_sparsity(pruned),
+                  "test_accuracy": 0.618, "test_loss": 1.12, "dense_test_accuracy": 0.63, "dense_test_loss": 1.09},
+        "retrain": {"test_accuracy": 0.644, "test_loss": 1.0, **_sparsity(retrained), "epochs": re_rows,
+                    "seconds": 6.0},
+        "params": {"train": {"epochs": TRAIN_EPOCHS}}, "params_hash": "abc123", "timings_s": {"data": 3.1},
+        "provenance": {"versions": {"torch": "2.14.1"}, "python": "3.11.7", "platform": "Linux",
+                       "git_commit": "deadbeef"},
+    }
+    (root / "results.json").write_text(json.dumps(results))
+    return {"results": results, "dense": dense, "pruned": pruned, "test_labels": test_labels, "preds": preds,
+            "train_labels": train_labels, "train_steps": train_steps, "retrain_steps": retrain_steps}
+
+
+@pytest.fixture
+def run(tmp_path):
+    facts = build_run(tmp_path / "run")
+    facts["dir"] = tmp_path / "run"
+    return facts
+
+
+def _only_train(results: dict) -> dict:
+    return {k: copy.deepcopy(v) for k, v in results.items() if k in ("data", "train")}
+
+
+def _bars(ax) -> list[Rectangle]:
+    return [p for c in ax.containers if isinstance(c, BarContainer) for p in c.patches]
+
+
+def _assert_labelled(ax):
+    assert ax.get_xlabel().strip() and ax.get_ylabel().strip(), (ax.get_xlabel(), ax.get_ylabel())
+
+
+# --------------------------------------------------------------------------- table
+
+def test_summary_table_rows_and_values(run):
+    res = run["results"]
+    df = report.summary_table(res)
+    assert list(df.index) == ["trained", "pruned", "retrained", "seed report: trained", "seed report: pruned"]
+    assert df.loc["trained", report.ACC] == 63.0
+    assert df.loc["pruned", report.ACC] == 61.8
+    assert df.loc["retrained", report.ACC] == 64.4
+    assert df.loc["seed report: trained", report.ACC] == 71.0
+    assert df.loc["seed report: pruned", report.ACC] == 70.0
+    assert df.loc["pruned", report.LOSS] == 1.12
+    assert np.isnan(df.loc["seed report: trained", report.LOSS]) and np.isnan(df.loc["seed report: pruned", report.LOSS])
+    assert df.loc["pruned", report.SPARSITY] == round(100 * res["prune"]["global_sparsity"], 2)
+    assert 19.5 < df.loc["pruned", report.SPARSITY] < 20.5
+    assert df.loc["pruned", report.NONZERO] == res["prune"]["params_nonzero"]
+    assert df.loc["retrained", report.TOTAL] == sum(t.numel() for t in run["dense"].values())
+    assert df[report.NONZERO].isna().tolist() == [True, False, False, True, True]
+    html = report.summary_styler(res).to_html()
+    assert "61.80" in html and "—" in html
+
+
+def test_summary_table_only_train(run):
+    df = report.summary_table(_only_train(run["results"]))
+    assert list(df.index) == ["trained", "seed report: trained", "seed report: pruned"]
+    assert df.loc["trained", report.ACC] == 63.0
+
+
+# --------------------------------------------------------------------------- findings
+
+def _sentence(findings: list[str], word: str) -> str:
+    hits = [s for s in findings if word in s]
+    assert hits, f"no finding mentions {word!r}: {findings}"
+    return hits[0]
+
+
+def test_findings_pruning_drop_and_standard_error(run):
+    res = run["results"]
+    f = report.findings(res)
+    s = _sentence(f, "Pruning (")
+    assert "fell by 1.2 points" in s and "63.0%" in s and "61.8%" in s
+    se = 100 * math.sqrt(0.63 * 0.37 / N_TEST)   # 2.16 points on 500 test crops
+    assert f"±{se:.1f}" in s and "within one binomial standard error" in s
+    # a bigger drop on a bigger test set is beyond the standard error, and the sentence says how far
+    res2 = copy.deepcopy(res)
+    res2["prune"]["test_accuracy"] = 0.58
+    res2["data"]["test_size"] = 5000
+    s2 = _sentence(report.findings(res2), "Pruning (")
+    se2 = 100 * math.sqrt(0.63 * 0.37 / 5000)
+    assert "fell by 5.0 points" in s2 and f"{5.0 / se2:.1f} binomial standard errors" in s2
+    assert s2 != s
+
+
+def test_findings_change_with_numbers(run):
+    res = run["results"]
+    res2 = copy.deepcopy(res)
+    res2["train"]["test_accuracy"] = res2["prune"]["dense_test_accuracy"] = 0.75
+    res2["prune"]["test_accuracy"] = 0.70
+    res2["retrain"]["test_accuracy"] = 0.74
+    f1, f2 = report.findings(res), report.findings(res2)
+    changed = [a != b for a, b in zip(f1, f2)]
+    assert len(f1) == len(f2) and sum(changed) >= 4
+    seed1, seed2 = _sentence(f1, "seed lost"), _sentence(f2, "seed lost")
+    assert "1.2 points" in seed1 and "8.0 points below" in seed1 and "0.2 points more than" in seed1
+    assert "5.0 points" in seed2 and "4.0 points above" in seed2 and "4.0 points more than" in seed2
+
+
+def test_findings_retraining_recovery_and_masks(run):
+    res = run["results"]
+    s = _sentence(report.findings(res), "Retraining for 3 epochs")
+    assert "rose by 2.6 points" in s and "1.4 points above the dense model" in s and "masks held" in s
+    res2 = copy.deepcopy(res)
+    res2["retrain"]["test_accuracy"] = 0.624        # recovers 0.6 of the 1.2-point drop
+    res2["retrain"]["global_sparsity"] = 0.1
+    s2 = _sentence(report.findings(res2), "Retraining for 3 epochs")
+    assert "recovering 50% of the 1.2-point pruning drop" in s2 and "did NOT hold" in s2
+
+
+def test_findings_sparsity_and_losses(run):
+    res = run["results"]
+    f = report.findings(res)
+    sp = _sentence(f, "Measured sparsity")
+    assert f"{100 * res['prune']['global_sparsity']:.2f}%" in sp and "asked 20.00%" in sp
+    nz, tot = res["prune"]["params_nonzero"], res["prune"]["params_total"]
+    assert f"{nz:,} of {tot:,} parameters" in sp
+    over = _sentence(f, "Training overfits")
+    assert "epoch 7" in over and "1.020" in over and "1.090" in over
+    loss = _sentence(f, "per-epoch training loss")
+    first, last = run["train_steps"][:STEPS_PER_EPOCH].mean(), run["train_steps"][-STEPS_PER_EPOCH:].mean()
+    assert f"{first:.3f} in epoch 1" in loss and f"{last:.3f} in epoch 10" in loss
+    assert "not comparable" in _sentence(f, "0.0269")
+    # no overfitting once test loss keeps falling
+    res2 = copy.deepcopy(res)
+    for i, r in enumerate(res2["train"]["epochs"]):
+        r["test_loss"] = 2.0 - 0.1 * i
+    assert not any("overfits" in s and "Training" in s for s in report.findings(res2))
+    assert "no sign of overfitting" in _sentence(report.findings(res2), "Training: test loss fell")
+
+
+def test_findings_data_sentence(run):
+    s = _sentence(report.findings(run["results"]), "imbalance")
+    test_counts = run["results"]["data"]["counts"]["test"]
+    common = max(test_counts, key=test_counts.get)
+    assert f"'{common}'" in s and f"{100 * test_counts[common] / N_TEST:.1f}%" in s
+    assert "from 'chair' (5 crops) to 'person' (7)" in s and "1.4:1" in s
+
+
+def test_findings_markdown_escapes_names(run):
+    md = report.findings_markdown(run["results"])
+    lines = md.splitlines()
+    assert len(lines) == len(report.findings(run["results"])) and all(l.startswith("- ") for l in lines)
+    assert "<b>" not in md and "&lt;b&gt;" not in md or "&lt;" in md     # no raw HTML
+    assert "<" not in md and "\\$" not in md
+    res = copy.deepcopy(run["results"])
+    res["data"]["counts"]["train"]["<b>dog</b>"] = 1
+    md = report.findings_markdown(res)
+    assert "&lt;b&gt;dog&lt;/b&gt;" in md and "<b>" not in md
+
+
+def test_missing_stages(run):
+    res = _only_train(run["results"])
+    f = report.findings(res)
+    assert any("Pruning has not run" in s for s in f) and any("Retraining has not run" in s for s in f)
+    assert "8.0 points below" in _sentence(f, "seed report's 71%")
+    assert report.findings({}) == ["Training has not run in this run folder, so there is no trained model to report.",
+                                   "Pruning has not run in this run folder, so there is no pruned model to compare.",
+                                   "Retraining has not run in this run folder, so recovery after pruning is not measured."]
+    bars = _bars(report.plot_accuracy(res).axes[0])
+    assert [round(b.get_height(), 1) for b in bars] == [63.0, 71.0, 70.0]
+    for fig in (report.plot_layer_sparsity(res), report.plot_epoch_metrics(res), report.plot_epoch_metrics({})):
+        assert isinstance(fig, Figure)
+    # a run folder holding only the data and train stages
+    for stage in ("prune", "retrain"):
+        for p in (run["dir"] / stage).iterdir():
+            p.unlink()
+        (run["dir"] / stage).rmdir()
+    assert len(report.plot_confusion(run["dir"]).axes) == 1
+    assert len(report.plot_weight_histograms(run["dir"]).axes) == len(LAYERS)
+    ax = report.plot_step_loss(run["dir"]).axes[0]
+    assert ax.get_lines()[0].get_xdata()[-1] == len(run["train_steps"])
+    assert report.plot_step_loss(run["dir"] / "nothing").axes[0].texts  # placeholder says what is missing
+
+
+# --------------------------------------------------------------------------- figures
+
+def test_plot_accuracy_bars(run):
+    fig = report.plot_accuracy(run["results"])
+    ax = fig.axes[0]
+    _assert_labelled(ax)
+    bars = _bars(ax)
+    assert [round(b.get_height(), 1) for b in bars] == [63.0, 61.8, 64.4, 71.0, 70.0]
+    assert [b.get_hatch() for b in bars] == [None, None, None, report.SEED_HATCH, report.SEED_HATCH]
+    assert [tuple(b.get_facecolor()[:3]) for b in bars[:3]] == [tuple(report.STATE_COLORS[s]) for s in report.STATES]
+    texts = {t.get_text() for t in ax.texts}
+    assert {"63.0%", "61.8%", "64.4%", "71%", "70%"} <= texts
+    ticks = [t.get_text() for t in ax.get_xticklabels()]
+    assert ticks[:3] == ["trained", "pruned", "retrained"] and all("seed report" in t for t in ticks[3:])
+
+
+def test_plot_step_loss_continuous_axis(run):
+    fig = report.plot_step_loss(run["dir"])
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "optimizer step" and ax.get_ylabel() == "cross-entropy loss (batch mean)"
+    n_train, n_re = len(run["train_steps"]), len(run["retrain_steps"])
+    lines = {l.get_label(): l for l in ax.get_lines()}
+    train, re_ = lines["training: every step"], lines["retraining: every step"]
+    assert np.array_equal(train.get_xdata(), np.arange(1, n_train + 1))
+    assert np.array_equal(re_.get_xdata(), np.arange(n_train + 1, n_train + n_re + 1))
+    assert np.allclose(re_.get_ydata(), run["retrain_steps"])
+    means = lines["training: epoch mean"].get_ydata()
+    assert np.allclose(means, run["train_steps"].reshape(TRAIN_EPOCHS, -1).mean(axis=1))
+    assert len(lines["retraining: epoch mean"].get_ydata()) == RETRAIN_EPOCHS
+    assert len(ax.collections) >= 2 and ax.get_legend() is not None
+    assert "retrained" not in lines and lines["retraining: every step"].get_color() == report.STATE_COLORS["retrained"]
+
+
+def test_plot_epoch_metrics(run):
+    fig = report.plot_epoch_metrics(run["results"])
+    acc_ax, loss_ax = fig.axes
+    for ax in fig.axes:
+        _assert_labelled(ax)
+    acc = {l.get_label(): l for l in acc_ax.get_lines()}
+    assert np.allclose(acc["training: test accuracy"].get_ydata(), [100 * a for a in
+                                                                   [r["test_accuracy"] for r in run["results"]["train"]["epochs"]]])
+    assert list(acc["retraining: test accuracy"].get_xdata()) == [11, 12, 13]
+    assert acc["pruned (no training)"].get_ydata()[0] == pytest.approx(61.8)
+    assert list(acc["seed report: trained / pruned"].get_ydata()) == pytest.approx([71, 70])
+    loss_labels = {l.get_label() for l in loss_ax.get_lines()}
+    assert {"training: test loss", "training: train loss", "retraining: test loss"} <= loss_labels
+    assert not any(np.isclose(y, 0.0269) for l in loss_ax.get_lines() for y in l.get_ydata())
+
+
+def test_plot_layer_sparsity(run):
+    res = run["results"]
+    ax = report.plot_layer_sparsity(res).axes[0]
+    _assert_labelled(ax)
+    bars = _bars(ax)
+    assert len(bars) == 2 * len(LAYERS)
+    expected = [100 * res[s]["layers"][l] for s in ("prune", "retrain") for l in LAYERS]
+    assert [b.get_height() for b in bars] == pytest.approx(expected)
+    assert [t.get_text() for t in ax.get_xticklabels()] == LAYERS
+    asked = [l for l in ax.get_lines() if "asked" in l.get_label()]
+    assert len(asked) == 1 and asked[0].get_ydata()[0] == pytest.approx(20.0)
+
+
+def test_plot_weight_histograms_threshold(run):
+    fig = report.plot_weight_histograms(run["dir"])
+    assert len(fig.axes) == len(LAYERS)          # the 1-D bn.weight and biases are not layers
+    for ax, layer in zip(fig.axes, LAYERS):
+        _assert_labelled(ax)
+        assert ax.get_xscale() == "log" and ax.get_title().startswith(layer)
+        dense, pruned = run["dense"][f"{layer}.weight"], run["pruned"][f"{layer}.weight"]
+        cut = dense.abs()[pruned == 0].max().item()
+        vlines = [l for l in ax.get_lines() if l.get_label() == "cut threshold"]
+        assert len(vlines) == 1 and vlines[0].get_xdata()[0] == pytest.approx(cut, rel=1e-6)
+        # the filled 'before' histogram counts every weight, the 'after' outline only the nonzero ones
+        filled = [p for p in ax.patches if isinstance(p, Rectangle)]
+        assert sum(p.get_height() for p in filled) == dense.numel()
+    assert fig.legends
+
+
+def test_plot_confusion(run):
+    fig = report.plot_confusion(run["dir"])
+    assert len(fig.axes) == 3
+    labels = run["test_labels"]
+    for ax, stage in zip(fig.axes, ("train", "prune", "retrain")):
+        assert ax.get_xlabel() == "predicted class"
+        mesh = ax.collections[0]
+        values = np.asarray(mesh.get_array()).reshape(K, K)
+        expected = np.zeros((K, K))
+        for t, p in zip(labels, run["preds"][stage]):
+            expected[t, p] += 1
+        expected = 100 * expected / expected.sum(axis=1, keepdims=True)
+        assert np.allclose(values, expected)
+    assert fig.axes[0].get_ylabel()
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == [report._text(c) for c in CLASSES]
+    assert "63.0% correct" in fig.axes[0].get_title() and "61.8% correct" in fig.axes[1].get_title()
+    fig.canvas.draw()    # '$\frac$ cup' is drawn as text, not (broken) mathtext
+
+
+def test_plot_class_counts(run):
+    info = json.loads((run["dir"] / "data" / "data.json").read_text())
+    fig = report.plot_class_counts(info)
+    assert len(fig.axes) == 2
+    for ax, split in zip(fig.axes, ("train", "test")):
+        assert ax.get_xlabel().startswith(split)
+        assert [b.get_width() for b in _bars(ax)] == [info["counts"][split][c] for c in CLASSES]
+    assert fig.axes[0].get_ylabel() == "class"
+    fig.canvas.draw()
+
+
+def test_plot_samples(run):
+    fig = report.plot_samples(run["dir"], per_class=4)
+    ax = fig.axes[0]
+    _assert_labelled(ax)
+    img = ax.get_images()[0].get_array()
+    assert img.shape == (K * 66 - 2, 4 * 66 - 2, 3)
+    images = np.load(run["dir"] / "data" / "train_images.npy")
+    first_car = np.flatnonzero(run["train_labels"] == 1)[0]
+    assert np.array_equal(img[66:66 + 64, :64], images[first_car])
+    assert [t.get_text() for t in ax.get_yticklabels()] == [report._text(c) for c in CLASSES]
+    fig.canvas.draw()
+
+
+def test_save_figures(run, tmp_path):
+    figs = {"accuracy": report.plot_accuracy(run["results"]), "samples": report.plot_samples(run["dir"])}
+    paths = report.save_figures(run["dir"], figs)
+    out = run["dir"] / "analysis" / "figures"
+    assert paths == [out / "accuracy.png", out / "samples.png"]
+    for p in paths:
+        data = p.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    assert sorted(x.name for x in out.iterdir()) == ["accuracy.png", "samples.png"]   # no temp files left
+    with pytest.raises(ValueError):
+        report.save_figures(run["dir"], {"../evil": figs["accuracy"]})
+
+
+def test_title_and_provenance(run):
+    res = run["results"]
+    assert "seed\\_cnn" in report.title_markdown(res) and "abc123" in report.title_markdown(res)
+    prov = report.provenance_markdown(res)
+    assert "deadbeef" in prov and "| torch | 2.14.1 |" in prov and "3.1 s" in prov
