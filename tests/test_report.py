@@ -194,7 +194,7 @@ def _sentence(findings: list[str], word: str) -> str:
 def test_findings_pruning_drop_and_standard_error(run):
     res = run["results"]
     f = report.findings(res)
-    s = _sentence(f, "Pruning (")
+    s = _sentence(f, "After pruning (")
     assert "fell by 1.2 points" in s and "63.0%" in s and "61.8%" in s
     se = 100 * math.sqrt(0.63 * 0.37 / N_TEST)   # 2.16 points on 500 test crops
     assert f"±{se:.1f}" in s and "within one binomial standard error" in s
@@ -202,7 +202,7 @@ def test_findings_pruning_drop_and_standard_error(run):
     res2 = copy.deepcopy(res)
     res2["prune"]["test_accuracy"] = 0.58
     res2["data"]["test_size"] = 5000
-    s2 = _sentence(report.findings(res2), "Pruning (")
+    s2 = _sentence(report.findings(res2), "After pruning (")
     se2 = 100 * math.sqrt(0.63 * 0.37 / 5000)
     assert "fell by 5.0 points" in s2 and f"{5.0 / se2:.1f} binomial standard errors" in s2
     assert s2 != s
@@ -224,12 +224,12 @@ def test_findings_change_with_numbers(run):
 
 def test_findings_retraining_recovery_and_masks(run):
     res = run["results"]
-    s = _sentence(report.findings(res), "Retraining for 3 epochs")
+    s = _sentence(report.findings(res), "During retraining (3 epochs")
     assert "rose by 2.6 points" in s and "1.4 points above the dense model" in s and "masks held" in s
     res2 = copy.deepcopy(res)
     res2["retrain"]["test_accuracy"] = 0.624        # recovers 0.6 of the 1.2-point drop
     res2["retrain"]["global_sparsity"] = 0.1
-    s2 = _sentence(report.findings(res2), "Retraining for 3 epochs")
+    s2 = _sentence(report.findings(res2), "During retraining (3 epochs")
     assert "recovering 50% of the 1.2-point pruning drop" in s2 and "did NOT hold" in s2
 
 
@@ -266,12 +266,13 @@ def test_findings_markdown_escapes_names(run):
     md = report.findings_markdown(run["results"])
     lines = md.splitlines()
     assert len(lines) == len(report.findings(run["results"])) and all(l.startswith("- ") for l in lines)
-    assert "<b>" not in md and "&lt;b&gt;" not in md or "&lt;" in md     # no raw HTML
-    assert "<" not in md and "\\$" not in md
+    assert "seed\\_cnn" in md                       # '_' would start emphasis
     res = copy.deepcopy(run["results"])
-    res["data"]["counts"]["train"]["<b>dog</b>"] = 1
+    res["data"]["counts"]["train"]["<b>dog</b>"] = 1          # smallest class: named in the data finding
+    res["data"]["counts"]["train"]["$\\frac$ cup"] = 99       # largest class: would be MathJax
     md = report.findings_markdown(res)
-    assert "&lt;b&gt;dog&lt;/b&gt;" in md and "<b>" not in md
+    assert "'&lt;b&gt;dog&lt;/b&gt;' (1 crops)" in md and "<" not in md
+    assert "'\\$\\\\frac\\$ cup' (99)" in md
 
 
 def test_missing_stages(run):
@@ -327,7 +328,7 @@ def test_plot_step_loss_continuous_axis(run):
     means = lines["training: epoch mean"].get_ydata()
     assert np.allclose(means, run["train_steps"].reshape(TRAIN_EPOCHS, -1).mean(axis=1))
     assert len(lines["retraining: epoch mean"].get_ydata()) == RETRAIN_EPOCHS
-    assert len(ax.collections) >= 2 and ax.get_legend() is not None
+    assert len(ax.collections) >= 2 and fig.legends
     assert "retrained" not in lines and lines["retraining: every step"].get_color() == report.STATE_COLORS["retrained"]
 
 

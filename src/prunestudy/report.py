@@ -238,10 +238,13 @@ def _f_train_loss(results: dict, state: str) -> str | None:
     if not rows:
         return None
     loss = [r["train_loss"] for r in rows]
-    lo, hi = int(np.argmin(loss)), int(np.argmax(loss))
+    last = len(loss) - 1
+
+    def extreme(word: str, i: int) -> str:   # the value only where the sentence has not given it yet
+        return f"{word} in epoch {i + 1}" if i in (0, last) else f"{word} {loss[i]:.3f} in epoch {i + 1}"
     s = (f"During {PHASE_NAME[state]}, the per-epoch training loss (sample mean) went from {loss[0]:.3f} in epoch 1 "
-         f"to {loss[-1]:.3f} in epoch {len(loss)}; lowest {loss[lo]:.3f} (epoch {lo + 1}), highest {loss[hi]:.3f} "
-         f"(epoch {hi + 1})")
+         f"to {loss[-1]:.3f} in epoch {last + 1} ({extreme('lowest', int(np.argmin(loss)))}, "
+         f"{extreme('highest', int(np.argmax(loss)))})")
     if all("step_loss_min" in r for r in rows):
         s += (f"; single optimizer steps ranged from {min(r['step_loss_min'] for r in rows):.3f} "
               f"to {max(r['step_loss_max'] for r in rows):.3f} (batch means)")
@@ -288,8 +291,9 @@ def _f_prune(results: dict) -> str:
         return "Pruning has not run in this run folder, so there is no pruned model to compare."
     acc, n = prune["test_accuracy"], _test_size(results)
     d = 100 * (acc - dense)
-    s = (f"Pruning ({prune.get('method', '?')}, amount {prune.get('amount', float('nan')):g} of the "
-         f"{prune.get('targets', '?')} targeted weights) {_change(d, 'test accuracy')}, from {_pct(dense)} to {_pct(acc)}")
+    amount = f"{_pct(prune['amount'], 0)} of the weights of each layer" if prune.get("amount") is not None else "?"
+    s = (f"After pruning ({prune.get('method', '?')}, {amount}, targets '{prune.get('targets', '?')}'), "
+         f"{_change(d, 'test accuracy')}, from {_pct(dense)} to {_pct(acc)}")
     if n:
         se = 100 * binomial_se(dense, n)
         if abs(d) <= se:
@@ -326,14 +330,15 @@ def _f_retrain(results: dict) -> str:
     if "test_accuracy" not in re_:
         return "Retraining has not run in this run folder, so recovery after pruning is not measured."
     acc, dense, pruned = re_["test_accuracy"], _dense_accuracy(results), prune.get("test_accuracy")
-    s = f"Retraining for {len(re_.get('epochs') or [])} epochs with the masks held"
+    s = f"During retraining ({len(re_.get('epochs') or [])} epochs, pruning masks held)"
     if pruned is None:
-        return s + f" reached {_pct(acc)} test accuracy."
-    s += f" {_change(100 * (acc - pruned), 'test accuracy')} (from {_pct(pruned)} to {_pct(acc)})"
+        return s + f" the model reached {_pct(acc)} test accuracy."
+    s += f", {_change(100 * (acc - pruned), 'test accuracy')} (from {_pct(pruned)} to {_pct(acc)})"
     if dense is not None:
         drop, gain, vs_dense = 100 * (dense - pruned), 100 * (acc - pruned), 100 * (acc - dense)
         if vs_dense >= 0:
-            s += f", ending {_pts(vs_dense)} points above the dense model's {_pct(dense)}: fully recovered"
+            s += (f", ending {_pts(vs_dense)} points above the dense model's {_pct(dense)}"
+                  + (f": the {_pts(drop)}-point pruning drop fully recovered" if drop > 0 else ""))
         elif drop > 0:
             s += (f", recovering {100 * max(gain, 0) / drop:.0f}% of the {_pts(drop)}-point pruning drop "
                   f"and ending {_pts(vs_dense)} points below the dense model's {_pct(dense)}")
@@ -397,12 +402,13 @@ def _f_time(results: dict) -> str | None:
         st = _stage(results, state)
         if st.get("seconds") is not None:
             rates = [r["images_per_s"] for r in st.get("epochs") or [] if "images_per_s" in r]
-            rate = f", {np.mean(rates):.0f} images/s" if rates else ""
+            rate = f" ({np.mean(rates):.0f} images/s)" if rates else ""
             parts.append(f"{PHASE_NAME[state]} took {st['seconds']:.1f} s{rate}")
     if not parts:
         return None
     device = _stage(results, "trained").get("device")
-    return ("; ".join(parts) + (f" on {device}" if device else "")).capitalize() + "."
+    s = " and ".join(parts) + (f" on {device}" if device else "")
+    return s[0].upper() + s[1:] + "."
 
 
 def findings(results: dict) -> list[str]:
@@ -427,7 +433,7 @@ def title_markdown(results: dict) -> str:
             else "pruning not run")
     h = results.get("params_hash")
     return (f"# Pruning study: {md_escape(model)}, {md_escape(what)}\n\n"
-            + (f"Run parameters hash `{md_escape(h)}`. " if h else "")
+            + (f"Run parameters hash {md_escape(h)}. " if h else "")
             + md_escape(f"Seed report for comparison: {SEED_REPORT['source']}."))
 
 
@@ -496,7 +502,7 @@ def plot_step_loss(run_dir) -> Figure:
         offset += len(steps)
     ax.set_xlim(0.5, offset + 0.5)
     _label(ax, "optimizer step", "cross-entropy loss (batch mean)", "Loss of every optimizer step")
-    ax.legend(ncols=2, loc="upper right")
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=4)
     return fig
 
 
@@ -540,7 +546,7 @@ def plot_accuracy(results: dict) -> Figure:
     """Test accuracy of this run's model states beside the seed report's 71% / 70% (hatched grey bars)."""
     ours = [(s, _stage(results, s)["test_accuracy"]) for s in STATES if "test_accuracy" in _stage(results, s)]
     n = _test_size(results)
-    fig, (ax,) = _figure(size=(8, 4))
+    fig, (ax,) = _figure()
     x = np.arange(len(ours), dtype=float)
     if ours:
         bars = ax.bar(x, [100 * a for _, a in ours], color=[STATE_COLORS[s] for s, _ in ours], width=0.7,
@@ -643,15 +649,20 @@ def _weight_panel(ax, name: str, dense: np.ndarray, pruned: np.ndarray | None, r
     if not present:
         ax.text(0.5, 0.5, "all weights are zero", ha="center", transform=ax.transAxes)
         return
-    lo, hi = min(a.min() for a in present), max(a.max() for a in present)
+    # the smallest 0.1% of magnitudes are gathered in the first bin, so that a few tiny weights do not
+    # stretch the log axis over decades of empty bins
+    lo = float(np.quantile(np.concatenate(present), 0.001))
+    hi = max(max(a.max() for a in present), lo * 1.001)
     edges = np.logspace(np.log10(lo), np.log10(hi), bins + 1)
     edges[0], edges[-1] = lo, hi          # exactly: log/exp round-off would drop the extreme weights
-    ax.hist(before, edges, color=STATE_COLORS["trained"], alpha=0.45, label="before pruning (all)")
+
+    def hist(values, **kw):
+        ax.hist(np.clip(values, lo, hi), edges, **kw)
+    hist(before, color=STATE_COLORS["trained"], alpha=0.45, label="before pruning (all)")
     if after is not None:
-        ax.hist(after, edges, histtype="step", lw=1.6, color=STATE_COLORS["pruned"], label="after pruning (nonzero)")
+        hist(after, histtype="step", lw=1.6, color=STATE_COLORS["pruned"], label="after pruning (nonzero)")
     if again is not None:
-        ax.hist(again, edges, histtype="step", lw=1.2, ls="--", color=STATE_COLORS["retrained"],
-                label="after retraining (nonzero)")
+        hist(again, histtype="step", lw=1.2, ls="--", color=STATE_COLORS["retrained"], label="after retraining (nonzero)")
     ax.set_xscale("log")
     cut = cut_threshold(dense, pruned) if after is not None else None
     title = _text(name.removesuffix(".weight"))
@@ -682,9 +693,10 @@ def plot_weight_histograms(run_dir, max_layers: int = 12, bins: int = 60) -> Fig
     for ax in axes[len(names):]:
         ax.remove()
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside upper center", ncols=len(labels))
-    if len(names) < len(dense):
-        fig.suptitle(f"the {len(names)} largest of {len(dense)} weight tensors", fontsize=9)
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels))
+    shown = f"the {len(names)} largest of {len(dense)} weight tensors; " if len(names) < len(dense) else ""
+    fig.suptitle(f"{shown}the first bin of each panel also holds the smallest 0.1% of |w|", fontsize=9,
+                 color="dimgray")
     return fig
 
 
@@ -747,13 +759,15 @@ def plot_confusion(run_dir) -> Figure:
     if not states:
         return _placeholder("No predictions (train/prune/retrain predictions.npy) in this run folder.")
     k = len(classes)
-    side = min(6.0, max(3.8, 0.38 * k + 1.2))
+    side = min(6.0, max(3.6, 0.34 * k + 0.8))
     fig, axes = _figure(len(states), size=(side * len(states) + 0.8, side + 0.6))
     names = [_text(c) for c in classes]
     for i, (ax, (state, pred)) in enumerate(zip(axes, states)):
         cm = confusion_matrix(labels, pred, k)
-        sns.heatmap(row_normalised(cm), ax=ax, vmin=0, vmax=100, square=True, cbar=False,
-                    cmap=sns.light_palette(STATE_COLORS[state], as_cmap=True), annot=k <= 15, fmt=".0f",
+        pct = row_normalised(cm)
+        annot = np.where(cm > 0, np.char.mod("%.0f", pct), "") if k <= 15 else False   # empty cells stay blank
+        sns.heatmap(pct, ax=ax, vmin=0, vmax=100, square=True, cbar=False,
+                    cmap=sns.light_palette(STATE_COLORS[state], as_cmap=True), annot=annot, fmt="",
                     annot_kws={"fontsize": 7}, xticklabels=names, yticklabels=names if i == 0 else False,
                     linewidths=0.5, linecolor="white")
         ax.set_title(f"{state}: {100 * np.trace(cm) / max(cm.sum(), 1):.1f}% correct",

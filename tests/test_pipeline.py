@@ -1,0 +1,98 @@
+"""The whole chain through the real command line, as a user runs it: params/smoke.yaml, five
+notebooks executed by papermill in the project's kernel, results.json and report.html."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "prunestudy.cli"]
+
+
+def _run(*args, cwd=ROOT):
+    return subprocess.run([*CLI, *args], cwd=cwd, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("smoke") / "run"
+    proc = _run("run", "-f", "params/smoke.yaml", "--run-dir", str(run_dir))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run_dir, proc
+
+
+def test_runner_prints_each_stage_with_its_time(smoke_run):
+    _, proc = smoke_run
+    for i, stage in enumerate(["data", "train", "prune", "retrain", "analysis"], 1):
+        assert re.search(rf"\[{i}/5\] {stage}: start", proc.stdout)
+        assert re.search(rf"\[{i}/5\] {stage}: done in \d+\.\d s", proc.stdout)
+    assert "[train] epoch 1/1" in proc.stdout  # the notebooks' output streams through
+
+
+def test_results_json_contract(smoke_run):
+    run_dir, _ = smoke_run
+    res = json.loads((run_dir / "results.json").read_text())
+    d = res["data"]
+    assert len(d["classes"]) == 10 and d["train_size"] > 0 and d["test_size"] > 0
+    t = res["train"]
+    assert 0 <= t["test_accuracy"] <= 1 and t["test_loss"] > 0.5  # a true mean, not /batch
+    assert len(t["epochs"]) == 1
+    for key in ("train_loss", "step_loss_first", "step_loss_min", "step_loss_max", "step_loss_last",
+                "test_loss", "test_accuracy"):
+        assert key in t["epochs"][0]
+    p = res["prune"]
+    assert p["method"] == "l1_unstructured" and p["amount"] == 0.2
+    assert p["global_sparsity"] == pytest.approx(0.2, abs=1e-4)
+    assert set(p["layers"]) == {"conv1", "conv2", "conv3", "fc1", "fc2"}
+    assert 0 <= p["test_accuracy"] <= 1 and p["test_loss"] > 0
+    r = res["retrain"]
+    assert 0 <= r["test_accuracy"] <= 1 and r["test_loss"] > 0
+    assert r["global_sparsity"] == pytest.approx(p["global_sparsity"])  # masks held
+    assert res["params"]["train"]["epochs"] == 1 and len(res["params_hash"]) == 12
+    assert set(res["timings_s"]) == {"data", "train", "prune", "retrain", "analysis"}
+    assert res["provenance"]["versions"]["torch"] == "2.14.1"
+
+
+def test_notebooks_ran_in_this_environments_kernel(smoke_run):
+    run_dir, _ = smoke_run
+    res = json.loads((run_dir / "results.json").read_text())
+    assert Path(res["train"]["python"]).resolve() == Path(sys.executable).resolve()
+    for name in ("01_data", "02_train", "03_prune", "04_retrain", "05_analysis"):
+        nb = nbformat.read(run_dir / "notebooks" / f"{name}.ipynb", as_version=4)
+        assert nb.metadata.kernelspec.name == "prunestudy"
+        assert any("injected-parameters" in c.metadata.get("tags", []) for c in nb.cells)
+        assert (run_dir / "notebooks" / f"{name}.html").stat().st_size > 0
+
+
+def test_report_is_self_contained_with_figures_and_code_hidden(smoke_run):
+    run_dir, _ = smoke_run
+    html = (run_dir / "report.html").read_text()
+    images = re.findall(r'<img[^>]+src="data:image/png;base64,', html)
+    assert len(images) >= 6
+    assert not re.search(r'(src|href)\s*=\s*["\']?(https?:)?//', html), "report fetches from the network"
+    assert "stages.load_results" not in html  # code hidden
+    assert "Seed report" in html or "seed report" in html
+    assert (run_dir / "analysis" / "figures" / "accuracy.png").stat().st_size > 0
+
+
+def test_failing_stage_is_named_with_its_notebook(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _run("run", "-f", "params/smoke.yaml", "--run-dir", str(run_dir), "-p", "data.classes=[no_such_class]")
+    assert proc.returncode == 1
+    assert "stage 'data' failed" in proc.stderr and "no_such_class" in proc.stderr
+    executed = run_dir / "notebooks" / "01_data.ipynb"
+    assert str(executed) in proc.stderr and executed.is_file()
+    assert "[2/5] train" not in proc.stdout
+
+
+def test_bad_parameters_exit_2_before_any_work(tmp_path):
+    proc = _run("run", "-f", "params/smoke.yaml", "--run-dir", str(tmp_path / "r"), "-p", "train.epoch=2")
+    assert proc.returncode == 2 and "did you mean 'train.epochs'" in proc.stderr
+    assert not (tmp_path / "r").exists()
+    proc = _run("run", "-f", "params/coco2017.yaml", "-p", f"data.root={tmp_path}")
+    assert proc.returncode == 2 and "instances_train2017.json" in proc.stderr
