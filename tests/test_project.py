@@ -89,3 +89,13 @@ def test_environment_yml_names_the_same_packages_as_pyproject():
 def test_readme_documents_the_two_commands():
     text = (ROOT / "README.md").read_text()
     assert "make study" in text and "make test" in text
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_papermill_reads_every_parameter(path):
+    """papermill's own parser sees exactly the parameters (e.g. no '=' inside a comment)."""
+    from papermill.translators import PythonTranslator
+
+    nb = nbformat.read(path, as_version=4)
+    found = [p.name for p in PythonTranslator.inspect(_parameters_cell(nb))]
+    assert found == list(_defaults(nb))

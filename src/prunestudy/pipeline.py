@@ -31,7 +31,10 @@ def ensure_kernel() -> str:
     """Install (or repair) the `prunestudy` kernelspec for *this* Python in sys.prefix, and put
     that folder first on JUPYTER_PATH, so papermill and JupyterLab start this environment's
     interpreter whatever other kernels of that name exist for the user or the system."""
-    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+    # log_level=ERROR: ipykernel warns on every start that loopback TCP is unencrypted; that line
+    # would repeat five times per run in the terminal and in CI logs.
+    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}",
+                     "--IPKernelApp.log_level=ERROR"],
             "display_name": "Python (prunestudy)", "language": "python",
             "env": {"PYTHONUNBUFFERED": "1"}, "metadata": {"debugger": True}}
     path = kernel_dir() / "kernel.json"
@@ -122,7 +125,7 @@ def _finish(run_dir: Path, cfg: dict, timings: dict, render: bool, log=print) ->
     return results
 
 
-def render_html(notebook: Path, target: Path, *, hide_code: bool) -> Path:
+def render_html(notebook: Path, target: Path, *, hide_code: bool, title: str | None = None) -> Path:
     """One executed notebook as a self-contained HTML page (figures embedded, nothing fetched)."""
     import nbformat
     from nbconvert import HTMLExporter
@@ -130,7 +133,8 @@ def render_html(notebook: Path, target: Path, *, hide_code: bool) -> Path:
     exporter = HTMLExporter(template_name="prunestudy_report", extra_template_basedirs=[str(TEMPLATES)],
                             exclude_input=hide_code, exclude_input_prompt=hide_code,
                             exclude_output_prompt=hide_code, embed_images=True)
-    body, _ = exporter.from_notebook_node(nbformat.read(notebook, as_version=4))
+    resources = {"metadata": {"name": title or Path(notebook).stem}}
+    body, _ = exporter.from_notebook_node(nbformat.read(notebook, as_version=4), resources=resources)
     store._atomic(target, lambda f: f.write(body.encode()))
     return target
 
@@ -140,4 +144,5 @@ def render_report(run_dir: Path) -> Path:
     nb_dir = Path(run_dir) / "notebooks"
     for nb in sorted(nb_dir.glob("0*.ipynb")):
         render_html(nb, nb.with_suffix(".html"), hide_code=False)
-    return render_html(nb_dir / stages.NOTEBOOK_OF["analysis"], Path(run_dir) / "report.html", hide_code=True)
+    return render_html(nb_dir / stages.NOTEBOOK_OF["analysis"], Path(run_dir) / "report.html", hide_code=True,
+                       title=f"prunestudy report: {Path(run_dir).name}")

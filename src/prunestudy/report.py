@@ -225,11 +225,13 @@ def _f_accuracy(results: dict) -> str | None:
     if "test_accuracy" not in train:
         return "Training has not run in this run folder, so there is no trained model to report."
     acc, n = train["test_accuracy"], _test_size(results)
-    s = f"After {len(train.get('epochs') or [])} training epochs the {train.get('model', 'model')} reached {_pct(acc)} test accuracy"
+    s = (f"After {len(train.get('epochs') or [])} training epochs the {train.get('model', 'model')} reached "
+         f"{_pct(acc)} test accuracy")
     if train.get("test_loss") is not None:
         s += f" (test loss {train['test_loss']:.3f}, a true per-sample mean)"
     if n:
-        s += f"; on {_n(n)} test crops one binomial standard error of that accuracy is ±{100 * binomial_se(acc, n):.1f} points"
+        s += (f"; on {_n(n)} test crops one binomial standard error of that accuracy is "
+              f"±{100 * binomial_se(acc, n):.1f} points")
     return s + "."
 
 
@@ -297,7 +299,8 @@ def _f_prune(results: dict) -> str:
     if n:
         se = 100 * binomial_se(dense, n)
         if abs(d) <= se:
-            s += f"; that is within one binomial standard error (±{se:.1f} points on {_n(n)} test crops), indistinguishable from sampling noise"
+            s += (f"; that is within one binomial standard error (±{se:.1f} points on {_n(n)} test crops), "
+                  f"indistinguishable from sampling noise")
         else:
             s += (f"; that is {abs(d) / se:.1f} binomial standard errors (±{se:.1f} points on {_n(n)} test crops), "
                   f"larger than sampling noise of one standard error")
@@ -343,7 +346,8 @@ def _f_retrain(results: dict) -> str:
             s += (f", recovering {100 * max(gain, 0) / drop:.0f}% of the {_pts(drop)}-point pruning drop "
                   f"and ending {_pts(vs_dense)} points below the dense model's {_pct(dense)}")
         else:
-            s += f", ending {_pts(vs_dense)} points below the dense model's {_pct(dense)} although pruning itself cost nothing"
+            s += (f", ending {_pts(vs_dense)} points below the dense model's {_pct(dense)} although pruning "
+                  f"itself cost nothing")
     if re_.get("global_sparsity") is not None and prune.get("global_sparsity") is not None:
         a, b = re_["global_sparsity"], prune["global_sparsity"]
         s += (f"; sparsity stayed at {_pct(a, 2)}, so the masks held" if abs(a - b) < 1e-9
@@ -393,7 +397,8 @@ def _f_first_steps(results: dict) -> str | None:
     r = rows[0]
     return (f"The first optimizer step's loss was {r['step_loss_first']:.3f} (chance level for {k} classes: "
             f"ln {k} = {math.log(k):.3f}; seed report {seed['first']:.3f}); epoch-1 step losses spanned "
-            f"{r['step_loss_min']:.3f}–{r['step_loss_max']:.3f} here vs {seed['min']:.3f}–{seed['max']:.3f} in the seed report.")
+            f"{r['step_loss_min']:.3f}–{r['step_loss_max']:.3f} here vs {seed['min']:.3f}–{seed['max']:.3f} "
+            f"in the seed report.")
 
 
 def _f_time(results: dict) -> str | None:
@@ -435,6 +440,39 @@ def title_markdown(results: dict) -> str:
     return (f"# Pruning study: {md_escape(model)}, {md_escape(what)}\n\n"
             + (f"Run parameters hash {md_escape(h)}. " if h else "")
             + md_escape(f"Seed report for comparison: {SEED_REPORT['source']}."))
+
+
+def data_markdown(info: dict) -> str:
+    """What the data stage built: source, classes in label order, sizes and what was skipped."""
+    lines = [f"Built from `{md_escape(info.get('root', '?'))}`: **{_n(info['train_size'])}** training and "
+             f"**{_n(info['test_size'])}** test crops of {info.get('image_size', '?')} px, "
+             f"{len(info['classes'])} classes (label order): {', '.join(md_escape(c) for c in info['classes'])}.",
+             "", "| split | kept | " + " | ".join(md_escape(k) for k in _skip_keys(info)) + " |",
+             "|---|---|" + "---|" * len(_skip_keys(info))]
+    for split, size in (("train", info["train_size"]), ("test", info["test_size"])):
+        skipped = (info.get("skipped") or {}).get(split, {})
+        lines.append(f"| {split} | {_n(size)} | " + " | ".join(_n(skipped.get(k, 0)) for k in _skip_keys(info)) + " |")
+    return "\n".join(lines)
+
+
+def _skip_keys(info: dict) -> list[str]:
+    return sorted({k for v in (info.get("skipped") or {}).values() for k in v})
+
+
+def stage_markdown(stage: str, metrics: dict) -> str:
+    """One paragraph of a stage's outcome, computed from its metrics."""
+    acc = f"test accuracy **{_pct(metrics['test_accuracy'])}**, test loss {metrics['test_loss']:.4f} (per-sample mean)"
+    if stage == "prune":
+        change = 100 * (metrics["test_accuracy"] - metrics["dense_test_accuracy"])
+        return (f"{md_escape(metrics['method'])} at {_pct(metrics['amount'], 0)} of the {md_escape(metrics['targets'])} "
+                f"weights: global sparsity **{_pct(metrics['global_sparsity'], 2)}**, "
+                f"{_n(metrics['params_nonzero'])} of {_n(metrics['params_total'])} parameters nonzero. Before "
+                f"retraining: {acc}; {_change(change, 'accuracy')} from the dense model's "
+                f"{_pct(metrics['dense_test_accuracy'])}.")
+    epochs = len(metrics.get("epochs") or [])
+    sp = (f"; global sparsity {_pct(metrics['global_sparsity'], 2)}" if "global_sparsity" in metrics else "")
+    return (f"After {epochs} epoch{'s' * (epochs != 1)} in {metrics['seconds']:.0f} s on "
+            f"{md_escape(metrics['device'])}: {acc}{sp}.")
 
 
 def provenance_markdown(results: dict) -> str:
@@ -524,7 +562,8 @@ def plot_epoch_metrics(results: dict) -> Figure:
     prune = _stage(results, "pruned")
     if "test_accuracy" in prune:
         x = n_train + 0.5
-        acc_ax.plot([x], [100 * prune["test_accuracy"]], "D", color=STATE_COLORS["pruned"], ms=8, label="pruned (no training)")
+        acc_ax.plot([x], [100 * prune["test_accuracy"]], "D", color=STATE_COLORS["pruned"], ms=8,
+                    label="pruned (no training)")
         if prune.get("test_loss") is not None:
             loss_ax.plot([x], [prune["test_loss"]], "D", color=STATE_COLORS["pruned"], ms=8, label="pruned: test loss")
     if n_train:
@@ -804,5 +843,6 @@ def all_figures(run_dir, results: dict | None = None) -> dict[str, Figure]:
     return {"accuracy": plot_accuracy(results), "step_loss": plot_step_loss(run_dir),
             "epoch_metrics": plot_epoch_metrics(results), "layer_sparsity": plot_layer_sparsity(results),
             "weight_histograms": plot_weight_histograms(run_dir),
-            "class_counts": plot_class_counts(_read_json(Path(run_dir) / "data" / "data.json") or results.get("data") or {}),
+            "class_counts": plot_class_counts(_read_json(Path(run_dir) / "data" / "data.json")
+                                              or results.get("data") or {}),
             "samples": plot_samples(run_dir), "confusion": plot_confusion(run_dir)}
