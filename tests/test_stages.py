@@ -1,0 +1,85 @@
+"""Stage functions on a tiny embedded dataset: outputs, traceability, and clear errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from pycocotools.coco import COCO
+
+from prunestudy import data, stages, store, synth
+
+TINY = {"seed": 3, "train_images": 30, "val_images": 15, "image_size": 160}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    rd = tmp_path_factory.mktemp("stages")
+    root = synth.ensure(rd / "coco", **TINY)
+    stages.run_data(rd, root=str(root), min_box=12)
+    return rd
+
+
+def test_generated_data_loads_in_pycocotools_and_crops_trace_to_annotations(run_dir):
+    for split, coco_split in (("train", "train2017"), ("test", "val2017")):
+        coco = COCO(str(run_dir / "coco" / "annotations" / f"instances_{coco_split}.json"))
+        manifest = data.read_manifest(run_dir / "data", split)
+        images, labels = data.load_split(run_dir / "data", split)
+        assert len(manifest) == len(images) == len(labels) > 0
+        classes = data.read_info(run_dir / "data")["classes"]
+        for row in manifest.itertuples():
+            ann = coco.anns[row.ann_id]
+            assert ann["image_id"] == row.image_id and not ann["iscrowd"]
+            assert coco.cats[ann["category_id"]]["name"] == row.category == classes[labels[row.index]]
+            assert np.allclose(ann["bbox"], [row.bbox_x, row.bbox_y, row.bbox_w, row.bbox_h])
+            assert min(ann["bbox"][2:]) >= 12
+
+
+def test_train_prune_retrain_outputs(run_dir):
+    log = []
+    m = stages.run_train(run_dir, epochs=2, batch_size=16, lr=1e-3, seed=0, log=log.append)
+    assert len(m["epochs"]) == 2 and len(log) == 2 and m["params_total"] == 4_293_194
+    hist = store.read_json(run_dir / "train" / "history.json")
+    n = data.read_info(run_dir / "data")["train_size"]
+    assert len(hist["steps"]) == 2 * -(-n // 16)
+    p = stages.run_prune(run_dir, amount=0.3)
+    assert p["global_sparsity"] == pytest.approx(0.3, abs=1e-4)
+    assert p["dense_test_accuracy"] == pytest.approx(m["test_accuracy"])
+    state = store.load_tensors(run_dir / "prune" / "model.pt")
+    assert "fc1.weight_orig" not in state and (state["fc1.weight"] == 0).float().mean() == pytest.approx(0.3, abs=1e-4)
+    r = stages.run_retrain(run_dir, epochs=1, batch_size=16, lr=1e-3, log=log.append)
+    assert r["global_sparsity"] == pytest.approx(p["global_sparsity"])
+    after = store.load_tensors(run_dir / "retrain" / "model.pt")
+    pruned_zero = state["conv2.weight"] == 0
+    assert (after["conv2.weight"][pruned_zero] == 0).all()
+    assert not torch.equal(after["conv2.weight"], state["conv2.weight"])  # it did train
+    res = stages.load_results(run_dir)
+    assert {"data", "train", "prune", "retrain"} <= set(res)
+    assert len(np.load(run_dir / "retrain" / "predictions.npy")) == res["data"]["test_size"]
+
+
+def test_missing_upstream_stage_names_the_notebook(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"01_data.ipynb"):
+        stages.run_train(tmp_path, epochs=1)
+    (tmp_path / "data").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"01_data.ipynb"):
+        stages.run_prune(tmp_path)
+
+
+def test_checkpoints_refuse_pickled_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"x": Evil()}, tmp_path / "model.pt")
+    with pytest.raises(Exception, match="(?i)weights.only|unsupported"):
+        store.load_tensors(tmp_path / "model.pt")
+
+
+def test_atomic_json_leaves_no_partial_file(tmp_path):
+    target = tmp_path / "m.json"
+    store.write_json(target, {"a": 1})
+    with pytest.raises(TypeError):
+        store.write_json(target, {"a": object()})
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
