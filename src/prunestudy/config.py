@@ -128,22 +128,25 @@ def validate(cfg: dict) -> list[str]:
             problems.append(f"{key} has unknown keys {extra}; valid: {', '.join(SCHEMA[key][0])}")
         elif key in CHOICES and value not in CHOICES[key]:
             problems.append(f"{key} must be one of {', '.join(CHOICES[key])}, got {value!r}")
-    if problems:
-        return problems
+    bad = {p.split()[0] for p in problems}
+
+    def ok(key: str) -> bool:  # range checks only where the type is right
+        return key not in bad
+
     for key in ("train.epochs", "train.batch_size", "retrain.batch_size", "data.image_size"):
-        if flat[key] < 1:
+        if ok(key) and flat[key] < 1:
             problems.append(f"{key} must be at least 1, got {flat[key]}")
-    if flat["data.root"] is None:
+    if ok("data.root") and flat["data.root"] is None:
         problems.append("data.root is not set: give a COCO 2017 root, e.g. -p data.root=/path/to/coco "
                         "(or 'embedded' for the embedded dataset)")
-    if flat["retrain.epochs"] < 0:
+    if ok("retrain.epochs") and flat["retrain.epochs"] < 0:
         problems.append(f"retrain.epochs must be 0 or more, got {flat['retrain.epochs']}")
     for key in ("train.lr", "retrain.lr"):
-        if not flat[key] > 0:
+        if ok(key) and not flat[key] > 0:
             problems.append(f"{key} must be positive, got {flat[key]}")
-    if not 0 <= flat["prune.amount"] < 1:
+    if ok("prune.amount") and not 0 <= flat["prune.amount"] < 1:
         problems.append(f"prune.amount must be in [0, 1), got {flat['prune.amount']}")
-    if not 0 <= flat["data.context"] <= 2:
+    if ok("data.context") and not 0 <= flat["data.context"] <= 2:
         problems.append(f"data.context must be in [0, 2], got {flat['data.context']}")
     return problems
 

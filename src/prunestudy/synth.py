@@ -34,6 +34,7 @@ give byte-identical JSON and images (for a given Pillow/libjpeg build).
 
 from __future__ import annotations
 
+import colorsys
 import datetime as _dt
 import functools
 import json
@@ -84,6 +85,8 @@ _P_TINY = 0.07  # chance a shape is tiny
 _TINY_LO, _TINY_HI = 7.0, 14.0  # tiny diameters (absolute px) -> boxes < 16 px
 _P_CROWD = 0.07  # chance an image holds one crowd group
 _P_LOW_CONTRAST = 0.25  # chance a shape's colour is near the local background
+_P_CLASS_COLOUR = 0.0  # otherwise, chance it comes from its category's palette (a hue band)
+_CLASS_HUE_JITTER = 0.06  # half-width of that hue band (hues of categories are 0.1 apart)
 _LOW_CONTRAST_DELTA = (15.0, 40.0)  # ... within this RGB distance scale
 _P_HOLLOW = 0.08  # chance a shape is drawn as a thick outline only
 _P_TRANSLUCENT = 0.25  # chance a shape is partly transparent
@@ -341,7 +344,7 @@ def _draw_distractors(draw: ImageDraw.ImageDraw, rng: np.random.Generator, S: in
             draw.polygon([tuple(q) for q in pts], fill=col)
 
 
-def _paint_shape(canvas: Image.Image, bg: np.ndarray, poly1x: np.ndarray, rng: np.random.Generator) -> None:
+def _paint_shape(canvas: Image.Image, bg: np.ndarray, poly1x: np.ndarray, k: int, rng: np.random.Generator) -> None:
     """Draw one shape (polygon in 1x image coordinates) onto the supersampled canvas."""
     S = canvas.size[0]
     # continuous 1x coordinate x -> PIL pixel-centre coordinate at supersampled scale
@@ -361,6 +364,9 @@ def _paint_shape(canvas: Image.Image, bg: np.ndarray, poly1x: np.ndarray, rng: n
         cy = min(max((y0 + y1) // (2 * _SS), 0), bg.shape[0] - 1)
         base = bg[cy, cx] + rng.normal(0, 1, 3) * rng.uniform(*_LOW_CONTRAST_DELTA)
         col = np.clip(base, 0, 255)
+    elif rng.random() < _P_CLASS_COLOUR:  # like real objects, categories have typical colours
+        hue = (k / len(CATEGORIES) + rng.uniform(-_CLASS_HUE_JITTER, _CLASS_HUE_JITTER)) % 1.0
+        col = 255.0 * np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.45, 1.0), rng.uniform(0.35, 1.0)))
     else:
         col = rng.uniform(0, 255, 3)
 
@@ -488,7 +494,7 @@ def _scene(rng: np.random.Generator, size: int) -> tuple[Image.Image, list[dict[
     for k, polys, crowd in plans:
         segs: list[np.ndarray] = []
         for poly in polys:
-            _paint_shape(canvas, bg, poly, rng)
+            _paint_shape(canvas, bg, poly, k, rng)
             cp = _to_coco_polygon(poly, size, size)
             if cp is not None:
                 segs.append(cp)
