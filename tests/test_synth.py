@@ -175,6 +175,18 @@ def test_deterministic(tmp_path):
     assert "val2017/000000000007.jpg" in ta
 
 
+def test_worker_processes_do_not_change_output(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNESTUDY_SYNTH_WORKERS", "1")
+    a = synth.generate(tmp_path / "w1", seed=5, **SMALL)
+    monkeypatch.setenv("PRUNESTUDY_SYNTH_WORKERS", "2")
+    assert synth._workers(9) == 2
+    b = synth.generate(tmp_path / "w2", seed=5, **SMALL)
+    assert _tree_bytes(a) == _tree_bytes(b)
+    monkeypatch.setenv("PRUNESTUDY_SYNTH_WORKERS", "zero")
+    with pytest.raises(ValueError, match="PRUNESTUDY_SYNTH_WORKERS"):
+        synth.generate(tmp_path / "w3", seed=5, **SMALL)
+
+
 def test_splits_are_different_streams(tmp_path):
     root = synth.generate(tmp_path / "d", seed=0, train_images=2, val_images=2, image_size=64)
     assert (root / "train2017" / "000000000001.jpg").read_bytes() != (root / "val2017" / "000000000003.jpg").read_bytes()

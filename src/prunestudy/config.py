@@ -24,7 +24,7 @@ SCHEMA: dict[str, tuple[Any, tuple[type, ...], str]] = {
     "seed": (0, (int,), "seed for data subsets, initialisation, batch order and augmentation"),
     "data.root": ("embedded", (str, type(None)), "COCO root in the official layout, or 'embedded' for the embedded synthetic set"),
     "data.embedded": (
-        {"seed": 0, "train_images": 500, "val_images": 160, "image_size": 160},
+        {"seed": 0, "train_images": 1000, "val_images": 300, "image_size": 160},
         (dict,),
         "size and seed of the embedded dataset, generated under data/embedded/ on first use",
     ),
@@ -42,7 +42,7 @@ SCHEMA: dict[str, tuple[Any, tuple[type, ...], str]] = {
     "prune.method": ("l1_unstructured", (str,), "pruning method (torch.nn.utils.prune)"),
     "prune.amount": (0.2, (float, int), "fraction of each targeted weight tensor set to zero"),
     "prune.targets": ("all", (str,), "which weights are pruned: conv | linear | all"),
-    "retrain.epochs": (3, (int,), "fine-tuning epochs after pruning, masks held"),
+    "retrain.epochs": (2, (int,), "fine-tuning epochs after pruning, masks held"),
     "retrain.lr": (1e-4, (float,), "Adam learning rate for fine-tuning"),
     "retrain.batch_size": (32, (int,), "fine-tuning batch size"),
 }

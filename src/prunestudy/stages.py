@@ -122,7 +122,7 @@ def run_prune(run_dir=None, *, method="l1_unstructured", amount=0.2, targets="al
 
 
 # --- stage 4 -----------------------------------------------------------------------------------
-def run_retrain(run_dir=None, *, epochs=3, lr=1e-4, batch_size=32, device="auto", seed=0,
+def run_retrain(run_dir=None, *, epochs=2, lr=1e-4, batch_size=32, device="auto", seed=0,
                 data_dir=None, pruned_dir=None, out_dir=None, log=print) -> dict:
     """Fine-tune the pruned model with its masks held: pruned weights stay exactly zero."""
     run_dir = resolve_run_dir(run_dir)
