@@ -24,7 +24,7 @@ def test_overrides_are_parsed_as_yaml_and_merge_nested_dicts():
                              "data.embedded.train_images=7"])
     assert cfg["train"]["epochs"] == 3 and cfg["train"]["lr"] == 1e-3
     assert cfg["data"]["classes"] == ["circle", "star"]
-    assert cfg["data"]["embedded"]["train_images"] == 7 and cfg["data"]["embedded"]["val_images"] == 300
+    assert cfg["data"]["embedded"]["train_images"] == 7 and cfg["data"]["embedded"]["val_images"] == 250
 
 
 def test_all_problems_reported_at_once_with_suggestions():

@@ -24,7 +24,7 @@ SCHEMA: dict[str, tuple[Any, tuple[type, ...], str]] = {
     "seed": (0, (int,), "seed for data subsets, initialisation, batch order and augmentation"),
     "data.root": ("embedded", (str, type(None)), "COCO root in the official layout, or 'embedded' for the embedded synthetic set"),
     "data.embedded": (
-        {"seed": 0, "train_images": 1000, "val_images": 300, "image_size": 160},
+        {"seed": 0, "train_images": 800, "val_images": 250, "image_size": 160},
         (dict,),
         "size and seed of the embedded dataset, generated under data/embedded/ on first use",
     ),
