@@ -81,8 +81,8 @@ _CLASS_WEIGHTS = np.array([1.30, 1.20, 1.15, 1.00, 1.00, 0.95, 0.90, 0.85, 0.80,
 _CLASS_P = _CLASS_WEIGHTS / _CLASS_WEIGHTS.sum()
 
 # Scene statistics (sizes in pixels at image_size=160; scaled with image_size). Tuned so that the
-# seed CNN at the seed's settings (batch 32, lr 1e-4, 10 epochs) on 1000 train
-# images, about 4,500 crops) ends near 60% test accuracy: learnable, far from 100%.
+# seed CNN at the seed's settings (batch 32, lr 1e-4, 10 epochs) on 1000 train images (about
+# 4,500 crops) ends near 60% test accuracy: learnable, far from 100%.
 _OBJ_MIN, _OBJ_MAX = 3, 8  # annotated (non-crowd) shapes per image
 _SIZE_LO, _SIZE_HI = 18.0, 70.0  # object diameter (circumscribed circle)
 _P_TINY = 0.07  # chance a shape is tiny
