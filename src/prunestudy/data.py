@@ -33,7 +33,6 @@ import json
 import logging
 import math
 import os
-import uuid
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -41,6 +40,8 @@ import numpy as np
 import pandas as pd
 from PIL import ExifTags, Image, ImageOps
 from pycocotools.coco import COCO
+
+from . import store
 
 __all__ = [
     "build_dataset",
@@ -306,30 +307,8 @@ def _build_split(coco: COCO, image_dir: Path, anns: list[dict], classes: list[tu
 
 # --------------------------------------------------------------------------- writing
 
-@contextlib.contextmanager
-def _atomic_file(path: Path):
-    """Binary file handle on a temp name next to ``path``; os.replace on success."""
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
-    try:
-        with open(tmp, "xb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _write_npy(path: Path, array: np.ndarray) -> None:
-    with _atomic_file(path) as f:
-        np.save(f, array, allow_pickle=False)
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    with _atomic_file(path) as f:
-        f.write(data)
+    store.atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
 
 
 def _manifest_bytes(manifest: pd.DataFrame) -> bytes:
@@ -404,9 +383,9 @@ def build_dataset(root, out_dir, *, classes="top:10", image_size=64, context=0.2
                                            "sha256": _sha256_file(ann_path)}
     for split, manifest in manifests.items():
         data = _manifest_bytes(manifest)
-        _write_bytes(out / f"{split}_manifest.csv", data)
+        store.write_bytes(out / f"{split}_manifest.csv", data)
         info["manifest_sha256"][split] = hashlib.sha256(data).hexdigest()
-    _write_bytes(out / INFO_FILE, (json.dumps(info, indent=2) + "\n").encode("utf-8"))
+    store.write_bytes(out / INFO_FILE, (json.dumps(info, indent=2) + "\n").encode("utf-8"))
     return info
 
 

@@ -135,7 +135,7 @@ def render_html(notebook: Path, target: Path, *, hide_code: bool, title: str | N
                             exclude_output_prompt=hide_code, embed_images=True)
     resources = {"metadata": {"name": title or Path(notebook).stem}}
     body, _ = exporter.from_notebook_node(nbformat.read(notebook, as_version=4), resources=resources)
-    store._atomic(target, lambda f: f.write(body.encode()))
+    store.write_bytes(target, body.encode())
     return target
 
 

@@ -832,8 +832,8 @@ def save_figures(run_dir, figures: dict[str, Figure], dpi: int = 150) -> list[Pa
         name = str(name).removesuffix(".png")
         if not _FIG_NAME.fullmatch(name):
             raise ValueError(f"figure name {name!r} is not a plain file name (letters, digits, '_', '-', '.')")
-        paths.append(store._atomic(out / f"{name}.png",
-                                   lambda f, fig=fig: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")))
+        paths.append(store.atomic_write(out / f"{name}.png",
+                                        lambda f, fig=fig: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")))
     return paths
 
 

@@ -86,7 +86,7 @@ def run_train(run_dir=None, *, model="seed_cnn", epochs=10, batch_size=32, lr=1e
                         log=log, label="train")
     ev = train.evaluate(net, *testset)
     store.save_tensors(out / "model.pt", net.state_dict())
-    np.save(out / "predictions.npy", ev["predictions"])
+    _save_predictions(out, ev["predictions"])
     store.write_json(out / "history.json", history)
     metrics = {"model": model, "params_total": models.count_parameters(net), "test_accuracy": ev["accuracy"],
                "test_loss": ev["loss"], "epochs": history["epochs"], "seconds": time.perf_counter() - start,
@@ -113,7 +113,7 @@ def run_prune(run_dir=None, *, method="l1_unstructured", amount=0.2, targets="al
     sp = prune.sparsity(net, targets)
     store.save_tensors(out / "masks.pt", prune.masks(net))
     store.save_tensors(out / "model.pt", prune.make_permanent(net).state_dict())
-    np.save(out / "predictions.npy", ev["predictions"])
+    _save_predictions(out, ev["predictions"])
     metrics = {"method": method, "amount": amount, "targets": targets, **_sparsity_fields(sp),
                "test_accuracy": ev["accuracy"], "test_loss": ev["loss"],
                "dense_test_accuracy": before["accuracy"], "dense_test_loss": before["loss"], **environment(dev)}
@@ -140,7 +140,7 @@ def run_retrain(run_dir=None, *, epochs=2, lr=1e-4, batch_size=32, device="auto"
     store.save_tensors(out / "masks.pt", prune.masks(net))
     sp = prune.sparsity(net, targets)
     store.save_tensors(out / "model.pt", prune.make_permanent(net).state_dict())
-    np.save(out / "predictions.npy", ev["predictions"])
+    _save_predictions(out, ev["predictions"])
     store.write_json(out / "history.json", history)
     metrics = {"test_accuracy": ev["accuracy"], "test_loss": ev["loss"], **_sparsity_fields(sp),
                "epochs": history["epochs"], "seconds": time.perf_counter() - start,
@@ -222,6 +222,10 @@ def _git_commit() -> str | None:
         return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def _save_predictions(out: Path, predictions: np.ndarray) -> None:
+    store.atomic_write(out / "predictions.npy", lambda f: np.save(f, predictions, allow_pickle=False))
 
 
 def _load_data(data_dir: Path, dev: torch.device, train_split: bool = True):

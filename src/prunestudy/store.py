@@ -6,12 +6,12 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import Any, Callable
 
 
-def _atomic(path: Path, write) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], Any]) -> Path:
+    """Call write(binary file) on a temp file beside path, fsync, then rename it into place:
+    readers see the old file or the whole new one, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -29,19 +29,27 @@ def _atomic(path: Path, write) -> Path:
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     data = json.dumps(obj, indent=2, sort_keys=False, default=_jsonable).encode() + b"\n"
-    return _atomic(Path(path), lambda f: f.write(data))
+    return write_bytes(path, data)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    return atomic_write(path, lambda f: f.write(data))
 
 
 def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text())
 
 
-def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> Path:
-    return _atomic(Path(path), lambda f: torch.save(tensors, f))
+def save_tensors(path: str | os.PathLike, tensors: dict) -> Path:
+    import torch
+
+    return atomic_write(path, lambda f: torch.save(tensors, f))
 
 
-def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def load_tensors(path: str | os.PathLike, device="cpu") -> dict:
     """Tensors only: torch.load(weights_only=True) refuses pickled code."""
+    import torch
+
     return torch.load(path, map_location=device, weights_only=True)
 
 
