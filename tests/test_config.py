@@ -61,3 +61,16 @@ def test_hash_changes_with_any_parameter():
     b = config.load(None, ["prune.amount=0.3"])
     assert config.stage_hash(a) == config.stage_hash(config.load(None))
     assert config.stage_hash(a) != config.stage_hash(b)
+
+
+def test_data_parameters_of_the_coco_stage_are_checked_all_at_once():
+    with pytest.raises(config.ParamsError) as err:
+        config.load(None, ["data.label_mode=box", "data.max_bad_fraction=1.5", "data.workers=0",
+                           "data.min_per_class=0", "data.max_per_class=0"])
+    msg = str(err.value)
+    assert "data.label_mode must be one of crop, image, got 'box'" in msg
+    assert "data.max_bad_fraction must be in [0, 1], got 1.5" in msg
+    assert "data.workers must be null (all cores) or at least 1, got 0" in msg
+    assert "data.min_per_class must be at least 1" in msg and "data.max_per_class must be null" in msg
+    cfg = config.load(None, ["data.label_mode=image", "data.workers=3", "data.max_bad_fraction=0"])
+    assert (cfg["data"]["label_mode"], cfg["data"]["workers"], cfg["data"]["max_bad_fraction"]) == ("image", 3, 0.0)

@@ -23,6 +23,7 @@ PAD = (124, 116, 104)
 S = 64
 MIN_BOX = 16
 CONTEXT = 0.2
+DRAFT_TOL = 5.0  # mean |difference| (of 255) allowed between a draft-decoded crop and the reference
 
 needs_sample = pytest.mark.skipif(
     not (SAMPLE / "annotations" / "instances_train2017.json").is_file(),
@@ -188,14 +189,18 @@ def test_crops_match_their_boxes(built):
             with Image.open(SAMPLE / folder / r.file_name) as im:
                 rgb = np.asarray(im.convert("RGB"))
             ref = reference_crop(rgb, r.crop_x0, r.crop_y0, r.crop_x1, r.crop_y1)
-            assert max_diff(ref, x[i]) <= 1, (split, i)
+            if r.decode_scale == 1:  # full decode: the same pixels as the reference, to rounding
+                assert max_diff(ref, x[i]) <= 1, (split, i)
+            else:  # JPEG draft decode at 1/2..1/8: a different low-pass filter, same picture
+                assert side / r.decode_scale >= S and r.decode_scale in (2, 4, 8)
+                assert np.abs(ref.astype(float) - x[i]).mean() <= DRAFT_TOL, (split, i)
             # the box itself, resampled straight from the image, is what fills the centre
             a0, a1, b0, b1 = math.ceil(u0), math.floor(u1), math.ceil(v0), math.floor(v1)
             src = (r.crop_x0 + a0 * side / S, r.crop_y0 + b0 * side / S,
                    r.crop_x0 + a1 * side / S, r.crop_y0 + b1 * side / S)
             box_ref = Image.fromarray(rgb).resize((a1 - a0, b1 - b0), filter_for(side), box=src)
             diff = np.abs(np.asarray(box_ref, float) - x[i, b0:b1, a0:a1]).mean()
-            assert diff <= 2.0, (split, i, diff)
+            assert diff <= (2.0 if r.decode_scale == 1 else DRAFT_TOL), (split, i, diff)
 
 
 @needs_sample
@@ -262,13 +267,17 @@ def test_grayscale_and_cmyk_images_give_rgb_crops(tmp_path, built):
             original = np.asarray(im.convert("L" if mode == "L" else "RGB").convert("RGB"))
         for r in rows.itertuples():
             got = x[r.index]
-            assert max_diff(reference_crop(rgb, r.crop_x0, r.crop_y0, r.crop_x1, r.crop_y1), got) <= 1
+            ref = reference_crop(rgb, r.crop_x0, r.crop_y0, r.crop_x1, r.crop_y1)
+            if r.decode_scale == 1:
+                assert max_diff(ref, got) <= 1
+            else:
+                assert np.abs(ref.astype(float) - got).mean() <= DRAFT_TOL
             if mode == "L":  # grey wherever the square lies inside the image (padding is coloured)
                 inside = got[inside_rows_cols(r, rgb.shape)]
                 assert inside.size and (inside[..., 0] == inside[..., 1]).all()
                 assert (inside[..., 1] == inside[..., 2]).all()
             near = reference_crop(original, r.crop_x0, r.crop_y0, r.crop_x1, r.crop_y1)
-            assert np.abs(near.astype(float) - got).mean() < 4
+            assert np.abs(near.astype(float) - got).mean() < 4 + (DRAFT_TOL if r.decode_scale > 1 else 0)
 
 
 @pytest.mark.parametrize("mode", ["L", "CMYK", "P", "RGBA", "LA", "I;16"])

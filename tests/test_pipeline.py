@@ -96,3 +96,18 @@ def test_bad_parameters_exit_2_before_any_work(tmp_path):
     assert not (tmp_path / "r").exists()
     proc = _run("run", "-f", "params/coco2017.yaml", "-p", f"data.root={tmp_path}")
     assert proc.returncode == 2 and "instances_train2017.json" in proc.stderr
+
+
+def test_whole_study_on_real_coco_in_the_official_layout(tmp_path, coco_sample):
+    """params/coco2017.yaml + data.root: the study runs end to end on real COCO 2017 files."""
+    run_dir = tmp_path / "coco"
+    proc = _run("run", "-f", "params/coco2017.yaml", "--run-dir", str(run_dir), "-p", f"data.root={coco_sample}",
+                "-p", "train.epochs=1", "-p", "retrain.epochs=1", "-p", "data.min_per_class=1")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((run_dir / "results.json").read_text())
+    assert Path(res["data"]["root"]) == coco_sample.resolve()
+    assert res["data"]["classes"][0] == "person" and len(res["data"]["classes"]) == 10
+    assert res["data"]["train_size"] > 300 and 0 <= res["retrain"]["test_accuracy"] <= 1
+    info = json.loads((run_dir / "data" / "data.json").read_text())
+    assert len(info["cache"]["key"]) == 12 and info["annotation_files"]["train"]["sha256"]
+    assert "person" in (run_dir / "report.html").read_text()

@@ -83,7 +83,8 @@ def test_environment_yml_names_the_same_packages_as_pyproject():
     env_names = (_names(conda) | _names(pip)) - {"python", "pip"}
     assert env_names == deps
     pinned = {p for p in project["dependencies"] if "==" in p}
-    assert pinned == {"torch==2.14.1", "torchvision==0.29.1"} == set(pip)
+    assert {"torch==2.14.1", "torchvision==0.29.1"} <= pinned  # the builds this machine holds on disk
+    assert pinned == set(pip)  # every pin is installed by pip in environment.yml too
 
 
 def test_readme_documents_the_two_commands():

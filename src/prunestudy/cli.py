@@ -7,7 +7,7 @@ import sys
 
 import yaml
 
-from . import config, pipeline
+from . import cache, config, download, pipeline
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,7 +19,11 @@ def main(argv: list[str] | None = None) -> int:
     show = sub.add_parser("params", help="print the effective parameters (defaults, file, overrides)")
     _add_params_args(show)
     sub.add_parser("kernel", help="install the 'prunestudy' Jupyter kernel for this Python")
+    download.add_cli(sub)
+    _add_cache_cli(sub)
     args = parser.parse_args(argv)
+    if getattr(args, "handler", None):
+        return args.handler(args)
 
     if args.command == "kernel":
         print(f"kernel '{pipeline.ensure_kernel()}' -> {sys.executable} ({pipeline.kernel_dir()})")
@@ -47,6 +51,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prunestudy: interrupted; finished stages are kept in {run_dir}", file=sys.stderr)
         return 130
     print(_summary(res))
+    return 0
+
+
+def _add_cache_cli(sub) -> None:
+    p = sub.add_parser("cache", help="list or clear cached crop sets (data/cache) and the embedded dataset")
+    p.add_argument("action", choices=("list", "clear"))
+    p.add_argument("--all", action="store_true", help="clear: also remove the generated embedded dataset")
+    p.set_defaults(handler=_cache)
+
+
+def _cache(args) -> int:
+    if args.action == "clear":
+        freed = cache.clear(include_embedded=args.all)
+        print(f"prunestudy: cache cleared, {freed / 2**20:.1f} MiB freed"
+              + ("" if args.all else " (the embedded dataset is kept: --all removes it too)"))
+        return 0
+    rows = cache.entries()
+    if not rows:
+        print(f"prunestudy: the cache is empty ({cache.cache_root()})")
+    for r in rows:
+        sizes = f"{r['train_size']} train / {r['test_size']} test, " if r["train_size"] is not None else ""
+        state = "" if r["complete"] else " (incomplete)"
+        print(f"{r['kind']:8s} {r['key']}  {sizes}{r['bytes'] / 2**20:.1f} MiB{state}  {r['root'] or r['path']}")
     return 0
 
 

@@ -34,6 +34,10 @@ SCHEMA: dict[str, tuple[Any, tuple[type, ...], str]] = {
     "data.min_box": (16, (int,), "boxes whose shorter side is below this many pixels are skipped"),
     "data.max_per_class": (None, (int, type(None)), "cap on training samples per class (null = no cap)"),
     "data.max_test_per_class": (None, (int, type(None)), "cap on test samples per class (null = no cap)"),
+    "data.label_mode": ("crop", (str,), "crop: one sample per box | image: one per image, labelled by its largest box"),
+    "data.min_per_class": (20, (int,), "error if a class keeps fewer training samples than this"),
+    "data.max_bad_fraction": (0.01, (float, int), "unreadable images of a split tolerated (skipped, listed) before an error"),
+    "data.workers": (None, (int, type(None)), "processes cropping images (null = all CPU cores); does not change the result"),
     "train.model": ("seed_cnn", (str,), "seed_cnn | resnet18 | efficientnet_b0"),
     "train.epochs": (10, (int,), "training epochs"),
     "train.batch_size": (32, (int,), "training batch size"),
@@ -49,6 +53,7 @@ SCHEMA: dict[str, tuple[Any, tuple[type, ...], str]] = {
 
 CHOICES = {
     "train.model": ("seed_cnn", "resnet18", "efficientnet_b0"),
+    "data.label_mode": ("crop", "image"),
     "prune.method": ("l1_unstructured",),
     "prune.targets": ("conv", "linear", "all"),
 }
@@ -146,6 +151,15 @@ def validate(cfg: dict) -> list[str]:
             problems.append(f"{key} must be positive, got {flat[key]}")
     if ok("prune.amount") and not 0 <= flat["prune.amount"] < 1:
         problems.append(f"prune.amount must be in [0, 1), got {flat['prune.amount']}")
+    if ok("data.min_per_class") and flat["data.min_per_class"] < 1:
+        problems.append(f"data.min_per_class must be at least 1, got {flat['data.min_per_class']}")
+    if ok("data.max_bad_fraction") and not 0 <= flat["data.max_bad_fraction"] <= 1:
+        problems.append(f"data.max_bad_fraction must be in [0, 1], got {flat['data.max_bad_fraction']}")
+    if ok("data.workers") and flat["data.workers"] is not None and flat["data.workers"] < 1:
+        problems.append(f"data.workers must be null (all cores) or at least 1, got {flat['data.workers']}")
+    for key in ("data.max_per_class", "data.max_test_per_class"):
+        if ok(key) and flat[key] is not None and flat[key] < 1:
+            problems.append(f"{key} must be null (no cap) or at least 1, got {flat[key]}")
     if ok("data.context") and not 0 <= flat["data.context"] <= 2:
         problems.append(f"data.context must be in [0, 2], got {flat['data.context']}")
     return problems

@@ -1,27 +1,47 @@
-"""COCO 2017 object crops as a 10-class classification dataset.
+"""COCO 2017 object crops as a 10-class classification dataset, at full scale.
 
-Reads COCO-format instance annotations with pycocotools and turns each selected
-object box into a square ``image_size x image_size`` RGB crop stored as uint8.
-Training samples come from ``train2017``, test samples from ``val2017``.
+Reads COCO-format instance annotations (parsed with ``json``, indexed by pycocotools) and
+turns each selected object box (``label_mode='crop'``) or each image (``label_mode='image'``)
+into a square ``image_size x image_size`` RGB crop stored as uint8. Training samples come
+from ``train2017``, test samples from ``val2017``.
 
-Every sample traces back to its source through a manifest (image id, annotation
-id, category, original COCO box, crop square in image coordinates), and
-``data.json`` records the classes, counts, skip reasons, parameters and the
-sha256 of the inputs and manifests.  ``data.json`` is written last: its presence
-marks a complete build.
+Speed and memory (all of train2017 is 118k images and 860k boxes):
 
-Crop rule (see :func:`crop_square`): a square of side
-``max(w, h) * (1 + 2 * context)`` centred on the box centre, rounded to whole
-pixels; parts outside the image are filled with the constant :data:`PAD_RGB`;
-the square is resized to ``image_size`` with LANCZOS when downscaling and
-BILINEAR when upscaling.
+- each image is decoded once for all of its crops; when every crop of an image is being
+  downscaled by 2x or more, Pillow's JPEG draft mode decodes it at 1/2, 1/4 or 1/8 scale
+  (the manifest records the scale used in ``decode_scale``);
+- images are cropped by ``workers`` processes (default: all cores) in chunks of consecutive
+  images, so each chunk fills a contiguous block of rows;
+- rows go straight into a preallocated ``.npy`` file by positional writes: resident memory
+  does not grow with the number of images.
+
+What real data holds, and what each case gets:
+
+- a missing root, annotation file or image folder: FileNotFoundError showing the layout;
+- malformed JSON: :class:`DataError` naming the file, line and column;
+- a missing, truncated or corrupt image, or one whose size differs from the json's: skipped,
+  counted under ``skipped`` and listed with its reason in ``<split>_rejects.csv``; a
+  :class:`DataError` only if more than ``max_bad_fraction`` of a split's images are bad;
+- grayscale, CMYK, palette or EXIF-rotated images: RGB crops in the json's frame;
+- boxes reaching more than a pixel outside the image: clipped to it (counted in ``clipped``);
+  boxes with no area left: skipped as ``invalid_box``; annotations naming an image id the file
+  does not list: skipped as ``no_image``;
+- an unknown class name: ValueError listing the valid names; a class with fewer than
+  ``min_per_class`` training samples: :class:`DataError` saying which and how many.
+
+Crop rule (see :func:`crop_square`): a square of side ``max(w, h) * (1 + 2 * context)``
+centred on the box centre, rounded to whole pixels; parts outside the image are filled with
+the constant :data:`PAD_RGB`; the square is resized to ``image_size`` with LANCZOS when
+downscaling and BILINEAR when upscaling. In ``image`` mode the square is the whole image,
+letterboxed with :data:`PAD_RGB`, and the label is that of its largest eligible box.
 
 Output files in ``out_dir``::
 
     train_images.npy  uint8 (N, S, S, 3)     test_images.npy
     train_labels.npy  int64 (N,)             test_labels.npy
     train_manifest.csv                       test_manifest.csv
-    data.json
+    train_rejects.csv (images skipped, why)  test_rejects.csv
+    data.json         written last: its presence marks a complete build
 """
 
 from __future__ import annotations
@@ -32,7 +52,9 @@ import io
 import json
 import logging
 import math
+import multiprocessing
 import os
+import threading
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -41,28 +63,19 @@ import pandas as pd
 from PIL import ExifTags, Image, ImageOps
 from pycocotools.coco import COCO
 
-from . import store
+from . import progress, store
 
 __all__ = [
-    "build_dataset",
-    "load_split",
-    "read_manifest",
-    "read_info",
-    "check_layout",
-    "choose_classes",
-    "select_annotations",
-    "crop_square",
-    "load_image",
-    "crop_and_resize",
-    "PAD_RGB",
-    "SPLITS",
-    "MANIFEST_COLUMNS",
+    "build_dataset", "load_split", "read_manifest", "read_rejects", "read_info", "check_layout",
+    "choose_classes", "select_annotations", "crop_square", "load_image", "crop_and_resize",
+    "DataError", "PAD_RGB", "SPLITS", "MANIFEST_COLUMNS", "REJECT_COLUMNS", "LABEL_MODES",
 ]
 
 log = logging.getLogger(__name__)
 
 #: split name -> COCO image folder (and annotation file stem).
 SPLITS = {"train": "train2017", "test": "val2017"}
+LABEL_MODES = ("crop", "image")
 
 #: Constant fill for the parts of a crop square outside the image: the ImageNet
 #: mean colour (0.485, 0.456, 0.406) * 255, rounded.  Image-independent, so a
@@ -71,12 +84,16 @@ PAD_RGB = (124, 116, 104)
 
 DOWNSCALE_FILTER = Image.Resampling.LANCZOS
 UPSCALE_FILTER = Image.Resampling.BILINEAR
+DRAFT_SCALES = (8, 4, 2)  # JPEG DCT scaling Pillow can decode at, largest first
+CLIP_TOLERANCE = 1.0  # px a box may reach beyond the image (COCO float rounding) before it is clipped
+CHUNK_IMAGES = 32  # images per task handed to a worker process
 
 MANIFEST_COLUMNS = [
     "index", "image_id", "ann_id", "category_id", "category", "label", "file_name",
     "bbox_x", "bbox_y", "bbox_w", "bbox_h",
-    "crop_x0", "crop_y0", "crop_x1", "crop_y1",
+    "crop_x0", "crop_y0", "crop_x1", "crop_y1", "clipped", "decode_scale",
 ]
+REJECT_COLUMNS = ["image_id", "file_name", "boxes", "reason", "detail"]
 
 INFO_FILE = "data.json"
 
@@ -88,7 +105,11 @@ EXPECTED_LAYOUT = """expected COCO 2017 layout:
     val2017/*.jpg"""
 
 
-# --------------------------------------------------------------------------- layout
+class DataError(ValueError):
+    """The input data cannot make a usable dataset; the message says what and how to fix it."""
+
+
+# --------------------------------------------------------------------------- layout & json
 
 def _annotation_path(root: Path, split: str) -> Path:
     return root / "annotations" / f"instances_{SPLITS[split]}.json"
@@ -116,37 +137,88 @@ def check_layout(root) -> None:
 
 
 def _load_coco(path: Path) -> COCO:
-    """pycocotools COCO object, without its progress prints on stdout."""
+    """pycocotools COCO index of an annotation file, with errors that name the file and the place."""
+    try:
+        with open(path, "rb") as f:
+            dataset = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno} "
+                        f"(byte {e.pos}); the file is damaged or incomplete: download it again") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 JSON ({e}); download the annotation file again") from None
+    missing = [k for k in ("images", "annotations", "categories") if not isinstance(dataset, dict)
+               or not isinstance(dataset.get(k), list)]
+    if missing:
+        raise DataError(f"{path} is not a COCO instances file: no list {missing} at the top level")
+    coco = COCO()
+    coco.dataset = dataset
     with contextlib.redirect_stdout(io.StringIO()):
-        return COCO(str(path))
+        coco.createIndex()
+    return coco
 
 
-# --------------------------------------------------------------------------- classes
+# --------------------------------------------------------------------------- box hygiene
+
+def _sanitize(coco: COCO) -> dict:
+    """Give each annotation a usable box (``_box``), clipped to its image; count what was changed.
+
+    Sets ``ann['_box']`` (the box crops are made from) and ``ann['_clipped']``; returns
+    {'clipped': n, 'no_image': n, 'invalid_box': n}. Annotations without a box left keep
+    ``_box = None`` and are skipped later with their reason.
+    """
+    counts = Counter()
+    for ann in coco.dataset["annotations"]:
+        ann["_box"], ann["_clipped"], ann["_reason"] = None, False, None
+        meta = coco.imgs.get(ann.get("image_id"))
+        if meta is None:
+            ann["_reason"] = "no_image"
+            continue
+        try:
+            x, y, w, h = (float(v) for v in ann["bbox"])
+        except (KeyError, TypeError, ValueError):
+            ann["_reason"] = "invalid_box"
+            continue
+        W, H = meta["width"], meta["height"]
+        if not all(map(math.isfinite, (x, y, w, h))) or w <= 0 or h <= 0:
+            ann["_reason"] = "invalid_box"
+            continue
+        if x < -CLIP_TOLERANCE or y < -CLIP_TOLERANCE or x + w > W + CLIP_TOLERANCE or y + h > H + CLIP_TOLERANCE:
+            x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + w, W), min(y + h, H)
+            if x1 <= x0 or y1 <= y0:
+                ann["_reason"] = "invalid_box"
+                continue
+            x, y, w, h = x0, y0, x1 - x0, y1 - y0
+            ann["_clipped"] = True
+            counts["clipped"] += 1
+        ann["_box"] = [x, y, w, h]
+    return counts
+
 
 def _skip_reason(ann: dict, min_box: float) -> str | None:
-    """'iscrowd', 'small' (shorter side < min_box, or an empty box) or None."""
+    """'iscrowd', 'no_image', 'invalid_box', 'small' (shorter side < min_box) or None."""
     if ann.get("iscrowd", 0):
         return "iscrowd"
-    w, h = ann["bbox"][2], ann["bbox"][3]
-    if min(w, h) < min_box or w <= 0 or h <= 0:
+    if ann.get("_reason"):
+        return ann["_reason"]
+    if min(ann["_box"][2], ann["_box"][3]) < min_box:
         return "small"
     return None
 
 
+# --------------------------------------------------------------------------- classes
+
 def _eligible_counts(coco: COCO, min_box: float) -> Counter:
-    """category_id -> number of annotations left after the iscrowd/small filters."""
-    return Counter(a["category_id"] for a in coco.dataset["annotations"]
-                   if _skip_reason(a, min_box) is None)
+    """category_id -> number of annotations left after the box filters."""
+    return Counter(a["category_id"] for a in coco.dataset["annotations"] if _skip_reason(a, min_box) is None)
 
 
 def choose_classes(coco: COCO, classes, min_box: float) -> list[tuple[int, str]]:
     """[(category_id, name)] in label order.
 
     ``classes`` is a list of COCO category names (label order = list order) or
-    ``"top:K"``: the K categories with most annotations in ``coco`` after the
-    iscrowd/small filters, most frequent first, ties broken by category id.
-    Raises ValueError for an unknown name, a malformed spec or a class with zero
-    samples after filtering.
+    ``"top:K"``: the K categories with most boxes in ``coco`` after the box filters,
+    most frequent first, ties broken by category id. Raises ValueError for an unknown
+    name, a malformed spec or a class with zero samples after filtering.
     """
     name_to_id = {c["name"]: c["id"] for c in coco.loadCats(coco.getCatIds())}
     id_to_name = {i: n for n, i in name_to_id.items()}
@@ -176,18 +248,21 @@ def _top_k(spec: str, counts: Counter, all_ids: list[int]) -> list[int]:
 
 # --------------------------------------------------------------------------- selection
 
-def select_annotations(coco: COCO, cat_ids: list[int], min_box: float,
-                       cap: int | None, seed: int) -> tuple[list[dict], dict]:
+def select_annotations(coco: COCO, cat_ids: list[int], min_box: float, cap: int | None, seed: int,
+                       label_mode: str = "crop") -> tuple[list[dict], dict]:
     """Annotations kept for ``cat_ids``, sorted by (image_id, ann_id), and skip counts.
 
-    Skip reasons are counted in this order: iscrowd, small, other_class, capped.
-    With a cap, each over-full class keeps ``cap`` annotations drawn without
-    replacement by one ``numpy.random.default_rng(seed)``, classes visited in
+    Skip reasons are counted per annotation in this order: iscrowd, no_image, invalid_box,
+    small, other_class, then (``image`` mode) not_largest for eligible boxes that are not
+    their image's largest, then capped. With a cap, each over-full class keeps ``cap`` samples
+    drawn without replacement by one ``numpy.random.default_rng(seed)``, classes visited in
     ``cat_ids`` order, candidates in ann-id order.
     """
+    if "_box" not in (coco.dataset["annotations"] or [{}])[0] and coco.dataset["annotations"]:
+        _sanitize(coco)
     wanted = set(cat_ids)
-    skipped = {"iscrowd": 0, "small": 0, "other_class": 0, "capped": 0}
-    by_class = defaultdict(list)
+    skipped = Counter({"iscrowd": 0, "small": 0, "other_class": 0, "capped": 0})
+    eligible = []
     for ann in coco.dataset["annotations"]:
         reason = _skip_reason(ann, min_box)
         if reason is None and ann["category_id"] not in wanted:
@@ -195,7 +270,18 @@ def select_annotations(coco: COCO, cat_ids: list[int], min_box: float,
         if reason:
             skipped[reason] += 1
         else:
-            by_class[ann["category_id"]].append(ann)
+            eligible.append(ann)
+    if label_mode == "image":
+        largest = {}
+        for ann in sorted(eligible, key=lambda a: a["id"]):
+            best = largest.get(ann["image_id"])
+            if best is None or _area(ann) > _area(best):
+                largest[ann["image_id"]] = ann
+        skipped["not_largest"] = len(eligible) - len(largest)
+        eligible = list(largest.values())
+    by_class = defaultdict(list)
+    for ann in eligible:
+        by_class[ann["category_id"]].append(ann)
     rng = np.random.default_rng(seed)
     kept = []
     for cid in cat_ids:
@@ -206,7 +292,11 @@ def select_annotations(coco: COCO, cat_ids: list[int], min_box: float,
             anns = [anns[i] for i in keep]
         kept.extend(anns)
     kept.sort(key=lambda a: (a["image_id"], a["id"]))
-    return kept, skipped
+    return kept, dict(skipped)
+
+
+def _area(ann: dict) -> float:
+    return ann["_box"][2] * ann["_box"][3]
 
 
 # --------------------------------------------------------------------------- geometry & pixels
@@ -224,7 +314,14 @@ def crop_square(bbox, context: float) -> tuple[int, int, int, int]:
     return x0, y0, x0 + side, y0 + side
 
 
-def load_image(path, width: int, height: int) -> Image.Image:
+def image_square(width: int, height: int) -> tuple[int, int, int, int]:
+    """The square holding the whole image, centred (letterbox), for ``label_mode='image'``."""
+    side = max(width, height)
+    x0, y0 = (width - side) // 2, (height - side) // 2
+    return x0, y0, x0 + side, y0 + side
+
+
+def load_image(path, width: int, height: int, reduce: float = 1.0) -> Image.Image:
     """Decode an image file as RGB in the frame of the json's ``width`` x ``height``.
 
     EXIF orientation is applied (``ImageOps.exif_transpose``) unless that makes the
@@ -232,18 +329,40 @@ def load_image(path, width: int, height: int) -> Image.Image:
     boxes refer to the json's frame).  Any mode (L, CMYK, P, RGBA, ...) becomes
     RGB; transparent pixels are composited onto :data:`PAD_RGB`.  Raises
     ValueError if neither frame matches the json's size.
+
+    ``reduce`` >= 2 lets a JPEG decode at 1/2, 1/4 or 1/8 scale (draft mode), the largest
+    that is at most ``reduce``; the returned image then has ``img.info['decode_scale']`` > 1
+    and is that many times smaller than the json's frame.
     """
     with Image.open(path) as raw:
-        raw.load()
-        img = raw
-        if raw.getexif().get(ExifTags.Base.Orientation, 1) != 1:
-            turned = ImageOps.exif_transpose(raw)
-            if turned.size == (width, height):
-                img = turned
-        if img.size != (width, height):
-            raise ValueError(f"{path}: image is {img.size[0]}x{img.size[1]} but the annotation "
+        stored = raw.size
+        orientation = raw.getexif().get(ExifTags.Base.Orientation, 1)
+        upright = (stored[1], stored[0]) if orientation in (5, 6, 7, 8) else stored
+        turn = orientation != 1 and upright == (width, height)
+        if not turn and stored != (width, height):
+            raise ValueError(f"{path}: image is {stored[0]}x{stored[1]} but the annotation "
                              f"file says {width}x{height}")
-        return _to_rgb(img)
+        # draft only upright images: a turned draft would put the partial edge block on the other side
+        scale = _draft(raw, reduce if orientation == 1 else 1)
+        raw.load()
+        img = ImageOps.exif_transpose(raw) if turn else raw
+        img = _to_rgb(img)
+        img.info["decode_scale"] = scale
+        return img
+
+
+def _draft(raw: Image.Image, reduce: float) -> int:
+    """Ask a JPEG for DCT-domain downscaling by the largest of 8, 4, 2 that is <= reduce."""
+    if raw.format != "JPEG" or reduce < 2:
+        return 1
+    scale = next(s for s in DRAFT_SCALES + (1,) if s <= reduce)
+    if scale == 1:
+        return 1
+    w, h = raw.size
+    # Pillow picks the largest of 1/2/4/8 with size // request >= it; the result is ceil(size / scale)
+    raw.draft(raw.mode if raw.mode in ("CMYK",) else "RGB", (max(1, w // scale), max(1, h // scale)))
+    got = next((s for s in DRAFT_SCALES if raw.size == (math.ceil(w / s), math.ceil(h / s))), 1)
+    return got
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -276,33 +395,174 @@ def crop_and_resize(img: Image.Image, crop: tuple[int, int, int, int], size: int
     return np.asarray(square, dtype=np.uint8)
 
 
+def crop_scaled(img: Image.Image, crop: tuple[int, int, int, int], size: int, scale: int) -> np.ndarray:
+    """:func:`crop_and_resize` for an image decoded at 1/``scale`` of the frame ``crop`` is given in.
+
+    The square keeps its exact (fractional) place in the smaller image: Pillow resamples the
+    box ``crop / scale`` straight to ``size`` (LANCZOS), padding with :data:`PAD_RGB` outside.
+    """
+    if scale == 1:
+        return crop_and_resize(img, crop, size)
+    bx0, by0, bx1, by1 = (v / scale for v in crop)
+    fx0, fy0, fx1, fy1 = math.floor(bx0), math.floor(by0), math.ceil(bx1), math.ceil(by1)
+    inside = (max(fx0, 0), max(fy0, 0), min(fx1, img.width), min(fy1, img.height))
+    if inside == (fx0, fy0, fx1, fy1):
+        canvas = img.crop(inside)
+    else:
+        canvas = Image.new("RGB", (fx1 - fx0, fy1 - fy0), PAD_RGB)
+        if inside[2] > inside[0] and inside[3] > inside[1]:
+            canvas.paste(img.crop(inside), (inside[0] - fx0, inside[1] - fy0))
+    box = (bx0 - fx0, by0 - fy0, bx1 - fx0, by1 - fy0)
+    return np.asarray(canvas.resize((size, size), DOWNSCALE_FILTER, box=box), dtype=np.uint8)
+
+
+# --------------------------------------------------------------------------- workers
+
+def _crop_chunk(task: tuple) -> tuple:
+    """Worker: crop every sample of a run of consecutive images.
+
+    ``task`` = (start, count, image_size, [(image_id, path, width, height, [crop, ...]), ...]);
+    the crops of the chunk are rows ``start .. start+count-1`` in order. Returns
+    (start, rows uint8 (count, S, S, 3), scales, bad) where ``bad`` lists
+    (image_id, first_row, n_rows, reason, detail) for images that could not be read.
+    """
+    start, count, size, images = task
+    rows = np.empty((count, size, size, 3), dtype=np.uint8)
+    scales = np.ones(count, dtype=np.int8)
+    bad, i = [], 0
+    for image_id, path, width, height, crops in images:
+        try:
+            reduce = min(c[2] - c[0] for c in crops) / size
+            img = load_image(path, width, height, reduce=reduce)
+            scale = img.info["decode_scale"]
+            for j, crop in enumerate(crops):
+                rows[i + j] = crop_scaled(img, crop, size, scale)
+            scales[i : i + len(crops)] = scale
+        except FileNotFoundError:
+            bad.append((image_id, i, len(crops), "missing_file", "no such file"))
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            reason = "size_mismatch" if "annotation file says" in str(e) else "corrupt_image"
+            bad.append((image_id, i, len(crops), reason, f"{type(e).__name__}: {e}"[:300]))
+        i += len(crops)
+    return start, rows, scales, bad
+
+
+def _chunks(tasks: list, size: int, per_chunk: int = CHUNK_IMAGES):
+    """Group per-image tasks into runs of consecutive images (contiguous rows)."""
+    start = 0
+    for k in range(0, len(tasks), per_chunk):
+        part = tasks[k : k + per_chunk]
+        count = sum(len(t[4]) for t in part)
+        yield (start, count, size, part)
+        start += count
+
+
+def default_workers() -> int:
+    """All CPU cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _start_method() -> str:
+    """fork while this process has one Python thread (cheap, no re-import of __main__); forkserver
+    otherwise (a Jupyter kernel runs threads, and forking a threaded process can deadlock)."""
+    methods = multiprocessing.get_all_start_methods()
+    if threading.active_count() == 1 and "fork" in methods:
+        return "fork"
+    return "forkserver" if "forkserver" in methods else "spawn"
+
+
+def _map_chunks(chunks: list, workers: int):
+    """Results of _crop_chunk for every chunk, in any order; a process pool when it pays off."""
+    if workers <= 1 or len(chunks) <= 1:
+        yield from map(_crop_chunk, chunks)
+        return
+    ctx = multiprocessing.get_context(_start_method())
+    with ctx.Pool(min(workers, len(chunks))) as pool:
+        yield from pool.imap_unordered(_crop_chunk, chunks)
+
+
 # --------------------------------------------------------------------------- one split
 
-def _build_split(coco: COCO, image_dir: Path, anns: list[dict], classes: list[tuple[int, str]],
-                 image_size: int, context: float) -> tuple[np.ndarray, np.ndarray, pd.DataFrame, dict]:
-    """Crop every annotation in ``anns`` (sorted by image), decoding each image once."""
+def _build_split(coco: COCO, image_dir: Path, anns: list[dict], classes: list[tuple[int, str]], out: Path,
+                 split: str, image_size: int, context: float, label_mode: str, workers: int,
+                 show_progress: bool) -> dict:
+    """Crop every sample of ``anns`` (sorted by image) into ``out/<split>_images.npy``.
+
+    Returns {'manifest': DataFrame of kept rows, 'labels': array, 'rejects': DataFrame,
+    'num_images': int, 'images_seen': int}. Rows of unreadable images are dropped.
+    """
     label_of = {cid: i for i, (cid, _) in enumerate(classes)}
-    name_of = dict(classes)
-    images = np.empty((len(anns), image_size, image_size, 3), dtype=np.uint8)
-    labels = np.empty(len(anns), dtype=np.int64)
-    rows = []
-    by_image = defaultdict(list)
-    for index, ann in enumerate(anns):
-        by_image[ann["image_id"]].append((index, ann))
+    by_image: dict[int, list[dict]] = defaultdict(list)
+    for ann in anns:
+        by_image[ann["image_id"]].append(ann)
+    tasks, rows, labels = [], [], []
     for image_id, items in by_image.items():
-        meta = coco.loadImgs(image_id)[0]
-        path = image_dir / meta["file_name"]
-        if not path.is_file():
-            raise FileNotFoundError(f"image {path} (image_id {image_id}) listed in the annotations is missing")
-        img = load_image(path, meta["width"], meta["height"])
-        for index, ann in items:
-            crop = crop_square(ann["bbox"], context)
-            images[index] = crop_and_resize(img, crop, image_size)
-            labels[index] = label_of[ann["category_id"]]
-            rows.append([index, image_id, ann["id"], ann["category_id"], name_of[ann["category_id"]],
-                         labels[index], meta["file_name"], *ann["bbox"], *crop])
-    manifest = pd.DataFrame(sorted(rows, key=lambda r: r[0]), columns=MANIFEST_COLUMNS)
-    return images, labels, manifest, {"num_images": len(by_image)}
+        meta = coco.imgs[image_id]
+        crops = [image_square(meta["width"], meta["height"]) if label_mode == "image"
+                 else crop_square(a["_box"], context) for a in items]
+        tasks.append((image_id, str(image_dir / meta["file_name"]), meta["width"], meta["height"], crops))
+        for a, c in zip(items, crops):
+            rows.append([len(rows), image_id, a["id"], a["category_id"], classes[label_of[a["category_id"]]][1],
+                         label_of[a["category_id"]], meta["file_name"], *a["bbox"], *c, int(a["_clipped"]), 1])
+            labels.append(label_of[a["category_id"]])
+    manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+    n = len(manifest)
+    path = out / f"{split}_images.npy"
+    tmp = out / f".{split}_images.npy.building"
+    offset = _preallocate(tmp, (n, image_size, image_size, 3))
+    scales = np.ones(n, dtype=np.int8)
+    keep = np.ones(n, dtype=bool)
+    bad_rows = []
+    row_bytes = image_size * image_size * 3
+    chunks = list(_chunks(tasks, image_size))
+    images_at = {c[0]: len(c[3]) for c in chunks}
+    with open(tmp, "r+b") as f, progress.bar(total=len(tasks), desc=f"data {split}", unit="img",
+                                              disable=not show_progress) as bar:
+        for start, block, block_scales, bad in _map_chunks(chunks, workers):
+            os.pwrite(f.fileno(), block.tobytes(), offset + start * row_bytes)
+            scales[start : start + len(block)] = block_scales
+            for image_id, first, count, reason, detail in bad:
+                keep[start + first : start + first + count] = False
+                meta = coco.imgs[image_id]
+                bad_rows.append([image_id, meta["file_name"], count, reason, detail])
+            bar.update(images_at[start])
+    manifest["decode_scale"] = scales
+    if keep.all():
+        os.replace(tmp, path)
+    else:
+        _compact(tmp, path, keep, offset, row_bytes, (image_size, image_size, 3))
+        tmp.unlink()
+        manifest = manifest[keep].reset_index(drop=True)
+        manifest["index"] = np.arange(len(manifest))
+    rejects = pd.DataFrame(sorted(bad_rows), columns=REJECT_COLUMNS)
+    return {"manifest": manifest, "labels": manifest["label"].to_numpy(np.int64), "rejects": rejects,
+            "num_images": len(tasks) - len(rejects), "images_seen": len(tasks)}
+
+
+def _preallocate(path: Path, shape: tuple) -> int:
+    """Create an .npy file of zeros of ``shape`` (sparse on disk); return the data offset."""
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+    offset = arr.offset
+    del arr
+    return offset
+
+
+def _compact(src: Path, dst: Path, keep: np.ndarray, offset: int, row_bytes: int, row_shape: tuple) -> None:
+    """Copy the kept rows of ``src`` into a new .npy ``dst``, in blocks (bounded memory)."""
+    tmp = dst.with_name(f".{dst.name}.compact")
+    out_offset = _preallocate(tmp, (int(keep.sum()), *row_shape))
+    block = 4096
+    with open(src, "rb") as fin, open(tmp, "r+b") as fout:
+        written = 0
+        for s in range(0, len(keep), block):
+            data = os.pread(fin.fileno(), row_bytes * min(block, len(keep) - s), offset + s * row_bytes)
+            rows = np.frombuffer(data, np.uint8).reshape(-1, row_bytes)[keep[s : s + block]]
+            os.pwrite(fout.fileno(), rows.tobytes(), out_offset + written * row_bytes)
+            written += len(rows)
+    os.replace(tmp, dst)
 
 
 # --------------------------------------------------------------------------- writing
@@ -311,11 +571,11 @@ def _write_npy(path: Path, array: np.ndarray) -> None:
     store.atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
 
 
-def _manifest_bytes(manifest: pd.DataFrame) -> bytes:
-    return manifest.to_csv(index=False, lineterminator="\n").encode("utf-8")
+def _csv_bytes(frame: pd.DataFrame) -> bytes:
+    return frame.to_csv(index=False, lineterminator="\n").encode("utf-8")
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -325,7 +585,8 @@ def _sha256_file(path: Path) -> str:
 
 # --------------------------------------------------------------------------- public API
 
-def _check_params(image_size, context, min_box, max_per_class, max_test_per_class) -> None:
+def _check_params(image_size, context, min_box, max_per_class, max_test_per_class, label_mode,
+                  min_per_class, max_bad_fraction, workers) -> None:
     if not (isinstance(image_size, int) and image_size >= 1):
         raise ValueError(f"image_size must be a positive int, got {image_size!r}")
     if not context >= 0:
@@ -335,21 +596,34 @@ def _check_params(image_size, context, min_box, max_per_class, max_test_per_clas
     for name, cap in (("max_per_class", max_per_class), ("max_test_per_class", max_test_per_class)):
         if cap is not None and not (isinstance(cap, int) and cap >= 1):
             raise ValueError(f"{name} must be None or a positive int, got {cap!r}")
+    if label_mode not in LABEL_MODES:
+        raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
+    if not (isinstance(min_per_class, int) and min_per_class >= 1):
+        raise ValueError(f"min_per_class must be a positive int, got {min_per_class!r}")
+    if not 0 <= max_bad_fraction <= 1:
+        raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction!r}")
+    if workers is not None and not (isinstance(workers, int) and workers >= 1):
+        raise ValueError(f"workers must be None (all cores) or a positive int, got {workers!r}")
 
 
 def build_dataset(root, out_dir, *, classes="top:10", image_size=64, context=0.2, min_box=16,
-                  max_per_class=None, max_test_per_class=None, seed=0) -> dict:
+                  max_per_class=None, max_test_per_class=None, seed=0, label_mode="crop",
+                  min_per_class=1, max_bad_fraction=0.01, workers=None, show_progress=None) -> dict:
     """Build train (train2017) and test (val2017) crop sets; return the data.json dict.
 
-    Classes are chosen on train2017 (see :func:`choose_classes`); the test split
-    uses the same classes and may have zero samples for some of them.  Any old
-    ``data.json`` in ``out_dir`` is removed first, so an interrupted rebuild is
-    never mistaken for a complete one.
+    Classes are chosen on train2017 (see :func:`choose_classes`); the test split uses the
+    same classes and may have zero samples for some of them. ``workers`` processes crop the
+    images (None = all cores); the result does not depend on it. Any old ``data.json`` in
+    ``out_dir`` is removed first, so an interrupted rebuild is never mistaken for a complete one.
     """
     params = dict(classes=classes if isinstance(classes, str) else list(classes), image_size=image_size,
                   context=context, min_box=min_box, max_per_class=max_per_class,
-                  max_test_per_class=max_test_per_class, seed=seed)
-    _check_params(image_size, context, min_box, max_per_class, max_test_per_class)
+                  max_test_per_class=max_test_per_class, seed=seed, label_mode=label_mode,
+                  min_per_class=min_per_class, max_bad_fraction=max_bad_fraction)
+    _check_params(image_size, context, min_box, max_per_class, max_test_per_class, label_mode,
+                  min_per_class, max_bad_fraction, workers)
+    workers = workers or default_workers()
+    show_progress = progress.wanted() if show_progress is None else show_progress
     root = Path(os.path.abspath(root))
     check_layout(root)
     out = Path(out_dir)
@@ -357,36 +631,73 @@ def build_dataset(root, out_dir, *, classes="top:10", image_size=64, context=0.2
     (out / INFO_FILE).unlink(missing_ok=True)
 
     cocos = {split: _load_coco(_annotation_path(root, split)) for split in SPLITS}
+    clipped = {split: _sanitize(coco)["clipped"] for split, coco in cocos.items()}
     chosen = choose_classes(cocos["train"], params["classes"], min_box)
     _check_test_categories(cocos["test"], chosen)
     caps = {"train": max_per_class, "test": max_test_per_class}
+    selected = {split: select_annotations(coco, [i for i, _ in chosen], min_box, caps[split], seed, label_mode)
+                for split, coco in cocos.items()}
+    _check_min_per_class(selected["train"][0], chosen, min_per_class)
     info = {"classes": [n for _, n in chosen], "category_ids": [i for i, _ in chosen],
-            "train_size": 0, "test_size": 0, "image_size": image_size,
-            "counts": {}, "skipped": {}, "num_images": {}, "root": str(root),
-            "annotation_files": {}, "params": params, "manifest_sha256": {},
+            "train_size": 0, "test_size": 0, "image_size": image_size, "label_mode": label_mode,
+            "counts": {}, "skipped": {}, "clipped": clipped, "rejected": {}, "num_images": {},
+            "root": str(root), "annotation_files": {}, "params": params, "manifest_sha256": {},
             "crop": {"pad_rgb": list(PAD_RGB), "downscale_filter": DOWNSCALE_FILTER.name,
-                     "upscale_filter": UPSCALE_FILTER.name}}
-    manifests = {}
+                     "upscale_filter": UPSCALE_FILTER.name, "jpeg_draft_scales": list(DRAFT_SCALES)}}
     for split, coco in cocos.items():
-        anns, skipped = select_annotations(coco, info["category_ids"], min_box, caps[split], seed)
-        log.info("%s: cropping %d boxes", split, len(anns))
-        images, labels, manifests[split], stats = _build_split(
-            coco, _image_dir(root, split), anns, chosen, image_size, context)
-        _write_npy(out / f"{split}_images.npy", images)
+        anns, skipped = selected[split]
+        log.info("%s: cropping %d samples", split, len(anns))
+        built = _build_split(coco, _image_dir(root, split), anns, chosen, out, split, image_size, context,
+                             label_mode, workers, show_progress)
+        rejects = built["rejects"]
+        store.write_bytes(out / f"{split}_rejects.csv", _csv_bytes(rejects))
+        for reason, boxes in rejects.groupby("reason")["boxes"].sum().items():
+            skipped[reason] = int(boxes)
+        _check_bad_fraction(split, rejects, built["images_seen"], max_bad_fraction, out)
+        labels = built["labels"]
         _write_npy(out / f"{split}_labels.npy", labels)
+        manifest_bytes = _csv_bytes(built["manifest"])
+        store.write_bytes(out / f"{split}_manifest.csv", manifest_bytes)
         ann_path = _annotation_path(root, split)
         info[f"{split}_size"] = len(labels)
         info["counts"][split] = {n: int((labels == i).sum()) for i, n in enumerate(info["classes"])}
         info["skipped"][split] = skipped
-        info["num_images"][split] = stats["num_images"]
-        info["annotation_files"][split] = {"path": str(ann_path.relative_to(root)),
-                                           "sha256": _sha256_file(ann_path)}
-    for split, manifest in manifests.items():
-        data = _manifest_bytes(manifest)
-        store.write_bytes(out / f"{split}_manifest.csv", data)
-        info["manifest_sha256"][split] = hashlib.sha256(data).hexdigest()
-    store.write_bytes(out / INFO_FILE, (json.dumps(info, indent=2) + "\n").encode("utf-8"))
+        info["rejected"][split] = {"images": len(rejects), "examples": rejects.head(20).to_dict("records")}
+        info["num_images"][split] = built["num_images"]
+        info["annotation_files"][split] = {"path": str(ann_path.relative_to(root)), "sha256": sha256_file(ann_path)}
+        info["manifest_sha256"][split] = hashlib.sha256(manifest_bytes).hexdigest()
+    _check_min_per_class_after_rejects(info, min_per_class)
+    store.write_bytes(out / INFO_FILE, (json.dumps(info, indent=2, default=_plain) + "\n").encode("utf-8"))
     return info
+
+
+def _plain(o):
+    return o.item() if hasattr(o, "item") else str(o)
+
+
+def _check_min_per_class(anns: list[dict], chosen: list[tuple[int, str]], min_per_class: int) -> None:
+    counts = Counter(a["category_id"] for a in anns)
+    short = {name: counts[cid] for cid, name in chosen if counts[cid] < min_per_class}
+    if short:
+        raise DataError(f"classes with fewer than data.min_per_class={min_per_class} training samples: "
+                        + ", ".join(f"{n} ({c})" for n, c in short.items())
+                        + "; choose other classes, lower data.min_per_class or data.min_box")
+
+
+def _check_min_per_class_after_rejects(info: dict, min_per_class: int) -> None:
+    short = {n: c for n, c in info["counts"]["train"].items() if c < min_per_class}
+    if short:
+        raise DataError(f"after skipping unreadable images, classes with fewer than data.min_per_class="
+                        f"{min_per_class} training samples: " + ", ".join(f"{n} ({c})" for n, c in short.items()))
+
+
+def _check_bad_fraction(split: str, rejects: pd.DataFrame, seen: int, limit: float, out: Path) -> None:
+    if seen and len(rejects) / seen > limit:
+        examples = "; ".join(f"{r.file_name}: {r.reason}" for r in rejects.head(3).itertuples())
+        raise DataError(f"{len(rejects)} of {seen} {split} images ({len(rejects) / seen:.1%}) could not be "
+                        f"read, more than data.max_bad_fraction={limit}; e.g. {examples}. The full list is in "
+                        f"{out / f'{split}_rejects.csv'}. Repair or re-download those files, or raise "
+                        f"data.max_bad_fraction to accept skipping them")
 
 
 def _check_test_categories(coco: COCO, chosen: list[tuple[int, str]]) -> None:
@@ -411,11 +722,11 @@ def _check_split(split: str) -> None:
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
 
 
-def load_split(out_dir, split) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 N,S,S,3, labels int64 N) for split 'train' or 'test'."""
+def load_split(out_dir, split, mmap: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 N,S,S,3, labels int64 N) for split 'train' or 'test' (images memory-mapped if asked)."""
     _check_split(split)
     info = read_info(out_dir)
-    images = np.load(Path(out_dir) / f"{split}_images.npy", allow_pickle=False)
+    images = np.load(Path(out_dir) / f"{split}_images.npy", allow_pickle=False, mmap_mode="r" if mmap else None)
     labels = np.load(Path(out_dir) / f"{split}_labels.npy", allow_pickle=False)
     if len(images) != len(labels) or len(labels) != info[f"{split}_size"]:
         raise ValueError(f"{out_dir}: {split} arrays ({len(images)}, {len(labels)}) do not match "
@@ -429,3 +740,11 @@ def read_manifest(out_dir, split) -> pd.DataFrame:
     read_info(out_dir)
     return pd.read_csv(Path(out_dir) / f"{split}_manifest.csv",
                        dtype={"category": str, "file_name": str}, keep_default_na=False)
+
+
+def read_rejects(out_dir, split) -> pd.DataFrame:
+    """Images of ``split`` that were skipped as unreadable, with the reason."""
+    _check_split(split)
+    read_info(out_dir)
+    return pd.read_csv(Path(out_dir) / f"{split}_rejects.csv", dtype={"file_name": str, "detail": str},
+                       keep_default_na=False)

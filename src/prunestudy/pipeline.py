@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from . import config, stages, store
+from . import config, progress, stages, store
 
 STAGES = ("data", "train", "prune", "retrain", "analysis")
 KERNEL_NAME = "prunestudy"
@@ -83,6 +83,7 @@ def run(cfg: dict, run_dir: str | Path, *, log: Callable[[str], None] = print) -
     (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
     store.write_json(run_dir / "params.json", cfg)
     kernel = ensure_kernel()
+    os.environ.setdefault(progress.ENV, "log")  # kernels inherit it: progress bars paced for a log
     timings: dict[str, float] = {}
     for i, stage in enumerate(STAGES, 1):
         src = notebooks_dir() / stages.NOTEBOOK_OF[stage]

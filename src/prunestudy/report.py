@@ -452,7 +452,27 @@ def data_markdown(info: dict) -> str:
     for split, size in (("train", info["train_size"]), ("test", info["test_size"])):
         skipped = (info.get("skipped") or {}).get(split, {})
         lines.append(f"| {split} | {_n(size)} | " + " | ".join(_n(skipped.get(k, 0)) for k in _skip_keys(info)) + " |")
-    return "\n".join(lines)
+    clipped = info.get("clipped") or {}
+    if any(clipped.values()):
+        lines += ["", "Boxes reaching outside their image, clipped to it: "
+                  + ", ".join(f"{split} {_n(n)}" for split, n in clipped.items()) + "."]
+    return "\n".join(lines + _rejects_lines(info))
+
+
+def _rejects_lines(info: dict) -> list[str]:
+    """The images skipped as unreadable, with their reason (a few examples per split)."""
+    rejected = info.get("rejected") or {}
+    if not any(r.get("images") for r in rejected.values()):
+        return []
+    lines = ["", "Images that could not be read were skipped (all listed in `<split>_rejects.csv` of the data stage):",
+             "", "| split | image file | boxes | reason | detail |", "|---|---|---|---|---|"]
+    for split, r in rejected.items():
+        for ex in r.get("examples", [])[:10]:
+            lines.append(f"| {split} | {md_escape(ex['file_name'])} | {_n(ex['boxes'])} | {md_escape(ex['reason'])} "
+                         f"| {md_escape(str(ex['detail'])[:120])} |")
+        if r.get("images", 0) > len(r.get("examples", [])[:10]):
+            lines.append(f"| {split} | ... {_n(r['images'])} images in all | | | |")
+    return lines
 
 
 def _skip_keys(info: dict) -> list[str]:

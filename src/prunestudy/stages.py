@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import config, data, models, prune, store, synth, train
+from . import cache, config, data, models, prune, store, synth, train
 
 STAGE_DIRS = {"data": "data", "train": "train", "prune": "prune", "retrain": "retrain"}
 NOTEBOOK_OF = {"data": "01_data.ipynb", "train": "02_train.ipynb", "prune": "03_prune.ipynb",
@@ -58,15 +58,19 @@ def embedded_root(embedded: dict | None) -> tuple[Path, dict]:
 
 # --- stage 1 -----------------------------------------------------------------------------------
 def run_data(run_dir=None, *, root="embedded", embedded=None, classes="top:10", image_size=64, context=0.2,
-             min_box=16, max_per_class=None, max_test_per_class=None, seed=0, out_dir=None) -> dict:
-    """Build the 10-class crop set from COCO-format data; root='embedded' uses the embedded dataset."""
+             min_box=16, max_per_class=None, max_test_per_class=None, seed=0, label_mode="crop",
+             min_per_class=1, max_bad_fraction=0.01, workers=None, out_dir=None, log=print) -> dict:
+    """The 10-class crop set of a COCO-format root ('embedded' = the embedded dataset), built once
+    into the crop cache and linked into run_dir/data (see prunestudy.cache)."""
     run_dir = resolve_run_dir(run_dir)
     if root == "embedded":
         where, params = embedded_root(embedded)
         root = synth.ensure(where, **params)
-    return data.build_dataset(config.resolve_path(root), stage_dir(run_dir, "data", out_dir), classes=classes,
-                              image_size=image_size, context=context, min_box=min_box,
-                              max_per_class=max_per_class, max_test_per_class=max_test_per_class, seed=seed)
+    params = dict(classes=classes, image_size=image_size, context=context, min_box=min_box,
+                  max_per_class=max_per_class, max_test_per_class=max_test_per_class, seed=seed,
+                  label_mode=label_mode, min_per_class=min_per_class, max_bad_fraction=max_bad_fraction)
+    return cache.crops(config.resolve_path(root), params, stage_dir(run_dir, "data", out_dir), workers=workers,
+                       log=log)
 
 
 # --- stage 2 -----------------------------------------------------------------------------------

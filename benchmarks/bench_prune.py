@@ -1,0 +1,97 @@
+"""CPU latency of dense vs pruned models: does pruning save time?
+
+    python benchmarks/bench_prune.py [--repeats N] [--threads T] [--json PATH]
+
+One CPU thread by default: on a small shared machine, more threads than free cores make the
+medians mostly noise (a 2-thread run on a 2-core machine under load measured 1.5x where 1 thread
+measured 3.1x). The thread count is printed with the results.
+
+For the seed CNN and ResNet-18 (random init, 10 classes, 3x64x64 input) it times, in one run and
+interleaved per architecture: the dense model, 20% l1_unstructured (masks folded: a dense model
+with zeros), and 20% / 50% channel-pruned (Torch-Pruning, layers physically smaller), at batch
+1 and 64. Goal from the issue: the 50% channel-pruned seed CNN at least 2.5x faster than dense
+at batch 64; the last line says PASS or MISS. Wall-clock figures on a shared machine are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+
+import torch
+
+from prunestudy import efficiency, models, prune
+
+ARCHS = ("seed_cnn", "resnet18")
+VARIANTS = {  # name -> (method, amount); None = the dense model
+    "dense": None,
+    "l1_unstructured 20% (masked)": ("l1_unstructured", 0.2),
+    "channel 20%": ("channel", 0.2),
+    "channel 50%": ("channel", 0.5),
+}
+BATCH_SIZES = (1, 64)
+GOAL = {"arch": "seed_cnn", "variant": "channel 50%", "batch": 64, "speedup": 2.5}
+
+
+def variants(arch: str) -> dict[str, torch.nn.Module]:
+    """The dense model and its pruned variants, masks folded (as they would be deployed)."""
+    torch.manual_seed(0)
+    dense = models.build_model(arch, 10).eval()
+    out = {}
+    for name, spec in VARIANTS.items():
+        model = copy.deepcopy(dense)
+        if spec is not None:
+            prune.apply(model, spec[0], spec[1], "all")
+        out[name] = efficiency.deployable(model)
+    return out
+
+
+def run(repeats: int, threads: int | None) -> list[dict]:
+    rows = []
+    for arch in ARCHS:
+        nets = variants(arch)
+        table = efficiency.latency_table(nets, BATCH_SIZES, repeats, "cpu", threads, warmup=2)
+        facts = {n: (efficiency.parameters(m)["params_nonzero"], efficiency.flops(m)) for n, m in nets.items()}
+        for row in table["rows"]:
+            nonzero, f = facts[row["model"]]
+            rows.append({"arch": arch, "variant": row["model"], "batch": row["batch"], "params_nonzero": nonzero,
+                         "macs": f["macs"], "effective_macs": f["effective_macs"], "median_ms": row["median_ms"],
+                         "speedup_vs_dense": row["speedup_vs_dense"], "threads": table["threads"],
+                         "repeats": table["repeats"]})
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'model':<10} {'variant':<30} {'batch':>5} {'nonzero params':>14} {'MMACs':>8} {'eff. MMACs':>10} "
+          f"{'median ms':>10} {'vs dense':>8}")
+    for r in rows:
+        print(f"{r['arch']:<10} {r['variant']:<30} {r['batch']:>5} {r['params_nonzero']:>14,} {r['macs'] / 1e6:>8.1f} "
+              f"{r['effective_macs'] / 1e6:>10.1f} {r['median_ms']:>10.2f} {r['speedup_vs_dense']:>7.2f}x")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=10, help="timed runs per model and batch size (median kept)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1: steadiest on a shared machine; 0 = torch's default)")
+    ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    args = ap.parse_args(argv)
+    rows = run(args.repeats, args.threads or None)
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"{rows[0]['threads']} threads, median of {args.repeats} repeats (interleaved, after 2 warm-up runs)")
+    print_table(rows)
+    goal = next(r for r in rows if r["arch"] == GOAL["arch"] and r["variant"] == GOAL["variant"]
+                and r["batch"] == GOAL["batch"])
+    verdict = "PASS" if goal["speedup_vs_dense"] >= GOAL["speedup"] else "MISS"
+    print(f"{verdict}: {GOAL['variant']} {GOAL['arch']} at batch {GOAL['batch']} is "
+          f"{goal['speedup_vs_dense']:.2f}x dense (goal >= {GOAL['speedup']}x)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "goal": GOAL, "verdict": verdict}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

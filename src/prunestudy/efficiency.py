@@ -1,0 +1,232 @@
+"""What pruning saves: parameters, FLOPs, bytes on disk and measured inference time.
+
+Works for any model: dense, masked (torch.nn.utils.prune) or channel-pruned (smaller layers).
+Everything returned is plain JSON data (numbers, strings, lists, dicts with string keys).
+
+Definitions
+-----------
+* MACs: multiply-accumulates of the conv and linear layers for one input of `input_size`
+  (default 3x64x64), counted with forward hooks: a conv gives out_elements * in_channels/groups
+  * kh * kw, a linear out_elements * in_features. Other layers (pooling, norms, activations,
+  additions) are left out. *Effective* MACs scale each layer by the density (nonzero fraction) of
+  its weight: what a kernel that skipped zeros could save; dense kernels do not skip them.
+* Sizes, in bytes: `state_dict` = torch.save of the plain state_dict (masks folded, as
+  `prune.export` gives it); `masked` = that plus the boolean masks (what stage outputs hold);
+  `sparse_compressed` = per tensor (in state_dict order) its nonzero values in their dtype plus a
+  bitmask of where they are (numpy.packbits, 1 bit per element), all concatenated and compressed
+  with zlib at level 9. A format for size only: reading it back needs the shapes (see
+  `prune.architecture`).
+* Latency: median wall time of one forward pass in torch.inference_mode, after warm-up runs, at
+  a fixed thread count that is recorded; models are timed interleaved (every repeat runs each
+  model once per batch size), so a slow spell of a shared machine hits them all alike.
+"""
+
+from __future__ import annotations
+
+import io
+import statistics
+import time
+import zlib
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import prune
+
+INPUT_SIZE = (3, 64, 64)
+SAVES_TIME_SPEEDUP = 1.1  # a measured speedup below this counts as no time saved
+ZLIB_LEVEL = 9
+
+
+# --- parameters ------------------------------------------------------------------------------
+def parameters(model: nn.Module, dense_model: nn.Module | None = None) -> dict:
+    """Total and nonzero parameters (as the forward pass sees them), global and per-layer weight
+    sparsity, and the compression ratio: parameters of the dense model / nonzero parameters."""
+    sp = prune.sparsity(model)
+    dense_total = prune.sparsity(dense_model)["params_total"] if dense_model is not None else sp["params_total"]
+    return {"params_total": sp["params_total"], "params_nonzero": sp["params_nonzero"],
+            "dense_params_total": dense_total, "global_sparsity": sp["global_sparsity"],
+            "layer_sparsity": {name: v["sparsity"] for name, v in sp["layers"].items()},
+            "compression_ratio": dense_total / max(sp["params_nonzero"], 1)}
+
+
+# --- FLOPs -----------------------------------------------------------------------------------
+def flops(model: nn.Module, input_size: tuple[int, ...] = INPUT_SIZE) -> dict:
+    """Dense and effective MACs per conv/linear layer and in total for one input (see module doc);
+    theoretical_speedup = dense / effective MACs of this model."""
+    layers: dict[str, dict] = {}
+
+    def hook(name):
+        def count(module, inputs, output):
+            w = module.weight.detach()
+            per_out = w[0].numel() if isinstance(module, nn.Conv2d) else module.in_features
+            macs = output.numel() // output.shape[0] * per_out
+            density = float((w != 0).sum()) / w.numel()
+            layers[name] = {"macs": int(macs), "density": density, "effective_macs": macs * density}
+        return count
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()
+               if isinstance(m, (nn.Conv2d, nn.Linear))]
+    device = next(model.parameters()).device
+    try:
+        with _eval(model), torch.inference_mode():
+            model(torch.zeros(1, *input_size, device=device))
+    finally:
+        for h in handles:
+            h.remove()
+    dense = sum(v["macs"] for v in layers.values())
+    effective = sum(v["effective_macs"] for v in layers.values())
+    return {"macs": dense, "effective_macs": effective, "theoretical_speedup": dense / max(effective, 1e-9),
+            "layers": layers}
+
+
+class _eval:
+    """Context: the model in eval mode, its former mode restored afterwards."""
+
+    def __init__(self, model: nn.Module):
+        self.model, self.was_training = model, model.training
+
+    def __enter__(self):
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        self.model.train(self.was_training)
+
+
+# --- sizes -----------------------------------------------------------------------------------
+def _saved_bytes(tensors: dict) -> int:
+    buf = io.BytesIO()
+    torch.save(tensors, buf)
+    return buf.tell()
+
+
+def sparse_compressed(state_dict: dict[str, torch.Tensor], level: int = ZLIB_LEVEL) -> bytes:
+    """Per tensor: nonzero values + packed bitmask, concatenated, zlib-compressed (see module doc)."""
+    parts = []
+    for tensor in state_dict.values():
+        a = tensor.detach().cpu().contiguous().numpy().ravel()
+        nonzero = a != 0
+        parts += [np.packbits(nonzero).tobytes(), a[nonzero].tobytes()]
+    return zlib.compress(b"".join(parts), level)
+
+
+def sizes(model: nn.Module) -> dict:
+    """Bytes on disk: plain state_dict, masked form (weights + boolean masks), sparse compressed."""
+    state, _ = prune.export(model)
+    masks = prune.masks(model)
+    return {"state_dict_bytes": _saved_bytes(state), "masked_bytes": _saved_bytes({**state, **{
+            f"{name}.weight_mask": m for name, m in masks.items()}}),
+            "sparse_compressed_bytes": len(sparse_compressed(state)), "compression": f"zlib-{ZLIB_LEVEL}"}
+
+
+# --- latency ---------------------------------------------------------------------------------
+def deployable(model: nn.Module) -> nn.Module:
+    """A copy with masks folded into plain weights: how a masked model would be deployed (the
+    forward pre-hooks that re-multiply weight_orig by the mask would otherwise be timed too)."""
+    return prune.make_permanent(prune.clone(model)) if prune.masks(model) else model
+
+
+def latency_table(models: dict[str, nn.Module], batch_sizes=(1, 64), repeats: int = 20, device: str = "cpu",
+                  threads: int | None = None, warmup: int = 3, input_size: tuple[int, ...] = INPUT_SIZE) -> dict:
+    """Median forward time of every model at every batch size, measured in one interleaved run;
+    rows give speedup_vs_dense = median of the model named 'dense' / this model's median.
+    Models are timed as given (use `deployable` for masked ones); each is copied to `device` if it
+    is elsewhere. The thread count is set for the run and restored afterwards."""
+    if repeats < 1 or not batch_sizes or not models:
+        raise ValueError("latency needs at least one model, one batch size and repeats >= 1")
+    dev = torch.device(device)
+    prev_threads = torch.get_num_threads()
+    threads = threads or prev_threads
+    torch.set_num_threads(threads)
+    try:
+        times = _measure(models, batch_sizes, repeats, dev, warmup, input_size)
+    finally:
+        torch.set_num_threads(prev_threads)
+    rows = []
+    for name in models:
+        for bs in batch_sizes:
+            median = statistics.median(times[name, bs])
+            dense = statistics.median(times["dense", bs]) if "dense" in models else None
+            rows.append({"model": name, "batch": bs, "median_ms": median * 1e3, "min_ms": min(times[name, bs]) * 1e3,
+                         "per_sample_ms": median * 1e3 / bs,
+                         "speedup_vs_dense": dense / median if dense is not None else None})
+    return {"device": str(dev), "threads": threads, "repeats": repeats, "warmup": warmup,
+            "input_size": list(input_size), "rows": rows}
+
+
+def _measure(models, batch_sizes, repeats, dev, warmup, input_size) -> dict:
+    """(name, batch) -> list of seconds; every repeat runs each model once at each batch size."""
+    placed = {n: m if next(m.parameters()).device == dev else prune.clone(m).to(dev) for n, m in models.items()}
+    modes = {n: m.training for n, m in placed.items()}
+    gen = torch.Generator().manual_seed(0)
+    inputs = {bs: torch.randn(bs, *input_size, generator=gen).to(dev) for bs in batch_sizes}
+    times = {(n, bs): [] for n in placed for bs in batch_sizes}
+    try:
+        with torch.inference_mode():
+            for m in placed.values():
+                m.eval()
+                for bs in batch_sizes:
+                    for _ in range(warmup):
+                        m(inputs[bs])
+            for _ in range(repeats):
+                for bs in batch_sizes:
+                    for n, m in placed.items():
+                        times[n, bs].append(_time_once(m, inputs[bs], dev))
+    finally:
+        for n, m in placed.items():
+            m.train(modes[n])
+    return times
+
+
+def _time_once(model: nn.Module, x: torch.Tensor, dev: torch.device) -> float:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    start = time.perf_counter()
+    model(x)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return time.perf_counter() - start
+
+
+def latency(model: nn.Module, batch_sizes=(1, 64), repeats: int = 20, device: str = "cpu",
+            threads: int | None = None, warmup: int = 3) -> dict:
+    """Median forward time of one model (see latency_table)."""
+    return latency_table({"model": model}, batch_sizes, repeats, device, threads, warmup)
+
+
+# --- summary ---------------------------------------------------------------------------------
+def summary(model: nn.Module, dense_model: nn.Module, batch_sizes=(1, 64), repeats: int = 20,
+            threads: int | None = None, devices: tuple[str, ...] | None = None,
+            input_size: tuple[int, ...] = INPUT_SIZE) -> dict:
+    """Parameters, FLOPs, sizes and measured latency of `model` against `dense_model`, as plain
+    JSON data. Latency is measured on the CPU (and CUDA when available, unless `devices` says
+    otherwise) with masks folded (`deployable`). `saves_time` is judged from the measured CPU
+    speedup at the largest batch size: below SAVES_TIME_SPEEDUP it is False, and `remark` says why."""
+    devices = devices or (("cpu", "cuda") if torch.cuda.is_available() else ("cpu",))
+    f, fd = flops(model, input_size), flops(dense_model, input_size)
+    out = {**parameters(model, dense_model), "macs": f["macs"], "effective_macs": f["effective_macs"],
+           "dense_macs": fd["macs"], "theoretical_speedup": fd["macs"] / max(f["effective_macs"], 1e-9),
+           "layer_macs": {n: {"macs": v["macs"], "effective_macs": v["effective_macs"]} for n, v in f["layers"].items()},
+           **sizes(model), "dense_state_dict_bytes": sizes(dense_model)["state_dict_bytes"], "latency": {}}
+    pair = {"dense": deployable(dense_model), "pruned": deployable(model)}
+    for dev in devices:
+        out["latency"][dev] = latency_table(pair, batch_sizes, repeats, dev, threads, input_size=input_size)
+    largest = max(batch_sizes)
+    speedup = next(r["speedup_vs_dense"] for r in out["latency"]["cpu" if "cpu" in devices else devices[0]]["rows"]
+                   if r["model"] == "pruned" and r["batch"] == largest)
+    out["measured_speedup"] = speedup
+    same_shape = f["macs"] == fd["macs"]
+    out["saves_time"], out["remark"] = _verdict(speedup, largest, out["theoretical_speedup"], same_shape)
+    return out
+
+
+def _verdict(speedup: float, batch: int, theoretical: float, same_shape: bool) -> tuple[bool, str]:
+    """(saves_time, remark) from the measured speedup; `same_shape`: the pruned model runs as many
+    dense MACs as the dense one (masked or unpruned), so zeros cannot save time."""
+    measured = f"measured {speedup:.2f}x the dense model's speed at batch {batch}"
+    if speedup >= SAVES_TIME_SPEEDUP:
+        return True, f"saves time: {measured} (theoretical {theoretical:.2f}x)"
+    why = (f" The model keeps the dense shape: its zeroed weights are still multiplied by dense kernels, so "
+           f"the {theoretical:.2f}x fewer effective FLOPs are saved only on paper." if same_shape else "")
+    return False, f"saves no time: {measured} (below {SAVES_TIME_SPEEDUP}x).{why}"
