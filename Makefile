@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PARAMS ?= params/default.yaml
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup study smoke test lab clean-runs
+.PHONY: setup browser study smoke test lab clean-runs
 
 setup: $(STAMP)
 
@@ -16,7 +16,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
 	$(VENV)/bin/prunestudy kernel
+	@$(MAKE) --no-print-directory browser
 	touch $(STAMP)
+
+# Debian's Chromium for the report's browser test (Playwright drives it; it downloads no browser).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	    else echo "make: Chromium not installed (needs root and apt-get): the browser tests will skip"; fi; }
 
 study: $(STAMP)
 	$(VENV)/bin/prunestudy run -f $(PARAMS) --run-dir runs/default

@@ -5,7 +5,9 @@ from prunestudy import config
 
 def test_defaults_are_the_seed_configuration():
     cfg = config.load("params/default.yaml")
-    assert cfg["train"] == {"model": "seed_cnn", "epochs": 10, "batch_size": 32, "lr": 1e-4, "device": "auto"}
+    seed = {k: cfg["train"][k] for k in ("model", "epochs", "batch_size", "lr")}
+    assert seed == {"model": "seed_cnn", "epochs": 10, "batch_size": 32, "lr": 1e-4}
+    assert cfg["train"]["precision"] == "auto" and cfg["train"]["launcher"] == "none"
     assert cfg["prune"]["amount"] == 0.2 and cfg["prune"]["method"] == "l1_unstructured"
     assert cfg["data"]["image_size"] == 64 and cfg["data"]["root"] == "embedded"
 
@@ -16,7 +18,9 @@ def test_every_params_file_is_valid_and_sets_only_known_keys():
     # the COCO file needs a root: an error that says how to give it, before any work
     with pytest.raises(config.ParamsError, match=r"data.root=/path/to/coco"):
         config.load("params/coco2017.yaml")
-    assert config.load("params/coco2017.yaml", ["data.root=/x"])["data"]["root"] == "/x"
+    assert config.load("params/coco2017.yaml", ["data.root=/"])["data"]["root"] == "/"
+    with pytest.raises(config.ParamsError, match="data.root '/no/such/coco' is not a folder"):
+        config.load("params/coco2017.yaml", ["data.root=/no/such/coco"])
 
 
 def test_overrides_are_parsed_as_yaml_and_merge_nested_dicts():
@@ -74,3 +78,48 @@ def test_data_parameters_of_the_coco_stage_are_checked_all_at_once():
     assert "data.min_per_class must be at least 1" in msg and "data.max_per_class must be null" in msg
     cfg = config.load(None, ["data.label_mode=image", "data.workers=3", "data.max_bad_fraction=0"])
     assert (cfg["data"]["label_mode"], cfg["data"]["workers"], cfg["data"]["max_bad_fraction"]) == ("image", 3, 0.0)
+
+
+def test_pruning_study_parameters_are_checked_all_at_once():
+    from prunestudy import prune
+
+    assert config.PRUNE_METHODS == tuple(prune.METHODS) == config.CHOICES["prune.method"]
+    cfg = config.load("params/default.yaml")
+    assert (cfg["prune"] | cfg["retrain"]).items() >= {"rounds": 1, "rewind_step": None, "amounts": None,
+                                                       "methods": None, "epochs_per_round": 1, "control": True}.items()
+    with pytest.raises(config.ParamsError) as err:
+        config.load(None, ["prune.rounds=0", "prune.rewind_step=-1", "prune.amounts=[0.5, 1.0]",
+                           "prune.methods=[channel, magic]", "retrain.epochs_per_round=-1", "retrain.control=1"])
+    msg = str(err.value)
+    assert "prune.rounds must be at least 1" in msg and "prune.rewind_step must be null" in msg
+    assert "prune.amounts[1] must be a fraction in [0, 1), got 1.0" in msg
+    assert "prune.methods[1] must be one of" in msg and "'magic'" in msg
+    assert "retrain.epochs_per_round must be 0 or more" in msg and "retrain.control must be bool" in msg
+    assert len(err.value.problems) == 6
+    # a method that cannot apply to the model, as the main method or in the sweep, and rewinding channels
+    with pytest.raises(config.ParamsError, match=r"channel' cannot apply to resnet18 with prune.targets='linear'"):
+        config.load(None, ["train.model=resnet18", "prune.method=channel", "prune.targets=linear"])
+    with pytest.raises(config.ParamsError, match=r"prune.methods \(the sweep\): .*ln_structured' cannot apply"):
+        config.load(None, ["train.model=resnet18", "prune.targets=linear", "prune.amounts=[0.5]",
+                           "prune.methods=[l1_unstructured, ln_structured]"])
+    with pytest.raises(config.ParamsError, match="rewind_step cannot be used with prune.method=channel"):
+        config.load(None, ["prune.method=channel", "prune.rewind_step=10"])
+    ok = config.load("params/sweep.yaml", ["retrain.control=false", "prune.rounds=3", "prune.rewind_step=0"])
+    assert ok["retrain"]["control"] is False and ok["prune"]["amounts"] == [0.2, 0.5, 0.8, 0.9]
+    assert config.sweep_methods({"method": "channel", "methods": None}) == ["channel", "random_unstructured"]
+    assert config.sweep_methods({"method": "random_unstructured", "methods": None}) == ["random_unstructured"]
+
+
+def test_training_speed_and_launcher_parameters_are_checked():
+    with pytest.raises(config.ParamsError) as err:
+        config.load(None, ["train.precision=fp8", "train.launcher=mpirun", "train.nproc_per_node=0",
+                           "train.weights=/no/such.pt", "train.channels_last=maybe"])
+    msg = str(err.value)
+    for part in ("train.precision must be one of auto, fp32, bf16, fp16", "train.launcher must be one of none, torchrun",
+                 "train.nproc_per_node must be at least 1", "train.weights '/no/such.pt' is not a file",
+                 "train.channels_last must be one of auto, True, False"):
+        assert part in msg
+    with pytest.raises(config.ParamsError, match="fp16 is refused on the CPU"):
+        config.load(None, ["train.precision=fp16", "train.device=cpu"])
+    cfg = config.load(None, ["train.precision=fp32", "train.channels_last=false", "train.compile=false"])
+    assert (cfg["train"]["precision"], cfg["train"]["channels_last"], cfg["train"]["compile"]) == ("fp32", False, False)

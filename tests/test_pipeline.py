@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import HOSTILE
+
 import nbformat
 import pytest
 
@@ -16,14 +18,6 @@ CLI = [sys.executable, "-m", "prunestudy.cli"]
 
 def _run(*args, cwd=ROOT):
     return subprocess.run([*CLI, *args], cwd=cwd, capture_output=True, text=True, timeout=900)
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("smoke") / "run"
-    proc = _run("run", "-f", "params/smoke.yaml", "--run-dir", str(run_dir))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return run_dir, proc
 
 
 def test_runner_prints_each_stage_with_its_time(smoke_run):
@@ -98,16 +92,57 @@ def test_bad_parameters_exit_2_before_any_work(tmp_path):
     assert proc.returncode == 2 and "instances_train2017.json" in proc.stderr
 
 
-def test_whole_study_on_real_coco_in_the_official_layout(tmp_path, coco_sample):
-    """params/coco2017.yaml + data.root: the study runs end to end on real COCO 2017 files."""
-    run_dir = tmp_path / "coco"
-    proc = _run("run", "-f", "params/coco2017.yaml", "--run-dir", str(run_dir), "-p", f"data.root={coco_sample}",
-                "-p", "train.epochs=1", "-p", "retrain.epochs=1", "-p", "data.min_per_class=1")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def test_results_hold_the_control_the_sweep_and_efficiency(smoke_run):
+    run_dir, _ = smoke_run
     res = json.loads((run_dir / "results.json").read_text())
-    assert Path(res["data"]["root"]) == coco_sample.resolve()
-    assert res["data"]["classes"][0] == "person" and len(res["data"]["classes"]) == 10
+    eff = res["prune"]["efficiency"]
+    assert eff["latency"]["cpu"]["repeats"] >= 1 and eff["remark"] and isinstance(eff["saves_time"], bool)
+    assert res["retrain"]["efficiency"]["params_nonzero"] == res["retrain"]["params_nonzero"]
+    c = res["control"]
+    assert c["global_sparsity"] == 0 and len(c["epochs"]) == res["params"]["retrain"]["epochs"]
+    assert [(e["method"], e["amount"]) for e in res["sweep"]] == [("l1_unstructured", 0.5), ("random_unstructured", 0.5)]
+    for e in res["sweep"]:
+        assert e["sparsity"] == pytest.approx(0.5, abs=1e-3) and e["test_accuracy_after"] is not None
+    assert (run_dir / "retrain" / "export.pt").is_file() and (run_dir / "analysis" / "figures" / "tradeoff.png").is_file()
+    html = (run_dir / "report.html").read_text()
+    assert "dense control" in html and "saves no time" in html and "Trade-off" in html
+
+
+def test_bad_pruning_parameters_exit_2_before_any_work(tmp_path):
+    run_dir = tmp_path / "r"
+    proc = _run("run", "-f", "params/smoke.yaml", "--run-dir", str(run_dir), "-p", "prune.amount=1.0",
+                "-p", "prune.methods=[l1_unstructured, magic]", "-p", "prune.amounts=[0.5]")
+    assert proc.returncode == 2, proc.stderr
+    assert "prune.amount must be in [0, 1), got 1.0" in proc.stderr and "prune.methods[1] must be one of" in proc.stderr
+    proc = _run("run", "-f", "params/smoke.yaml", "--run-dir", str(run_dir), "-p", "prune.method=magic")
+    assert proc.returncode == 2 and "prune.method must be one of" in proc.stderr and "channel" in proc.stderr
+    proc = _run("run", "-f", "params/smoke.yaml", "--run-dir", str(run_dir), "-p", "train.model=resnet18",
+                "-p", "prune.method=channel", "-p", "prune.targets=linear")
+    assert proc.returncode == 2
+    assert "prune.method 'channel' cannot apply to resnet18 with prune.targets='linear'" in proc.stderr
+    assert "valid targets here: conv, all" in proc.stderr
+    assert not run_dir.exists()
+
+
+def test_whole_study_on_real_coco_in_the_official_layout(coco_run):
+    """params/coco2017.yaml + data.root: the study runs end to end on real COCO 2017 files."""
+    run_dir, root, _ = coco_run
+    res = json.loads((run_dir / "results.json").read_text())
+    assert Path(res["data"]["root"]) == root.resolve()
+    classes = res["data"]["classes"]
+    assert classes[0] == "person" and len(classes) == 10 and set(HOSTILE.values()) <= set(classes)
     assert res["data"]["train_size"] > 300 and 0 <= res["retrain"]["test_accuracy"] <= 1
     info = json.loads((run_dir / "data" / "data.json").read_text())
     assert len(info["cache"]["key"]) == 12 and info["annotation_files"]["train"]["sha256"]
-    assert "person" in (run_dir / "report.html").read_text()
+
+
+def test_html_and_script_in_names_stay_text_in_every_page(coco_run):
+    run_dir, _, _ = coco_run
+    pages = [run_dir / "report.html", *sorted((run_dir / "notebooks").glob("*.html"))]
+    assert len(pages) == 6
+    for page in pages:
+        html = page.read_text()
+        for name in [*HOSTILE.values(), "<img src=x onerror=alert(3)>"]:
+            assert name not in html, (page.name, name)  # never raw markup
+        if page.name in ("report.html", "01_data.html"):  # the pages that name the classes
+            assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html, page.name

@@ -438,3 +438,105 @@ def test_title_and_provenance(run):
     assert "seed\\_cnn" in report.title_markdown(res) and "abc123" in report.title_markdown(res)
     prov = report.provenance_markdown(res)
     assert "deadbeef" in prov and "| torch | 2.14.1 |" in prov and "3.1 s" in prov
+
+
+# --------------------------------------------------------------------------- efficiency, control, sweep
+
+def _eff(params, nonzero, macs, eff_macs, ms_dense, ms, saves, remark):
+    rows = [{"model": m, "batch": b, "median_ms": v * (b / 64), "min_ms": v, "per_sample_ms": v / b,
+             "speedup_vs_dense": ms_dense / v} for m, v in (("dense", ms_dense), ("pruned", ms)) for b in (1, 64)]
+    return {"params_total": params, "params_nonzero": nonzero, "dense_params_total": 1000, "macs": macs,
+            "effective_macs": eff_macs, "dense_macs": 8e6, "theoretical_speedup": 8e6 / eff_macs,
+            "state_dict_bytes": 4200, "masked_bytes": 5200, "sparse_compressed_bytes": 2100,
+            "dense_state_dict_bytes": 4200, "measured_speedup": ms_dense / ms, "saves_time": saves, "remark": remark,
+            "latency": {"cpu": {"device": "cpu", "threads": 2, "rows": rows}}}
+
+
+def _point(method, amount, sparsity, before, after, speedup):
+    return {"name": f"{method}-{amount}", "method": method, "amount": amount, "sparsity": sparsity,
+            "param_sparsity": sparsity, "test_accuracy_before": before, "test_accuracy_after": after,
+            "speedup_measured": speedup, "speedup_theoretical": 1 / (1 - sparsity), "latency_device": "cpu",
+            "latency_batch": 64, "latency_threads": 2, "latency_ms": 10 / speedup, "dense_latency_ms": 10.0,
+            "saves_time": speedup >= 1.1, "remark": "...", "sizes": {"sparse_compressed_bytes": 1000}}
+
+
+SWEEP = [_point("l1_unstructured", 0.5, 0.5, 0.60, 0.64, 1.0), _point("l1_unstructured", 0.9, 0.9, 0.30, 0.55, 0.98),
+         _point("random_unstructured", 0.5, 0.5, 0.40, 0.58, 1.01),
+         _point("random_unstructured", 0.9, 0.9, 0.10, 0.35, 1.0),
+         _point("channel", 0.5, 0.74, 0.20, 0.50, 2.6), _point("channel", 0.9, 0.99, 0.10, 0.20, 9.0)]
+
+
+@pytest.fixture
+def study(run):
+    res = copy.deepcopy(run["results"])
+    res["prune"]["efficiency"] = _eff(1000, 800, 8e6, 6.4e6, 10.0, 10.2, False,
+                                      "saves no time: measured 0.98x the dense model's speed at batch 64.")
+    res["retrain"]["efficiency"] = _eff(1000, 800, 8e6, 6.4e6, 10.0, 10.1, False, "saves no time: retrained.")
+    res["control"] = {"test_accuracy": 0.66, "test_loss": 0.95, "global_sparsity": 0.0, "fine_tune_epochs": 3,
+                      "params_nonzero": 1000, "params_total": 1000}
+    res["sweep"] = copy.deepcopy(SWEEP)
+    return res
+
+
+def test_tradeoff_curves_per_method_with_references_and_the_random_floor(study):
+    fig = report.plot_tradeoff(study)
+    ax_s, ax_t = fig.axes[:2]
+    for ax in (ax_s, ax_t):
+        _assert_labelled(ax)
+        assert "(%)" in ax.get_ylabel()
+        labels = [l.get_label() for l in ax.get_lines()]
+        for m in ("l1_unstructured", "random_unstructured", "channel"):
+            assert any(l.startswith(m) and l.endswith("after retraining") for l in labels), (m, labels)
+            assert any(l.startswith(m) and l.endswith("before retraining") for l in labels), (m, labels)
+        refs = {l.get_label(): l for l in ax.get_lines() if l.get_label().startswith(("dense model", "dense control"))}
+        assert sorted(round(l.get_ydata()[0], 1) for l in refs.values()) == [63.0, 66.0]
+    assert "(%" in ax_s.get_xlabel() and "(×" in ax_t.get_xlabel() and "batch 64" in ax_t.get_xlabel()
+    assert ax_t.get_xscale() == "log"
+    chan = next(l for l in ax_t.get_lines() if l.get_label() == "channel: after retraining")
+    assert list(chan.get_xdata()) == [2.6, 9.0] and list(chan.get_ydata()) == [50.0, 20.0]
+    l1 = next(l for l in ax_s.get_lines() if l.get_label() == "l1_unstructured: before retraining")
+    assert list(l1.get_xdata()) == [50.0, 90.0] and list(l1.get_ydata()) == [60.0, 30.0]
+    assert len(ax_s.collections) == 1  # the shaded area at or below random pruning
+    assert fig.legends and any("floor" in t.get_text() for t in fig.legends[0].get_texts())
+    # before the retrain stage ran: dashed curves only
+    for e in study["sweep"]:
+        e["test_accuracy_after"] = None
+    assert not any("after" in l.get_label() for l in report.plot_tradeoff(study).axes[0].get_lines())
+    assert report.plot_tradeoff(_only_train(study)).axes[0].texts  # no sweep: a placeholder
+
+
+def test_efficiency_table_says_when_no_time_is_saved(study):
+    df = report.efficiency_table(study)
+    assert list(df.index) == ["trained (dense)", "pruned", "retrained"]
+    assert df.loc["pruned", "params (nonzero)"] == 800
+    assert df.loc["pruned", "zero or removed (% of dense params)"] == pytest.approx(20)
+    assert df.loc["pruned", "saves time"] == "NO" and df.loc["trained (dense)", "saves time"] == "reference"
+    assert df.loc["pruned", "cpu latency, batch 64 (ms)"] == 10.2
+    assert df.loc["pruned", "theoretical speedup (×)"] == pytest.approx(1.25)
+    md = report.efficiency_markdown(study)
+    assert "saves no time" in md and "**pruned**" in md and "**retrained**" in md
+    assert "No efficiency figures" in report.efficiency_markdown(_only_train(study))
+    assert any("saves no time" in s for s in report.findings(study))
+
+
+def test_control_beside_the_retrained_model(study):
+    df = report.summary_table(study)
+    assert list(df.index)[:4] == ["trained", "pruned", "retrained", report.CONTROL_LABEL]
+    assert df.loc[report.CONTROL_LABEL, report.ACC] == 66.0
+    s = _sentence(report.findings(study), "dense control")
+    assert "3 more epochs" in s and "66.0%" in s and "1.6 points below the control" in s and "cost 1.6 points" in s
+    assert "dense control" in report.control_markdown(study)
+    assert "No dense control" in report.control_markdown(_only_train(study))
+    bars = _bars(report.plot_accuracy(study).axes[0])
+    assert [round(b.get_height(), 1) for b in bars] == [63.0, 61.8, 64.4, 66.0, 71.0, 70.0]
+
+
+def test_sweep_table_and_finding(study):
+    df = report.sweep_table(study)
+    assert len(df) == len(SWEEP) and list(df["method"])[:2] == ["l1_unstructured"] * 2
+    assert list(df["accuracy after retraining (%)"])[:2] == pytest.approx([64.0, 55.0])
+    s = _sentence(report.findings(study), "In the sweep")
+    assert "random pruning, the floor, scored 35.0%" in s
+    assert "channel (at 99% sparsity against random's 90%) did no better than random" in s
+    assert "only channel saved time" in s
+    assert "No sweep" in report.sweep_markdown(_only_train(study))

@@ -83,3 +83,23 @@ def test_atomic_json_leaves_no_partial_file(tmp_path):
         store.write_json(target, {"a": object()})
     assert json.loads(target.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+
+
+def test_torchrun_training_writes_once_and_fine_tuning_reuses_its_speed(run_dir, tmp_path):
+    """train.launcher=torchrun: two gloo processes train, rank 0 alone writes; the speed options the
+    train stage ran with are recorded and reused by retraining."""
+    import shutil
+
+    rd = tmp_path / "ddp"
+    shutil.copytree(run_dir / "data", rd / "data")
+    log = []
+    m = stages.run_train(rd, epochs=1, batch_size=16, lr=1e-3, seed=0, launcher="torchrun", nproc_per_node=2,
+                         precision="fp32", channels_last=True, compile=False, fused=False, log=log.append)
+    assert m["world_size"] == 2 and m["params"]["launcher"] == "torchrun"
+    assert m["speed"]["precision"] == "fp32" and m["speed"]["channels_last"] is True and m["speed"]["fused"] is False
+    assert sorted(p.name for p in (rd / "train").iterdir()) == ["history.json", "metrics.json", "model.pt",
+                                                                "predictions.npy"]
+    assert any("epoch 1/1" in line for line in log)  # torchrun's output streamed back
+    stages.run_prune(rd, amount=0.3, seed=0)
+    r = stages.run_retrain(rd, epochs=1, batch_size=16, lr=1e-3, seed=0, control=False, log=log.append)
+    assert r["speed"] == m["speed"] and not (rd / "retrain" / "checkpoint.pt").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 import yaml
@@ -11,13 +12,19 @@ from . import cache, config, download, pipeline
 
 
 def main(argv: list[str] | None = None) -> int:
+    if hasattr(signal, "SIGPIPE"):  # `prunestudy params | head` ends quietly
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     parser = argparse.ArgumentParser(prog="prunestudy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the five notebooks with papermill and render the HTML report")
     _add_params_args(run)
     run.add_argument("--run-dir", help="output folder (default: runs/<params file name>[-<hash of overrides>])")
+    run.add_argument("--force", metavar="STAGE", choices=pipeline.STAGES,
+                     help=f"rerun from this stage on even if up to date ({', '.join(pipeline.STAGES)})")
     show = sub.add_parser("params", help="print the effective parameters (defaults, file, overrides)")
     _add_params_args(show)
+    show.add_argument("--show", action="store_true",
+                      help="one line per parameter: value, default and what it does")
     sub.add_parser("kernel", help="install the 'prunestudy' Jupyter kernel for this Python")
     download.add_cli(sub)
     _add_cache_cli(sub)
@@ -34,22 +41,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prunestudy: {e}", file=sys.stderr)
         return 2
     if args.command == "params":
-        print(yaml.safe_dump(cfg, sort_keys=False), end="")
+        print(config.describe(cfg) if args.show else yaml.safe_dump(cfg, sort_keys=False), end="")
         print(f"# params hash: {config.stage_hash(cfg)}")
         return 0
     run_dir = config.resolve_path(args.run_dir) if args.run_dir else pipeline.default_run_dir(args.file, args.param, cfg)
     print(f"prunestudy: run folder {run_dir} (params hash {config.stage_hash(cfg)})", flush=True)
     try:
-        res = pipeline.run(cfg, run_dir, log=lambda m: print(m, flush=True))
-    except FileNotFoundError as e:
+        res = pipeline.run(cfg, run_dir, force=args.force, log=lambda m: print(m, flush=True))
+    except (FileNotFoundError, pipeline.PreflightError) as e:
         print(f"prunestudy: {e}", file=sys.stderr)
         return 2
     except pipeline.StageFailed as e:
         print(f"prunestudy: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"prunestudy: interrupted; finished stages are kept in {run_dir}", file=sys.stderr)
+        print(f"prunestudy: interrupted; finished stages are kept in {run_dir}: rerun the same command to go on",
+              file=sys.stderr)
         return 130
+    except OSError as e:  # the runner's own writes (results.json, report): disk full, folder gone
+        print(f"prunestudy: {e}; finished stages are kept in {run_dir}: fix the cause and rerun", file=sys.stderr)
+        return 1
     print(_summary(res))
     return 0
 

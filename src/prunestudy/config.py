@@ -43,18 +43,52 @@ SCHEMA: dict[str, tuple[Any, tuple[type, ...], str]] = {
     "train.batch_size": (32, (int,), "training batch size"),
     "train.lr": (1e-4, (float,), "Adam learning rate"),
     "train.device": ("auto", (str,), "auto | cpu | cuda | cuda:N"),
-    "prune.method": ("l1_unstructured", (str,), "pruning method (torch.nn.utils.prune)"),
-    "prune.amount": (0.2, (float, int), "fraction of each targeted weight tensor set to zero"),
+    "train.precision": ("auto", (str,), "auto | fp32 | bf16 | fp16 (autocast; fp16 with a gradient scaler); "
+                        "auto = fastest safe on the device (fp32 on CPU, bf16 on CUDA); also for retraining"),
+    "train.channels_last": ("auto", (str, bool), "auto | true | false: NHWC memory format (auto = on)"),
+    "train.compile": ("auto", (str, bool), "auto | true | false: torch.compile (CUDA graphs for small CUDA "
+                      "batches); auto = off (slower on this CPU, unmeasured on GPU)"),
+    "train.fused": ("auto", (str, bool), "auto | true | false: fused Adam kernel (auto = on); all four "
+                    "options fp32/false reproduce the plain loop bit for bit"),
+    "train.weights": (None, (str, type(None)), "local state_dict to start from (nothing is downloaded); "
+                      "null = random initialisation"),
+    "train.launcher": ("none", (str,), "none | torchrun: train under torchrun with DistributedDataParallel"),
+    "train.nproc_per_node": (1, (int,), "processes per node under torchrun (gloo on CPU, NCCL on CUDA)"),
+    "prune.method": ("l1_unstructured", (str,), "l1_unstructured | global_magnitude | random_unstructured | "
+                     "ln_structured (masked: zeros, dense shape) | channel (Torch-Pruning: smaller layers)"),
+    "prune.amount": (0.2, (float, int), "fraction of the targeted weights (channels for ln_structured / channel) "
+                     "pruned in all, in [0, 1)"),
     "prune.targets": ("all", (str,), "which weights are pruned: conv | linear | all"),
+    "prune.rounds": (1, (int,), "1 = one shot; N > 1 = iterative: N rounds, each pruning 1-(1-amount)^(1/N) "
+                     "of what remains, with retrain.epochs_per_round of fine-tuning between rounds"),
+    "prune.rewind_step": (None, (int, type(None)), "lottery-ticket rewinding: before the final retraining, the "
+                          "surviving weights restart from their values after this training step (0 = the "
+                          "initialisation; masks kept); null = off; masked methods only"),
+    "prune.amounts": (None, (list, type(None)), "a sweep: amounts in [0, 1) at which each of prune.methods prunes "
+                      "the trained model (one shot), evaluated before and after retrain.epochs; null = no sweep"),
+    "prune.methods": (None, (list, type(None)), "methods of the sweep (null = [prune.method, random_unstructured]); "
+                      "used only with prune.amounts"),
     "retrain.epochs": (2, (int,), "fine-tuning epochs after pruning, masks held"),
     "retrain.lr": (1e-4, (float,), "Adam learning rate for fine-tuning"),
     "retrain.batch_size": (32, (int,), "fine-tuning batch size"),
+    "retrain.epochs_per_round": (1, (int,), "fine-tuning epochs after each round but the last of an iterative "
+                                 "schedule (prune.rounds > 1)"),
+    "retrain.control": (True, (bool,), "also fine-tune the unpruned trained model for as many epochs with the same "
+                        "settings (the dense control: the gain of extra training, without pruning)"),
 }
+
+# the methods of prunestudy.prune.METHODS (a test checks they agree; config does not import torch)
+PRUNE_METHODS = ("l1_unstructured", "global_magnitude", "random_unstructured", "ln_structured", "channel")
 
 CHOICES = {
     "train.model": ("seed_cnn", "resnet18", "efficientnet_b0"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.channels_last": ("auto", True, False),
+    "train.compile": ("auto", True, False),
+    "train.fused": ("auto", True, False),
+    "train.launcher": ("none", "torchrun"),
     "data.label_mode": ("crop", "image"),
-    "prune.method": ("l1_unstructured",),
+    "prune.method": PRUNE_METHODS,
     "prune.targets": ("conv", "linear", "all"),
 }
 
@@ -125,22 +159,32 @@ def validate(cfg: dict) -> list[str]:
             problems.append(f"unknown parameter {key!r}{hint}")
             continue
         _, types, _ = SCHEMA[key]
-        if isinstance(value, bool) or not isinstance(value, types):
+        if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
             names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
             problems.append(f"{key} must be {names}, got {value!r}")
         elif isinstance(value, dict) and set(value) - set(SCHEMA[key][0]):
             extra = ", ".join(sorted(set(value) - set(SCHEMA[key][0])))
             problems.append(f"{key} has unknown keys {extra}; valid: {', '.join(SCHEMA[key][0])}")
         elif key in CHOICES and value not in CHOICES[key]:
-            problems.append(f"{key} must be one of {', '.join(CHOICES[key])}, got {value!r}")
+            problems.append(f"{key} must be one of {', '.join(map(str, CHOICES[key]))}, got {value!r}")
     bad = {p.split()[0] for p in problems}
 
     def ok(key: str) -> bool:  # range checks only where the type is right
         return key not in bad
 
-    for key in ("train.epochs", "train.batch_size", "retrain.batch_size", "data.image_size"):
+    if ok("train.weights") and flat["train.weights"] is not None and not resolve_path(flat["train.weights"]).is_file():
+        problems.append(f"train.weights {flat['train.weights']!r} is not a file: give a local state_dict "
+                        "(.pt, loadable with torch.load(weights_only=True)) or null")
+    if ok("train.precision") and ok("train.device") and flat["train.precision"] == "fp16" \
+            and flat["train.device"] == "cpu":
+        problems.append("train.precision fp16 is refused on the CPU (no fast kernels, needs loss scaling): "
+                        "use auto, fp32 or bf16")
+    for key in ("train.epochs", "train.batch_size", "retrain.batch_size", "data.image_size", "train.nproc_per_node"):
         if ok(key) and flat[key] < 1:
             problems.append(f"{key} must be at least 1, got {flat[key]}")
+    if ok("data.root") and flat["data.root"] not in (None, "embedded") and not resolve_path(flat["data.root"]).is_dir():
+        problems.append(f"data.root {flat['data.root']!r} is not a folder: give the COCO 2017 root that holds "
+                        "annotations/, train2017/ and val2017/ (prunestudy coco download --to DIR fetches it)")
     if ok("data.root") and flat["data.root"] is None:
         problems.append("data.root is not set: give a COCO 2017 root, e.g. -p data.root=/path/to/coco "
                         "(or 'embedded' for the embedded dataset)")
@@ -162,7 +206,84 @@ def validate(cfg: dict) -> list[str]:
             problems.append(f"{key} must be null (no cap) or at least 1, got {flat[key]}")
     if ok("data.context") and not 0 <= flat["data.context"] <= 2:
         problems.append(f"data.context must be in [0, 2], got {flat['data.context']}")
+    problems += _prune_problems(flat, ok)
     return problems
+
+
+def sweep_methods(prune_cfg: dict) -> list[str]:
+    """The methods of the sweep: prune.methods, or [prune.method, random_unstructured] (the floor)."""
+    methods = prune_cfg.get("methods")
+    if methods is None:
+        methods = [prune_cfg.get("method", "l1_unstructured"), "random_unstructured"]
+    return list(dict.fromkeys(methods))
+
+
+def _prune_problems(flat: dict, ok) -> list[str]:
+    """Pruning schedule, rewinding and sweep; then `prune.check` of every method against train.model,
+    so that a method that cannot apply to the model is an error before any work starts."""
+    problems = []
+    if ok("prune.rounds") and flat["prune.rounds"] < 1:
+        problems.append(f"prune.rounds must be at least 1 (1 = one shot), got {flat['prune.rounds']}")
+    if ok("retrain.epochs_per_round") and flat["retrain.epochs_per_round"] < 0:
+        problems.append(f"retrain.epochs_per_round must be 0 or more, got {flat['retrain.epochs_per_round']}")
+    rewind = flat.get("prune.rewind_step")
+    if ok("prune.rewind_step") and rewind is not None:
+        if rewind < 0:
+            problems.append(f"prune.rewind_step must be null (no rewinding) or a training step >= 0, got {rewind}")
+        if flat.get("prune.method") == "channel":
+            problems.append("prune.rewind_step cannot be used with prune.method=channel: channel pruning makes the "
+                            "layers smaller, so no earlier state of the pruned model's shape exists to rewind to; "
+                            "set prune.rewind_step=null or choose a masked method")
+    amounts, methods = flat.get("prune.amounts"), flat.get("prune.methods")
+    sweep_ok = ok("prune.amounts") and ok("prune.methods")
+    if ok("prune.amounts") and amounts is not None:
+        if not amounts:
+            problems.append("prune.amounts must be null (no sweep) or a non-empty list of fractions in [0, 1)")
+        for i, a in enumerate(amounts):
+            if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a < 1:
+                problems.append(f"prune.amounts[{i}] must be a fraction in [0, 1), got {a!r}")
+                sweep_ok = False
+        if len(set(amounts)) != len(amounts):
+            problems.append(f"prune.amounts lists an amount twice: {amounts}")
+    if ok("prune.methods") and methods is not None:
+        if not methods:
+            problems.append("prune.methods must be null ([prune.method, random_unstructured]) or a non-empty list")
+        for i, m in enumerate(methods):
+            if m not in PRUNE_METHODS:
+                problems.append(f"prune.methods[{i}] must be one of {', '.join(PRUNE_METHODS)}, got {m!r}")
+                sweep_ok = False
+        if len(set(map(str, methods))) != len(methods):
+            problems.append(f"prune.methods lists a method twice: {methods}")
+    if not all(ok(k) for k in ("train.model", "prune.targets")):
+        return problems
+    from . import prune  # torch: only once the simple checks have passed
+
+    checks = []
+    if ok("prune.method") and ok("prune.amount") and 0 <= flat["prune.amount"] < 1:
+        checks.append(("", flat["prune.method"]))
+    if sweep_ok and amounts:
+        prune_cfg = {"method": flat.get("prune.method"), "methods": methods}
+        checks += [("prune.methods (the sweep): ", m) for m in sweep_methods(prune_cfg)
+                   if m in PRUNE_METHODS and not (m == flat.get("prune.method") and ("", m) in checks)]
+    for prefix, method in checks:
+        try:
+            prune.check(method, 0.0, flat["prune.targets"], flat["train.model"])
+        except ValueError as e:
+            problems.append(prefix + str(e))
+    return problems
+
+
+def describe(cfg: dict) -> str:
+    """Every parameter on one line: `key: value  # description (default ...)`.
+
+    The output is itself a valid parameter file (dotted keys are accepted by :func:`load`)."""
+    flat = _flatten(cfg)
+    rows = [(f"{key}: {json.dumps(flat.get(key, default))}", text, default, flat.get(key, default))
+            for key, (default, _, text) in SCHEMA.items()]
+    width = min(max(len(r[0]) for r in rows), 36)
+    return "".join(f"{left:<{width}}  # {text}"
+                   + (f" [default {json.dumps(default)}]" if value != default else "") + "\n"
+                   for left, text, default, value in rows)
 
 
 def stage_hash(cfg: dict) -> str:

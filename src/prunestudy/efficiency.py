@@ -198,7 +198,7 @@ def latency(model: nn.Module, batch_sizes=(1, 64), repeats: int = 20, device: st
 # --- summary ---------------------------------------------------------------------------------
 def summary(model: nn.Module, dense_model: nn.Module, batch_sizes=(1, 64), repeats: int = 20,
             threads: int | None = None, devices: tuple[str, ...] | None = None,
-            input_size: tuple[int, ...] = INPUT_SIZE) -> dict:
+            input_size: tuple[int, ...] = INPUT_SIZE, warmup: int = 3) -> dict:
     """Parameters, FLOPs, sizes and measured latency of `model` against `dense_model`, as plain
     JSON data. Latency is measured on the CPU (and CUDA when available, unless `devices` says
     otherwise) with masks folded (`deployable`). `saves_time` is judged from the measured CPU
@@ -208,10 +208,10 @@ def summary(model: nn.Module, dense_model: nn.Module, batch_sizes=(1, 64), repea
     out = {**parameters(model, dense_model), "macs": f["macs"], "effective_macs": f["effective_macs"],
            "dense_macs": fd["macs"], "theoretical_speedup": fd["macs"] / max(f["effective_macs"], 1e-9),
            "layer_macs": {n: {"macs": v["macs"], "effective_macs": v["effective_macs"]} for n, v in f["layers"].items()},
-           **sizes(model), "dense_state_dict_bytes": sizes(dense_model)["state_dict_bytes"], "latency": {}}
+           **sizes(model), "dense_state_dict_bytes": _saved_bytes(prune.export(dense_model)[0]), "latency": {}}
     pair = {"dense": deployable(dense_model), "pruned": deployable(model)}
     for dev in devices:
-        out["latency"][dev] = latency_table(pair, batch_sizes, repeats, dev, threads, input_size=input_size)
+        out["latency"][dev] = latency_table(pair, batch_sizes, repeats, dev, threads, warmup, input_size=input_size)
     largest = max(batch_sizes)
     speedup = next(r["speedup_vs_dense"] for r in out["latency"]["cpu" if "cpu" in devices else devices[0]]["rows"]
                    if r["model"] == "pruned" and r["batch"] == largest)

@@ -18,9 +18,11 @@ TEMPLATES = Path(__file__).parent / "templates"
 
 
 class StageFailed(RuntimeError):
-    def __init__(self, stage: str, notebook: Path, reason: str):
+    def __init__(self, stage: str, notebook: Path, reason: str, page: Path | None = None):
         self.stage, self.notebook = stage, notebook
-        super().__init__(f"stage '{stage}' failed: {reason}\n  executed notebook (with the traceback): {notebook}")
+        shown = f"\n  the same as a web page: {page}" if page else ""
+        super().__init__(f"stage '{stage}' failed: {reason}\n  executed notebook (with the traceback): {notebook}"
+                         f"{shown}\n  finished stages are kept: fix the cause and rerun the same command")
 
 
 def kernel_dir() -> Path:
@@ -63,48 +65,133 @@ def notebook_parameters(stage: str, cfg: dict, run_dir: Path) -> dict:
     device = cfg["train"]["device"]
     if stage == "data":
         return {"run_dir": rd, **cfg["data"], "seed": cfg["seed"]}
-    if stage == "train":
-        return {"run_dir": rd, **cfg["train"], "seed": cfg["seed"], "data_dir": str(run_dir / "data")}
-    if stage == "prune":
-        return {"run_dir": rd, **cfg["prune"], "device": device, "data_dir": str(run_dir / "data"),
-                "model_dir": str(run_dir / "train")}
+    if stage == "train":  # rewind_step: the train stage saves the weights that rewinding restores
+        return {"run_dir": rd, **cfg["train"], "seed": cfg["seed"], "rewind_step": cfg["prune"]["rewind_step"],
+                "data_dir": str(run_dir / "data")}
+    if stage == "prune":  # epochs_per_round, lr, batch_size, seed: fine-tuning between rounds
+        re_ = cfg["retrain"]
+        return {"run_dir": rd, **cfg["prune"], "epochs_per_round": re_["epochs_per_round"], "lr": re_["lr"],
+                "batch_size": re_["batch_size"], "seed": cfg["seed"], "device": device,
+                "data_dir": str(run_dir / "data"), "model_dir": str(run_dir / "train")}
     if stage == "retrain":
         return {"run_dir": rd, **cfg["retrain"], "device": device, "seed": cfg["seed"],
-                "data_dir": str(run_dir / "data"), "pruned_dir": str(run_dir / "prune")}
+                "data_dir": str(run_dir / "data"), "pruned_dir": str(run_dir / "prune"),
+                "model_dir": str(run_dir / "train")}
     return {"run_dir": rd}
 
 
-def run(cfg: dict, run_dir: str | Path, *, log: Callable[[str], None] = print) -> dict:
-    """Run the whole study into run_dir; returns results.json's content."""
+PATH_PARAMS = ("run_dir", "data_dir", "model_dir", "pruned_dir")  # where, not what: not part of a key
+STAGE_FILE = "stage.json"
+
+
+class PreflightError(ValueError):
+    """A problem found before any work starts (the runner exits 2)."""
+
+
+def stage_keys(cfg: dict, run_dir: Path) -> dict[str, str]:
+    """Each stage's key: the hash of its own parameters and of the key of the stage before it, so a
+    change reruns the stage it belongs to and every stage after it, and nothing before it."""
+    keys, previous = {}, None
+    for stage in STAGES:
+        params = {k: v for k, v in notebook_parameters(stage, cfg, run_dir).items() if k not in PATH_PARAMS}
+        keys[stage] = config.stage_hash({"stage": stage, "params": params, "after": previous})
+        previous = keys[stage]
+    return keys
+
+
+def stage_folder(run_dir: Path, stage: str) -> Path:
+    return Path(run_dir) / stages.STAGE_DIRS.get(stage, stage)
+
+
+def is_complete(run_dir: Path, stage: str, key: str) -> bool:
+    """True when the stage finished under `prunestudy run` with this key and its outputs are there."""
+    record = stage_folder(run_dir, stage) / STAGE_FILE
+    try:
+        done = store.read_json(record).get("key") == key
+    except (OSError, ValueError):
+        return False
+    marker = {"data": "data/data.json", "analysis": "report.html"}.get(stage, f"{stage}/metrics.json")
+    executed = Path(run_dir) / "notebooks" / stages.NOTEBOOK_OF[stage]
+    return done and (Path(run_dir) / marker).is_file() and executed.is_file()
+
+
+def run(cfg: dict, run_dir: str | Path, *, force: str | None = None, log: Callable[[str], None] = print) -> dict:
+    """Run the study into run_dir, skipping every stage already complete with the same key;
+    `force` reruns from that stage on. Returns results.json's content."""
     import papermill as pm
 
     run_dir = config.resolve_path(run_dir)
-    preflight(cfg)
+    if force is not None and force not in STAGES:
+        raise PreflightError(f"--force must name a stage ({', '.join(STAGES)}), got {force!r}")
+    preflight(cfg, run_dir)
     (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
     store.write_json(run_dir / "params.json", cfg)
     kernel = ensure_kernel()
     os.environ.setdefault(progress.ENV, "log")  # kernels inherit it: progress bars paced for a log
+    keys = stage_keys(cfg, run_dir)
+    forced = STAGES[STAGES.index(force):] if force else ()
     timings: dict[str, float] = {}
+    ran = False
     for i, stage in enumerate(STAGES, 1):
         src = notebooks_dir() / stages.NOTEBOOK_OF[stage]
         out = run_dir / "notebooks" / src.name
-        log(f"==> [{i}/{len(STAGES)}] {stage}: start ({src.name})")
+        if not ran and stage not in forced and is_complete(run_dir, stage, keys[stage]):
+            timings[stage] = store.read_json(stage_folder(run_dir, stage) / STAGE_FILE).get("seconds", 0.0)
+            log(f"==> [{i}/{len(STAGES)}] {stage}: up to date (key {keys[stage]}), skipped")
+            continue
+        if not ran:  # this stage and every later one will run: none of them counts as complete now
+            for later in STAGES[i - 1:]:
+                (stage_folder(run_dir, later) / STAGE_FILE).unlink(missing_ok=True)
+            ran = True
+        log(f"==> [{i}/{len(STAGES)}] {stage}: start ({src.name}, key {keys[stage]})")
         start = time.perf_counter()
         try:
             pm.execute_notebook(str(src), str(out), parameters=notebook_parameters(stage, cfg, run_dir),
                                 kernel_name=kernel, cwd=str(src.parent), progress_bar=False,
                                 stdout_file=sys.stdout, stderr_file=sys.stderr)
         except pm.PapermillExecutionError as e:
-            _finish(run_dir, cfg, timings, render=False)
+            _finish(run_dir, cfg, timings, keys, render=False)
+            if e.ename == "KeyboardInterrupt":  # Ctrl-C reached the kernel first
+                raise KeyboardInterrupt from None
             log(f"==> [{i}/{len(STAGES)}] {stage}: FAILED after {time.perf_counter() - start:.1f} s")
-            raise StageFailed(stage, out, f"{e.ename}: {e.evalue}") from None
+            page = _render_failed(out)
+            raise StageFailed(stage, out, f"{e.ename}: {_last_line(e.evalue)}{_hint(e)}", page) from None
         timings[stage] = round(time.perf_counter() - start, 2)
-        _finish(run_dir, cfg, timings, render=False)
+        if stage == "analysis":
+            report = render_report(run_dir)
+            log(f"==> report: {report}")
+        store.write_json(stage_folder(run_dir, stage) / STAGE_FILE,
+                         {"stage": stage, "key": keys[stage], "seconds": timings[stage],
+                          "params": notebook_parameters(stage, cfg, run_dir)})
+        _finish(run_dir, cfg, timings, keys, render=False)
         log(f"==> [{i}/{len(STAGES)}] {stage}: done in {timings[stage]:.1f} s")
-    return _finish(run_dir, cfg, timings, render=True, log=log)
+    if not ran:
+        log(f"==> nothing to do: every stage is up to date in {run_dir} (--force STAGE reruns from STAGE)")
+        saved = run_dir / "results.json"
+        return store.read_json(saved) if saved.is_file() else _finish(run_dir, cfg, timings, keys, render=False)
+    return store.read_json(run_dir / "results.json")
 
 
-def preflight(cfg: dict) -> None:
+def _last_line(text: str) -> str:
+    lines = [l for l in str(text).strip().splitlines() if l.strip()]
+    return lines[-1] if lines else ""
+
+
+def _hint(e) -> str:
+    if "No space left on device" in str(e.evalue) or "Errno 28" in str(e.evalue):
+        return "\n  the disk is full: free some space and rerun the same command; finished stages are kept"
+    return ""
+
+
+def _render_failed(notebook: Path) -> Path | None:
+    """The failed stage's executed notebook as HTML beside it (best effort: never hides the error)."""
+    try:
+        return render_html(notebook, notebook.with_suffix(".html"), hide_code=False)
+    except Exception:  # noqa: BLE001 - the stage's own error is what matters
+        return None
+
+
+def preflight(cfg: dict, run_dir: Path | None = None) -> None:
     """Checks that need the file system, before any work starts."""
     from . import data
 
@@ -114,10 +201,24 @@ def preflight(cfg: dict) -> None:
     if missing:
         raise FileNotFoundError(f"notebooks {', '.join(missing)} not found in {notebooks_dir()}: run "
                                 "prunestudy from the project's checkout (or set PRUNESTUDY_HOME to it)")
+    if run_dir is not None:
+        check_writable(Path(run_dir))
 
 
-def _finish(run_dir: Path, cfg: dict, timings: dict, render: bool, log=print) -> dict:
+def check_writable(run_dir: Path) -> None:
+    """The run folder can be created and written, or a PreflightError saying so."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        store.write_bytes(run_dir / ".write-test", b"ok")
+        (run_dir / ".write-test").unlink()
+    except OSError as e:
+        raise PreflightError(f"the run folder {run_dir} cannot be written ({e.strerror or e}): choose another "
+                             f"with --run-dir, or fix its permissions / free space") from None
+
+
+def _finish(run_dir: Path, cfg: dict, timings: dict, keys: dict, render: bool, log=print) -> dict:
     results = stages.collect_results(run_dir, cfg, timings)
+    results["stage_keys"] = keys
     store.write_json(run_dir / "results.json", results)
     if render:
         start = time.perf_counter()

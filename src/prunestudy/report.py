@@ -26,7 +26,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from . import store
 
@@ -42,7 +42,14 @@ STATE_COLORS: dict[str, Any] = {
     "pruned": _deep[1],         # orange
     "retrained": _deep[2],      # green
     "seed report": "#b0b0b0",   # muted grey, drawn hatched
+    "control": _deep[7],        # grey: the dense control (fine-tuned, unpruned)
 }
+CONTROL_LABEL = "dense control (fine-tuned, unpruned)"
+RANDOM_METHOD = "random_unstructured"   # the floor of the sweep's curves
+METHOD_COLORS: dict[str, Any] = {"l1_unstructured": _deep[0], "global_magnitude": _deep[3], "ln_structured": _deep[4],
+                                 "channel": _deep[2], RANDOM_METHOD: "#808080"}
+_METHOD_MARKERS = {"l1_unstructured": "o", "global_magnitude": "^", "ln_structured": "D", "channel": "s",
+                   RANDOM_METHOD: "x"}
 SEED_HATCH = "///"
 SEED_EDGE = "#707070"
 _SPLIT_COLORS = {"train": _deep[4], "test": _deep[5]}   # data splits are not model states
@@ -180,11 +187,13 @@ def _summary_row(stage: dict) -> dict:
 
 
 def summary_table(results: dict) -> pd.DataFrame:
-    """One row per model state of this run (trained / pruned / retrained, those present) and the seed
-    report's two rows. Accuracy and sparsity in % (2 decimals), loss the true per-sample mean
+    """One row per model state of this run (trained / pruned / retrained, those present), the dense
+    control beside the retrained model when it ran, and the seed report's two rows. Accuracy and sparsity in % (2 decimals), loss the true per-sample mean
     (4 decimals; NaN for the seed, whose loss is not comparable), parameter counts as integers.
     Sparsity and nonzero count are NaN/NA where the stage did not measure them (the dense model)."""
     rows = {state: _summary_row(_stage(results, state)) for state in STATES if _stage(results, state)}
+    if results.get("control"):
+        rows[CONTROL_LABEL] = _summary_row(results["control"])
     for state in ("trained", "pruned"):
         rows[f"seed report: {state}"] = {ACC: 100 * SEED_REPORT[state]["test_accuracy"]}
     df = pd.DataFrame.from_dict(rows, orient="index").reindex(columns=SUMMARY_COLUMNS)
@@ -293,7 +302,7 @@ def _f_prune(results: dict) -> str:
         return "Pruning has not run in this run folder, so there is no pruned model to compare."
     acc, n = prune["test_accuracy"], _test_size(results)
     d = 100 * (acc - dense)
-    amount = f"{_pct(prune['amount'], 0)} of the weights of each layer" if prune.get("amount") is not None else "?"
+    amount = _amount_phrase(prune) if prune.get("amount") is not None else "?"
     s = (f"After pruning ({prune.get('method', '?')}, {amount}, targets '{prune.get('targets', '?')}'), "
          f"{_change(d, 'test accuracy')}, from {_pct(dense)} to {_pct(acc)}")
     if n:
@@ -309,6 +318,20 @@ def _f_prune(results: dict) -> str:
     return s + "."
 
 
+def _amount_phrase(prune: dict) -> str:
+    """What `amount` means for the method, and the schedule (e.g. '50% of the weights of each layer')."""
+    method, a = prune.get("method"), _pct(prune["amount"], 0)
+    s = {"global_magnitude": f"{a} of the targeted weights together (one threshold)",
+         "ln_structured": f"{a} of the output channels of each layer zeroed",
+         "channel": f"{a} of the output channels of each layer removed"}.get(method, f"{a} of the weights of each layer")
+    rounds = prune.get("rounds") or 1
+    if rounds > 1:
+        s += f" in {rounds} rounds with {prune.get('epochs_per_round', 0)} epoch(s) of fine-tuning between them"
+    if prune.get("rewind"):
+        s += f", survivors rewound to training step {prune['rewind']['step']}"
+    return s
+
+
 def _f_sparsity(results: dict) -> str | None:
     prune = _stage(results, "pruned")
     if "global_sparsity" not in prune:
@@ -317,6 +340,9 @@ def _f_sparsity(results: dict) -> str | None:
     s = f"Measured sparsity of the targeted weights is {_pct(prune['global_sparsity'], 2)}"
     if prune.get("amount") is not None:
         s += f" against the asked {_pct(prune['amount'], 2)}"
+    if prune.get("method") == "channel":
+        s += (" of channels (weights removed with their channels count as zero, and removing a layer's output "
+              "channels also removes the matching inputs of the next layer, so more weights go than channels)")
     if layers:
         lo, hi = min(layers, key=layers.get), max(layers, key=layers.get)
         s += (f" (every one of the {len(layers)} layers at {_pct(layers[lo], 2)})" if layers[hi] - layers[lo] < 5e-5
@@ -419,7 +445,8 @@ def _f_time(results: dict) -> str | None:
 def findings(results: dict) -> list[str]:
     """Sentences computed from the numbers of ``results`` (each one changes when its numbers do)."""
     builders = [_f_data, _f_accuracy, lambda r: _f_train_loss(r, "trained"), _f_first_steps,
-                lambda r: _f_overfit(r, "trained"), _f_prune, _f_sparsity, _f_seed, _f_retrain,
+                lambda r: _f_overfit(r, "trained"), _f_prune, _f_sparsity, _f_seed, _f_retrain, _f_control,
+                _f_efficiency, _f_sweep,
                 lambda r: _f_train_loss(r, "retrained"), lambda r: _f_overfit(r, "retrained"),
                 _f_loss_note, _f_time]
     return [s for s in (b(results) for b in builders) if s]
@@ -436,6 +463,12 @@ def title_markdown(results: dict) -> str:
     prune = _stage(results, "pruned")
     what = (f"{prune.get('method', 'pruning')} at {_pct(prune['amount'], 0)}" if prune.get("amount") is not None
             else "pruning not run")
+    if (prune.get("rounds") or 1) > 1:
+        what += f" in {prune['rounds']} rounds"
+    if prune.get("rewind"):
+        what += f", rewound to step {prune['rewind']['step']}"
+    if results.get("sweep"):
+        what += f"; sweep of {len(results['sweep'])} points"
     h = results.get("params_hash")
     return (f"# Pruning study: {md_escape(model)}, {md_escape(what)}\n\n"
             + (f"Run parameters hash {md_escape(h)}. " if h else "")
@@ -484,15 +517,29 @@ def stage_markdown(stage: str, metrics: dict) -> str:
     acc = f"test accuracy **{_pct(metrics['test_accuracy'])}**, test loss {metrics['test_loss']:.4f} (per-sample mean)"
     if stage == "prune":
         change = 100 * (metrics["test_accuracy"] - metrics["dense_test_accuracy"])
-        return (f"{md_escape(metrics['method'])} at {_pct(metrics['amount'], 0)} of the {md_escape(metrics['targets'])} "
-                f"weights: global sparsity **{_pct(metrics['global_sparsity'], 2)}**, "
-                f"{_n(metrics['params_nonzero'])} of {_n(metrics['params_total'])} parameters nonzero. Before "
-                f"retraining: {acc}; {_change(change, 'accuracy')} from the dense model's "
-                f"{_pct(metrics['dense_test_accuracy'])}.")
+        total = metrics.get("dense_params_total", metrics["params_total"])
+        s = (f"{md_escape(metrics['method'])}: {md_escape(_amount_phrase(metrics))}, targets "
+             f"{md_escape(metrics['targets'])}: global sparsity **{_pct(metrics['global_sparsity'], 2)}** of the targeted "
+             f"weights (zero or removed), {_n(metrics['params_nonzero'])} of the dense model's {_n(total)} parameters "
+             f"nonzero. Before retraining: {acc}; {_change(change, 'accuracy')} from the dense model's "
+             f"{_pct(metrics['dense_test_accuracy'])}.")
+        if metrics.get("rewind"):
+            r = metrics["rewind"]
+            s += (f" Rewound to training step {r['step']} (masks kept), the model scores {_pct(r['test_accuracy'])}: "
+                  f"retraining starts from there.")
+        return s
     epochs = len(metrics.get("epochs") or [])
     sp = (f"; global sparsity {_pct(metrics['global_sparsity'], 2)}" if "global_sparsity" in metrics else "")
-    return (f"After {epochs} epoch{'s' * (epochs != 1)} in {metrics['seconds']:.0f} s on "
-            f"{md_escape(metrics['device'])}: {acc}{sp}.")
+    s = (f"After {epochs} epoch{'s' * (epochs != 1)} in {metrics['seconds']:.0f} s on "
+         f"{md_escape(metrics['device'])}: {acc}{sp}.")
+    if metrics.get("export"):
+        e = metrics["export"]
+        shape = ("the small channel-pruned model (rebuild it with prune.rebuild and export.json)"
+                 if e["kind"] == "structural" else "a plain dense state_dict, pruned weights exactly zero")
+        s += (f" Exported to `{md_escape(e['file'])}` + `{md_escape(e['meta'])}`: {shape}, {_n(e['params_nonzero'])} "
+              f"nonzero of {_n(e['params_total'])} parameters, {e['bytes'] / 1e6:.2f} MB; it loads with "
+              f"torch.load(weights_only=True).")
+    return s
 
 
 def provenance_markdown(results: dict) -> str:
@@ -506,6 +553,252 @@ def provenance_markdown(results: dict) -> str:
     lines = ["| item | value |", "|---|---|"] + [f"| {md_escape(k)} | {md_escape(v if v is not None else '—')} |"
                                                  for k, v in rows]
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- efficiency, control, sweep
+
+EFFICIENCY_STATES = ("trained", "pruned", "retrained")
+MB = 1e6
+
+
+def _eff_row(eff: dict, which: str) -> dict:
+    """One efficiency-table row from an efficiency.summary dict: of the pruned model, or ('dense')
+    of the dense model it was measured against."""
+    dense = which == "dense"
+    row = {"params (total)": eff["dense_params_total"] if dense else eff["params_total"],
+           "params (nonzero)": eff["dense_params_total"] if dense else eff["params_nonzero"],
+           "zero or removed (% of dense params)": 0.0 if dense else
+           100 * (1 - eff["params_nonzero"] / max(eff["dense_params_total"], 1)),
+           "MMACs run": (eff["dense_macs"] if dense else eff["macs"]) / 1e6,
+           "MMACs nonzero": (eff["dense_macs"] if dense else eff["effective_macs"]) / 1e6,
+           "theoretical speedup (×)": 1.0 if dense else eff["theoretical_speedup"],
+           "state_dict (MB)": (eff["dense_state_dict_bytes"] if dense else eff["state_dict_bytes"]) / MB,
+           "with masks (MB)": np.nan if dense else eff["masked_bytes"] / MB,
+           "sparse + zlib (MB)": np.nan if dense else eff["sparse_compressed_bytes"] / MB}
+    for dev, table in eff.get("latency", {}).items():
+        for r in table["rows"]:
+            if r["model"] == ("dense" if dense else "pruned"):
+                row[f"{dev} latency, batch {r['batch']} (ms)"] = r["median_ms"]
+    largest = max((r["batch"] for t in eff.get("latency", {}).values() for r in t["rows"]), default=None)
+    row[f"measured speedup, batch {largest} (×)"] = 1.0 if dense else eff["measured_speedup"]
+    row["saves time"] = "reference" if dense else ("yes" if eff["saves_time"] else "NO")
+    return row
+
+
+def efficiency_table(results: dict) -> pd.DataFrame:
+    """What each model state costs, measured in this run: parameters (total, nonzero, % zero or
+    removed), MACs per image (run by dense kernels, and nonzero only), theoretical speedup, bytes
+    on disk (plain state_dict, with masks, sparse + zlib), median CPU (and CUDA) latency per batch
+    and the measured speedup against the dense model, and whether time is saved. The dense row
+    comes from the pruned model's measurement (both timed in the same interleaved run)."""
+    rows = {}
+    base = _stage(results, "pruned").get("efficiency") or _stage(results, "retrained").get("efficiency")
+    if base:
+        rows["trained (dense)"] = _eff_row(base, "dense")
+    for state in ("pruned", "retrained"):
+        eff = _stage(results, state).get("efficiency")
+        if eff:
+            rows[state] = _eff_row(eff, "pruned")
+    df = pd.DataFrame.from_dict(rows, orient="index")
+    df.index.name = "model state"
+    return df
+
+
+def efficiency_styler(results: dict):
+    """``efficiency_table`` formatted for display."""
+    df = efficiency_table(results)
+    fmt = {c: "{:,.0f}" for c in df.columns if c.startswith("params")}
+    fmt.update({c: "{:.2f}" for c in df.columns if df[c].dtype.kind == "f" and c not in fmt})
+    return (df.style.format(fmt, na_rep="—")
+            .set_caption("Latency: median of interleaved runs on this machine (masks folded, as deployed); "
+                         "'saves time' needs a measured speedup of at least 1.1×. MMACs: multiply-accumulates of the "
+                         "conv and linear layers per image. Sizes in MB of 10^6 bytes; 'sparse + zlib' is a size "
+                         "estimate (nonzero values + bitmask, zlib), not a format any runtime loads."))
+
+
+def efficiency_markdown(results: dict) -> str:
+    """Plain sentences: does the pruned (and retrained) model save time, and why not when it does not."""
+    lines = []
+    for state in ("pruned", "retrained"):
+        eff = _stage(results, state).get("efficiency")
+        if not eff:
+            continue
+        lines.append(f"- **{state}**: {md_escape(eff['remark'])} On disk: {eff['state_dict_bytes'] / MB:.2f} MB as a "
+                     f"plain state_dict (dense model {eff['dense_state_dict_bytes'] / MB:.2f} MB), "
+                     f"{eff['sparse_compressed_bytes'] / MB:.2f} MB stored sparse and compressed.")
+    return "\n".join(lines) or "No efficiency figures: the prune stage has not run in this run folder."
+
+
+def _f_efficiency(results: dict) -> str | None:
+    eff = _stage(results, "pruned").get("efficiency")
+    if not eff:
+        return None
+    method = _stage(results, "pruned").get("method", "the pruning")
+    s = (f"Efficiency of {method}: {eff['remark']} Nonzero MACs per image fell from {eff['dense_macs'] / 1e6:.1f} M "
+         f"to {eff['effective_macs'] / 1e6:.1f} M (theoretical {eff['theoretical_speedup']:.2f}×), while the kernels "
+         f"still run {eff['macs'] / 1e6:.1f} M")
+    return s + "."
+
+
+def _f_control(results: dict) -> str | None:
+    control, re_ = results.get("control") or {}, _stage(results, "retrained")
+    if "test_accuracy" not in control or "test_accuracy" not in re_:
+        return None
+    c, r, dense, n = control["test_accuracy"], re_["test_accuracy"], _dense_accuracy(results), _test_size(results)
+    epochs = control.get("fine_tune_epochs", len(control.get("epochs") or []))
+    s = (f"The dense control (the trained model fine-tuned {epochs} more epoch{'s' * (epochs != 1)} with the same "
+         f"settings, unpruned) reached {_pct(c)}")
+    if dense is not None:
+        s += f" ({_change(100 * (c - dense), 'accuracy')} from the dense model's {_pct(dense)})"
+    d = 100 * (r - c)
+    s += f"; the retrained pruned model's {_pct(r)} is {_pts(d)} points {'above' if d >= 0 else 'below'} the control"
+    if n:
+        se = 100 * math.sqrt(binomial_se(r, n) ** 2 + binomial_se(c, n) ** 2)
+        s += f" (±{se:.1f} points, one standard error of the difference)"
+        if abs(d) <= se:
+            s += ", indistinguishable from it"
+    if d < 0:
+        s += f"; counting the extra training, pruning cost {_pts(d)} points"
+        if dense is not None and r > dense:
+            s += ", and the retrained model's gain over the dense model came from the extra training, not from pruning"
+    else:
+        s += "; counting the extra training, pruning cost nothing measurable"
+    return s + "."
+
+
+def control_markdown(results: dict) -> str:
+    """The retrained pruned model beside the dense control, as Markdown."""
+    s = _f_control(results)
+    if s is None:
+        return ("No dense control in this run (retrain.control is false, or retraining has not run): gains of "
+                "retraining cannot be told apart from effects of pruning.")
+    return md_escape(s)
+
+
+def _sweep(results: dict) -> list[dict]:
+    return [e for e in results.get("sweep") or [] if e.get("test_accuracy_before") is not None]
+
+
+def sweep_table(results: dict) -> pd.DataFrame:
+    """One row per sweep point: method, amount and sparsity (%), test accuracy (%) before and after
+    retraining, measured and theoretical speedup, latency, sizes."""
+    rows = []
+    for e in _sweep(results):
+        after = e.get("test_accuracy_after")
+        rows.append({"method": e["method"], "amount (%)": 100 * e["amount"], "sparsity (%)": 100 * e["sparsity"],
+                     "accuracy before retraining (%)": 100 * e["test_accuracy_before"],
+                     "accuracy after retraining (%)": np.nan if after is None else 100 * after,
+                     f"latency, batch {e['latency_batch']} (ms)": e["latency_ms"],
+                     "measured speedup (×)": e["speedup_measured"], "theoretical speedup (×)": e["speedup_theoretical"],
+                     "sparse + zlib (MB)": e["sizes"]["sparse_compressed_bytes"] / MB,
+                     "saves time": "yes" if e["saves_time"] else "NO"})
+    return pd.DataFrame(rows)
+
+
+def sweep_styler(results: dict):
+    df = sweep_table(results)
+    fmt = {c: "{:.2f}" for c in df.columns if df[c].dtype.kind == "f"}
+    return df.style.format(fmt, na_rep="—").hide(axis="index")
+
+
+def _f_sweep(results: dict) -> str | None:
+    sweep = _sweep(results)
+    if not sweep:
+        return None
+    methods = list(dict.fromkeys(e["method"] for e in sweep))
+    top = max(e["amount"] for e in sweep)
+    at_top = {e["method"]: e for e in sweep if e["amount"] == top}
+    stage = "after" if all(e.get("test_accuracy_after") is not None for e in at_top.values()) else "before"
+    acc = {m: e[f"test_accuracy_{stage}"] for m, e in at_top.items()}
+    parts = ", ".join(f"{m} {_pct(a)} (sparsity {_pct(at_top[m]['sparsity'], 0)})" for m, a in acc.items())
+    n_amounts = len({e["amount"] for e in sweep})
+    s = (f"In the sweep ({len(methods)} method{'s' * (len(methods) != 1)} × {n_amounts} "
+         f"amount{'s' * (n_amounts != 1)}), at the largest "
+         f"amount ({_pct(top, 0)}) test accuracy {stage} retraining was: {parts}")
+    if RANDOM_METHOD in acc:
+        floor = acc[RANDOM_METHOD]
+        below = [m + (f" (at {_pct(at_top[m]['sparsity'], 0)} sparsity against random's "
+                      f"{_pct(at_top[RANDOM_METHOD]['sparsity'], 0)})"
+                      if abs(at_top[m]["sparsity"] - at_top[RANDOM_METHOD]["sparsity"]) > 0.01 else "")
+                 for m, a in acc.items() if m != RANDOM_METHOD and a <= floor]
+        s += (f"; random pruning, the floor, scored {_pct(floor)}"
+              + (f", and {', '.join(below)} did no better than random there" if below else
+                 ", and every other method beat it"))
+    fast = {m: max(e["speedup_measured"] for e in sweep if e["method"] == m) for m in methods}
+    saving = [m for m in methods if any(e["saves_time"] for e in sweep if e["method"] == m)]
+    s += (f". Measured speedup at batch {sweep[0]['latency_batch']}: "
+          + ", ".join(f"{m} up to {v:.2f}×" for m, v in fast.items())
+          + ("; only " + ", ".join(saving) + " saved time" if saving else "; no method saved time"))
+    return s + "."
+
+
+def sweep_markdown(results: dict) -> str:
+    s = _f_sweep(results)
+    return md_escape(s) if s else "No sweep in this run (prune.amounts is null), so there are no trade-off curves."
+
+
+def plot_tradeoff(results: dict) -> Figure:
+    """The sweep's trade-off curves: test accuracy (%) against sparsity (% of the targeted weights
+    zero or removed) and against the measured CPU speedup over the dense model, one colour per
+    method; solid = after retraining, dashed = before; random pruning (grey) shaded below as the
+    floor; the dense model and the dense control as horizontal reference lines."""
+    sweep = _sweep(results)
+    if not sweep:
+        return _placeholder("No sweep in this run (prune.amounts is null): no trade-off curves.")
+    fig, (ax_s, ax_t) = _figure(2, size=(12, 4.6))
+    methods = list(dict.fromkeys(e["method"] for e in sweep))
+    tops = []
+    for m in methods:
+        pts = sorted((e for e in sweep if e["method"] == m), key=lambda e: e["sparsity"])
+        color, marker = METHOD_COLORS.get(m, "black"), _METHOD_MARKERS.get(m, "o")
+        before = [100 * e["test_accuracy_before"] for e in pts]
+        after = [np.nan if e.get("test_accuracy_after") is None else 100 * e["test_accuracy_after"] for e in pts]
+        tops += before + [a for a in after if not np.isnan(a)]
+        name = _text(m) + (" (random: the floor)" if m == RANDOM_METHOD else "")
+        for ax, x in ((ax_s, [100 * e["sparsity"] for e in pts]), (ax_t, [e["speedup_measured"] for e in pts])):
+            if not np.all(np.isnan(after)):
+                ax.plot(x, after, marker=marker, ls="-", color=color, lw=1.8, label=f"{name}: after retraining")
+            ax.plot(x, before, marker=marker, ls="--", color=color, lw=1.2, alpha=0.75, mfc="none",
+                    label=f"{name}: before retraining")
+        if m == RANDOM_METHOD:
+            floor = [a if not np.isnan(a) else b for a, b in zip(after, before)]
+            ax_s.fill_between([100 * e["sparsity"] for e in pts], 0, floor, color=METHOD_COLORS[m], alpha=0.12,
+                              lw=0, label="at or below random pruning")
+    dense = _stage(results, "trained").get("test_accuracy")
+    control = (results.get("control") or {}).get("test_accuracy")
+    for ax in (ax_s, ax_t):
+        if dense is not None:
+            ax.axhline(100 * dense, color="black", lw=1.2, label=f"dense model ({_pct(dense)})")
+            tops.append(100 * dense)
+        if control is not None:
+            ax.axhline(100 * control, color=STATE_COLORS["control"], lw=1.4, ls=":",
+                       label=f"{CONTROL_LABEL} ({_pct(control)})")
+            tops.append(100 * control)
+        ax.set_ylim(0, min(100, max(tops) + 8))
+    ax_t.axvline(1.0, color="dimgray", ls="-.", lw=1, label="no speedup (1×)")
+    ax_t.set_xscale("log", base=2)  # masked methods sit at 1×, channel pruning spreads over octaves
+    ax_t.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}×"))
+    batch, threads = sweep[0]["latency_batch"], sweep[0].get("latency_threads")
+    _label(ax_s, "sparsity: targeted weights zero or removed (% of the dense model's)", "test accuracy (%)",
+           "Accuracy vs sparsity")
+    device = sweep[0]["latency_device"]
+    ax_s.set_xlim(0, 100)
+    ax_t.set_xlim(left=min(0.9, 0.95 * min(e["speedup_measured"] for e in sweep)))
+    _label(ax_t, f"measured {device.upper() if device == 'cpu' else device} speedup over the dense model, batch {batch}"
+           + (f", {threads} threads" if threads else "") + " (×, log scale)", "test accuracy (%)",
+           "Accuracy vs measured speedup")
+    handles, labels = {}, []
+    for ax in (ax_s, ax_t):
+        for h, l in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(l, h)
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=3, fontsize=8)
+    return fig
+
+
+def epoch_table(metrics: dict) -> pd.DataFrame:
+    """A stage's per-epoch figures (empty when it trained 0 epochs)."""
+    rows = metrics.get("epochs") or []
+    return pd.DataFrame(rows).set_index("epoch").round(4) if rows else pd.DataFrame()
 
 
 # --------------------------------------------------------------------------- figures: curves
@@ -602,8 +895,11 @@ def plot_epoch_metrics(results: dict) -> Figure:
 # --------------------------------------------------------------------------- figures: bars
 
 def plot_accuracy(results: dict) -> Figure:
-    """Test accuracy of this run's model states beside the seed report's 71% / 70% (hatched grey bars)."""
+    """Test accuracy of this run's model states (and the dense control, when it ran) beside the seed
+    report's 71% / 70% (hatched grey bars)."""
     ours = [(s, _stage(results, s)["test_accuracy"]) for s in STATES if "test_accuracy" in _stage(results, s)]
+    if (results.get("control") or {}).get("test_accuracy") is not None:
+        ours.append(("control", results["control"]["test_accuracy"]))
     n = _test_size(results)
     fig, (ax,) = _figure()
     x = np.arange(len(ours), dtype=float)
@@ -615,9 +911,10 @@ def plot_accuracy(results: dict) -> Figure:
     seed = ax.bar(seed_x, [100 * SEED_REPORT[s]["test_accuracy"] for s in ("trained", "pruned")], width=0.7,
                   color=STATE_COLORS["seed report"], hatch=SEED_HATCH, edgecolor=SEED_EDGE)
     _bar_values(ax, seed, "%.0f%%")
-    ax.set_xticks(np.concatenate([x, seed_x]), [s for s, _ in ours] + ["seed report:\ntrained", "seed report:\npruned"])
+    ax.set_xticks(np.concatenate([x, seed_x]), [{"control": "dense control\n(fine-tuned)"}.get(s, s) for s, _ in ours]
+                  + ["seed report:\ntrained", "seed report:\npruned"])
     ax.set_ylim(0, min(100, max([71] + [100 * a for _, a in ours]) + 15))
-    handles = [Patch(color=STATE_COLORS[s], label=f"this run: {s}") for s, _ in ours]
+    handles = [Patch(color=STATE_COLORS[s], label=f"this run: {CONTROL_LABEL if s == 'control' else s}") for s, _ in ours]
     handles.append(Patch(facecolor=STATE_COLORS["seed report"], hatch=SEED_HATCH, edgecolor=SEED_EDGE,
                          label="seed report (COCO 2017; retraining not reported)"))
     if n:
@@ -650,7 +947,7 @@ def plot_layer_sparsity(results: dict) -> Figure:
                   ha="center" if len(layers) <= 8 else "right")
     ax.set_ylim(0, max(top * 1.3, 1))
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
-    _label(ax, "layer", "sparsity (% of weights exactly 0)", "Sparsity per pruned layer")
+    _label(ax, "layer", "sparsity (% of the dense layer's weights zero or removed)", "Sparsity per pruned layer")
     return fig
 
 
@@ -865,4 +1162,5 @@ def all_figures(run_dir, results: dict | None = None) -> dict[str, Figure]:
             "weight_histograms": plot_weight_histograms(run_dir),
             "class_counts": plot_class_counts(_read_json(Path(run_dir) / "data" / "data.json")
                                               or results.get("data") or {}),
-            "samples": plot_samples(run_dir), "confusion": plot_confusion(run_dir)}
+            "samples": plot_samples(run_dir), "confusion": plot_confusion(run_dir),
+            "tradeoff": plot_tradeoff(results)}

@@ -1,0 +1,47 @@
+"""The HTML report as a reader meets it: opened in headless Chromium (issue 6, quality)."""
+
+from __future__ import annotations
+
+import pytest
+
+from prunestudy import browser
+
+pytestmark = pytest.mark.skipif(
+    browser.chromium_path() is None,
+    reason="no Chromium on this machine: `make setup` installs Debian's chromium package (as root)")
+
+
+def test_report_opens_cleanly_offline_with_summary_on_the_first_screen(smoke_run):
+    run_dir, _ = smoke_run
+    shot = run_dir / "report.png"
+    found = browser.inspect(run_dir / "report.html", screenshot=shot)
+    assert found["console_errors"] == [] and found["page_errors"] == [] and found["dialogs"] == []
+    assert found["failed_requests"] == [] and found["external_requests"] == []
+    assert len(found["images"]) >= 6 and found["broken_images"] == []
+    assert all(i["w"] > 100 and i["h"] > 100 for i in found["images"])
+    assert found["first_screen_visible"], found["first_screen_box"]
+    assert "test accuracy" in found["text"] and "seed report" in found["text"]
+    assert shot.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("name", ["01_data", "02_train", "03_prune", "04_retrain", "05_analysis"])
+def test_each_stage_page_opens_cleanly_offline(smoke_run, name):
+    run_dir, _ = smoke_run
+    found = browser.inspect(run_dir / "notebooks" / f"{name}.html", first_screen="body")
+    assert found["console_errors"] == [] and found["page_errors"] == [] and found["dialogs"] == []
+    assert found["failed_requests"] == [] and found["external_requests"] == []
+    assert found["broken_images"] == []
+
+
+def test_hostile_names_run_nothing_in_the_browser(coco_run):
+    """Category names and a run folder holding <script> and <img onerror>: shown as text, never run."""
+    from conftest import HOSTILE
+
+    run_dir, _, _ = coco_run
+    for page in [run_dir / "report.html", *sorted((run_dir / "notebooks").glob("*.html"))]:
+        found = browser.inspect(page, first_screen="body")
+        assert found["dialogs"] == [] and found["page_errors"] == [], page.name
+        assert found["failed_requests"] == [] and found["external_requests"] == [], page.name
+        assert found["broken_images"] == [], page.name  # an injected <img src=x> would be one
+        if page.name in ("report.html", "01_data.html"):
+            assert all(name in found["text"] for name in HOSTILE.values()), page.name  # readable as text

@@ -1,0 +1,233 @@
+"""The pruning study through the stage functions, on a tiny embedded dataset (1 training epoch):
+every method through prune + retrain + export, iterative rounds, rewinding, the dense control,
+the sweep and its resumption, and what results.json holds."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from prunestudy import data, models, prune, report, stages, store, synth, train
+
+TINY = {"seed": 3, "train_images": 30, "val_images": 15, "image_size": 160}
+REWIND_STEP = 2
+BATCH = 8
+
+
+def quiet(*_):
+    pass
+
+
+@pytest.fixture(autouse=True)
+def _fast_latency(monkeypatch):
+    """Latency is measured for real, but once, at a small batch: the figures' plumbing is under test."""
+    monkeypatch.setattr(stages, "LATENCY", {"batch_sizes": (1, 4), "repeats": 1, "warmup": 0, "devices": ("cpu",)})
+    monkeypatch.setattr(stages, "SWEEP_LATENCY", {"batch_sizes": (4,), "repeats": 1, "warmup": 0, "devices": ("cpu",)})
+
+
+def _make_run(rd, model="seed_cnn"):
+    root = synth.ensure(rd.parent / "coco", **TINY)
+    stages.run_data(rd, root=str(root), min_box=12, max_per_class=5, max_test_per_class=4, log=quiet)
+    stages.run_train(rd, model=model, epochs=1, batch_size=BATCH, lr=1e-3, seed=0,
+                     rewind_step=REWIND_STEP if model == "seed_cnn" else None, log=quiet)
+    return rd
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A run folder with data and a seed CNN trained 1 epoch (weights at step 2 kept for rewinding)."""
+    return _make_run(tmp_path_factory.mktemp("study") / "run")
+
+
+@pytest.fixture
+def fresh(trained, tmp_path):
+    """A copy of the trained run folder whose prune/ and retrain/ are this test's own."""
+    rd = tmp_path / "run"
+    for part in ("data", "train"):
+        shutil.copytree(trained / part, rd / part)
+    return rd
+
+
+def _testset(rd):
+    return train.to_device(*data.load_split(rd / "data", "test"), torch.device("cpu"))
+
+
+def _weights(state):
+    return {k: v for k, v in state.items() if k.endswith("weight") and v.ndim >= 2}
+
+
+@pytest.mark.parametrize("method", list(prune.METHODS))
+def test_every_method_prunes_retrains_and_exports(trained, method):
+    p_dir, r_dir = trained / f"prune-{method}", trained / f"retrain-{method}"
+    p = stages.run_prune(trained, method=method, amount=0.5, out_dir=p_dir, log=quiet)
+    kind = prune.METHODS[method]["kind"]
+    assert p["method"] == method and p["kind"] == kind and p["rounds"] == 1
+    eff = p["efficiency"]
+    for key in ("params_total", "params_nonzero", "layer_sparsity", "global_sparsity", "compression_ratio", "macs",
+                "effective_macs", "dense_macs", "theoretical_speedup", "state_dict_bytes", "masked_bytes",
+                "sparse_compressed_bytes", "measured_speedup", "saves_time", "remark"):
+        assert key in eff, key
+    rows = eff["latency"]["cpu"]["rows"]
+    assert {(r["model"], r["batch"]) for r in rows} == {(m, b) for m in ("dense", "pruned") for b in (1, 4)}
+    if kind == "masked":
+        assert eff["params_total"] == eff["dense_params_total"] and eff["macs"] == eff["dense_macs"]
+        if method != "ln_structured":  # the classifier keeps its rows under ln_structured
+            assert p["global_sparsity"] == pytest.approx(0.5, abs=2e-3)
+    else:  # physically smaller: fewer parameters and fewer MACs actually run
+        assert eff["params_total"] < eff["dense_params_total"] and eff["macs"] < eff["dense_macs"]
+        assert p["global_sparsity"] > 0.5  # removed weights count, inputs of the next layer included
+    # what the prune stage saved loads back (channel: rebuilt from architecture.json) and scores the same
+    assert train.evaluate(stages.load_model(p_dir, masks=True), *_testset(trained))["accuracy"] == p["test_accuracy"]
+
+    r = stages.run_retrain(trained, epochs=1, batch_size=BATCH, lr=1e-3, control=False, pruned_dir=p_dir,
+                           out_dir=r_dir, log=quiet)
+    assert r["global_sparsity"] == pytest.approx(p["global_sparsity"])  # masks held / shape kept
+    assert not (r_dir / "control").exists() and r["control"] is False
+    # the export, loaded with torch.load(weights_only=True) into a dense model or the rebuilt small one
+    meta = json.loads((r_dir / "export.json").read_text())
+    state = torch.load(r_dir / "export.pt", map_location="cpu", weights_only=True)
+    if kind == "masked":
+        net = models.build_model(meta["model"], meta["num_classes"])
+        assert not any(k.endswith(("_orig", "_mask")) for k in state)
+    else:
+        net = prune.rebuild(meta["model"], meta["num_classes"], meta["architecture"])
+        assert models.count_parameters(net) < models.count_parameters(models.build_model("seed_cnn"))
+    net.load_state_dict(state)
+    ev = train.evaluate(net, *_testset(trained))
+    assert ev["accuracy"] == r["test_accuracy"] == meta["test_accuracy"]
+    assert ev["loss"] == pytest.approx(r["test_loss"], rel=1e-5)
+    assert train.evaluate(stages.load_export(r_dir), *_testset(trained))["accuracy"] == r["test_accuracy"]
+
+
+def test_channel_on_resnet18_prunes_retrains_and_exports(tmp_path):
+    rd = _make_run(tmp_path / "run", model="resnet18")
+    p = stages.run_prune(rd, method="channel", amount=0.5, log=quiet)
+    assert p["efficiency"]["params_total"] < p["efficiency"]["dense_params_total"]
+    r = stages.run_retrain(rd, epochs=1, batch_size=BATCH, lr=1e-3, control=False, log=quiet)
+    net = stages.load_export(rd / "retrain")
+    assert isinstance(net, type(models.build_model("resnet18")))
+    assert train.evaluate(net, *_testset(rd))["accuracy"] == r["test_accuracy"]
+    assert train.evaluate(stages.load_model(rd / "retrain"), *_testset(rd))["accuracy"] == r["test_accuracy"]
+
+
+def test_iterative_rounds_reach_the_target_and_the_control_matches_the_epochs(fresh):
+    p = stages.run_prune(fresh, method="l1_unstructured", amount=0.6, rounds=2, epochs_per_round=1,
+                         batch_size=BATCH, lr=1e-3, log=quiet)
+    rounds = p["rounds_detail"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert rounds[0]["global_sparsity"] == pytest.approx(1 - 0.4 ** 0.5, abs=2e-3)  # the same share of the rest
+    assert p["global_sparsity"] == pytest.approx(0.6, abs=2e-3)
+    assert len(rounds[0]["epochs"]) == 1 and "epochs" not in rounds[1]  # fine-tuned between rounds only
+    assert p["between_round_epochs"] == 1 and (fresh / "prune" / "history.json").is_file()
+    r = stages.run_retrain(fresh, epochs=1, batch_size=BATCH, lr=1e-3, control=True, log=quiet)
+    assert r["global_sparsity"] == pytest.approx(p["global_sparsity"])
+
+    # the dense control: trained model + as many fine-tuning epochs (1 between rounds + 1), unpruned
+    c = store.read_json(fresh / "retrain" / "control" / "metrics.json")
+    assert c["fine_tune_epochs"] == 2 and len(c["epochs"]) == 2 and r["control_epochs"] == 2
+    assert c["global_sparsity"] == 0 and c["params_nonzero"] == c["params_total"] == c["dense_params_total"]
+    dense = store.load_tensors(fresh / "train" / "model.pt")
+    control = store.load_tensors(fresh / "retrain" / "control" / "model.pt")
+    assert {k: v.shape for k, v in control.items()} == {k: v.shape for k, v in dense.items()}
+    assert all((w != 0).all() for w in _weights(control).values())  # unpruned
+    assert not torch.equal(control["fc1.weight"], dense["fc1.weight"])  # it did train
+    res = stages.load_results(fresh)
+    assert res["control"]["test_accuracy"] == c["test_accuracy"]
+    assert report.CONTROL_LABEL in report.summary_table(res).index
+
+
+def test_rewind_resets_surviving_weights_to_the_saved_step_and_keeps_masks(trained, tmp_path):
+    # train/rewind.pt holds the weights after optimizer step 2: replay the training up to there
+    saved = store.load_tensors(trained / "train" / "rewind.pt")
+    trainset, testset = stages._load_data(trained / "data", torch.device("cpu"))
+    torch.manual_seed(0)
+    replay = models.build_model("seed_cnn", len(data.read_info(trained / "data")["classes"]))
+    at_step = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(step, model):
+        if step == REWIND_STEP:
+            at_step.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+            raise Stop
+
+    with pytest.raises(Stop):
+        speed = store.read_json(trained / "train" / "metrics.json")["speed_params"]  # the same kernels
+        train.fit(replay, trainset, testset, epochs=1, batch_size=BATCH, lr=1e-3, seed=0, log=quiet,
+                  progress=False, on_step=capture, **speed)
+    assert saved.keys() == at_step.keys()
+    for k in saved:
+        torch.testing.assert_close(saved[k], at_step[k], rtol=0, atol=1e-6)
+
+    p_dir = tmp_path / "prune"
+    p = stages.run_prune(trained, method="global_magnitude", amount=0.5, rewind_step=REWIND_STEP, out_dir=p_dir,
+                         log=quiet)
+    assert p["rewind"]["step"] == REWIND_STEP
+    masks = store.load_tensors(p_dir / "masks.pt")
+    pruned = store.load_tensors(p_dir / "model.pt")
+    rewound = store.load_tensors(p_dir / "rewound.pt")
+    final = store.load_tensors(trained / "train" / "model.pt")
+    for name, keep in masks.items():
+        w = f"{name}.weight"
+        assert torch.equal(rewound[w][keep], saved[w][keep])      # survivors: their step-2 values
+        assert (rewound[w][~keep] == 0).all() and (pruned[w][~keep] == 0).all()  # pruned: still zero
+        assert torch.equal(pruned[w][keep], final[w][keep])       # before rewinding: the trained values
+    assert torch.equal(rewound["conv1.bias"], saved["conv1.bias"])
+    assert not torch.equal(saved["fc1.weight"], final["fc1.weight"])
+
+    r = stages.run_retrain(trained, epochs=1, batch_size=BATCH, lr=1e-3, control=False, pruned_dir=p_dir,
+                           out_dir=tmp_path / "retrain", log=quiet)
+    assert r["start"]["weights"] == "rewound" and r["start"]["test_accuracy"] == p["rewind"]["test_accuracy"]
+    assert r["global_sparsity"] == pytest.approx(p["global_sparsity"])
+    after_masks = store.load_tensors(tmp_path / "retrain" / "masks.pt")
+    assert all(torch.equal(after_masks[k], masks[k]) for k in masks)
+
+    with pytest.raises(FileNotFoundError, match="02_train"):
+        stages.run_prune(trained, rewind_step=REWIND_STEP + 1, out_dir=tmp_path / "other", log=quiet)
+
+
+def test_sweep_writes_every_point_resumes_and_fills_results(fresh):
+    amounts, methods = [0.3, 0.7], ["l1_unstructured", "channel"]
+    kw = dict(method="l1_unstructured", amount=0.2, amounts=amounts, methods=methods)
+    log = []
+    p = stages.run_prune(fresh, **kw, log=log.append)
+    names = [stages.point_name(m, a) for m in methods for a in amounts]
+    assert p["sweep"] == names == ["l1_unstructured-0.3", "l1_unstructured-0.7", "channel-0.3", "channel-0.7"]
+    retrain_kw = dict(epochs=1, batch_size=BATCH, lr=1e-3, control=True)
+    stages.run_retrain(fresh, **retrain_kw, log=log.append)
+    points = {stage: {n: fresh / stage / "sweep" / n / "metrics.json" for n in names} for stage in ("prune", "retrain")}
+    assert all(path.is_file() for paths in points.values() for path in paths.values())
+    assert not any("skipped" in line for line in log)
+
+    # an interrupted sweep: one pruned point and one retrained point never finished
+    points["prune"]["channel-0.7"].unlink()
+    points["retrain"]["l1_unstructured-0.3"].unlink()
+    before = {(s, n): path.stat().st_mtime_ns for s, paths in points.items() for n, path in paths.items()
+              if path.is_file()}
+    log.clear()
+    stages.run_prune(fresh, **kw, log=log.append)
+    stages.run_retrain(fresh, **retrain_kw, log=log.append)
+    assert sum("skipped" in line for line in log) == len(before)
+    for (stage, name), mtime in before.items():
+        assert points[stage][name].stat().st_mtime_ns == mtime, (stage, name)  # finished points untouched
+    assert points["prune"]["channel-0.7"].is_file() and points["retrain"]["l1_unstructured-0.3"].is_file()
+
+    res = stages.collect_results(fresh)
+    json.dumps(res)  # plain JSON
+    assert res["control"]["global_sparsity"] == 0
+    assert [(e["method"], e["amount"]) for e in res["sweep"]] == [(m, a) for m in methods for a in amounts]
+    for e in res["sweep"]:
+        assert 0 <= e["test_accuracy_before"] <= 1 and 0 <= e["test_accuracy_after"] <= 1
+        assert e["retrain_epochs"] == 1 and e["speedup_measured"] > 0 and e["speedup_theoretical"] >= 1
+        assert e["latency_batch"] == 4 and e["latency_ms"] > 0 and e["dense_latency_ms"] > 0
+        assert set(e["sizes"]) == {"state_dict_bytes", "masked_bytes", "sparse_compressed_bytes",
+                                   "dense_state_dict_bytes"}
+        assert 0 < e["sparsity"] < 1 and isinstance(e["saves_time"], bool) and e["remark"]
+    l1 = {e["amount"]: e for e in res["sweep"] if e["method"] == "l1_unstructured"}
+    assert l1[0.7]["sparsity"] == pytest.approx(0.7, abs=2e-3) and l1[0.7]["macs"] == l1[0.7]["dense_macs"]
+    fig = report.plot_tradeoff(res)
+    assert len(fig.axes) == 2 and len(fig.axes[0].get_lines()) >= 2 * len(methods)
+    assert len(report.sweep_table(res)) == len(names)
