@@ -146,3 +146,14 @@ def test_html_and_script_in_names_stay_text_in_every_page(coco_run):
             assert name not in html, (page.name, name)  # never raw markup
         if page.name in ("report.html", "01_data.html"):  # the pages that name the classes
             assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html, page.name
+
+
+def test_report_links_every_stage_page(smoke_run):
+    run_dir, _ = smoke_run
+    html = (run_dir / "report.html").read_text()
+    links = re.findall(r'href="(notebooks/0\d_\w+\.html)"', html)
+    assert sorted(set(links)) == [f"notebooks/{n}.html" for n in ("01_data", "02_train", "03_prune", "04_retrain",
+                                                                  "05_analysis")]
+    assert all((run_dir / link).stat().st_size > 0 for link in links)
+    res = json.loads((run_dir / "results.json").read_text())
+    assert all(key in html for key in res["stage_keys"].values())

@@ -550,9 +550,15 @@ def provenance_markdown(results: dict) -> str:
             ("processor", prov.get("processor")), ("cuda", prov.get("cuda"))]
     rows += [(pkg, v) for pkg, v in (prov.get("versions") or {}).items()]
     rows += [(f"time: {stage}", f"{s:.1f} s") for stage, s in (results.get("timings_s") or {}).items()]
+    rows += [(f"stage key: {stage}", key) for stage, key in (results.get("stage_keys") or {}).items()]
     lines = ["| item | value |", "|---|---|"] + [f"| {md_escape(k)} | {md_escape(v if v is not None else '—')} |"
                                                  for k, v in rows]
-    return "\n".join(lines)
+    pages = " · ".join(f"[{name}](notebooks/{name}.html)" for name in STAGE_PAGES)
+    return "\n".join(lines + ["", f"Each stage's executed notebook, with its code and outputs: {pages}."])
+
+
+#: the executed stage notebooks rendered beside report.html (notebooks/<name>.html)
+STAGE_PAGES = ("01_data", "02_train", "03_prune", "04_retrain", "05_analysis")
 
 
 # --------------------------------------------------------------------------- efficiency, control, sweep

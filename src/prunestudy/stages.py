@@ -562,14 +562,17 @@ def sweep_results(run_dir, names: list[str]) -> list[dict]:
 
 def load_results(run_dir=None) -> dict:
     """Results of a run as the analysis sees them: fresh from the stage outputs, with the
-    parameters and stage timings that `prunestudy run` recorded in results.json when present."""
+    parameters, stage timings and stage keys that `prunestudy run` recorded in results.json."""
     run_dir = resolve_run_dir(run_dir)
     require("data", run_dir / "data")
     saved = store.read_json(run_dir / "results.json") if (run_dir / "results.json").is_file() else {}
     params = saved.get("params")
     if params is None and (run_dir / "params.json").is_file():
         params = store.read_json(run_dir / "params.json")
-    return collect_results(run_dir, params, saved.get("timings_s"))
+    res = collect_results(run_dir, params, saved.get("timings_s"))
+    if saved.get("stage_keys"):
+        res["stage_keys"] = saved["stage_keys"]
+    return res
 
 
 def environment(device: torch.device) -> dict:
