@@ -150,7 +150,7 @@ def run(cfg: dict, run_dir: str | Path, *, force: str | None = None, log: Callab
                                 kernel_name=kernel, cwd=str(src.parent), progress_bar=False,
                                 stdout_file=sys.stdout, stderr_file=sys.stderr)
         except pm.PapermillExecutionError as e:
-            _finish(run_dir, cfg, timings, keys, render=False)
+            _finish(run_dir, cfg, timings, keys)
             if e.ename == "KeyboardInterrupt":  # Ctrl-C reached the kernel first
                 raise KeyboardInterrupt from None
             log(f"==> [{i}/{len(STAGES)}] {stage}: FAILED after {time.perf_counter() - start:.1f} s")
@@ -163,12 +163,12 @@ def run(cfg: dict, run_dir: str | Path, *, force: str | None = None, log: Callab
         store.write_json(stage_folder(run_dir, stage) / STAGE_FILE,
                          {"stage": stage, "key": keys[stage], "seconds": timings[stage],
                           "params": notebook_parameters(stage, cfg, run_dir)})
-        _finish(run_dir, cfg, timings, keys, render=False)
+        _finish(run_dir, cfg, timings, keys)
         log(f"==> [{i}/{len(STAGES)}] {stage}: done in {timings[stage]:.1f} s")
     if not ran:
         log(f"==> nothing to do: every stage is up to date in {run_dir} (--force STAGE reruns from STAGE)")
         saved = run_dir / "results.json"
-        return store.read_json(saved) if saved.is_file() else _finish(run_dir, cfg, timings, keys, render=False)
+        return store.read_json(saved) if saved.is_file() else _finish(run_dir, cfg, timings, keys)
     return store.read_json(run_dir / "results.json")
 
 
@@ -216,14 +216,11 @@ def check_writable(run_dir: Path) -> None:
                              f"with --run-dir, or fix its permissions / free space") from None
 
 
-def _finish(run_dir: Path, cfg: dict, timings: dict, keys: dict, render: bool, log=print) -> dict:
+def _finish(run_dir: Path, cfg: dict, timings: dict, keys: dict) -> dict:
+    """results.json from the stages completed so far, with their timings and keys."""
     results = stages.collect_results(run_dir, cfg, timings)
     results["stage_keys"] = keys
     store.write_json(run_dir / "results.json", results)
-    if render:
-        start = time.perf_counter()
-        report = render_report(run_dir)
-        log(f"==> report: {report} ({time.perf_counter() - start:.1f} s)")
     return results
 
 
