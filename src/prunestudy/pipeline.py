@@ -142,6 +142,8 @@ def run(cfg: dict, run_dir: str | Path, *, force: str | None = None, log: Callab
         if not ran:  # this stage and every later one will run: none of them counts as complete now
             for later in STAGES[i - 1:]:
                 (stage_folder(run_dir, later) / STAGE_FILE).unlink(missing_ok=True)
+                for stale in stage_folder(run_dir, later).glob(".*.tmp"):  # left by a killed atomic write
+                    stale.unlink(missing_ok=True)
             ran = True
         log(f"==> [{i}/{len(STAGES)}] {stage}: start ({src.name}, key {keys[stage]})")
         start = time.perf_counter()
