@@ -531,6 +531,18 @@ def test_control_beside_the_retrained_model(study):
     assert [round(b.get_height(), 1) for b in bars] == [63.0, 61.8, 64.4, 66.0, 71.0, 70.0]
 
 
+def test_summary_shows_size_and_latency_measured_in_the_run(study):
+    df = report.summary_table(study)
+    assert df.attrs["latency"] == ("cpu", 1)   # the first device measured, at its smallest batch
+    assert df.loc["trained", report.SIZE] == pytest.approx(4200 / 1e6, abs=1e-3)
+    assert df.loc["trained", report.LATENCY] == pytest.approx(round(10.0 / 64, 3))   # the dense row of the pruned run
+    assert df.loc["pruned", report.LATENCY] == pytest.approx(round(10.2 / 64, 3))
+    assert df.loc["retrained", report.LATENCY] == pytest.approx(round(10.1 / 64, 3))
+    assert np.isnan(df.loc[report.CONTROL_LABEL, report.LATENCY])   # not measured: not made up
+    assert np.isnan(df.loc["seed report: pruned", report.SIZE])
+    assert "batch of 1 on cpu" in report.summary_styler(study).to_html()
+
+
 def test_sweep_table_and_finding(study):
     df = report.sweep_table(study)
     assert len(df) == len(SWEEP) and list(df["method"])[:2] == ["l1_unstructured"] * 2
@@ -540,3 +552,107 @@ def test_sweep_table_and_finding(study):
     assert "channel (at 99% sparsity against random's 90%) did no better than random" in s
     assert "only channel saved time" in s
     assert "No sweep" in report.sweep_markdown(_only_train(study))
+
+
+# --------------------------------------------------------------------------- per class
+
+def test_per_class_accuracy_and_paired_change(run):
+    labels, preds = run["test_labels"], run["preds"]
+    df = report.per_class_table(run["dir"])
+    assert sorted(df.index) == sorted(CLASSES) and df["test samples"].sum() == N_TEST
+    for k, name in enumerate(CLASSES):
+        sel = labels == k
+        n = int(sel.sum())
+        row = df.loc[name]
+        assert row["trained (%)"] == pytest.approx(100 * (preds["train"][sel] == k).mean())
+        assert row["retrained (%)"] == pytest.approx(100 * (preds["retrain"][sel] == k).mean())
+        # the fixture's pruned model gets samples 309..314 wrong that the trained one got right, and gains none
+        lost = int(sel[309:315].sum())
+        assert row["pruned − trained (points)"] == pytest.approx(-100 * lost / n)
+        assert row["pruned: ± 1 SE"] == pytest.approx(100 * math.sqrt(lost - lost ** 2 / n) / n)
+    changes = list(df["pruned − trained (points)"])
+    assert changes == sorted(changes)   # the classes that pay most come first
+    md = report.per_class_markdown(run["dir"])
+    worst = df.index[0]
+    assert "Pruning cost most in" in md and report.md_escape(worst) in md
+    assert "No class lost more than two standard errors" in md   # 6 of 500 crops moved: noise
+
+
+def test_per_class_table_escapes_class_names_in_html(run):
+    html = report.per_class_styler(run["dir"]).to_html()
+    assert "&lt;b&gt;dog&lt;/b&gt;" in html and "<b>dog</b>" not in html
+
+
+def test_paired_change_standard_error():
+    labels = np.zeros(100, dtype=np.int64)
+    before = np.zeros(100, dtype=np.int64)
+    after = before.copy()
+    after[:10] = 1           # 10 right before, wrong after
+    change, se = report.paired_change(labels, before, after)
+    assert change == pytest.approx(-10.0) and se == pytest.approx(100 * math.sqrt(10 - 100 / 100) / 100)
+    assert report.paired_change(labels, before, before) == (0.0, 0.0)
+
+
+# --------------------------------------------------------------------------- seeds
+
+def _repeat(seed, trained, pruned, retrained, control):
+    return {"seed": seed, "dir": f"repeats/seed-{seed}", "trained": {"test_accuracy": trained},
+            "pruned": {"test_accuracy": pruned}, "retrained": {"test_accuracy": retrained},
+            "control": {"test_accuracy": control}}
+
+
+@pytest.fixture
+def seeded(study):
+    res = copy.deepcopy(study)       # seed 0: trained 63.0, pruned 61.8, retrained 64.4, control 66.0
+    res["params"]["seed"] = 0
+    res["repeats"] = [_repeat(1, 0.60, 0.585, 0.61, 0.62), _repeat(2, 0.65, 0.64, 0.66, 0.655)]
+    return res
+
+
+def test_seeds_table_and_paired_confidence_interval(seeded):
+    from scipy import stats
+
+    df = report.seeds_table(seeded)
+    assert list(df.index) == ["trained", "pruned", "retrained", "dense control"]
+    trained = np.array([63.0, 60.0, 65.0])
+    assert df.loc["trained", "mean (%)"] == pytest.approx(trained.mean())
+    assert df.loc["trained", "SD (points)"] == pytest.approx(trained.std(ddof=1))
+    assert df.loc["trained", "seed 2 (%)"] == pytest.approx(65.0) and df.loc["pruned", "min (%)"] == pytest.approx(58.5)
+    paired = report.paired_table(seeded)
+    drop = np.array([61.8 - 63.0, 58.5 - 60.0, 64.0 - 65.0])     # each seed against its own trained model
+    half = stats.t.ppf(0.975, 2) * drop.std(ddof=1) / math.sqrt(3)
+    row = paired.loc["pruned − trained"]
+    assert row["mean (points)"] == pytest.approx(drop.mean())
+    assert (row["95% CI low"], row["95% CI high"]) == pytest.approx((drop.mean() - half, drop.mean() + half))
+    assert row["seed 1"] == pytest.approx(-1.5)
+    assert paired.loc["retrained − dense control", "seed 0"] == pytest.approx(64.4 - 66.0)
+    # every seed lost accuracy to pruning, by 1.0 to 1.5 points: beyond the noise although 1 point is small
+    md = report.seeds_markdown(seeded)
+    assert "3 seeds (0, 1, 2)" in md and "pruned − trained: -1.23 points" in md
+    assert "the interval excludes 0: a loss beyond seed-to-seed noise" in md
+    assert any(s.startswith("Over 3 seeds, pruning changed test accuracy by -1.23 points") for s in report.findings(seeded))
+    html = report.paired_styler(seeded).to_html() + report.seeds_styler(seeded).to_html()
+    assert "95% Student-t confidence interval" in html
+
+
+def test_one_seed_reports_no_spread_and_says_how_to_get_one(study):
+    df = report.seeds_table(study)
+    assert df["seeds"].tolist() == [1, 1, 1, 1] and df["SD (points)"].isna().all()
+    assert report.paired_table(study)["95% CI low"].isna().all()
+    assert "One seed only" in report.seeds_markdown(study) and "seeds: [0, 1, 2]" in report.seeds_markdown(study)
+    assert not any("Over " in s and "seeds" in s for s in report.findings(study))
+
+
+def test_plot_seeds_pairs_each_seeds_models(seeded):
+    fig = report.plot_seeds(seeded)
+    ax = fig.axes[0]
+    _assert_labelled(ax)
+    lines = [l for l in ax.get_lines() if l.get_color() == "#9a9a9a" and len(l.get_xdata()) == 4]
+    assert len(lines) == 3   # one per seed, joining its trained, pruned, retrained and control accuracies
+    assert sorted(l.get_ydata()[1] for l in lines) == pytest.approx([58.5, 61.8, 64.0])
+
+
+def test_interval_holding_zero_is_called_noise(seeded):
+    seeded["repeats"][0]["pruned"]["test_accuracy"] = 0.62   # seed 1 gains 2 points: the signs disagree
+    md = report.seeds_markdown(seeded)
+    assert "pruned − trained" in md and "not distinguishable from seed-to-seed noise" in md

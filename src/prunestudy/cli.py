@@ -1,4 +1,4 @@
-"""`prunestudy` command line: run the study, install the kernel, show parameters."""
+"""`prunestudy` command line: run the study, install the kernel, show parameters, compare runs."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 import yaml
 
-from . import cache, config, download, pipeline
+from . import cache, compare, config, download, pipeline
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
                       help="one line per parameter: value, default and what it does")
     sub.add_parser("kernel", help="install the 'prunestudy' Jupyter kernel for this Python")
     download.add_cli(sub)
+    compare.add_cli(sub)
     _add_cache_cli(sub)
     args = parser.parse_args(argv)
     if getattr(args, "handler", None):

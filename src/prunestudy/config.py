@@ -22,6 +22,9 @@ STAGE_SECTIONS = ("data", "train", "prune", "retrain")
 # key -> (default, accepted types, description)
 SCHEMA: dict[str, tuple[Any, tuple[type, ...], str]] = {
     "seed": (0, (int,), "seed for data subsets, initialisation, batch order and augmentation"),
+    "seeds": (None, (list, type(None)), "repeats: the study's train, prune and retrain stages (not the sweep) rerun "
+              "with each of these seeds on the same data (repeats/seed-<s>/); the report gives mean, spread and paired "
+              "confidence intervals over `seed` and these; null = one run"),
     "data.root": ("embedded", (str, type(None)), "COCO root in the official layout, or 'embedded' for the embedded synthetic set"),
     "data.embedded": (
         {"seed": 0, "train_images": 800, "val_images": 250, "image_size": 160},
@@ -206,7 +209,36 @@ def validate(cfg: dict) -> list[str]:
             problems.append(f"{key} must be null (no cap) or at least 1, got {flat[key]}")
     if ok("data.context") and not 0 <= flat["data.context"] <= 2:
         problems.append(f"data.context must be in [0, 2], got {flat['data.context']}")
+    problems += _seeds_problems(flat, ok)
     problems += _prune_problems(flat, ok)
+    return problems
+
+
+def repeat_seeds(cfg: dict) -> list[int]:
+    """The seeds of the repeats: `seeds` without the main run's `seed`, in order."""
+    return [s for s in dict.fromkeys(cfg.get("seeds") or []) if s != cfg["seed"]]
+
+
+def repeat_config(cfg: dict, seed: int) -> dict:
+    """The parameters of the repeat with `seed`: the study's, with that seed, no repeats of its own
+    and no sweep (a repeat measures the spread of the main pruning; the sweep runs once)."""
+    out = copy.deepcopy(cfg)
+    out["seed"], out["seeds"] = seed, None
+    out["prune"]["amounts"] = out["prune"]["methods"] = None
+    return out
+
+
+def _seeds_problems(flat: dict, ok) -> list[str]:
+    seeds = flat.get("seeds")
+    if not ok("seeds") or seeds is None:
+        return []
+    problems = [f"seeds[{i}] must be an integer, got {s!r}" for i, s in enumerate(seeds)
+                if isinstance(s, bool) or not isinstance(s, int)]
+    if not problems and len(set(seeds)) != len(seeds):
+        problems.append(f"seeds lists a seed twice: {seeds}")
+    if not problems and ok("seed") and not [s for s in seeds if s != flat["seed"]]:
+        problems.append(f"seeds {seeds} holds no seed besides seed={flat['seed']}: list the repeats' seeds, e.g. "
+                        f"seeds: [{flat['seed']}, {flat['seed'] + 1}, {flat['seed'] + 2}], or null for one run")
     return problems
 
 

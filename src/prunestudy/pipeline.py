@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -88,15 +89,34 @@ class PreflightError(ValueError):
     """A problem found before any work starts (the runner exits 2)."""
 
 
-def stage_keys(cfg: dict, run_dir: Path) -> dict[str, str]:
+REPEAT_STAGES = ("train", "prune", "retrain")   # what a repeat with another seed reruns (the data is shared)
+
+
+def stage_keys(cfg: dict, run_dir: Path, *, after: str | None = None,
+               names: tuple[str, ...] = STAGES) -> dict[str, str]:
     """Each stage's key: the hash of its own parameters and of the key of the stage before it, so a
-    change reruns the stage it belongs to and every stage after it, and nothing before it."""
-    keys, previous = {}, None
-    for stage in STAGES:
+    change reruns the stage it belongs to and every stage after it, and nothing before it. The
+    analysis' key also holds the keys of the repeats' last stages (`seeds`)."""
+    keys, previous = {}, after
+    for stage in names:
         params = {k: v for k, v in notebook_parameters(stage, cfg, run_dir).items() if k not in PATH_PARAMS}
-        keys[stage] = config.stage_hash({"stage": stage, "params": params, "after": previous})
+        extra = {}
+        if stage == "analysis" and config.repeat_seeds(cfg):
+            extra = {"repeats": {str(s): repeat_keys(cfg, run_dir, s, keys["data"])["retrain"]
+                                 for s in config.repeat_seeds(cfg)}}
+        keys[stage] = config.stage_hash({"stage": stage, "params": params, "after": previous, **extra})
         previous = keys[stage]
     return keys
+
+
+def repeat_dir(run_dir: Path, seed: int) -> Path:
+    return Path(run_dir) / "repeats" / f"seed-{seed}"
+
+
+def repeat_keys(cfg: dict, run_dir: Path, seed: int, data_key: str) -> dict[str, str]:
+    """Keys of a repeat's stages: its parameters (the study's, with `seed`) after the shared data."""
+    return stage_keys(config.repeat_config(cfg, seed), repeat_dir(run_dir, seed), after=data_key,
+                      names=REPEAT_STAGES)
 
 
 def stage_folder(run_dir: Path, stage: str) -> Path:
@@ -131,47 +151,118 @@ def run(cfg: dict, run_dir: str | Path, *, force: str | None = None, log: Callab
     keys = stage_keys(cfg, run_dir)
     forced = STAGES[STAGES.index(force):] if force else ()
     timings: dict[str, float] = {}
-    ran = False
-    for i, stage in enumerate(STAGES, 1):
-        src = notebooks_dir() / stages.NOTEBOOK_OF[stage]
-        out = run_dir / "notebooks" / src.name
-        if not ran and stage not in forced and is_complete(run_dir, stage, keys[stage]):
-            timings[stage] = store.read_json(stage_folder(run_dir, stage) / STAGE_FILE).get("seconds", 0.0)
-            log(f"==> [{i}/{len(STAGES)}] {stage}: up to date (key {keys[stage]}), skipped")
-            continue
-        if not ran:  # this stage and every later one will run: none of them counts as complete now
-            for later in STAGES[i - 1:]:
-                (stage_folder(run_dir, later) / STAGE_FILE).unlink(missing_ok=True)
-                for stale in stage_folder(run_dir, later).glob(".*.tmp"):  # left by a killed atomic write
-                    stale.unlink(missing_ok=True)
-            ran = True
-        log(f"==> [{i}/{len(STAGES)}] {stage}: start ({src.name}, key {keys[stage]})")
-        start = time.perf_counter()
-        try:
-            pm.execute_notebook(str(src), str(out), parameters=notebook_parameters(stage, cfg, run_dir),
-                                kernel_name=kernel, cwd=str(src.parent), progress_bar=False,
-                                stdout_file=sys.stdout, stderr_file=sys.stderr)
-        except pm.PapermillExecutionError as e:
-            _finish(run_dir, cfg, timings, keys)
-            if e.ename == "KeyboardInterrupt":  # Ctrl-C reached the kernel first
-                raise KeyboardInterrupt from None
-            log(f"==> [{i}/{len(STAGES)}] {stage}: FAILED after {time.perf_counter() - start:.1f} s")
-            page = _render_failed(out)
-            raise StageFailed(stage, out, f"{e.ename}: {_last_line(e.evalue)}{_hint(e)}", page) from None
-        timings[stage] = round(time.perf_counter() - start, 2)
-        if stage == "analysis":
-            report = render_report(run_dir)
-            log(f"==> report: {report}")
-        store.write_json(stage_folder(run_dir, stage) / STAGE_FILE,
-                         {"stage": stage, "key": keys[stage], "seconds": timings[stage],
-                          "params": notebook_parameters(stage, cfg, run_dir)})
-        _finish(run_dir, cfg, timings, keys)
-        log(f"==> [{i}/{len(STAGES)}] {stage}: done in {timings[stage]:.1f} s")
+    chain = _Chain(kernel, forced, log, invalidate=stage_folder(run_dir, "analysis") / STAGE_FILE)
+    ran = chain.run(cfg, run_dir, STAGES[:-1], keys, timings, lambda: _finish(run_dir, cfg, timings, keys))
+    seeds = config.repeat_seeds(cfg)
+    for n, seed in enumerate(seeds, 1):   # the same study with other seeds, on the same data
+        rcfg, rdir = config.repeat_config(cfg, seed), repeat_dir(run_dir, seed)
+        rkeys, rtimes = repeat_keys(cfg, run_dir, seed, keys["data"]), {}
+        relinked = link_data(run_dir / "data", rdir / "data")
+        chain.label = f"seed {seed}: repeat {n}/{len(seeds)}"
+        ran |= chain.run(rcfg, rdir, REPEAT_STAGES, rkeys, rtimes, lambda: _finish(rdir, rcfg, rtimes, rkeys),
+                         after_change=relinked)
+    chain.label = ""
+    _finish(run_dir, cfg, timings, keys)   # what the analysis reads: these parameters, every stage so far
+    ran |= chain.run(cfg, run_dir, ("analysis",), keys, timings, lambda: _finish(run_dir, cfg, timings, keys),
+                     after_change=bool(ran))
     if not ran:
         log(f"==> nothing to do: every stage is up to date in {run_dir} (--force STAGE reruns from STAGE)")
         saved = run_dir / "results.json"
         return store.read_json(saved) if saved.is_file() else _finish(run_dir, cfg, timings, keys)
     return store.read_json(run_dir / "results.json")
+
+
+class _Chain:
+    """Runs stages in order, each as its notebook under papermill, skipping those complete with the
+    same key until one runs; from there on every later stage reruns (its inputs changed)."""
+
+    def __init__(self, kernel: str, forced: tuple[str, ...], log: Callable[[str], None], invalidate: Path):
+        self.kernel, self.forced, self.log, self.label = kernel, forced, log, ""
+        self.invalidate = invalidate   # the analysis' record: outdated as soon as any stage reruns
+
+    def run(self, cfg: dict, run_dir: Path, names: tuple[str, ...], keys: dict, timings: dict,
+            finish: Callable[[], dict], *, after_change: bool = False) -> set[str]:
+        """Run `names` in order; `after_change`: their inputs changed, so all of them rerun."""
+        import papermill as pm
+
+        ran: set[str] = set()
+        changed = after_change
+        for j, stage in enumerate(names):
+            tag = f"==> [{self.label or f'{STAGES.index(stage) + 1}/{len(STAGES)}'}] {stage}"
+            src = notebooks_dir() / stages.NOTEBOOK_OF[stage]
+            out = run_dir / "notebooks" / src.name
+            if not changed and stage not in self.forced and is_complete(run_dir, stage, keys[stage]):
+                timings[stage] = store.read_json(stage_folder(run_dir, stage) / STAGE_FILE).get("seconds", 0.0)
+                self.log(f"{tag}: up to date (key {keys[stage]}), skipped")
+                continue
+            if not ran:  # this stage and every later one will run: none of them counts as complete now
+                self.invalidate.unlink(missing_ok=True)
+                for later in names[j:]:
+                    (stage_folder(run_dir, later) / STAGE_FILE).unlink(missing_ok=True)
+                    for stale in stage_folder(run_dir, later).glob(".*.tmp"):  # left by a killed atomic write
+                        stale.unlink(missing_ok=True)
+            changed = True
+            ran.add(stage)
+            (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
+            self.log(f"{tag}: start ({src.name}, key {keys[stage]})")
+            start = time.perf_counter()
+            try:
+                pm.execute_notebook(str(src), str(out), parameters=notebook_parameters(stage, cfg, run_dir),
+                                    kernel_name=self.kernel, cwd=str(src.parent), progress_bar=False,
+                                    stdout_file=sys.stdout, stderr_file=sys.stderr)
+            except pm.PapermillExecutionError as e:
+                finish()
+                if e.ename == "KeyboardInterrupt":  # Ctrl-C reached the kernel first
+                    raise KeyboardInterrupt from None
+                self.log(f"{tag}: FAILED after {time.perf_counter() - start:.1f} s")
+                page = _render_failed(out)
+                raise StageFailed(stage, out, f"{e.ename}: {_last_line(e.evalue)}{_hint(e)}", page) from None
+            timings[stage] = round(time.perf_counter() - start, 2)
+            if stage == "analysis":
+                self.log(f"==> report: {render_report(run_dir)}")
+            store.write_json(stage_folder(run_dir, stage) / STAGE_FILE,
+                             {"stage": stage, "key": keys[stage], "seconds": timings[stage],
+                              "params": notebook_parameters(stage, cfg, run_dir)})
+            finish()
+            self.log(f"{tag}: done in {timings[stage]:.1f} s")
+        return ran
+
+
+def link_data(src: Path, dst: Path) -> bool:
+    """A repeat's data/: hard links to the run's data files (copies where links fail), refreshed
+    whenever a file differs (the data stage reran). True when anything changed. The data stays
+    immutable: no stage writes there."""
+    dst.mkdir(parents=True, exist_ok=True)
+    names = {f.name for f in src.iterdir() if f.is_file() and not f.name.startswith(".")}
+    changed = False
+    for f in dst.iterdir():
+        if f.is_file() and f.name not in names:
+            f.unlink()
+            changed = True
+    for name in sorted(names):
+        a, b = src / name, dst / name
+        if b.is_file() and (os.path.samefile(a, b) or (a.stat().st_size == b.stat().st_size and _same_bytes(a, b))):
+            continue
+        changed = True
+        tmp = dst / f".{name}.link.tmp"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(a, tmp)
+        except OSError:
+            shutil.copy2(a, tmp)
+        os.replace(tmp, b)
+    return changed
+
+
+def _same_bytes(a: Path, b: Path, chunk: int = 1 << 20) -> bool:
+    """Byte-for-byte equality (a copy made where hard links are not possible)."""
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(chunk), fb.read(chunk)
+            if x != y:
+                return False
+            if not x:
+                return True
 
 
 def _last_line(text: str) -> str:
@@ -241,9 +332,10 @@ def render_html(notebook: Path, target: Path, *, hide_code: bool, title: str | N
 
 
 def render_report(run_dir: Path) -> Path:
-    """report.html from the analysis notebook (code hidden); every stage notebook as HTML beside it."""
+    """report.html from the analysis notebook (code hidden); every stage notebook (the repeats' too)
+    as HTML beside it."""
     nb_dir = Path(run_dir) / "notebooks"
-    for nb in sorted(nb_dir.glob("0*.ipynb")):
+    for nb in sorted([*nb_dir.glob("0*.ipynb"), *Path(run_dir).glob("repeats/seed-*/notebooks/0*.ipynb")]):
         render_html(nb, nb.with_suffix(".html"), hide_code=False)
     return render_html(nb_dir / stages.NOTEBOOK_OF["analysis"], Path(run_dir) / "report.html", hide_code=True,
                        title=f"prunestudy report: {Path(run_dir).name}")

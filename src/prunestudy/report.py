@@ -78,7 +78,8 @@ SEED_REPORT: dict[str, Any] = {
 
 ACC, LOSS, SPARSITY, NONZERO, TOTAL = ("test accuracy (%)", "test loss (mean per sample)", "global sparsity (%)",
                                        "nonzero params", "total params")
-SUMMARY_COLUMNS = [ACC, LOSS, SPARSITY, NONZERO, TOTAL]
+SIZE, LATENCY = "size (MB, state_dict)", "latency (ms)"
+SUMMARY_COLUMNS = [ACC, LOSS, SPARSITY, NONZERO, TOTAL, SIZE, LATENCY]
 FIGSIZE = (10, 4)
 DPI = 100
 
@@ -186,12 +187,42 @@ def _summary_row(stage: dict) -> dict:
             NONZERO: stage.get("params_nonzero"), TOTAL: stage.get("params_total")}
 
 
+def latency_point(eff: dict) -> tuple[str, int] | None:
+    """The (device, batch) of the summary's latency column: the first device measured, its smallest
+    batch (one image: what a deployed classifier waits for)."""
+    for dev, table in (eff or {}).get("latency", {}).items():
+        batches = sorted({r["batch"] for r in table["rows"]})
+        if batches:
+            return dev, batches[0]
+    return None
+
+
+def _cost(eff: dict, which: str, point: tuple[str, int] | None) -> dict:
+    """Size and latency of the pruned ('pruned') or dense ('dense') model of one efficiency summary."""
+    size = eff["dense_state_dict_bytes" if which == "dense" else "state_dict_bytes"] / MB
+    ms = np.nan
+    if point:
+        rows = eff.get("latency", {}).get(point[0], {}).get("rows", [])
+        ms = next((r["median_ms"] for r in rows if r["batch"] == point[1] and r["model"] == which), np.nan)
+    return {SIZE: size, LATENCY: ms}
+
+
 def summary_table(results: dict) -> pd.DataFrame:
     """One row per model state of this run (trained / pruned / retrained, those present), the dense
-    control beside the retrained model when it ran, and the seed report's two rows. Accuracy and sparsity in % (2 decimals), loss the true per-sample mean
-    (4 decimals; NaN for the seed, whose loss is not comparable), parameter counts as integers.
-    Sparsity and nonzero count are NaN/NA where the stage did not measure them (the dense model)."""
+    control beside the retrained model when it ran, and the seed report's two rows. Accuracy and
+    sparsity in % (2 decimals), loss the true per-sample mean (4 decimals; NaN for the seed, whose
+    loss is not comparable), parameter counts as integers, the state_dict's size in MB and the
+    median latency measured in this run (device and batch in ``df.attrs['latency']``).
+    Sparsity and nonzero count are NaN/NA where the stage did not measure them (the dense model);
+    the dense control's size and latency are not measured (it is the trained architecture)."""
     rows = {state: _summary_row(_stage(results, state)) for state in STATES if _stage(results, state)}
+    base = _stage(results, "pruned").get("efficiency") or _stage(results, "retrained").get("efficiency")
+    point = latency_point(base)
+    if base and "trained" in rows:
+        rows["trained"].update(_cost(base, "dense", point))
+    for state in ("pruned", "retrained"):
+        if state in rows and _stage(results, state).get("efficiency"):
+            rows[state].update(_cost(_stage(results, state)["efficiency"], "pruned", point))
     if results.get("control"):
         rows[CONTROL_LABEL] = _summary_row(results["control"])
     for state in ("trained", "pruned"):
@@ -199,16 +230,22 @@ def summary_table(results: dict) -> pd.DataFrame:
     df = pd.DataFrame.from_dict(rows, orient="index").reindex(columns=SUMMARY_COLUMNS)
     df[[ACC, SPARSITY]] = df[[ACC, SPARSITY]].astype(float).round(2)
     df[LOSS] = df[LOSS].astype(float).round(4)
+    df[[SIZE, LATENCY]] = df[[SIZE, LATENCY]].astype(float).round(3)
     df[[NONZERO, TOTAL]] = df[[NONZERO, TOTAL]].astype("Int64")
     df.index.name = "model state"
+    df.attrs["latency"] = point
     return df
 
 
 def summary_styler(results: dict):
     """``summary_table`` formatted for display (thousands separators, '—' for not measured)."""
-    return (summary_table(results).style
-            .format({ACC: "{:.2f}", LOSS: "{:.4f}", SPARSITY: "{:.2f}", NONZERO: "{:,}", TOTAL: "{:,}"}, na_rep="—")
-            .set_caption(SEED_REPORT["note"]))
+    df = summary_table(results)
+    point = df.attrs.get("latency")
+    where = (f"Latency: median time for a batch of {point[1]} on {point[0]} in this run (masks folded, as "
+             "deployed; details in the efficiency table). ") if point else ""
+    return (df.style.format({ACC: "{:.2f}", LOSS: "{:.4f}", SPARSITY: "{:.2f}", NONZERO: "{:,}", TOTAL: "{:,}",
+                             SIZE: "{:.2f}", LATENCY: "{:.2f}"}, na_rep="—")
+            .set_caption(where + SEED_REPORT["note"]))
 
 
 # --------------------------------------------------------------------------- findings
@@ -445,7 +482,7 @@ def _f_time(results: dict) -> str | None:
 def findings(results: dict) -> list[str]:
     """Sentences computed from the numbers of ``results`` (each one changes when its numbers do)."""
     builders = [_f_data, _f_accuracy, lambda r: _f_train_loss(r, "trained"), _f_first_steps,
-                lambda r: _f_overfit(r, "trained"), _f_prune, _f_sparsity, _f_seed, _f_retrain, _f_control,
+                lambda r: _f_overfit(r, "trained"), _f_prune, _f_sparsity, _f_seed, _f_seeds, _f_retrain, _f_control,
                 _f_efficiency, _f_sweep,
                 lambda r: _f_train_loss(r, "retrained"), lambda r: _f_overfit(r, "retrained"),
                 _f_loss_note, _f_time]
@@ -554,11 +591,17 @@ def provenance_markdown(results: dict) -> str:
     lines = ["| item | value |", "|---|---|"] + [f"| {md_escape(k)} | {md_escape(v if v is not None else '—')} |"
                                                  for k, v in rows]
     pages = " · ".join(f"[{name}](notebooks/{name}.html)" for name in STAGE_PAGES)
-    return "\n".join(lines + ["", f"Each stage's executed notebook, with its code and outputs: {pages}."])
+    lines += ["", f"Each stage's executed notebook, with its code and outputs: {pages}."]
+    for r in results.get("repeats") or []:
+        seed = int(r["seed"])   # an int (config checks it): safe in a link
+        links = " · ".join(f"[{name}](repeats/seed-{seed}/notebooks/{name}.html)" for name in REPEAT_PAGES)
+        lines.append(f"Repeat with seed {seed} (folder repeats/seed-{seed}): {links}.")
+    return "\n".join(lines)
 
 
 #: the executed stage notebooks rendered beside report.html (notebooks/<name>.html)
 STAGE_PAGES = ("01_data", "02_train", "03_prune", "04_retrain", "05_analysis")
+REPEAT_PAGES = ("02_train", "03_prune", "04_retrain")   # a repeat shares the data and the analysis
 
 
 # --------------------------------------------------------------------------- efficiency, control, sweep
@@ -798,6 +841,175 @@ def plot_tradeoff(results: dict) -> Figure:
         for h, l in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(l, h)
     fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=3, fontsize=8)
+    return fig
+
+
+# --------------------------------------------------------------------------- seeds
+
+SEED_STATES = ("trained", "pruned", "retrained", "control")
+SEED_STATE_LABEL = {"trained": "trained", "pruned": "pruned", "retrained": "retrained", "control": "dense control"}
+PAIRS = (("pruned", "trained"), ("retrained", "trained"), ("retrained", "control"))
+CONFIDENCE = 0.95
+
+
+def seed_runs(results: dict) -> list[dict]:
+    """Test accuracy (and loss, sparsity) of every model state per seed: this run's first, then the
+    repeats' (`seeds`), as stages.seed_results gives them."""
+    main = {"seed": (results.get("params") or {}).get("seed"), "dir": "."}
+    for state in SEED_STATES:
+        m = results.get("control") if state == "control" else _stage(results, state)
+        if m and m.get("test_accuracy") is not None:
+            main[state] = {k: m.get(k) for k in ("test_accuracy", "test_loss", "global_sparsity")}
+    return [main, *(results.get("repeats") or [])]
+
+
+def _accuracies(runs: list[dict], state: str) -> dict:
+    """seed -> test accuracy (%) of `state`, for the seeds where it was measured."""
+    return {r["seed"]: 100 * r[state]["test_accuracy"] for r in runs if (r.get(state) or {}).get("test_accuracy")
+            is not None}
+
+
+def t_interval(values, confidence: float = CONFIDENCE) -> tuple[float, float, float, float]:
+    """Mean, sample standard deviation and the two ends of the Student-t confidence interval of the
+    mean (NaN where fewer than two values: one seed says nothing about the spread)."""
+    from scipy import stats
+
+    v = np.asarray(list(values), dtype=float)
+    if v.size == 0:
+        return (np.nan,) * 4
+    mean = float(v.mean())
+    if v.size < 2:
+        return mean, np.nan, np.nan, np.nan
+    sd = float(v.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + confidence / 2, v.size - 1)) * sd / np.sqrt(v.size)
+    return mean, sd, mean - half, mean + half
+
+
+def seeds_table(results: dict) -> pd.DataFrame:
+    """Test accuracy (%) of each model state per seed, with the mean, standard deviation (points),
+    min and max over seeds."""
+    runs = seed_runs(results)
+    rows = {}
+    for state in SEED_STATES:
+        acc = _accuracies(runs, state)
+        if not acc:
+            continue
+        mean, sd, _, _ = t_interval(acc.values())
+        rows[SEED_STATE_LABEL[state]] = {"seeds": len(acc), "mean (%)": mean, "SD (points)": sd,
+                                         "min (%)": min(acc.values()), "max (%)": max(acc.values()),
+                                         **{f"seed {s} (%)": a for s, a in acc.items()}}
+    df = pd.DataFrame.from_dict(rows, orient="index")
+    df.index.name = "model state"
+    return df
+
+
+def paired_table(results: dict) -> pd.DataFrame:
+    """The paired change of test accuracy (points) per seed: pruned − trained, retrained − trained,
+    retrained − dense control, each over the seeds where both were measured, with its mean, SD and
+    95% Student-t confidence interval."""
+    runs = seed_runs(results)
+    rows = {}
+    for a, b in PAIRS:
+        xa, xb = _accuracies(runs, a), _accuracies(runs, b)
+        diff = {s: xa[s] - xb[s] for s in xa if s in xb}
+        if not diff:
+            continue
+        mean, sd, lo, hi = t_interval(diff.values())
+        rows[f"{SEED_STATE_LABEL[a]} − {SEED_STATE_LABEL[b]}"] = {
+            "seeds": len(diff), "mean (points)": mean, "SD (points)": sd, f"{CONFIDENCE:.0%} CI low": lo,
+            f"{CONFIDENCE:.0%} CI high": hi, **{f"seed {s}": d for s, d in diff.items()}}
+    df = pd.DataFrame.from_dict(rows, orient="index")
+    df.index.name = "paired change"
+    return df
+
+
+def seeds_styler(results: dict):
+    df = seeds_table(results)
+    return (df.style.format({c: "{:.2f}" for c in df.columns if c != "seeds"}, na_rep="—")
+            .set_caption("Test accuracy per seed. SD: sample standard deviation over seeds, in points (— with "
+                         "one seed). All seeds share the same data; a seed sets initialisation, batch order, "
+                         "augmentation and random pruning."))
+
+
+def paired_styler(results: dict):
+    df = paired_table(results)
+    return (df.style.format({c: "{:.2f}" if c.startswith("SD") else "{:+.2f}" for c in df.columns if c != "seeds"},
+                            na_rep="—")
+            .set_caption(f"Paired change of test accuracy in points, per seed (the same seed's models compared). "
+                         f"CI: {CONFIDENCE:.0%} Student-t confidence interval of the mean change over seeds; an "
+                         "interval that holds 0 means the change is not distinguishable from seed-to-seed noise."))
+
+
+def seeds_markdown(results: dict) -> str:
+    """The uncertainty over seeds in sentences: spread, and whether each paired change is noise."""
+    runs = seed_runs(results)
+    seeds = [r["seed"] for r in runs]
+    if len(runs) < 2:
+        return (f"One seed only ({md_escape(seeds[0])}): no spread can be measured, so the changes above are single "
+                "measurements. Set `seeds: [0, 1, 2]` (or more) to repeat training, pruning and retraining with "
+                "other seeds on the same data and read every change against the noise.")
+    lines = [f"- {len(runs)} seeds ({', '.join(md_escape(s) for s in seeds)}), the same data for all."]
+    trained = _accuracies(runs, "trained")
+    if trained:
+        mean, sd, lo, hi = t_interval(trained.values())
+        lines.append(f"- Trained test accuracy: mean {mean:.1f}%, SD {sd:.1f} points over seeds "
+                     f"({min(trained.values()):.1f}–{max(trained.values()):.1f}%).")
+    paired = paired_table(results)
+    for name, r in paired.iterrows():
+        if r["seeds"] < 2:
+            continue
+        lo, hi = r[f"{CONFIDENCE:.0%} CI low"], r[f"{CONFIDENCE:.0%} CI high"]
+        verdict = ("the interval holds 0: not distinguishable from seed-to-seed noise" if lo <= 0 <= hi
+                   else f"the interval excludes 0: a {'loss' if hi < 0 else 'gain'} beyond seed-to-seed noise")
+        lines.append(f"- {md_escape(name)}: {r['mean (points)']:+.2f} points on average over {int(r['seeds'])} seeds, "
+                     f"{CONFIDENCE:.0%} CI [{lo:+.2f}, {hi:+.2f}]; {verdict}.")
+    seed_drop = 100 * (SEED_REPORT["pruned"]["test_accuracy"] - SEED_REPORT["trained"]["test_accuracy"])
+    key = f"{SEED_STATE_LABEL['pruned']} − {SEED_STATE_LABEL['trained']}"
+    if key in paired.index and paired.loc[key, "seeds"] >= 2:
+        lo, hi = paired.loc[key, f"{CONFIDENCE:.0%} CI low"], paired.loc[key, f"{CONFIDENCE:.0%} CI high"]
+        lines.append(f"- The seed report's change after pruning ({seed_drop:+.0f} point, one seed) lies "
+                     f"{'inside' if lo <= seed_drop <= hi else 'outside'} this study's interval for it.")
+    return "\n".join(lines)
+
+
+def _f_seeds(results: dict) -> str | None:
+    paired = paired_table(results)
+    key = f"{SEED_STATE_LABEL['pruned']} − {SEED_STATE_LABEL['trained']}"
+    if key not in paired.index or paired.loc[key, "seeds"] < 2:
+        return None
+    r = paired.loc[key]
+    lo, hi = r[f"{CONFIDENCE:.0%} CI low"], r[f"{CONFIDENCE:.0%} CI high"]
+    return (f"Over {int(r['seeds'])} seeds, pruning changed test accuracy by {r['mean (points)']:+.2f} points "
+            f"({CONFIDENCE:.0%} CI {lo:+.2f} to {hi:+.2f}): "
+            + ("within seed-to-seed noise." if lo <= 0 <= hi else "beyond seed-to-seed noise."))
+
+
+def plot_seeds(results: dict) -> Figure:
+    """Test accuracy of each model state per seed, one line per seed joining its own models (the
+    pairing), and the mean over seeds with its 95% confidence interval."""
+    runs = seed_runs(results)
+    states = [s for s in SEED_STATES if _accuracies(runs, s)]
+    if not states:
+        return _placeholder("No test accuracy yet: run the train stage.")
+    fig, (ax,) = _figure(size=(8, 4))
+    x = {s: i for i, s in enumerate(states)}
+    for r in runs:
+        pts = [(x[s], 100 * r[s]["test_accuracy"]) for s in states if (r.get(s) or {}).get("test_accuracy") is not None]
+        ax.plot(*zip(*pts), color="#9a9a9a", lw=1, alpha=0.8, zorder=1)
+    for s in states:
+        acc = _accuracies(runs, s)
+        ax.scatter([x[s]] * len(acc), list(acc.values()), color=STATE_COLORS[s], s=22, alpha=0.7, zorder=2)
+        mean, _, lo, hi = t_interval(acc.values())
+        yerr = None if np.isnan(lo) else [[mean - lo], [hi - mean]]
+        ax.errorbar(x[s] + 0.12, mean, yerr=yerr, fmt="D", color=STATE_COLORS[s], mec="black", ms=7, capsize=5,
+                    ecolor="black", zorder=3)
+    ax.set_xticks(list(x.values()), [SEED_STATE_LABEL[s] for s in states])
+    ax.set_xlim(-0.4, len(states) - 0.4)
+    handles = [Line2D([], [], color="#9a9a9a", lw=1, label="one seed (its models joined)"),
+               Line2D([], [], marker="D", color="black", ls="none", mfc="white",
+                      label=f"mean, {CONFIDENCE:.0%} CI over seeds" if len(runs) > 1 else "mean (one seed: no CI)")]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
+    _label(ax, "model state", "test accuracy (%)", f"Test accuracy per seed ({len(runs)} seed{'s' * (len(runs) != 1)})")
     return fig
 
 
@@ -1112,12 +1324,106 @@ def row_normalised(cm: np.ndarray) -> np.ndarray:
     return np.divide(100.0 * cm, totals, out=np.zeros(cm.shape), where=totals > 0)
 
 
+def _predictions(run_dir: Path) -> dict[str, np.ndarray]:
+    """The test predictions of each model state saved in the run (and of the dense control)."""
+    found = {s: np.load(p) for s in STATES if (p := run_dir / STAGE_OF[s] / "predictions.npy").is_file()}
+    if (p := run_dir / "retrain" / "control" / "predictions.npy").is_file():
+        found["control"] = np.load(p)
+    return found
+
+
+def paired_change(labels: np.ndarray, before: np.ndarray, after: np.ndarray) -> tuple[float, float]:
+    """Change of accuracy (points) from `before` to `after` predictions of the same samples, and its
+    standard error for paired samples: sqrt(b + c - (b - c)^2 / n) / n, with b (c) the samples only
+    `after` (only `before`) gets right (the normal approximation behind McNemar's test)."""
+    n = len(labels)
+    if n == 0:
+        return np.nan, np.nan
+    gain = int(((after == labels) & (before != labels)).sum())
+    loss = int(((after != labels) & (before == labels)).sum())
+    return 100 * (gain - loss) / n, 100 * np.sqrt(max(gain + loss - (gain - loss) ** 2 / n, 0.0)) / n
+
+
+STATE_COLUMN = {"trained": "trained (%)", "pruned": "pruned (%)", "retrained": "retrained (%)",
+                "control": "dense control (%)"}
+
+
+def per_class_table(run_dir) -> pd.DataFrame:
+    """Per-class test accuracy of every model state, and the paired change (points, ± one standard
+    error) of the pruned and retrained models against the trained one; most hurt by pruning first."""
+    run_dir = Path(run_dir)
+    classes = _data_info(run_dir).get("classes") or []
+    labels = np.load(run_dir / "data" / "test_labels.npy") if (run_dir / "data" / "test_labels.npy").is_file() else None
+    preds = _predictions(run_dir) if labels is not None else {}
+    if not preds or not classes:
+        return pd.DataFrame()
+    rows = {}
+    for k, name in enumerate(classes):
+        sel = labels == k
+        row = {"test samples": int(sel.sum())}
+        for state, pred in preds.items():
+            row[STATE_COLUMN[state]] = 100 * float((pred[sel] == k).mean()) if sel.any() else np.nan
+        for state in ("pruned", "retrained"):
+            if state in preds and "trained" in preds:
+                change, se = paired_change(labels[sel], preds["trained"][sel], preds[state][sel])
+                row[f"{state} − trained (points)"], row[f"{state}: ± 1 SE"] = change, se
+        rows[str(name)] = row
+    df = pd.DataFrame.from_dict(rows, orient="index")
+    df.index.name = "class"
+    if "pruned − trained (points)" in df:
+        df = df.sort_values("pruned − trained (points)", kind="stable")
+    return df
+
+
+def per_class_styler(run_dir):
+    """``per_class_table`` for display: changes below zero in the pruned colour, above in the retrained."""
+    df = per_class_table(run_dir)
+    if df.empty:
+        return df
+    fmt = {c: "{:.1f}" for c in df.columns if c != "test samples"}
+    change = [c for c in df.columns if c.endswith("(points)")]
+    return (df.style.format(fmt, na_rep="—").format_index(escape="html")   # class names are untrusted text
+            .bar(subset=change, align="zero", color=[_hex(STATE_COLORS["pruned"]), _hex(STATE_COLORS["retrained"])])
+            .set_caption("Per-class test accuracy (%). Changes are paired (the same test crops before and after), "
+                         "in points, with one standard error; a change smaller than about two standard errors is "
+                         "within the noise of this test set. Sorted by the change after pruning, largest loss first."))
+
+
+def _hex(color) -> str:
+    from matplotlib.colors import to_hex
+
+    return to_hex(color)
+
+
+def per_class_markdown(run_dir) -> str:
+    """Which classes pay for pruning, in sentences computed from ``per_class_table``."""
+    df = per_class_table(run_dir)
+    col, se = "pruned − trained (points)", "pruned: ± 1 SE"
+    if df.empty or col not in df:
+        return "No per-class comparison: the train and prune stages' predictions are not both in this run folder."
+    worst = df[df[col] < 0].head(3)
+    if worst.empty:
+        return "Pruning lowered the test accuracy of no class."
+    named = "; ".join(f"{md_escape(name)} {r[col]:+.1f} ± {r[se]:.1f} points on {int(r['test samples'])} crops"
+                      for name, r in worst.iterrows())
+    beyond = df[(df[col] < 0) & (df[col].abs() > 2 * df[se])]
+    tail = (f" {len(beyond)} of {len(df)} classes lost more than two standard errors." if len(beyond)
+            else " No class lost more than two standard errors: the per-class losses are within the noise.")
+    lines = [f"- Pruning cost most in: {named}.{tail}"]
+    rcol = "retrained − trained (points)"
+    if rcol in df:
+        back = df[(df[col] < 0) & (df[rcol] >= 0)]
+        lines.append(f"- After retraining, {len(back)} of the {int((df[col] < 0).sum())} classes that lost "
+                     "accuracy to pruning are back at or above their trained accuracy.")
+    return "\n".join(lines)
+
+
 def plot_confusion(run_dir) -> Figure:
     """Row-normalised confusion matrices (%) of the trained / pruned / retrained models side by side."""
     run_dir = Path(run_dir)
     classes = _data_info(run_dir)["classes"]
     labels = np.load(run_dir / "data" / "test_labels.npy")
-    states = [(s, np.load(p)) for s in STATES if (p := run_dir / STAGE_OF[s] / "predictions.npy").is_file()]
+    states = [(s, p) for s, p in _predictions(run_dir).items() if s in STATES]
     if not states:
         return _placeholder("No predictions (train/prune/retrain predictions.npy) in this run folder.")
     k = len(classes)
@@ -1168,5 +1474,5 @@ def all_figures(run_dir, results: dict | None = None) -> dict[str, Figure]:
             "weight_histograms": plot_weight_histograms(run_dir),
             "class_counts": plot_class_counts(_read_json(Path(run_dir) / "data" / "data.json")
                                               or results.get("data") or {}),
-            "samples": plot_samples(run_dir), "confusion": plot_confusion(run_dir),
+            "samples": plot_samples(run_dir), "confusion": plot_confusion(run_dir), "seeds": plot_seeds(results),
             "tradeoff": plot_tradeoff(results)}

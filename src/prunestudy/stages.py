@@ -518,10 +518,27 @@ def collect_results(run_dir, params: dict | None = None, timings: dict | None = 
     if params is not None:
         res["params"] = params
         res["params_hash"] = config.stage_hash(params)
+        if config.repeat_seeds(params):
+            res["repeats"] = [seed_results(run_dir, s, f"repeats/seed-{s}") for s in config.repeat_seeds(params)]
     if timings is not None:
         res["timings_s"] = timings
     res["provenance"] = provenance()
     return res
+
+
+def seed_results(run_dir, seed: int, where: str = ".") -> dict:
+    """What the report compares across seeds, from one run folder (`where` in run_dir: a repeat's,
+    or the run itself): test accuracy and loss of each model state (and the dense control),
+    sparsity, the folder."""
+    out = {"seed": seed, "dir": where}
+    run_dir = Path(run_dir) / where
+    for state, stage in (("trained", "train"), ("pruned", "prune"), ("retrained", "retrain"),
+                         ("control", "retrain/control")):
+        path = run_dir / stage / "metrics.json"
+        if path.is_file():
+            m = store.read_json(path)
+            out[state] = {k: m.get(k) for k in ("test_accuracy", "test_loss", "global_sparsity")}
+    return out
 
 
 def sweep_results(run_dir, names: list[str]) -> list[dict]:

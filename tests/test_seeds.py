@@ -1,0 +1,114 @@
+"""`seeds: [..]`: the study repeated over seeds, with mean, spread and paired confidence intervals
+in the report (issue 6, uncertainty), through the real command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from prunestudy import browser, config, pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "prunestudy.cli"]
+
+
+def run_cli(*args):
+    return subprocess.run([*CLI, *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
+def started(stdout: str) -> list[str]:
+    return re.findall(r"==> \[([^\]]+)\] (\w+): start", stdout)
+
+
+@pytest.fixture(scope="module")
+def seeded_run(smoke_run, tmp_path_factory):
+    """The finished smoke run, rerun with seeds [0, 1]: only the repeat and the analysis may run."""
+    run_dir = tmp_path_factory.mktemp("seeds") / "run"
+    shutil.copytree(smoke_run[0], run_dir, symlinks=True)
+    proc = run_cli("run", "-f", "params/smoke.yaml", "--run-dir", str(run_dir), "-p", "seeds=[0, 1]")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run_dir, proc
+
+
+def test_adding_seeds_reuses_the_finished_run_and_runs_only_the_repeat(seeded_run):
+    run_dir, proc = seeded_run
+    assert started(proc.stdout) == [("seed 1: repeat 1/1", "train"), ("seed 1: repeat 1/1", "prune"),
+                                     ("seed 1: repeat 1/1", "retrain"), ("5/5", "analysis")]
+    rep = run_dir / "repeats" / "seed-1"
+    for i, name in enumerate(("train", "prune", "retrain"), 2):
+        assert (rep / name / "metrics.json").is_file() and (rep / "notebooks" / f"0{i}_{name}.html").is_file()
+    assert json.loads((rep / "train" / "metrics.json").read_text())["params"]["seed"] == 1
+    assert json.loads((rep / "retrain" / "metrics.json").read_text())["params"]["seed"] == 1
+    # the repeat trains on the run's own data files (hard links: the same bytes, not a second crop)
+    for f in (run_dir / "data").glob("*.npy"):
+        assert os.path.samefile(f, rep / "data" / f.name)
+    assert not (rep / "prune" / "sweep").exists()   # the sweep runs once, in the main run
+
+
+def test_results_and_report_hold_the_spread_and_the_paired_intervals(seeded_run):
+    from scipy import stats
+
+    run_dir, _ = seeded_run
+    res = json.loads((run_dir / "results.json").read_text())
+    rep = run_dir / "repeats" / "seed-1"
+    [r1] = res["repeats"]
+    assert r1["seed"] == 1 and r1["dir"] == "repeats/seed-1"
+    acc = {"trained": [res["train"]["test_accuracy"], json.loads((rep / "train" / "metrics.json").read_text())
+                       ["test_accuracy"]],
+           "pruned": [res["prune"]["test_accuracy"], json.loads((rep / "prune" / "metrics.json").read_text())
+                      ["test_accuracy"]]}
+    assert r1["trained"]["test_accuracy"] == acc["trained"][1]
+    drop = 100 * (np.array(acc["pruned"]) - np.array(acc["trained"]))
+    half = stats.t.ppf(0.975, 1) * drop.std(ddof=1) / np.sqrt(2)
+    html = (run_dir / "report.html").read_text()
+    assert "Is it noise?" in html and "2 seeds (0, 1)" in html
+    assert f"pruned − trained: {drop.mean():+.2f} points on average over 2 seeds" in html
+    if drop.std() > 0:
+        assert f"[{drop.mean() - half:+.2f}, {drop.mean() + half:+.2f}]" in html
+    for name in ("02_train", "03_prune", "04_retrain"):
+        assert f'href="repeats/seed-1/notebooks/{name}.html"' in html
+    assert (run_dir / "analysis" / "figures" / "seeds.png").stat().st_size > 0
+
+
+def test_seeded_report_opens_cleanly_in_a_browser(seeded_run):
+    if browser.chromium_path() is None:
+        pytest.skip("no Chromium on this machine: `make setup` installs Debian's chromium package (as root)")
+    run_dir, _ = seeded_run
+    found = browser.inspect(run_dir / "report.html")
+    assert found["console_errors"] == [] and found["page_errors"] == [] and found["failed_requests"] == []
+    assert found["external_requests"] == [] and found["broken_images"] == [] and found["first_screen_visible"]
+    assert "paired change" in found["text"]
+
+
+def test_rerun_with_the_same_seeds_does_nothing_and_a_data_change_is_noticed(seeded_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(seeded_run[0], run_dir, symlinks=True)
+    proc = run_cli("run", "-f", "params/smoke.yaml", "--run-dir", str(run_dir), "-p", "seeds=[0, 1]")
+    assert proc.returncode == 0 and started(proc.stdout) == [] and "nothing to do" in proc.stdout
+    # the run's data changed (as when the data stage reran): the repeat's links are refreshed, and the
+    # runner then reruns the repeat's stages (link_data's True is their `after_change`)
+    labels = run_dir / "data" / "test_labels.npy"
+    data = np.load(labels)
+    labels.unlink()
+    np.save(labels, data[::-1].copy())
+    cfg = config.load(ROOT / "params" / "smoke.yaml", ["seeds=[0, 1]"])
+    assert pipeline.link_data(run_dir / "data", run_dir / "repeats" / "seed-1" / "data") is True
+    assert np.array_equal(np.load(run_dir / "repeats" / "seed-1" / "data" / "test_labels.npy"), data[::-1])
+    assert pipeline.link_data(run_dir / "data", run_dir / "repeats" / "seed-1" / "data") is False
+    assert config.repeat_seeds(cfg) == [1]
+
+
+def test_seeds_parameter_is_checked_before_any_work(tmp_path):
+    proc = run_cli("run", "-f", "params/smoke.yaml", "--run-dir", str(tmp_path / "r"), "-p", "seeds=[0]")
+    assert proc.returncode == 2 and "holds no seed besides seed=0" in proc.stderr
+    proc = run_cli("run", "-f", "params/smoke.yaml", "--run-dir", str(tmp_path / "r"), "-p", "seeds=[1, 1]")
+    assert proc.returncode == 2 and "seeds lists a seed twice" in proc.stderr
+    assert not (tmp_path / "r").exists()
