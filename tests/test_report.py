@@ -438,6 +438,10 @@ def test_title_and_provenance(run):
     assert "seed\\_cnn" in report.title_markdown(res) and "abc123" in report.title_markdown(res)
     prov = report.provenance_markdown(res)
     assert "deadbeef" in prov and "| torch | 2.14.1 |" in prov and "3.1 s" in prov
+    assert "| parameter: train.epochs | 10 |" in prov
+    assert "| device (training) | cpu |" in prov
+    counts = res["data"]["counts"]["test"]
+    assert f"person: {counts['person']}" in prov and "&lt;b&gt;dog&lt;/b&gt;" in prov   # class names escaped
 
 
 # --------------------------------------------------------------------------- efficiency, control, sweep
@@ -541,6 +545,17 @@ def test_summary_shows_size_and_latency_measured_in_the_run(study):
     assert np.isnan(df.loc[report.CONTROL_LABEL, report.LATENCY])   # not measured: not made up
     assert np.isnan(df.loc["seed report: pruned", report.SIZE])
     assert "batch of 1 on cpu" in report.summary_styler(study).to_html()
+
+
+def test_summary_lists_every_sweep_point_after_the_control(study):
+    df = report.summary_table(study)
+    sweep = [i for i in df.index if i.startswith("sweep: ")]
+    assert len(sweep) == len(SWEEP) and list(df.index).index(sweep[0]) == 4   # after the control
+    name = "sweep: l1_unstructured 0.5 (retrained)"
+    assert df.loc[name, report.ACC] == 64.0 and df.loc[name, report.SPARSITY] == 50.0
+    assert np.isnan(df.loc[name, report.LATENCY])
+    study["sweep"][0]["test_accuracy_after"] = None       # a point the retrain stage has not reached
+    assert report.summary_table(study).loc["sweep: l1_unstructured 0.5 (pruned, not retrained)", report.ACC] == 60.0
 
 
 def test_sweep_table_and_finding(study):

@@ -55,7 +55,8 @@ SCHEMA: dict[str, tuple[Any, tuple[type, ...], str]] = {
                     "options fp32/false reproduce the plain loop bit for bit"),
     "train.weights": (None, (str, type(None)), "local state_dict to start from (nothing is downloaded); "
                       "null = random initialisation"),
-    "train.launcher": ("none", (str,), "none | torchrun: train under torchrun with DistributedDataParallel"),
+    "train.launcher": ("none", (str,), "none | torchrun: train and retrain (control and sweep included) under "
+                       "torchrun with DistributedDataParallel"),
     "train.nproc_per_node": (1, (int,), "processes per node under torchrun (gloo on CPU, NCCL on CUDA)"),
     "prune.method": ("l1_unstructured", (str,), "l1_unstructured | global_magnitude | random_unstructured | "
                      "ln_structured (masked: zeros, dense shape) | channel (Torch-Pruning: smaller layers)"),

@@ -162,7 +162,9 @@ def run(cfg: dict, run_dir: str | Path, *, force: str | None = None, log: Callab
         ran |= chain.run(rcfg, rdir, REPEAT_STAGES, rkeys, rtimes, lambda: _finish(rdir, rcfg, rtimes, rkeys),
                          after_change=relinked)
     chain.label = ""
-    _finish(run_dir, cfg, timings, keys)   # what the analysis reads: these parameters, every stage so far
+    saved = run_dir / "results.json"
+    if ran or not saved.is_file() or store.read_json(saved).get("params") != cfg:
+        _finish(run_dir, cfg, timings, keys)   # what the analysis reads: these parameters, every stage so far
     ran |= chain.run(cfg, run_dir, ("analysis",), keys, timings, lambda: _finish(run_dir, cfg, timings, keys),
                      after_change=bool(ran))
     if not ran:

@@ -207,9 +207,25 @@ def _cost(eff: dict, which: str, point: tuple[str, int] | None) -> dict:
     return {SIZE: size, LATENCY: ms}
 
 
+def _sweep_rows(results: dict) -> dict:
+    """One summary row per sweep point, after retraining where it was retrained (its latency was
+    measured at another batch size: see the sweep table)."""
+    rows = {}
+    for p in results.get("sweep") or []:
+        after = p.get("test_accuracy_after") is not None
+        acc, loss = (p["test_accuracy_after"], p.get("test_loss_after")) if after else \
+            (p["test_accuracy_before"], p.get("test_loss_before"))
+        size = (p.get("sizes") or {}).get("state_dict_bytes")
+        rows[f"sweep: {p['method']} {p['amount']:g} ({'retrained' if after else 'pruned, not retrained'})"] = {
+            ACC: 100 * acc, LOSS: np.nan if loss is None else loss, SPARSITY: 100 * p["sparsity"],
+            NONZERO: p.get("params_nonzero"), TOTAL: p.get("params_total"),
+            SIZE: np.nan if size is None else size / MB}
+    return rows
+
+
 def summary_table(results: dict) -> pd.DataFrame:
     """One row per model state of this run (trained / pruned / retrained, those present), the dense
-    control beside the retrained model when it ran, and the seed report's two rows. Accuracy and
+    control beside the retrained model when it ran, each sweep point, and the seed report's two rows. Accuracy and
     sparsity in % (2 decimals), loss the true per-sample mean (4 decimals; NaN for the seed, whose
     loss is not comparable), parameter counts as integers, the state_dict's size in MB and the
     median latency measured in this run (device and batch in ``df.attrs['latency']``).
@@ -225,6 +241,7 @@ def summary_table(results: dict) -> pd.DataFrame:
             rows[state].update(_cost(_stage(results, state)["efficiency"], "pruned", point))
     if results.get("control"):
         rows[CONTROL_LABEL] = _summary_row(results["control"])
+    rows.update(_sweep_rows(results))
     for state in ("trained", "pruned"):
         rows[f"seed report: {state}"] = {ACC: 100 * SEED_REPORT[state]["test_accuracy"]}
     df = pd.DataFrame.from_dict(rows, orient="index").reindex(columns=SUMMARY_COLUMNS)
@@ -271,7 +288,8 @@ def _f_accuracy(results: dict) -> str | None:
     if "test_accuracy" not in train:
         return "Training has not run in this run folder, so there is no trained model to report."
     acc, n = train["test_accuracy"], _test_size(results)
-    s = (f"After {len(train.get('epochs') or [])} training epochs the {train.get('model', 'model')} reached "
+    n_epochs = len(train.get("epochs") or [])
+    s = (f"After {n_epochs} training epoch{'s' * (n_epochs != 1)} the {train.get('model', 'model')} reached "
          f"{_pct(acc)} test accuracy")
     if train.get("test_loss") is not None:
         s += f" (test loss {train['test_loss']:.3f}, a true per-sample mean)"
@@ -580,14 +598,26 @@ def stage_markdown(stage: str, metrics: dict) -> str:
 
 
 def provenance_markdown(results: dict) -> str:
-    """Versions, platform, commit, parameter hash and stage timings as a Markdown table."""
+    """Parameter hash, commit, platform, device, seeds, the data's manifest hash and class counts,
+    versions, stage timings and keys, and every parameter, as a Markdown table; then links to
+    every stage's executed notebook (the repeats' too)."""
     prov = results.get("provenance") or {}
     rows = [("parameters hash", results.get("params_hash")), ("git commit", prov.get("git_commit")),
             ("python", prov.get("python")), ("platform", prov.get("platform")),
             ("processor", prov.get("processor")), ("cuda", prov.get("cuda"))]
+    train = _stage(results, "trained")
+    params = results.get("params") or {}
+    seeds = [params.get("seed"), *[r["seed"] for r in results.get("repeats") or []]]
+    rows += [("device (training)", train.get("device")),
+             ("seeds", ", ".join(str(s) for s in seeds if s is not None) or None),
+             ("data manifest sha256", (results.get("data") or {}).get("manifest_sha256"))]
+    counts = (results.get("data") or {}).get("counts") or {}
+    for split, by_class in counts.items():
+        rows.append((f"{split} crops per class", ", ".join(f"{c}: {n}" for c, n in by_class.items())))
     rows += [(pkg, v) for pkg, v in (prov.get("versions") or {}).items()]
     rows += [(f"time: {stage}", f"{s:.1f} s") for stage, s in (results.get("timings_s") or {}).items()]
     rows += [(f"stage key: {stage}", key) for stage, key in (results.get("stage_keys") or {}).items()]
+    rows += [(f"parameter: {k}", json.dumps(v)) for k, v in _flat(params).items()]
     lines = ["| item | value |", "|---|---|"] + [f"| {md_escape(k)} | {md_escape(v if v is not None else '—')} |"
                                                  for k, v in rows]
     pages = " · ".join(f"[{name}](notebooks/{name}.html)" for name in STAGE_PAGES)
@@ -597,6 +627,17 @@ def provenance_markdown(results: dict) -> str:
         links = " · ".join(f"[{name}](repeats/seed-{seed}/notebooks/{name}.html)" for name in REPEAT_PAGES)
         lines.append(f"Repeat with seed {seed} (folder repeats/seed-{seed}): {links}.")
     return "\n".join(lines)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """{'train': {'lr': 1e-4}} -> {'train.lr': 1e-4} (dict parameters such as data.embedded stay whole)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and f"{prefix}{k}" != "data.embedded":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 #: the executed stage notebooks rendered beside report.html (notebooks/<name>.html)
@@ -993,6 +1034,7 @@ def plot_seeds(results: dict) -> Figure:
         return _placeholder("No test accuracy yet: run the train stage.")
     fig, (ax,) = _figure(size=(8, 4))
     x = {s: i for i, s in enumerate(states)}
+    shown = []   # every value drawn, for the y range (accuracy stays within 0-100%, a CI may not)
     for r in runs:
         pts = [(x[s], 100 * r[s]["test_accuracy"]) for s in states if (r.get(s) or {}).get("test_accuracy") is not None]
         ax.plot(*zip(*pts), color="#9a9a9a", lw=1, alpha=0.8, zorder=1)
@@ -1001,10 +1043,12 @@ def plot_seeds(results: dict) -> Figure:
         ax.scatter([x[s]] * len(acc), list(acc.values()), color=STATE_COLORS[s], s=22, alpha=0.7, zorder=2)
         mean, _, lo, hi = t_interval(acc.values())
         yerr = None if np.isnan(lo) else [[mean - lo], [hi - mean]]
+        shown += [*acc.values(), *([] if np.isnan(lo) else [lo, hi])]
         ax.errorbar(x[s] + 0.12, mean, yerr=yerr, fmt="D", color=STATE_COLORS[s], mec="black", ms=7, capsize=5,
                     ecolor="black", zorder=3)
     ax.set_xticks(list(x.values()), [SEED_STATE_LABEL[s] for s in states])
     ax.set_xlim(-0.4, len(states) - 0.4)
+    ax.set_ylim(max(0.0, min(shown) - 3), min(100.0, max(shown) + 3))   # a wide CI runs off the axes
     handles = [Line2D([], [], color="#9a9a9a", lw=1, label="one seed (its models joined)"),
                Line2D([], [], marker="D", color="black", ls="none", mfc="white",
                       label=f"mean, {CONFIDENCE:.0%} CI over seeds" if len(runs) > 1 else "mean (one seed: no CI)")]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextvars
 import hashlib
+import inspect
 import platform
 import subprocess
 import sys
@@ -244,18 +245,31 @@ def _prune_sweep(out: Path, dense, testset, example, *, amounts, methods, target
 
 # --- stage 4 -----------------------------------------------------------------------------------
 def run_retrain(run_dir=None, *, epochs=2, lr=1e-4, batch_size=32, epochs_per_round=1, control=True, device="auto",
-                seed=0, data_dir=None, pruned_dir=None, model_dir=None, out_dir=None, log=print) -> dict:
+                seed=0, data_dir=None, pruned_dir=None, model_dir=None, out_dir=None, launcher=None, log=print) -> dict:
     """Fine-tune the pruned model (from its rewound weights when the prune stage rewound) with its
     masks held: pruned weights stay exactly zero. Then export it (export.pt + export.json); with
     `control`, fine-tune the unpruned trained model for as many epochs (the prune stage's
     between-round epochs included) with the same settings, into control/; then retrain every
     sweep point of the prune stage for `epochs` into sweep/<point>/ (finished points skipped).
-    `epochs_per_round` is the prune stage's (recorded there); a different value is reported."""
+    `epochs_per_round` is the prune stage's (recorded there); a different value is reported.
+
+    `launcher`: None = as the train stage ran (train.launcher and train.nproc_per_node, recorded in
+    its metrics.json): under torchrun, this function reruns in that many processes and all its
+    fine-tuning (the control and the sweep points included) is data-parallel; only rank 0 measures
+    latency and writes. 'none' forces one process."""
     run_dir = resolve_run_dir(run_dir)
     data_dir = require("data", stage_dir(run_dir, "data", data_dir))
     pruned_dir = require("prune", stage_dir(run_dir, "prune", pruned_dir))
     model_dir = require("train", stage_dir(run_dir, "train", model_dir))
     out = stage_dir(run_dir, "retrain", out_dir)
+    trained_with = store.read_json(model_dir / "metrics.json").get("params") or {}
+    if launcher is None:
+        launcher = trained_with.get("launcher", "none")
+    if launcher == "torchrun" and not torch.distributed.is_initialized():
+        args = set(inspect.signature(run_retrain).parameters) - {"log"}
+        kw = {k: str(v) if isinstance(v, Path) else v for k, v in locals().items() if k in args}
+        return distributed.launch("run_retrain", kw, int(trained_with.get("nproc_per_node") or 1), log=log)
+    main = train.is_main_process()
     pm = store.read_json(pruned_dir / "metrics.json")
     if pm.get("rounds", 1) > 1 and pm.get("epochs_per_round") != epochs_per_round:
         log(f"[retrain] note: the prune stage fine-tuned {pm.get('epochs_per_round')} epochs per round, not "
@@ -275,24 +289,29 @@ def run_retrain(run_dir=None, *, epochs=2, lr=1e-4, batch_size=32, epochs_per_ro
                    label="retrain", checkpoint=out / CHECKPOINT_FILE)
     seconds = time.perf_counter() - start
     ev = train.evaluate(net, *testset)
-    eff = _efficiency(net, dense, LATENCY, testset)
     sp = _sparsity_fields(net, dense, pm["targets"])
-    _save_model(out, net, arch, len(classes))
-    export = _export(out, net, arch, classes, pm, ev)
-    _save_predictions(out, ev["predictions"])
-    store.write_json(out / "history.json", history)
+    eff = export = None
+    if main:  # under torchrun the other ranks go on to the control's fine-tuning and wait for rank 0 there
+        eff = _efficiency(net, dense, LATENCY, testset)
+        _save_model(out, net, arch, len(classes))
+        export = _export(out, net, arch, classes, pm, ev)
+        _save_predictions(out, ev["predictions"])
+        store.write_json(out / "history.json", history)
     settings = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed}
     control_epochs = epochs + pm.get("between_round_epochs", 0)
     if control:
         _control(out / "control", dense, trainset, testset, epochs=control_epochs, batch_size=batch_size, lr=lr,
                  seed=seed, log=log)
     names = _retrain_sweep(pruned_dir, out, pm.get("sweep") or [], dense, trainset, testset, settings, log)
+    if not main:
+        return {}
     metrics = {"test_accuracy": ev["accuracy"], "test_loss": ev["loss"], **sp,
                "start": {"weights": "rewound" if rewind else "pruned", "test_accuracy": first["accuracy"],
                          "test_loss": first["loss"]},
                "epochs": history["epochs"], "seconds": seconds, "params": settings, "efficiency": eff,
                "export": export, "control": bool(control), "control_epochs": control_epochs if control else None,
-               "sweep": names, "speed": history.get("speed"), **environment(dev)}
+               "sweep": names, "speed": history.get("speed"), "launcher": launcher,
+               "world_size": history.get("world_size", 1), **environment(dev)}
     store.write_json(out / "metrics.json", metrics)
     (out / CHECKPOINT_FILE).unlink(missing_ok=True)
     return metrics
@@ -305,6 +324,8 @@ def _control(out: Path, dense, trainset, testset, *, epochs, batch_size, lr, see
     history = _fit(net, trainset, testset, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, log=log,
                    label="control")
     ev = train.evaluate(net, *testset)
+    if not train.is_main_process():
+        return {}
     (out / "metrics.json").unlink(missing_ok=True)
     store.save_tensors(out / "model.pt", net.state_dict())
     _save_predictions(out, ev["predictions"])
@@ -339,6 +360,8 @@ def _retrain_sweep(pruned_dir: Path, out: Path, names: list[str], dense, trainse
             net = prune.clone(dense)
             prune.restore(net, store.load_tensors(src / "masks.pt"))
         history = _fit(net, trainset, testset, **settings, log=log, label=f"sweep {name}")
+        if not train.is_main_process():
+            continue
         ev = train.evaluate(net, *testset)
         sp = _sparsity_fields(net, dense, pm["targets"])
         metrics = {"key": key, "pruned_key": pm["key"], "name": name, "method": pm["method"], "amount": pm["amount"],
