@@ -3,7 +3,6 @@ notebooks executed by papermill in the project's kernel, results.json and report
 
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,13 +12,6 @@ import nbformat
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-m", "prunestudy.cli"]
-
-
-def _run(*args, cwd=ROOT):
-    return subprocess.run([*CLI, *args], cwd=cwd, capture_output=True, text=True, timeout=900)
-
-
 def test_runner_prints_each_stage_with_its_time(smoke_run):
     _, proc = smoke_run
     for i, stage in enumerate(["data", "train", "prune", "retrain", "analysis"], 1):
@@ -74,22 +66,21 @@ def test_report_is_self_contained_with_figures_and_code_hidden(smoke_run):
     assert (run_dir / "analysis" / "figures" / "accuracy.png").stat().st_size > 0
 
 
-def test_failing_stage_is_named_with_its_notebook(tmp_path):
-    run_dir = tmp_path / "run"
-    proc = _run("run", "-f", "params/smoke.yaml", "--run-dir", str(run_dir), "-p", "data.classes=[no_such_class]")
-    assert proc.returncode == 1
-    assert "stage 'data' failed" in proc.stderr and "no_such_class" in proc.stderr
-    executed = run_dir / "notebooks" / "01_data.ipynb"
-    assert str(executed) in proc.stderr and executed.is_file()
-    assert "[2/5] train" not in proc.stdout
+def _cli(capsys, *args) -> tuple[int, str]:
+    """The command line in this process (what `prunestudy ...` runs), for checks that stop before
+    any notebook starts: (exit status, stderr)."""
+    from prunestudy import cli
+
+    rc = cli.main(list(args))
+    return rc, capsys.readouterr().err
 
 
-def test_bad_parameters_exit_2_before_any_work(tmp_path):
-    proc = _run("run", "-f", "params/smoke.yaml", "--run-dir", str(tmp_path / "r"), "-p", "train.epoch=2")
-    assert proc.returncode == 2 and "did you mean 'train.epochs'" in proc.stderr
+def test_bad_parameters_exit_2_before_any_work(tmp_path, capsys):
+    rc, err = _cli(capsys, "run", "-f", "params/smoke.yaml", "--run-dir", str(tmp_path / "r"), "-p", "train.epoch=2")
+    assert rc == 2 and "did you mean 'train.epochs'" in err
     assert not (tmp_path / "r").exists()
-    proc = _run("run", "-f", "params/coco2017.yaml", "-p", f"data.root={tmp_path}")
-    assert proc.returncode == 2 and "instances_train2017.json" in proc.stderr
+    rc, err = _cli(capsys, "run", "-f", "params/coco2017.yaml", "-p", f"data.root={tmp_path}")
+    assert rc == 2 and "instances_train2017.json" in err
 
 
 def test_results_hold_the_control_the_sweep_and_efficiency(smoke_run):
@@ -108,19 +99,19 @@ def test_results_hold_the_control_the_sweep_and_efficiency(smoke_run):
     assert "dense control" in html and "saves no time" in html and "Trade-off" in html
 
 
-def test_bad_pruning_parameters_exit_2_before_any_work(tmp_path):
+def test_bad_pruning_parameters_exit_2_before_any_work(tmp_path, capsys):
     run_dir = tmp_path / "r"
-    proc = _run("run", "-f", "params/smoke.yaml", "--run-dir", str(run_dir), "-p", "prune.amount=1.0",
-                "-p", "prune.methods=[l1_unstructured, magic]", "-p", "prune.amounts=[0.5]")
-    assert proc.returncode == 2, proc.stderr
-    assert "prune.amount must be in [0, 1), got 1.0" in proc.stderr and "prune.methods[1] must be one of" in proc.stderr
-    proc = _run("run", "-f", "params/smoke.yaml", "--run-dir", str(run_dir), "-p", "prune.method=magic")
-    assert proc.returncode == 2 and "prune.method must be one of" in proc.stderr and "channel" in proc.stderr
-    proc = _run("run", "-f", "params/smoke.yaml", "--run-dir", str(run_dir), "-p", "train.model=resnet18",
-                "-p", "prune.method=channel", "-p", "prune.targets=linear")
-    assert proc.returncode == 2
-    assert "prune.method 'channel' cannot apply to resnet18 with prune.targets='linear'" in proc.stderr
-    assert "valid targets here: conv, all" in proc.stderr
+    rc, err = _cli(capsys, "run", "-f", "params/smoke.yaml", "--run-dir", str(run_dir), "-p", "prune.amount=1.0",
+                   "-p", "prune.methods=[l1_unstructured, magic]", "-p", "prune.amounts=[0.5]")
+    assert rc == 2, err
+    assert "prune.amount must be in [0, 1), got 1.0" in err and "prune.methods[1] must be one of" in err
+    rc, err = _cli(capsys, "run", "-f", "params/smoke.yaml", "--run-dir", str(run_dir), "-p", "prune.method=magic")
+    assert rc == 2 and "prune.method must be one of" in err and "channel" in err
+    rc, err = _cli(capsys, "run", "-f", "params/smoke.yaml", "--run-dir", str(run_dir), "-p", "train.model=resnet18",
+                   "-p", "prune.method=channel", "-p", "prune.targets=linear")
+    assert rc == 2
+    assert "prune.method 'channel' cannot apply to resnet18 with prune.targets='linear'" in err
+    assert "valid targets here: conv, all" in err
     assert not run_dir.exists()
 
 

@@ -28,21 +28,32 @@ def started(stdout: str) -> list[str]:
     return re.findall(r"==> \[([^\]]+)\] (\w+): start", stdout)
 
 
+CHANGES = ("-p", "seeds=[0, 1]", "-p", "prune.amount=0.5")
+
+
 @pytest.fixture(scope="module")
 def seeded_run(smoke_run, tmp_path_factory):
-    """The finished smoke run, rerun with seeds [0, 1]: only the repeat and the analysis may run."""
+    """The finished smoke run, rerun with seeds [0, 1] and prune.amount 0.5: the data and the
+    training are kept; pruning and retraining rerun, then the repeat with seed 1, then the analysis."""
     run_dir = tmp_path_factory.mktemp("seeds") / "run"
     shutil.copytree(smoke_run[0], run_dir, symlinks=True)
-    proc = run_cli("run", "-f", "params/smoke.yaml", "--run-dir", str(run_dir), "-p", "seeds=[0, 1]")
+    trained = (run_dir / "train" / "model.pt").stat().st_mtime_ns
+    proc = run_cli("run", "-f", "params/smoke.yaml", "--run-dir", str(run_dir), *CHANGES)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (run_dir / "train" / "model.pt").stat().st_mtime_ns == trained
     return run_dir, proc
 
 
-def test_adding_seeds_reuses_the_finished_run_and_runs_only_the_repeat(seeded_run):
+def test_changes_rerun_only_what_they_change_and_the_repeat(seeded_run):
     run_dir, proc = seeded_run
-    assert started(proc.stdout) == [("seed 1: repeat 1/1", "train"), ("seed 1: repeat 1/1", "prune"),
-                                     ("seed 1: repeat 1/1", "retrain"), ("5/5", "analysis")]
+    assert re.findall(r"\] (\w+): up to date", proc.stdout) == ["data", "train"]
+    assert started(proc.stdout) == [("3/5", "prune"), ("4/5", "retrain"), ("seed 1: repeat 1/1", "train"),
+                                     ("seed 1: repeat 1/1", "prune"), ("seed 1: repeat 1/1", "retrain"),
+                                     ("5/5", "analysis")]
+    res = json.loads((run_dir / "results.json").read_text())
+    assert res["prune"]["amount"] == 0.5 and res["retrain"]["global_sparsity"] > 0.45
     rep = run_dir / "repeats" / "seed-1"
+    assert json.loads((rep / "prune" / "metrics.json").read_text())["amount"] == 0.5
     for i, name in enumerate(("train", "prune", "retrain"), 2):
         assert (rep / name / "metrics.json").is_file() and (rep / "notebooks" / f"0{i}_{name}.html").is_file()
     assert json.loads((rep / "train" / "metrics.json").read_text())["params"]["seed"] == 1
@@ -91,7 +102,7 @@ def test_seeded_report_opens_cleanly_in_a_browser(seeded_run):
 def test_rerun_with_the_same_seeds_does_nothing_and_a_data_change_is_noticed(seeded_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(seeded_run[0], run_dir, symlinks=True)
-    proc = run_cli("run", "-f", "params/smoke.yaml", "--run-dir", str(run_dir), "-p", "seeds=[0, 1]")
+    proc = run_cli("run", "-f", "params/smoke.yaml", "--run-dir", str(run_dir), *CHANGES)
     assert proc.returncode == 0 and started(proc.stdout) == [] and "nothing to do" in proc.stdout
     # the run's data changed (as when the data stage reran): the repeat's links are refreshed, and the
     # runner then reruns the repeat's stages (link_data's True is their `after_change`)
@@ -99,16 +110,19 @@ def test_rerun_with_the_same_seeds_does_nothing_and_a_data_change_is_noticed(see
     data = np.load(labels)
     labels.unlink()
     np.save(labels, data[::-1].copy())
-    cfg = config.load(ROOT / "params" / "smoke.yaml", ["seeds=[0, 1]"])
+    cfg = config.load(ROOT / "params" / "smoke.yaml", list(CHANGES[1::2]))
     assert pipeline.link_data(run_dir / "data", run_dir / "repeats" / "seed-1" / "data") is True
     assert np.array_equal(np.load(run_dir / "repeats" / "seed-1" / "data" / "test_labels.npy"), data[::-1])
     assert pipeline.link_data(run_dir / "data", run_dir / "repeats" / "seed-1" / "data") is False
     assert config.repeat_seeds(cfg) == [1]
 
 
-def test_seeds_parameter_is_checked_before_any_work(tmp_path):
-    proc = run_cli("run", "-f", "params/smoke.yaml", "--run-dir", str(tmp_path / "r"), "-p", "seeds=[0]")
-    assert proc.returncode == 2 and "holds no seed besides seed=0" in proc.stderr
-    proc = run_cli("run", "-f", "params/smoke.yaml", "--run-dir", str(tmp_path / "r"), "-p", "seeds=[1, 1]")
-    assert proc.returncode == 2 and "seeds lists a seed twice" in proc.stderr
+def test_seeds_parameter_is_checked_before_any_work(tmp_path, capsys):
+    from prunestudy import cli
+
+    rd = str(tmp_path / "r")
+    assert cli.main(["run", "-f", "params/smoke.yaml", "--run-dir", rd, "-p", "seeds=[0]"]) == 2
+    assert "holds no seed besides seed=0" in capsys.readouterr().err
+    assert cli.main(["run", "-f", "params/smoke.yaml", "--run-dir", rd, "-p", "seeds=[1, 1]"]) == 2
+    assert "seeds lists a seed twice" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
