@@ -4,8 +4,8 @@ The page is one self-contained HTML file (inline CSS, the figure as a data: URI,
 
 - the runs: folder name, params hash, git commit, model, pruning, test set;
 - per model state (trained / pruned / retrained / dense control), the runs one under the other:
-  the columns of ``report.summary_table`` (accuracy, true mean loss, sparsity, parameters) and the
-  model size and measured latency of ``report.efficiency_table``, plus the accuracy change against
+  the columns of ``report.summary_table`` (accuracy, true mean loss, sparsity, parameters, model
+  size, measured latency), plus the accuracy change against
   the first run;
 - one figure: test accuracy per model state, grouped by run (``report.STATE_COLORS``);
 - the parameters (flattened keys such as ``prune.amount``) whose values differ between the runs.
@@ -113,20 +113,9 @@ def _params(run: Run) -> dict:
     return run.results.get("params") or run.saved.get("params") or {}
 
 
-def flatten(d: dict, prefix: str = "") -> dict:
-    """Nested parameters -> {"prune.amount": 0.2, ...} (dicts all the way down)."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def differing_params(runs: list[Run]) -> pd.DataFrame:
     """One row per flattened parameter key whose value differs between the runs, a column per run."""
-    flat = [flatten(_params(r)) for r in runs]
+    flat = [config.flatten(_params(r)) for r in runs]
     keys = sorted(set().union(*flat))
     rows = {k: [f.get(k, _ABSENT) for f in flat] for k in keys}
     differ = {k: v for k, v in rows.items() if len({_value(x) for x in v}) > 1}
@@ -147,26 +136,11 @@ def _value(v: Any) -> str:
     return json.dumps(v, ensure_ascii=False, sort_keys=True)
 
 
-def _efficiency_columns(summary: pd.DataFrame, eff: pd.DataFrame) -> list[str]:
-    """Model size and measured latency from efficiency_table, unless summary_table already has them."""
-    has = " ".join(map(str, summary.columns))
-    want = []
-    for c in eff.columns:
-        size = c in ("state_dict (MB)", "sparse + zlib (MB)") and "MB" not in has
-        speed = ("latency" in c or c.startswith("measured speedup")) and "latency" not in has
-        if (size or speed) and c not in summary.columns:
-            want.append(c)
-    return want
-
-
 def run_summary(results: dict) -> pd.DataFrame:
-    """summary_table's rows for this run (not the seed report's), joined with the size and latency
-    columns of efficiency_table; the index holds state keys (trained / pruned / retrained / control)."""
+    """summary_table's rows of this run's model states (not the sweep points or the seed report's);
+    the index holds state keys (trained / pruned / retrained / control)."""
     summary = report.summary_table(results)
-    summary = summary[[i in STATE_KEY for i in summary.index]].rename(index=STATE_KEY)
-    eff = report.efficiency_table(results).rename(index={"trained (dense)": "trained"})
-    cols = _efficiency_columns(summary, eff)
-    return summary.join(eff[cols], how="left") if cols else summary
+    return summary[[i in STATE_KEY for i in summary.index]].rename(index=STATE_KEY)
 
 
 def summary_rows(runs: list[Run]) -> pd.DataFrame:

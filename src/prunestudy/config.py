@@ -137,7 +137,7 @@ def load(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str
             raise ParamsError([f"{p} is not valid YAML: {e}"]) from None
         if not isinstance(loaded, dict):
             raise ParamsError([f"{p} must hold a mapping of parameters, not {type(loaded).__name__}"])
-        for key, value in _flatten(loaded).items():
+        for key, value in flatten(loaded).items():
             _set(cfg, key, value)
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -155,7 +155,7 @@ def load(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str
 def validate(cfg: dict) -> list[str]:
     """Every problem in cfg, one readable line each (empty list = valid)."""
     problems = []
-    flat = _flatten(cfg)
+    flat = flatten(cfg)
     for key, value in flat.items():
         if key not in SCHEMA:
             close = difflib.get_close_matches(key, SCHEMA, n=1)
@@ -310,7 +310,7 @@ def describe(cfg: dict) -> str:
     """Every parameter on one line: `key: value  # description (default ...)`.
 
     The output is itself a valid parameter file (dotted keys are accepted by :func:`load`)."""
-    flat = _flatten(cfg)
+    flat = flatten(cfg)
     rows = [(f"{key}: {json.dumps(flat.get(key, default))}", text, default, flat.get(key, default))
             for key, (default, _, text) in SCHEMA.items()]
     width = min(max(len(r[0]) for r in rows), 36)
@@ -335,7 +335,7 @@ def resolve_path(value: str | os.PathLike | None, root: Path | None = None) -> P
 
 def _coerce_floats(cfg: dict) -> None:
     """YAML 1.1 reads `1e-4` as a string and `1` as an int: accept both where a float is meant."""
-    for key, value in _flatten(cfg).items():
+    for key, value in flatten(cfg).items():
         types = SCHEMA.get(key, (None, ()))[1]
         if float in types and not isinstance(value, bool) and isinstance(value, (str, int)):
             try:
@@ -344,12 +344,13 @@ def _coerce_floats(cfg: dict) -> None:
                 pass
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{'train': {'lr': 1e-4}} -> {'train.lr': 1e-4}; dict-valued parameters (data.embedded) stay whole."""
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict) and key not in SCHEMA:
-            out.update(_flatten(v, key + "."))
+            out.update(flatten(v, key + "."))
         else:
             out[key] = v
     return out

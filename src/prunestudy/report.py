@@ -28,7 +28,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-from . import store
+from . import config, store
 
 # --------------------------------------------------------------------------- constants
 
@@ -617,7 +617,7 @@ def provenance_markdown(results: dict) -> str:
     rows += [(pkg, v) for pkg, v in (prov.get("versions") or {}).items()]
     rows += [(f"time: {stage}", f"{s:.1f} s") for stage, s in (results.get("timings_s") or {}).items()]
     rows += [(f"stage key: {stage}", key) for stage, key in (results.get("stage_keys") or {}).items()]
-    rows += [(f"parameter: {k}", json.dumps(v)) for k, v in _flat(params).items()]
+    rows += [(f"parameter: {k}", json.dumps(v)) for k, v in config.flatten(params).items()]
     lines = ["| item | value |", "|---|---|"] + [f"| {md_escape(k)} | {md_escape(v if v is not None else '—')} |"
                                                  for k, v in rows]
     pages = " · ".join(f"[{name}](notebooks/{name}.html)" for name in STAGE_PAGES)
@@ -627,17 +627,6 @@ def provenance_markdown(results: dict) -> str:
         links = " · ".join(f"[{name}](repeats/seed-{seed}/notebooks/{name}.html)" for name in REPEAT_PAGES)
         lines.append(f"Repeat with seed {seed} (folder repeats/seed-{seed}): {links}.")
     return "\n".join(lines)
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    """{'train': {'lr': 1e-4}} -> {'train.lr': 1e-4} (dict parameters such as data.embedded stay whole)."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and f"{prefix}{k}" != "data.embedded":
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 #: the executed stage notebooks rendered beside report.html (notebooks/<name>.html)
