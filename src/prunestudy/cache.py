@@ -86,21 +86,11 @@ def materialize(entry: Path, out_dir, key: str) -> dict:
     for src in sorted(entry.iterdir()):
         if src.name.startswith(".") or src.name == data.INFO_FILE or not src.is_file():
             continue
-        _link(src, out / src.name)
+        store.link_file(src, out / src.name)
     info = data.read_info(entry)
     info["cache"] = {"key": key, "entry": str(entry)}
     store.write_bytes(out / data.INFO_FILE, (json.dumps(info, indent=2) + "\n").encode())
     return info
-
-
-def _link(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.link")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:  # another file system, or links not allowed: copy
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
 
 
 @contextmanager

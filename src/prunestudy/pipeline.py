@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -169,9 +168,7 @@ def run(cfg: dict, run_dir: str | Path, *, force: str | None = None, log: Callab
                      after_change=bool(ran))
     if not ran:
         log(f"==> nothing to do: every stage is up to date in {run_dir} (--force STAGE reruns from STAGE)")
-        saved = run_dir / "results.json"
-        return store.read_json(saved) if saved.is_file() else _finish(run_dir, cfg, timings, keys)
-    return store.read_json(run_dir / "results.json")
+    return store.read_json(saved)
 
 
 class _Chain:
@@ -246,13 +243,7 @@ def link_data(src: Path, dst: Path) -> bool:
         if b.is_file() and (os.path.samefile(a, b) or (a.stat().st_size == b.stat().st_size and _same_bytes(a, b))):
             continue
         changed = True
-        tmp = dst / f".{name}.link.tmp"
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(a, tmp)
-        except OSError:
-            shutil.copy2(a, tmp)
-        os.replace(tmp, b)
+        store.link_file(a, b)
     return changed
 
 

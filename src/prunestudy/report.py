@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 import torch
+from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
@@ -880,6 +881,8 @@ SEED_STATES = ("trained", "pruned", "retrained", "control")
 SEED_STATE_LABEL = {"trained": "trained", "pruned": "pruned", "retrained": "retrained", "control": "dense control"}
 PAIRS = (("pruned", "trained"), ("retrained", "trained"), ("retrained", "control"))
 CONFIDENCE = 0.95
+CI_LOW, CI_HIGH = f"{CONFIDENCE:.0%} CI low", f"{CONFIDENCE:.0%} CI high"
+PRUNING_CHANGE = "pruned − trained"   # paired_table's row of the change pruning made
 
 
 def seed_runs(results: dict) -> list[dict]:
@@ -946,8 +949,7 @@ def paired_table(results: dict) -> pd.DataFrame:
             continue
         mean, sd, lo, hi = t_interval(diff.values())
         rows[f"{SEED_STATE_LABEL[a]} − {SEED_STATE_LABEL[b]}"] = {
-            "seeds": len(diff), "mean (points)": mean, "SD (points)": sd, f"{CONFIDENCE:.0%} CI low": lo,
-            f"{CONFIDENCE:.0%} CI high": hi, **{f"seed {s}": d for s, d in diff.items()}}
+            "seeds": len(diff), "mean (points)": mean, "SD (points)": sd, CI_LOW: lo, CI_HIGH: hi, **{f"seed {s}": d for s, d in diff.items()}}
     df = pd.DataFrame.from_dict(rows, orient="index")
     df.index.name = "paired change"
     return df
@@ -988,27 +990,32 @@ def seeds_markdown(results: dict) -> str:
     for name, r in paired.iterrows():
         if r["seeds"] < 2:
             continue
-        lo, hi = r[f"{CONFIDENCE:.0%} CI low"], r[f"{CONFIDENCE:.0%} CI high"]
+        lo, hi = r[CI_LOW], r[CI_HIGH]
         verdict = ("the interval holds 0: not distinguishable from seed-to-seed noise" if lo <= 0 <= hi
                    else f"the interval excludes 0: a {'loss' if hi < 0 else 'gain'} beyond seed-to-seed noise")
         lines.append(f"- {md_escape(name)}: {r['mean (points)']:+.2f} points on average over {int(r['seeds'])} seeds, "
                      f"{CONFIDENCE:.0%} CI [{lo:+.2f}, {hi:+.2f}]; {verdict}.")
     seed_drop = 100 * (SEED_REPORT["pruned"]["test_accuracy"] - SEED_REPORT["trained"]["test_accuracy"])
-    key = f"{SEED_STATE_LABEL['pruned']} − {SEED_STATE_LABEL['trained']}"
-    if key in paired.index and paired.loc[key, "seeds"] >= 2:
-        lo, hi = paired.loc[key, f"{CONFIDENCE:.0%} CI low"], paired.loc[key, f"{CONFIDENCE:.0%} CI high"]
+    pruning = _pruning_change(paired)
+    if pruning is not None:
+        lo, hi = pruning[CI_LOW], pruning[CI_HIGH]
         lines.append(f"- The seed report's change after pruning ({seed_drop:+.0f} point, one seed) lies "
                      f"{'inside' if lo <= seed_drop <= hi else 'outside'} this study's interval for it.")
     return "\n".join(lines)
 
 
-def _f_seeds(results: dict) -> str | None:
-    paired = paired_table(results)
-    key = f"{SEED_STATE_LABEL['pruned']} − {SEED_STATE_LABEL['trained']}"
-    if key not in paired.index or paired.loc[key, "seeds"] < 2:
+def _pruning_change(paired: pd.DataFrame) -> pd.Series | None:
+    """paired_table's pruned − trained row, where at least two seeds measured it."""
+    if PRUNING_CHANGE not in paired.index or paired.loc[PRUNING_CHANGE, "seeds"] < 2:
         return None
-    r = paired.loc[key]
-    lo, hi = r[f"{CONFIDENCE:.0%} CI low"], r[f"{CONFIDENCE:.0%} CI high"]
+    return paired.loc[PRUNING_CHANGE]
+
+
+def _f_seeds(results: dict) -> str | None:
+    r = _pruning_change(paired_table(results))
+    if r is None:
+        return None
+    lo, hi = r[CI_LOW], r[CI_HIGH]
     return (f"Over {int(r['seeds'])} seeds, pruning changed test accuracy by {r['mean (points)']:+.2f} points "
             f"({CONFIDENCE:.0%} CI {lo:+.2f} to {hi:+.2f}): "
             + ("within seed-to-seed noise." if lo <= 0 <= hi else "beyond seed-to-seed noise."))
@@ -1416,16 +1423,10 @@ def per_class_styler(run_dir):
     fmt = {c: "{:.1f}" for c in df.columns if c != "test samples"}
     change = [c for c in df.columns if c.endswith("(points)")]
     return (df.style.format(fmt, na_rep="—").format_index(escape="html")   # class names are untrusted text
-            .bar(subset=change, align="zero", color=[_hex(STATE_COLORS["pruned"]), _hex(STATE_COLORS["retrained"])])
+            .bar(subset=change, align="zero", color=[to_hex(STATE_COLORS["pruned"]), to_hex(STATE_COLORS["retrained"])])
             .set_caption("Per-class test accuracy (%). Changes are paired (the same test crops before and after), "
                          "in points, with one standard error; a change smaller than about two standard errors is "
                          "within the noise of this test set. Sorted by the change after pruning, largest loss first."))
-
-
-def _hex(color) -> str:
-    from matplotlib.colors import to_hex
-
-    return to_hex(color)
 
 
 def per_class_markdown(run_dir) -> str:

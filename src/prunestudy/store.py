@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -38,6 +39,20 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return atomic_write(path, lambda f: f.write(data))
+
+
+def link_file(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Put a hard link to `src` at `dst` (a copy where links are not possible: another file system),
+    atomically: `dst` is the old file or the new one, never a partial one."""
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(f".{dst.name}.link")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+    return dst
 
 
 def read_json(path: str | os.PathLike) -> Any:
