@@ -1,23 +1,62 @@
-# Set-up and entry points. `make study` and `make test` each create .venv and install the
-# pinned dependencies on first use (pip on Python 3.11 takes torch 2.14.1 / torchvision 0.29.1
-# from this machine's disk; elsewhere it downloads them).
+# Set-up and entry points. `make study` and `make test` each create .venv and install the locked
+# dependencies (requirements.lock: every package, its exact version and hashes) on first use: with uv,
+# or pip where uv cannot be installed. On Python 3.11 here torch 2.14.1 / torchvision 0.29.1 and
+# their CUDA wheels come from this machine's disk (elsewhere they are downloaded).
+# docs/setup.md: the set-up timings and how to refresh the lock (`make lock`).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PARAMS ?= params/default.yaml
 STAMP  := $(VENV)/.installed
+LOCK   := requirements.lock
 
-.PHONY: setup browser study smoke test lab clean-runs
+# The installer: uv (the default: the faster, docs/setup.md) or pip (`make setup INSTALLER=pip`).
+INSTALLER  ?= uv
+UV_VERSION := 0.13.8
+# uv is a standalone binary; it lives in a folder of its own inside .venv, not among the packages,
+# so the venv holds the lock's packages and nothing else (tests/test_lock.py checks them).
+UV_DIR := $(VENV)/uv-$(UV_VERSION)
+UV     := $(UV_DIR)/bin/uv
+# uv ignores pip's configuration: hand it the local sources pip uses here (find-links /opt/wheels and
+# pip.conf's extra indexes) so that torch and the CUDA wheels come from disk. They are PyPI's files
+# (the lock holds PyPI's hashes, and theirs are among them); with every version pinned and hashed, uv
+# may take each file from whichever source has it first (unsafe-best-match).
+UV_SOURCES = $(if $(wildcard /opt/wheels),--find-links /opt/wheels) \
+	$(foreach url,$(shell $(PYTHON) -m pip config get global.extra-index-url 2>/dev/null),--extra-index-url $(url)) \
+	--index-strategy unsafe-best-match
+# `make lock` (re)writes the lock from pyproject.toml; it keeps the current pins unless told otherwise:
+# `make lock LOCK_FLAGS=--upgrade` (everything) or `LOCK_FLAGS="--upgrade-package numpy"`.
+LOCK_FLAGS ?=
+
+.PHONY: setup lock browser study smoke test test-fast lint lab clean-runs
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): $(LOCK) pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	@if [ "$(INSTALLER)" = uv ] && { test -x $(UV) || $(MAKE) --no-print-directory $(UV); }; then \
+	  echo "uv pip sync $(LOCK) && uv pip install --no-deps -e ."; \
+	  $(UV) pip sync --quiet --python $(PY) --require-hashes $(UV_SOURCES) $(LOCK) && \
+	  $(UV) pip install --quiet --python $(PY) --no-deps -e . ; \
+	else \
+	  if [ "$(INSTALLER)" = uv ]; then echo "make: uv could not be installed: pip installs $(LOCK)"; fi; \
+	  echo "pip install --require-hashes -r $(LOCK) && pip install --no-deps -e ."; \
+	  $(PY) -m pip install --quiet --disable-pip-version-check --require-hashes -r $(LOCK) && \
+	  $(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e . ; \
+	fi
 	$(VENV)/bin/prunestudy kernel
 	@$(MAKE) --no-print-directory browser
 	touch $(STAMP)
+
+$(UV):
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --target $(UV_DIR) uv==$(UV_VERSION)
+
+# Resolves against PyPI alone (no local sources), so the lock holds PyPI's hashes of every file.
+lock: $(UV)
+	$(UV) pip compile --quiet pyproject.toml --extra test --extra dev --python-version 3.11 --generate-hashes \
+	  $(LOCK_FLAGS) -o $(LOCK)
+	@git diff --stat -- $(LOCK) 2>/dev/null || true
 
 # Debian's Chromium for the report's browser test (Playwright drives it; it downloads no browser).
 browser:
@@ -35,8 +74,16 @@ smoke: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# Everything but the end-to-end tests (marked e2e: whole runs, killed subprocesses, Chromium, torchrun).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not e2e"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+
+# JupyterLab on notebooks/ with the prunestudy kernel; works as root (containers, CI) and as a user.
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/prunestudy lab
 
 clean-runs:
 	rm -rf runs/

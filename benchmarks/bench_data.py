@@ -180,7 +180,8 @@ def main() -> None:
             arrays = one["boxes"] * 64 * 64 * 3 / 2**20
             print(f"memory: crop arrays written {arrays:.1f} MiB; peak of the 1-worker build "
                   f"{one['peak_rss_mib']:.1f} MiB, of which parsing the annotation files alone "
-                  f"{parse['peak_rss_mib']:.1f} MiB; cropping adds {one['peak_rss_mib'] - parse['peak_rss_mib']:.1f} MiB")
+                  f"{parse['peak_rss_mib']:.1f} MiB; cropping adds "
+                  f"{one['peak_rss_mib'] - parse['peak_rss_mib']:.1f} MiB")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

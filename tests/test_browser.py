@@ -11,6 +11,7 @@ pytestmark = pytest.mark.skipif(
     reason="no Chromium on this machine: `make setup` installs Debian's chromium package (as root)")
 
 
+@pytest.mark.e2e
 def test_report_opens_cleanly_offline_with_summary_on_the_first_screen(smoke_run):
     run_dir, _ = smoke_run
     shot = run_dir / "report.png"
@@ -25,6 +26,7 @@ def test_report_opens_cleanly_offline_with_summary_on_the_first_screen(smoke_run
 
 
 @pytest.mark.parametrize("name", ["01_data", "02_train", "03_prune", "04_retrain", "05_analysis"])
+@pytest.mark.e2e
 def test_each_stage_page_opens_cleanly_offline(smoke_run, name):
     run_dir, _ = smoke_run
     found = browser.inspect(run_dir / "notebooks" / f"{name}.html", first_screen="body")
@@ -33,6 +35,7 @@ def test_each_stage_page_opens_cleanly_offline(smoke_run, name):
     assert found["broken_images"] == []
 
 
+@pytest.mark.e2e
 def test_hostile_names_run_nothing_in_the_browser(coco_run):
     """Category names and a run folder holding <script> and <img onerror>: shown as text, never run."""
     from conftest import HOSTILE

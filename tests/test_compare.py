@@ -16,8 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import HOSTILE, ROOT
+from matplotlib.colors import to_rgb
 
-from prunestudy import browser, cli, report
+from prunestudy import browser, cli, report, states
+
+pytestmark = pytest.mark.e2e   # every test here compares finished `prunestudy run`s
 
 STATES = {"trained": "train", "pruned": "prune", "retrained": "retrain", "dense control": "control"}
 
@@ -97,7 +100,7 @@ def test_page_shows_each_runs_numbers_from_its_results(compared):
         sp = res["retrain"]["global_sparsity"]
         assert cells[("retrained", run_dir.name)][report.SPARSITY] == f"{round(100 * sp, 2):.2f}"
         assert cells[("trained", run_dir.name)][report.SPARSITY] == "—"  # the dense model: not measured
-        size = next(c for c in cells[("retrained", run_dir.name)] if "MB" in c)  # model size, from report.py
+        size = next(c for c in cells[("retrained", run_dir.name)] if "MB" in c)  # model size, from the report
         mb = res["retrain"]["efficiency"]["state_dict_bytes"] / 1e6
         assert float(cells[("retrained", run_dir.name)][size]) == pytest.approx(mb, abs=0.006)
         latency = [c for c in cells[("pruned", run_dir.name)] if "latency" in c]
@@ -147,7 +150,7 @@ def test_page_is_self_contained_with_one_figure_in_the_state_colours(compared):
     rgb = png[..., :3]
     assert png.shape[1] > 600 and png.shape[0] > 300
     for state in ("trained", "pruned", "retrained", "control"):
-        colour = np.array(report.STATE_COLORS[state][:3])
+        colour = np.array(to_rgb(states.get(state).color))
         assert (np.abs(rgb - colour).max(axis=-1) < 0.02).sum() > 200, state  # its bars are drawn
 
 

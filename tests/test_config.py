@@ -81,9 +81,9 @@ def test_data_parameters_of_the_coco_stage_are_checked_all_at_once():
 
 
 def test_pruning_study_parameters_are_checked_all_at_once():
-    from prunestudy import prune
+    from prunestudy import methods
 
-    assert config.PRUNE_METHODS == tuple(prune.METHODS) == config.CHOICES["prune.method"]
+    assert config.choices("prune.method") == methods.names() == tuple(methods.REGISTRY)
     cfg = config.load("params/default.yaml")
     assert (cfg["prune"] | cfg["retrain"]).items() >= {"rounds": 1, "rewind_step": None, "amounts": None,
                                                        "methods": None, "epochs_per_round": 1, "control": True}.items()
@@ -115,7 +115,8 @@ def test_training_speed_and_launcher_parameters_are_checked():
         config.load(None, ["train.precision=fp8", "train.launcher=mpirun", "train.nproc_per_node=0",
                            "train.weights=/no/such.pt", "train.channels_last=maybe"])
     msg = str(err.value)
-    for part in ("train.precision must be one of auto, fp32, bf16, fp16", "train.launcher must be one of none, torchrun",
+    for part in ("train.precision must be one of auto, fp32, bf16, fp16",
+                 "train.launcher must be one of none, torchrun",
                  "train.nproc_per_node must be at least 1", "train.weights '/no/such.pt' is not a file",
                  "train.channels_last must be one of auto, True, False"):
         assert part in msg

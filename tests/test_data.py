@@ -77,7 +77,7 @@ def linked_copy(tmp_path: Path) -> Path:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     out = tmp_path_factory.mktemp("top10")
-    info = data.build_dataset(SAMPLE, out, classes="top:10", min_box=MIN_BOX)
+    info = data.build_dataset(SAMPLE, out, min_per_class=1, classes="top:10", min_box=MIN_BOX)
     return out, info
 
 
@@ -206,7 +206,6 @@ def test_crops_match_their_boxes(built):
 @needs_sample
 def test_padding_outside_image_is_constant(built):
     out, _ = built
-    images = {i["id"]: i for i in raw_json("train")["images"]}
     m = data.read_manifest(out, "train")
     x, _ = data.load_split(out, "train")
     rows = m[m["crop_x0"] <= -(m["crop_x1"] - m["crop_x0"]) // 8]
@@ -254,7 +253,7 @@ def test_grayscale_and_cmyk_images_give_rgb_crops(tmp_path, built):
     m0 = data.read_manifest(built[0], "train")
     classes = sorted(set(m0.loc[m0["file_name"].isin(modes), "category"]))
     out = tmp_path / "out"
-    data.build_dataset(root, out, classes=classes, min_box=MIN_BOX)
+    data.build_dataset(root, out, min_per_class=1, classes=classes, min_box=MIN_BOX)
     m = data.read_manifest(out, "train")
     x, _ = data.load_split(out, "train")
     for name, mode in modes.items():
@@ -327,7 +326,7 @@ def test_image_size_mismatch_is_an_error(tmp_path):
 
 @needs_sample
 def test_named_class_list_sets_label_order(tmp_path):
-    info = data.build_dataset(SAMPLE, tmp_path, classes=["car", "person"], min_box=MIN_BOX,
+    info = data.build_dataset(SAMPLE, tmp_path, min_per_class=1, classes=["car", "person"], min_box=MIN_BOX,
                               max_per_class=8, max_test_per_class=8)
     assert info["classes"] == ["car", "person"] and info["category_ids"] == [3, 1]
     for split in ("train", "test"):
@@ -338,7 +337,7 @@ def test_named_class_list_sets_label_order(tmp_path):
 @needs_sample
 def test_unknown_class_name_lists_valid_names(tmp_path):
     with pytest.raises(ValueError, match="unicorn") as err:
-        data.build_dataset(SAMPLE, tmp_path, classes=["person", "unicorn"])
+        data.build_dataset(SAMPLE, tmp_path, min_per_class=1, classes=["person", "unicorn"])
     assert "toothbrush" in str(err.value) and "person" in str(err.value)
     assert not (tmp_path / "data.json").exists()
 
@@ -351,14 +350,14 @@ def test_class_without_training_samples_is_named(tmp_path):
     if not empty:
         pytest.skip("every category has a training box in the sample")
     with pytest.raises(ValueError, match=empty[0]):
-        data.build_dataset(SAMPLE, tmp_path, classes=["person", empty[0]])
+        data.build_dataset(SAMPLE, tmp_path, min_per_class=1, classes=["person", empty[0]])
 
 
 @pytest.mark.parametrize("spec", ["top:0", "top:81", "top10", "best:3"])
 @needs_sample
 def test_bad_top_k_spec(tmp_path, spec):
     with pytest.raises(ValueError, match="top:K"):
-        data.build_dataset(SAMPLE, tmp_path, classes=spec)
+        data.build_dataset(SAMPLE, tmp_path, min_per_class=1, classes=spec)
 
 
 @needs_sample
@@ -366,7 +365,7 @@ def test_cap_is_reproducible_per_seed(tmp_path):
     kw = dict(classes=["person", "bottle"], min_box=MIN_BOX, max_per_class=10, max_test_per_class=5)
     runs = {}
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        info = data.build_dataset(SAMPLE, tmp_path / name, seed=seed, **kw)
+        info = data.build_dataset(SAMPLE, tmp_path / name, min_per_class=1, seed=seed, **kw)
         runs[name] = (info, data.read_manifest(tmp_path / name, "train"), data.read_manifest(tmp_path / name, "test"))
     info = runs["a"][0]
     assert info["counts"] == {"train": {"person": 10, "bottle": 10}, "test": {"person": 5, "bottle": 5}}
@@ -397,7 +396,7 @@ def test_missing_layout_part_is_named(tmp_path, remove):
     target = root / remove
     target.rmdir() if target.is_dir() else target.unlink()
     with pytest.raises(FileNotFoundError, match="expected COCO 2017 layout") as err:
-        data.build_dataset(root, tmp_path / "out")
+        data.build_dataset(root, tmp_path / "out", min_per_class=1)
     assert remove.split("/")[-1] in str(err.value)
     assert "instances_val2017.json" in str(err.value)  # the layout itself is shown
 
@@ -419,7 +418,7 @@ def test_read_info_before_build(tmp_path):
 @needs_sample
 def test_build_twice_is_identical(tmp_path, built):
     out1, info1 = built
-    info2 = data.build_dataset(SAMPLE, tmp_path, classes="top:10", min_box=MIN_BOX)
+    info2 = data.build_dataset(SAMPLE, tmp_path, min_per_class=1, classes="top:10", min_box=MIN_BOX)
     assert info1 == info2
     for split in ("train", "test"):
         for a, b in zip(data.load_split(out1, split), data.load_split(tmp_path, split)):

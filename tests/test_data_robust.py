@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
+from test_data import reference_crop  # the independent reference crop (numpy pad + PIL resize)
 
 from prunestudy import cache, data, stages
-from test_data import reference_crop  # the independent reference crop (numpy pad + PIL resize)
 
 SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "coco-sample"
 PAD = (124, 116, 104)
@@ -70,6 +70,7 @@ def replace_file(path: Path, content: bytes) -> None:
 def build(root, out, **kw):
     kw.setdefault("classes", TWO)
     kw.setdefault("show_progress", False)
+    kw.setdefault("min_per_class", 1)   # the sample's small classes; the default (20) is tested on its own
     return data.build_dataset(root, out, **kw)
 
 
@@ -214,7 +215,8 @@ def test_degenerate_outside_and_orphan_boxes(tmp_path):
     base = max(a["id"] for a in d["annotations"]) + 1
     extra = [
         {"id": base, "image_id": img["id"], "category_id": person, "iscrowd": 0, "area": 0, "bbox": [10, 10, 0, 50]},
-        {"id": base + 1, "image_id": img["id"], "category_id": person, "iscrowd": 0, "area": 1, "bbox": [10, 10, -5, 40]},
+        {"id": base + 1, "image_id": img["id"], "category_id": person, "iscrowd": 0, "area": 1,
+         "bbox": [10, 10, -5, 40]},
         {"id": base + 2, "image_id": img["id"], "category_id": person, "iscrowd": 0, "area": 1,
          "bbox": [W + 5, 10, 30, 30]},  # entirely outside: nothing left after clipping
         {"id": base + 3, "image_id": img["id"], "category_id": person, "iscrowd": 0, "area": 1,
@@ -259,7 +261,8 @@ def test_image_label_mode_one_sample_per_image_by_largest_box(tmp_path):
     best = {}
     for a in sorted(d["annotations"], key=lambda a: a["id"]):
         if a["category_id"] in wanted and not a["iscrowd"] and min(a["bbox"][2:]) >= 16:
-            if a["image_id"] not in best or a["bbox"][2] * a["bbox"][3] > best[a["image_id"]]["bbox"][2] * best[a["image_id"]]["bbox"][3]:
+            if (a["image_id"] not in best
+                    or a["bbox"][2] * a["bbox"][3] > best[a["image_id"]]["bbox"][2] * best[a["image_id"]]["bbox"][3]):
                 best[a["image_id"]] = a
     m = data.read_manifest(tmp_path / "out", "train")
     x, y = data.load_split(tmp_path / "out", "train")
@@ -339,7 +342,7 @@ def test_cache_reuses_links_and_clears(tmp_path, monkeypatch):
 
 def test_progress_in_log_mode_is_a_few_lines(tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("PRUNESTUDY_PROGRESS", "log")
-    data.build_dataset(SAMPLE, tmp_path / "out", classes="top:10", show_progress=True)
+    data.build_dataset(SAMPLE, tmp_path / "out", classes="top:10", min_per_class=1, show_progress=True)
     err = capfd.readouterr().err
     updates = err.replace("\r", "\n").splitlines()
     train = [u for u in updates if u.startswith("data train")]

@@ -78,6 +78,7 @@ def job_module(tmp_path, monkeypatch):
     sys.modules.pop("ddp_job", None)
 
 
+@pytest.mark.e2e
 def test_two_cpu_processes_match_a_single_process_run(job_module, tmp_path):
     """2 ranks (gloo) vs 1 process, same global batch of 16, 2 epochs.
 
@@ -120,6 +121,7 @@ def test_two_cpu_processes_match_a_single_process_run(job_module, tmp_path):
     assert hb["epochs"][-1]["test_accuracy"] > 0.8  # it learned
 
 
+@pytest.mark.e2e
 def test_launch_failure_reports_the_last_lines(job_module):
     with pytest.raises(distributed.LaunchError, match=r"(?s)exit code.*cannot find stage function 'ddp_job:nope'"):
         distributed.launch("ddp_job:nope", {}, nproc_per_node=1, log=lambda s: None,

@@ -9,12 +9,11 @@ import re
 import threading
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from prunestudy import cli, data, download
+from prunestudy import cli, data, download, progress
 
 # --------------------------------------------------------------------------- fixtures
 
@@ -245,7 +244,7 @@ def test_progress_bar_shows_bytes_and_stays_quiet_off_a_terminal(server, tmp_pat
     err = capsys.readouterr().err
     assert "val2017.zip: 100%" in err and "B/s" in err
     with download._bar("x", 10, 0, True, "B") as bar:  # pytest's stderr is not a terminal
-        assert bar.mininterval >= 30
+        assert bar.mininterval >= progress.LOG_INTERVAL
 
 
 def test_a_network_error_names_the_url(server, tmp_path):

@@ -68,7 +68,8 @@ def test_latency_table_gives_positive_medians_and_ratios_to_dense():
     table = efficiency.latency_table({"dense": _net(), "masked": efficiency.deployable(m)}, (1, 2), repeats=2)
     assert torch.get_num_threads() == threads
     assert (table["repeats"], table["threads"], table["device"]) == (2, threads, "cpu")
-    assert [(r["model"], r["batch"]) for r in table["rows"]] == [("dense", 1), ("dense", 2), ("masked", 1), ("masked", 2)]
+    assert [(r["model"], r["batch"]) for r in table["rows"]] == [("dense", 1), ("dense", 2),
+                                                                 ("masked", 1), ("masked", 2)]
     assert all(r["median_ms"] > 0 and r["speedup_vs_dense"] > 0 for r in table["rows"])
     assert table["rows"][0]["speedup_vs_dense"] == 1
     single = efficiency.latency(_net(), (1,), repeats=1, threads=1)

@@ -6,12 +6,12 @@ import re
 import sys
 from pathlib import Path
 
-from conftest import HOSTILE
-
 import nbformat
 import pytest
+from conftest import HOSTILE
 
 ROOT = Path(__file__).resolve().parents[1]
+@pytest.mark.e2e
 def test_runner_prints_each_stage_with_its_time(smoke_run):
     _, proc = smoke_run
     for i, stage in enumerate(["data", "train", "prune", "retrain", "analysis"], 1):
@@ -20,6 +20,7 @@ def test_runner_prints_each_stage_with_its_time(smoke_run):
     assert "[train] epoch 1/1" in proc.stdout  # the notebooks' output streams through
 
 
+@pytest.mark.e2e
 def test_results_json_contract(smoke_run):
     run_dir, _ = smoke_run
     res = json.loads((run_dir / "results.json").read_text())
@@ -44,6 +45,7 @@ def test_results_json_contract(smoke_run):
     assert res["provenance"]["versions"]["torch"] == "2.14.1"
 
 
+@pytest.mark.e2e
 def test_notebooks_ran_in_this_environments_kernel(smoke_run):
     run_dir, _ = smoke_run
     res = json.loads((run_dir / "results.json").read_text())
@@ -55,6 +57,7 @@ def test_notebooks_ran_in_this_environments_kernel(smoke_run):
         assert (run_dir / "notebooks" / f"{name}.html").stat().st_size > 0
 
 
+@pytest.mark.e2e
 def test_report_is_self_contained_with_figures_and_code_hidden(smoke_run):
     run_dir, _ = smoke_run
     html = (run_dir / "report.html").read_text()
@@ -83,6 +86,7 @@ def test_bad_parameters_exit_2_before_any_work(tmp_path, capsys):
     assert rc == 2 and "instances_train2017.json" in err
 
 
+@pytest.mark.e2e
 def test_results_hold_the_control_the_sweep_and_efficiency(smoke_run):
     run_dir, _ = smoke_run
     res = json.loads((run_dir / "results.json").read_text())
@@ -91,10 +95,12 @@ def test_results_hold_the_control_the_sweep_and_efficiency(smoke_run):
     assert res["retrain"]["efficiency"]["params_nonzero"] == res["retrain"]["params_nonzero"]
     c = res["control"]
     assert c["global_sparsity"] == 0 and len(c["epochs"]) == res["params"]["retrain"]["epochs"]
-    assert [(e["method"], e["amount"]) for e in res["sweep"]] == [("l1_unstructured", 0.5), ("random_unstructured", 0.5)]
+    assert [(e["method"], e["amount"]) for e in res["sweep"]] == [("l1_unstructured", 0.5),
+                                                                  ("random_unstructured", 0.5)]
     for e in res["sweep"]:
         assert e["sparsity"] == pytest.approx(0.5, abs=1e-3) and e["test_accuracy_after"] is not None
-    assert (run_dir / "retrain" / "export.pt").is_file() and (run_dir / "analysis" / "figures" / "tradeoff.png").is_file()
+    assert ((run_dir / "retrain" / "export.pt").is_file()
+            and (run_dir / "analysis" / "figures" / "tradeoff.png").is_file())
     html = (run_dir / "report.html").read_text()
     assert "dense control" in html and "saves no time" in html and "Trade-off" in html
 
@@ -115,6 +121,7 @@ def test_bad_pruning_parameters_exit_2_before_any_work(tmp_path, capsys):
     assert not run_dir.exists()
 
 
+@pytest.mark.e2e
 def test_whole_study_on_real_coco_in_the_official_layout(coco_run):
     """params/coco2017.yaml + data.root: the study runs end to end on real COCO 2017 files."""
     run_dir, root, _ = coco_run
@@ -127,6 +134,7 @@ def test_whole_study_on_real_coco_in_the_official_layout(coco_run):
     assert len(info["cache"]["key"]) == 12 and info["annotation_files"]["train"]["sha256"]
 
 
+@pytest.mark.e2e
 def test_html_and_script_in_names_stay_text_in_every_page(coco_run):
     run_dir, _, _ = coco_run
     pages = [run_dir / "report.html", *sorted((run_dir / "notebooks").glob("*.html"))]
@@ -139,6 +147,7 @@ def test_html_and_script_in_names_stay_text_in_every_page(coco_run):
             assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html, page.name
 
 
+@pytest.mark.e2e
 def test_report_links_every_stage_page(smoke_run):
     run_dir, _ = smoke_run
     html = (run_dir / "report.html").read_text()

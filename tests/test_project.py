@@ -1,16 +1,15 @@
 """The project's shape: notebooks, parameters and environment files stay consistent."""
 
 import ast
-import json
 import re
+import tomllib
 from pathlib import Path
 
 import nbformat
 import pytest
-import tomllib
 import yaml
 
-from prunestudy import config, pipeline, stages
+from prunestudy import config, paths, pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -32,7 +31,7 @@ def _defaults(nb) -> dict:
 
 
 def test_five_stage_notebooks():
-    assert [p.name for p in NOTEBOOKS] == list(stages.NOTEBOOK_OF.values())
+    assert [p.name for p in NOTEBOOKS] == list(paths.NOTEBOOK_OF.values())
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -48,11 +47,12 @@ def test_notebook_has_literal_parameters_no_outputs_and_the_project_kernel(path)
 
 @pytest.mark.parametrize("stage", ["data", "train", "prune", "retrain", "analysis"])
 def test_notebook_defaults_match_default_params_and_accept_every_runner_parameter(stage):
-    nb = nbformat.read(ROOT / "notebooks" / stages.NOTEBOOK_OF[stage], as_version=4)
+    nb = nbformat.read(ROOT / "notebooks" / paths.NOTEBOOK_OF[stage], as_version=4)
     defaults = _defaults(nb)
     cfg = config.load(ROOT / "params" / "default.yaml")
     injected = pipeline.notebook_parameters(stage, cfg, Path("/tmp/run"))
-    assert set(injected) <= set(defaults), f"runner passes parameters the notebook lacks: {set(injected) - set(defaults)}"
+    assert set(injected) <= set(defaults), (
+        f"runner passes parameters the notebook lacks: {set(injected) - set(defaults)}")
     section = cfg.get(stage, {})
     for key, value in section.items():
         assert defaults[key] == value, f"{stage}.{key}: notebook default {defaults[key]!r} != default.yaml {value!r}"

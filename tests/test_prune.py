@@ -1,7 +1,11 @@
+import copy
+import io
+import json
+
 import pytest
 import torch
 
-from prunestudy import prune, train
+from prunestudy import methods, models, prune, train
 from prunestudy.models import SeedCNN
 
 
@@ -76,12 +80,6 @@ def test_restore_reattaches_saved_masks():
 
 
 # --- methods, models, exports (the pruning study's library) -----------------------------------
-import copy
-import io
-import json
-
-from prunestudy import models
-
 torch.set_num_threads(1)
 MASKED = ["l1_unstructured", "global_magnitude", "random_unstructured", "ln_structured"]
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
@@ -141,7 +139,7 @@ def test_ln_structured_zeroes_whole_rows_and_spares_the_classifier():
 
 
 @pytest.mark.parametrize("arch", ["seed_cnn", "resnet18"])
-@pytest.mark.parametrize("method", list(prune.METHODS))
+@pytest.mark.parametrize("method", methods.names())
 def test_every_method_keeps_ten_outputs(arch, method):
     m = _net(arch)
     prune.apply(m, method, 0.5, "all")

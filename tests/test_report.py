@@ -7,6 +7,7 @@ fixture's own numbers, independently of the module's helpers.
 
 from __future__ import annotations
 
+import ast
 import copy
 import json
 import math
@@ -20,11 +21,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.colors import to_hex, to_rgb  # noqa: E402
 from matplotlib.container import BarContainer  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from prunestudy import report  # noqa: E402
+from prunestudy import methods, report, stages, states  # noqa: E402
 
 # class names that would break naive rendering: mathtext, HTML, markdown
 CLASSES = ["person", "car", "$\\frac$ cup", "<b>dog</b>", "traffic light", "cat", "a_b*c", "bus", "bird", "chair"]
@@ -36,6 +38,7 @@ AMOUNT = 0.2
 SHAPES = {"conv1.weight": (8, 3, 3, 3), "conv1.bias": (8,), "bn.weight": (8,), "conv2.weight": (16, 8, 3, 3),
           "fc1.weight": (32, 64), "fc1.bias": (32,), "fc2.weight": (K, 32), "fc2.bias": (K,)}
 LAYERS = ["conv1", "conv2", "fc1", "fc2"]   # the >=2-D weights
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -167,7 +170,8 @@ def test_summary_table_rows_and_values(run):
     assert df.loc["seed report: trained", report.ACC] == 71.0
     assert df.loc["seed report: pruned", report.ACC] == 70.0
     assert df.loc["pruned", report.LOSS] == 1.12
-    assert np.isnan(df.loc["seed report: trained", report.LOSS]) and np.isnan(df.loc["seed report: pruned", report.LOSS])
+    assert np.isnan(df.loc["seed report: trained", report.LOSS])
+    assert np.isnan(df.loc["seed report: pruned", report.LOSS])
     assert df.loc["pruned", report.SPARSITY] == round(100 * res["prune"]["global_sparsity"], 2)
     assert 19.5 < df.loc["pruned", report.SPARSITY] < 20.5
     assert df.loc["pruned", report.NONZERO] == res["prune"]["params_nonzero"]
@@ -280,9 +284,10 @@ def test_missing_stages(run):
     f = report.findings(res)
     assert any("Pruning has not run" in s for s in f) and any("Retraining has not run" in s for s in f)
     assert "8.0 points below" in _sentence(f, "seed report's 71%")
-    assert report.findings({}) == ["Training has not run in this run folder, so there is no trained model to report.",
-                                   "Pruning has not run in this run folder, so there is no pruned model to compare.",
-                                   "Retraining has not run in this run folder, so recovery after pruning is not measured."]
+    assert report.findings({}) == [
+        "Training has not run in this run folder, so there is no trained model to report.",
+        "Pruning has not run in this run folder, so there is no pruned model to compare.",
+        "Retraining has not run in this run folder, so recovery after pruning is not measured."]
     bars = _bars(report.plot_accuracy(res).axes[0])
     assert [round(b.get_height(), 1) for b in bars] == [63.0, 71.0, 70.0]
     for fig in (report.plot_layer_sparsity(res), report.plot_epoch_metrics(res), report.plot_epoch_metrics({})):
@@ -308,7 +313,7 @@ def test_plot_accuracy_bars(run):
     bars = _bars(ax)
     assert [round(b.get_height(), 1) for b in bars] == [63.0, 61.8, 64.4, 71.0, 70.0]
     assert [b.get_hatch() for b in bars] == [None, None, None, report.SEED_HATCH, report.SEED_HATCH]
-    assert [tuple(b.get_facecolor()[:3]) for b in bars[:3]] == [tuple(report.STATE_COLORS[s]) for s in report.STATES]
+    assert [tuple(b.get_facecolor()[:3]) for b in bars[:3]] == [to_rgb(states.get(s).color) for s in states.MAIN]
     texts = {t.get_text() for t in ax.texts}
     assert {"63.0%", "61.8%", "64.4%", "71%", "70%"} <= texts
     ticks = [t.get_text() for t in ax.get_xticklabels()]
@@ -329,7 +334,7 @@ def test_plot_step_loss_continuous_axis(run):
     assert np.allclose(means, run["train_steps"].reshape(TRAIN_EPOCHS, -1).mean(axis=1))
     assert len(lines["retraining: epoch mean"].get_ydata()) == RETRAIN_EPOCHS
     assert len(ax.collections) >= 2 and fig.legends
-    assert "retrained" not in lines and lines["retraining: every step"].get_color() == report.STATE_COLORS["retrained"]
+    assert "retrained" not in lines and lines["retraining: every step"].get_color() == states.RETRAINED.color
 
 
 def test_plot_epoch_metrics(run):
@@ -338,8 +343,8 @@ def test_plot_epoch_metrics(run):
     for ax in fig.axes:
         _assert_labelled(ax)
     acc = {l.get_label(): l for l in acc_ax.get_lines()}
-    assert np.allclose(acc["training: test accuracy"].get_ydata(), [100 * a for a in
-                                                                   [r["test_accuracy"] for r in run["results"]["train"]["epochs"]]])
+    train_acc = [100 * r["test_accuracy"] for r in run["results"]["train"]["epochs"]]
+    assert np.allclose(acc["training: test accuracy"].get_ydata(), train_acc)
     assert list(acc["retraining: test accuracy"].get_xdata()) == [11, 12, 13]
     assert acc["pruned (no training)"].get_ydata()[0] == pytest.approx(61.8)
     assert list(acc["seed report: trained / pruned"].get_ydata()) == pytest.approx([71, 70])
@@ -391,7 +396,7 @@ def test_plot_confusion(run):
         expected = 100 * expected / expected.sum(axis=1, keepdims=True)
         assert np.allclose(values, expected)
     assert fig.axes[0].get_ylabel()
-    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == [report._text(c) for c in CLASSES]
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == [report.literal(c) for c in CLASSES]
     assert "63.0% correct" in fig.axes[0].get_title() and "61.8% correct" in fig.axes[1].get_title()
     fig.canvas.draw()    # '$\frac$ cup' is drawn as text, not (broken) mathtext
 
@@ -416,7 +421,7 @@ def test_plot_samples(run):
     images = np.load(run["dir"] / "data" / "train_images.npy")
     first_car = np.flatnonzero(run["train_labels"] == 1)[0]
     assert np.array_equal(img[66:66 + 64, :64], images[first_car])
-    assert [t.get_text() for t in ax.get_yticklabels()] == [report._text(c) for c in CLASSES]
+    assert [t.get_text() for t in ax.get_yticklabels()] == [report.literal(c) for c in CLASSES]
     fig.canvas.draw()
 
 
@@ -645,7 +650,8 @@ def test_seeds_table_and_paired_confidence_interval(seeded):
     md = report.seeds_markdown(seeded)
     assert "3 seeds (0, 1, 2)" in md and "pruned − trained: -1.23 points" in md
     assert "the interval excludes 0: a loss beyond seed-to-seed noise" in md
-    assert any(s.startswith("Over 3 seeds, pruning changed test accuracy by -1.23 points") for s in report.findings(seeded))
+    assert any(s.startswith("Over 3 seeds, pruning changed test accuracy by -1.23 points")
+               for s in report.findings(seeded))
     html = report.paired_styler(seeded).to_html() + report.seeds_styler(seeded).to_html()
     assert "95% Student-t confidence interval" in html
 
@@ -671,3 +677,83 @@ def test_interval_holding_zero_is_called_noise(seeded):
     seeded["repeats"][0]["pruned"]["test_accuracy"] = 0.62   # seed 1 gains 2 points: the signs disagree
     md = report.seeds_markdown(seeded)
     assert "pruned − trained" in md and "not distinguishable from seed-to-seed noise" in md
+
+
+# --------------------------------------------------------------------------- one source of truth
+
+def test_seed_report_figures_come_from_their_data_file(run, tmp_path, monkeypatch):
+    seed = report.seed_report()
+    assert report.SEED_REPORT_FILE.name == "seed_report.yaml"
+    assert seed["test_accuracy"] == {"trained": 0.71, "pruned": 0.70}
+    assert seed["source"].startswith("seed test report (COCO 2017, 10 classes, 64x64, batch 32")
+    assert "(0.0269 after training, 0.0272 after pruning)" in seed["note"] and "batch-size (32)" in seed["note"]
+    # another checkout's file (PRUNESTUDY_HOME) is read instead: nothing about the seed is spelt in the code
+    import yaml
+
+    other = yaml.safe_load((ROOT / report.SEED_REPORT_FILE).read_text())
+    other["test_accuracy"]["trained"] = 0.75
+    other["settings"]["batch_size"] = 64
+    (tmp_path / "params").mkdir()
+    (tmp_path / report.SEED_REPORT_FILE).write_text(yaml.safe_dump(other))
+    monkeypatch.setenv("PRUNESTUDY_HOME", str(tmp_path))
+    df = report.summary_table(run["results"])
+    assert df.loc["seed report: trained", report.ACC] == 75.0
+    assert "batch 64" in report.title_markdown(run["results"]) and "batch-size (64)" in report.seed_report()["note"]
+    assert "12.0 points below the seed report's 75%" in _sentence(report.findings(run["results"]), "seed report's 75%")
+
+
+def test_method_wording_colour_and_marker_come_from_the_registry(study):
+    res = copy.deepcopy(study)
+    res["prune"]["method"] = "random_unstructured"
+    phrase = methods.get("random_unstructured").describe(AMOUNT)
+    assert phrase.endswith("chosen at random") and f"random_unstructured, {phrase}, targets" in _sentence(
+        report.findings(res), "After pruning (")
+    res["prune"]["method"] = "channel"
+    assert methods.get("channel").notes in _sentence(report.findings(res), "Measured sparsity")
+    fig = report.plot_tradeoff(study)
+    for line in fig.axes[0].get_lines():
+        name = line.get_label().split(":")[0].removesuffix(" (random: the floor)")
+        if name in methods.REGISTRY:
+            assert to_hex(line.get_color()) == methods.get(name).color and line.get_marker() == methods.get(name).marker
+    assert any("(random: the floor)" in l.get_label() for l in fig.axes[0].get_lines())
+    # a method the registry does not know is drawn and described, not an error
+    res["prune"]["method"] = "mystery"
+    res["sweep"].append({**study["sweep"][0], "method": "mystery"})
+    assert "mystery, 20% of the weights of each layer, targets" in _sentence(report.findings(res), "After pruning (")
+    lines = [l for l in report.plot_tradeoff(res).axes[0].get_lines() if l.get_label().startswith("mystery")]
+    assert lines and all(l.get_color() == "black" and l.get_marker() == "o" for l in lines)
+
+
+def test_provenance_links_every_executed_notebook_of_the_run_and_its_repeats(run):
+    res = copy.deepcopy(run["results"])
+    res["repeats"] = [{"seed": 1, "dir": "repeats/seed-1"}]
+    prov = report.provenance_markdown(res)
+    for name in ("01_data", "02_train", "03_prune", "04_retrain", "05_analysis"):
+        assert f"[{name}](notebooks/{name}.html)" in prov
+    assert "(folder repeats/seed-1)" in prov and "[02_train](repeats/seed-1/notebooks/02_train.html)" in prov
+    assert "repeats/seed-1/notebooks/01_data" not in prov   # a repeat shares the data stage
+
+
+def _notebook_calls() -> list[tuple[str, str, str]]:
+    """(notebook, module, attribute) of every `module.attribute` a notebook's code reads, for the modules it
+    imports with `from prunestudy import ...`."""
+    found = []
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        cells = json.loads(path.read_text())["cells"]
+        source = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+        tree = ast.parse("\n".join(l for l in source.splitlines() if not l.lstrip().startswith(("%", "!"))))
+        modules = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                   and n.module == "prunestudy" for a in n.names}
+        found += [(path.name, n.value.id, n.attr) for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+                  and isinstance(n.value, ast.Name) and n.value.id in modules]
+    return found
+
+
+def test_every_report_and_stages_name_a_notebook_calls_exists():
+    calls = _notebook_calls()
+    modules = {"report": report, "stages": stages}
+    assert {m for _, m, _ in calls} >= set(modules) and len(calls) > 40
+    missing = [f"{nb}: {m}.{attr}" for nb, m, attr in calls if m in modules and not hasattr(modules[m], attr)]
+    assert not missing, missing
+    analysis = {attr for nb, m, attr in calls if nb == "05_analysis.ipynb" and m == "report"}
+    assert analysis <= set(report.__all__)   # the analysis notebook's names are the package's public ones

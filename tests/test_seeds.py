@@ -44,6 +44,7 @@ def seeded_run(smoke_run, tmp_path_factory):
     return run_dir, proc
 
 
+@pytest.mark.e2e
 def test_changes_rerun_only_what_they_change_and_the_repeat(seeded_run):
     run_dir, proc = seeded_run
     assert re.findall(r"\] (\w+): up to date", proc.stdout) == ["data", "train"]
@@ -64,6 +65,7 @@ def test_changes_rerun_only_what_they_change_and_the_repeat(seeded_run):
     assert not (rep / "prune" / "sweep").exists()   # the sweep runs once, in the main run
 
 
+@pytest.mark.e2e
 def test_results_and_report_hold_the_spread_and_the_paired_intervals(seeded_run):
     from scipy import stats
 
@@ -89,6 +91,7 @@ def test_results_and_report_hold_the_spread_and_the_paired_intervals(seeded_run)
     assert (run_dir / "analysis" / "figures" / "seeds.png").stat().st_size > 0
 
 
+@pytest.mark.e2e
 def test_seeded_report_opens_cleanly_in_a_browser(seeded_run):
     if browser.chromium_path() is None:
         pytest.skip("no Chromium on this machine: `make setup` installs Debian's chromium package (as root)")
@@ -99,6 +102,7 @@ def test_seeded_report_opens_cleanly_in_a_browser(seeded_run):
     assert "paired change" in found["text"]
 
 
+@pytest.mark.e2e
 def test_rerun_with_the_same_seeds_does_nothing_and_a_data_change_is_noticed(seeded_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(seeded_run[0], run_dir, symlinks=True)

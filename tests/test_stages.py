@@ -16,7 +16,7 @@ TINY = {"seed": 3, "train_images": 30, "val_images": 15, "image_size": 160}
 def run_dir(tmp_path_factory):
     rd = tmp_path_factory.mktemp("stages")
     root = synth.ensure(rd / "coco", **TINY)
-    stages.run_data(rd, root=str(root), min_box=12)
+    stages.run_data(rd, root=str(root), min_box=12, min_per_class=1)
     return rd
 
 
@@ -35,6 +35,7 @@ def test_generated_data_loads_in_pycocotools_and_crops_trace_to_annotations(run_
             assert min(ann["bbox"][2:]) >= 12
 
 
+@pytest.mark.e2e
 def test_train_prune_retrain_outputs(run_dir):
     log = []
     m = stages.run_train(run_dir, epochs=2, batch_size=16, lr=1e-3, seed=0, log=log.append)
@@ -85,6 +86,7 @@ def test_atomic_json_leaves_no_partial_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
 
 
+@pytest.mark.e2e
 def test_torchrun_training_writes_once_and_fine_tuning_reuses_its_speed(run_dir, tmp_path):
     """train.launcher=torchrun: two gloo processes train, rank 0 alone writes; the speed options the
     train stage ran with are recorded and reused by retraining."""
@@ -98,7 +100,7 @@ def test_torchrun_training_writes_once_and_fine_tuning_reuses_its_speed(run_dir,
     assert m["world_size"] == 2 and m["params"]["launcher"] == "torchrun"
     assert m["speed"]["precision"] == "fp32" and m["speed"]["channels_last"] is True and m["speed"]["fused"] is False
     assert sorted(p.name for p in (rd / "train").iterdir()) == ["history.json", "metrics.json", "model.pt",
-                                                                "predictions.npy"]
+                                                                "predictions.npy", "stage.json"]
     assert any("epoch 1/1" in line for line in log)  # torchrun's output streamed back
     stages.run_prune(rd, amount=0.3, seed=0, amounts=[0.5], methods=["l1_unstructured"])
     # retraining runs as training did, under torchrun: the pruned model, the dense control and the

@@ -5,11 +5,12 @@ the sweep and its resumption, and what results.json holds."""
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
-from prunestudy import data, models, prune, report, stages, store, synth, train
+from prunestudy import data, methods, models, paths, prune, report, stages, store, synth, train
+
+pytestmark = pytest.mark.e2e   # the whole pruning study through the stage functions
 
 TINY = {"seed": 3, "train_images": 30, "val_images": 15, "image_size": 160}
 REWIND_STEP = 2
@@ -29,7 +30,7 @@ def _fast_latency(monkeypatch):
 
 def _make_run(rd, model="seed_cnn"):
     root = synth.ensure(rd.parent / "coco", **TINY)
-    stages.run_data(rd, root=str(root), min_box=12, max_per_class=5, max_test_per_class=4, log=quiet)
+    stages.run_data(rd, root=str(root), min_box=12, min_per_class=1, max_per_class=5, max_test_per_class=4, log=quiet)
     stages.run_train(rd, model=model, epochs=1, batch_size=BATCH, lr=1e-3, seed=0,
                      rewind_step=REWIND_STEP if model == "seed_cnn" else None, log=quiet)
     return rd
@@ -58,11 +59,11 @@ def _weights(state):
     return {k: v for k, v in state.items() if k.endswith("weight") and v.ndim >= 2}
 
 
-@pytest.mark.parametrize("method", list(prune.METHODS))
+@pytest.mark.parametrize("method", methods.names())
 def test_every_method_prunes_retrains_and_exports(trained, method):
     p_dir, r_dir = trained / f"prune-{method}", trained / f"retrain-{method}"
     p = stages.run_prune(trained, method=method, amount=0.5, out_dir=p_dir, log=quiet)
-    kind = prune.METHODS[method]["kind"]
+    kind = methods.get(method).kind
     assert p["method"] == method and p["kind"] == kind and p["rounds"] == 1
     eff = p["efficiency"]
     for key in ("params_total", "params_nonzero", "layer_sparsity", "global_sparsity", "compression_ratio", "macs",
@@ -194,7 +195,7 @@ def test_sweep_writes_every_point_resumes_and_fills_results(fresh):
     kw = dict(method="l1_unstructured", amount=0.2, amounts=amounts, methods=methods)
     log = []
     p = stages.run_prune(fresh, **kw, log=log.append)
-    names = [stages.point_name(m, a) for m in methods for a in amounts]
+    names = [paths.point_name(m, a) for m in methods for a in amounts]
     assert p["sweep"] == names == ["l1_unstructured-0.3", "l1_unstructured-0.7", "channel-0.3", "channel-0.7"]
     retrain_kw = dict(epochs=1, batch_size=BATCH, lr=1e-3, control=True)
     stages.run_retrain(fresh, **retrain_kw, log=log.append)

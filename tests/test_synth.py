@@ -189,7 +189,8 @@ def test_worker_processes_do_not_change_output(tmp_path, monkeypatch):
 
 def test_splits_are_different_streams(tmp_path):
     root = synth.generate(tmp_path / "d", seed=0, train_images=2, val_images=2, image_size=64)
-    assert (root / "train2017" / "000000000001.jpg").read_bytes() != (root / "val2017" / "000000000003.jpg").read_bytes()
+    assert ((root / "train2017" / "000000000001.jpg").read_bytes()
+            != (root / "val2017" / "000000000003.jpg").read_bytes())
 
 
 def test_other_image_sizes(tmp_path):

@@ -428,6 +428,7 @@ JOB = textwrap.dedent("""
 """)
 
 
+@pytest.mark.e2e
 def test_sigkill_mid_epoch_then_rerun_matches_uninterrupted_run(tmp_path):
     script = tmp_path / "job.py"
     script.write_text(JOB.format(tests=str(Path(__file__).parent)))

@@ -8,7 +8,7 @@ import sys
 
 import yaml
 
-from . import cache, compare, config, download, pipeline
+from . import cache, compare, config, download, lab, pipeline, records
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     _add_params_args(show)
     show.add_argument("--show", action="store_true",
                       help="one line per parameter: value, default and what it does")
-    sub.add_parser("kernel", help="install the 'prunestudy' Jupyter kernel for this Python")
+    sub.add_parser("kernel", help="install the 'prunestudy' Jupyter kernel (and JupyterLab settings) for this Python")
+    lab_p = sub.add_parser("lab", help="JupyterLab on the notebooks, with the prunestudy kernel (as root too)")
+    lab_p.add_argument("--port", type=int, help="port (default: JupyterLab's, 8888 or the next free)")
+    lab_p.add_argument("--no-browser", action="store_true", help="do not open a web browser")
     download.add_cli(sub)
     compare.add_cli(sub)
     _add_cache_cli(sub)
@@ -34,8 +37,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
 
     if args.command == "kernel":
-        print(f"kernel '{pipeline.ensure_kernel()}' -> {sys.executable} ({pipeline.kernel_dir()})")
+        print(f"kernel '{pipeline.ensure_kernel()}' -> {sys.executable} ({pipeline.kernel_dir()}); "
+              f"JupyterLab settings {lab.ensure_settings()}")
         return 0
+    if args.command == "lab":
+        return lab.main(port=args.port, open_browser=not args.no_browser)
     try:
         cfg = config.load(args.file, args.param)
     except config.ParamsError as e:
@@ -45,11 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         print(config.describe(cfg) if args.show else yaml.safe_dump(cfg, sort_keys=False), end="")
         print(f"# params hash: {config.stage_hash(cfg)}")
         return 0
-    run_dir = config.resolve_path(args.run_dir) if args.run_dir else pipeline.default_run_dir(args.file, args.param, cfg)
+    run_dir = (config.resolve_path(args.run_dir) if args.run_dir
+               else pipeline.default_run_dir(args.file, args.param, cfg))
     print(f"prunestudy: run folder {run_dir} (params hash {config.stage_hash(cfg)})", flush=True)
     try:
         res = pipeline.run(cfg, run_dir, force=args.force, log=lambda m: print(m, flush=True))
-    except (FileNotFoundError, pipeline.PreflightError) as e:
+    except (FileNotFoundError, pipeline.PreflightError, records.LockedError) as e:
         print(f"prunestudy: {e}", file=sys.stderr)
         return 2
     except pipeline.StageFailed as e:

@@ -7,7 +7,7 @@ The page is one self-contained HTML file (inline CSS, the figure as a data: URI,
   the columns of ``report.summary_table`` (accuracy, true mean loss, sparsity, parameters, model
   size, measured latency), plus the accuracy change against
   the first run;
-- one figure: test accuracy per model state, grouped by run (``report.STATE_COLORS``);
+- one figure: test accuracy per model state, grouped by run (each state in its ``states`` colour);
 - the parameters (flattened keys such as ``prune.amount``) whose values differ between the runs.
 
 Every string from a run (folder names, class names, parameter values) is escaped with
@@ -37,11 +37,9 @@ from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from . import config, report, stages, store
+from . import config, paths, report, stages, states, store
 
 DEFAULT_OUT = "compare.html"
-STATE_KEY = {"trained": "trained", "pruned": "pruned", "retrained": "retrained", report.CONTROL_LABEL: "control"}
-STATE_NAME = {"trained": "trained", "pruned": "pruned", "retrained": "retrained", "control": "dense control"}
 DELTA = "Δ test accuracy vs first run (points)"
 MISSING = "—"
 
@@ -67,17 +65,18 @@ def load_run(path: str | Path) -> Run:
     fix = f"run {command} into it first"
     if not path.is_dir():
         raise CompareError(f"{path}: no such folder: check the path, or make the run with {command}")
-    if not (path / "results.json").is_file():
-        raise CompareError(f"{path} is not a finished run (no results.json): {fix}")
+    if not (path / paths.RESULTS).is_file():
+        raise CompareError(f"{path} is not a finished run (no {paths.RESULTS}): {fix}")
     try:
-        saved = store.read_json(path / "results.json")
+        saved = store.read_json(path / paths.RESULTS)
         results = stages.load_results(path)
     except FileNotFoundError:
-        raise CompareError(f"{path} is not a finished run (no data/data.json): {fix}") from None
+        data_info = (paths.stage_dir(".", "data") / paths.DATA_INFO).as_posix()
+        raise CompareError(f"{path} is not a finished run (no {data_info}): {fix}") from None
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise CompareError(f"{path}: its results cannot be read ({type(e).__name__}: {e}): "
                            f"rerun `prunestudy run --run-dir {path}` with its parameters") from None
-    if "test_accuracy" not in (results.get("train") or {}):
+    if "test_accuracy" not in states.metrics(results, "trained"):
         raise CompareError(f"{path} is not a finished run (no trained model): {fix}")
     return Run(path, path.name or str(path), results, saved if isinstance(saved, dict) else {})
 
@@ -140,7 +139,8 @@ def run_summary(results: dict) -> pd.DataFrame:
     """summary_table's rows of this run's model states (not the sweep points or the seed report's);
     the index holds state keys (trained / pruned / retrained / control)."""
     summary = report.summary_table(results)
-    return summary[[i in STATE_KEY for i in summary.index]].rename(index=STATE_KEY)
+    key_of = {s.long_label: s.key for s in states.ALL}   # the summary's row of each state
+    return summary[[i in key_of for i in summary.index]].rename(index=key_of)
 
 
 def summary_rows(runs: list[Run]) -> pd.DataFrame:
@@ -149,7 +149,7 @@ def summary_rows(runs: list[Run]) -> pd.DataFrame:
     parts = {r.label: run_summary(r.results) for r in runs}
     first = runs[0].label
     frames = []
-    for state in STATE_NAME:
+    for state in states.KEYS:
         block = {label: df.loc[state] for label, df in parts.items() if state in df.index}
         if not block:
             continue
@@ -187,9 +187,9 @@ def esc(s: Any) -> str:
 
 
 def _state_cell(state: str, rowspan: int) -> str:
-    colour = to_hex(report.STATE_COLORS[state])
-    return (f'<th scope="rowgroup" rowspan="{rowspan}" style="border-left: 6px solid {colour}">'
-            f"{esc(STATE_NAME[state])}</th>")
+    s = states.get(state)
+    return (f'<th scope="rowgroup" rowspan="{rowspan}" style="border-left: 6px solid {to_hex(s.color)}">'
+            f"{esc(s.label)}</th>")
 
 
 def summary_html(table: pd.DataFrame) -> str:
@@ -228,10 +228,10 @@ def _params_hash(run: Run) -> str:
 def runs_rows(runs: list[Run]) -> list[list[str]]:
     rows = []
     for r in runs:
-        p, data, prune = _params(r), r.results.get("data") or {}, r.results.get("prune") or {}
-        model = (r.results.get("train") or {}).get("model") or (p.get("train") or {}).get("model") or MISSING
+        p, data, prune = _params(r), r.results.get("data") or {}, states.metrics(r.results, "pruned")
+        model = states.metrics(r.results, "trained").get("model") or (p.get("train") or {}).get("model") or MISSING
         pruning = (f"{prune.get('method', '?')}, amount {prune.get('amount', '?')}" if prune else "not run")
-        missing = [s for s in ("prune", "retrain") if s not in r.results]
+        missing = [s.stage for s in (states.PRUNED, states.RETRAINED) if s.stage not in r.results]
         classes = data.get("classes") or []
         rows.append([r.label, str(r.path), _params_hash(r), _commit(r), model, pruning,
                      f"{data.get('test_size') or MISSING} test crops, {len(classes)} classes: " + ", ".join(classes),
@@ -283,31 +283,31 @@ def _latency_point(runs: list[Run]) -> str:
 # --------------------------------------------------------------------------- figure
 
 def accuracy_figure(runs: list[Run], table: pd.DataFrame) -> Figure:
-    """Grouped bars: per run (x), one bar per model state in its STATE_COLORS, ±1 binomial SE;
+    """Grouped bars: per run (x), one bar per model state in its colour (``states``), ±1 binomial SE;
     ``table`` is ``summary_rows(runs)``."""
-    states = list(dict.fromkeys(table.index.get_level_values(0)))
+    shown = list(dict.fromkeys(table.index.get_level_values(0)))
     labels = [r.label for r in runs]
-    width = 0.8 / max(len(states), 1)
+    width = 0.8 / max(len(shown), 1)
     with sns.axes_style("whitegrid"), sns.plotting_context("notebook"):
         fig = Figure(figsize=(max(7.0, 2.0 + 1.9 * len(runs)), 4.2), dpi=report.DPI, layout="constrained")
         ax = fig.add_subplot()
         x = np.arange(len(runs), dtype=float)
         top = 0.0
-        for j, state in enumerate(states):
+        for j, state in enumerate(shown):
             acc = [table[report.ACC].get((state, lab), np.nan) for lab in labels]
             acc = np.array([np.nan if pd.isna(a) else float(a) for a in acc])
             n = [(r.results.get("data") or {}).get("test_size") for r in runs]
             se = [100 * report.binomial_se(a / 100, k) if k and not np.isnan(a) else 0 for a, k in zip(acc, n)]
-            bars = ax.bar(x + (j - (len(states) - 1) / 2) * width, acc, width, yerr=se, capsize=3,
-                          color=report.STATE_COLORS[state], ecolor="black", label=STATE_NAME[state])
+            bars = ax.bar(x + (j - (len(shown) - 1) / 2) * width, acc, width, yerr=se, capsize=3,
+                          color=states.get(state).color, ecolor="black", label=states.get(state).label)
             ax.bar_label(bars, fmt="%.1f", label_type="center", color="white", fontsize=8, fontweight="bold")
             top = max(top, np.nanmax(acc) if not np.all(np.isnan(acc)) else 0)
-        ax.set_xticks(x, [textwrap.fill(lab.replace("$", r"\$"), 22) for lab in labels], fontsize=9)
+        ax.set_xticks(x, [textwrap.fill(report.literal(lab), 22) for lab in labels], fontsize=9)
         ax.set_ylim(0, min(100, top + 12) if top else 100)
         ax.set_xlabel("run (folder name)")
         ax.set_ylabel("test accuracy (% of test crops)")
         ax.set_title("Test accuracy per model state and run (error bars: ±1 binomial standard error)", fontsize=11)
-        handles = [Patch(color=report.STATE_COLORS[s], label=STATE_NAME[s]) for s in states]
+        handles = [Patch(color=states.get(s).color, label=states.get(s).label) for s in shown]
         ax.legend(handles=handles, title="model state", loc="upper left", bbox_to_anchor=(1.01, 1),
                   borderaxespad=0, fontsize=8)
     return fig

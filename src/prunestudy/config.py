@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from . import methods
+
 STAGE_SECTIONS = ("data", "train", "prune", "retrain")
 
 # key -> (default, accepted types, description)
@@ -25,7 +27,8 @@ SCHEMA: dict[str, tuple[Any, tuple[type, ...], str]] = {
     "seeds": (None, (list, type(None)), "repeats: the study's train, prune and retrain stages (not the sweep) rerun "
               "with each of these seeds on the same data (repeats/seed-<s>/); the report gives mean, spread and paired "
               "confidence intervals over `seed` and these; null = one run"),
-    "data.root": ("embedded", (str, type(None)), "COCO root in the official layout, or 'embedded' for the embedded synthetic set"),
+    "data.root": ("embedded", (str, type(None)), "COCO root in the official layout, or 'embedded' for the embedded "
+                  "synthetic set"),
     "data.embedded": (
         {"seed": 0, "train_images": 800, "val_images": 250, "image_size": 160},
         (dict,),
@@ -39,8 +42,10 @@ SCHEMA: dict[str, tuple[Any, tuple[type, ...], str]] = {
     "data.max_test_per_class": (None, (int, type(None)), "cap on test samples per class (null = no cap)"),
     "data.label_mode": ("crop", (str,), "crop: one sample per box | image: one per image, labelled by its largest box"),
     "data.min_per_class": (20, (int,), "error if a class keeps fewer training samples than this"),
-    "data.max_bad_fraction": (0.01, (float, int), "unreadable images of a split tolerated (skipped, listed) before an error"),
-    "data.workers": (None, (int, type(None)), "processes cropping images (null = all CPU cores); does not change the result"),
+    "data.max_bad_fraction": (0.01, (float, int), "unreadable images of a split tolerated (skipped, listed) "
+                              "before an error"),
+    "data.workers": (None, (int, type(None)), "processes cropping images (null = all CPU cores); does not change "
+                     "the result"),
     "train.model": ("seed_cnn", (str,), "seed_cnn | resnet18 | efficientnet_b0"),
     "train.epochs": (10, (int,), "training epochs"),
     "train.batch_size": (32, (int,), "training batch size"),
@@ -58,8 +63,8 @@ SCHEMA: dict[str, tuple[Any, tuple[type, ...], str]] = {
     "train.launcher": ("none", (str,), "none | torchrun: train and retrain (control and sweep included) under "
                        "torchrun with DistributedDataParallel"),
     "train.nproc_per_node": (1, (int,), "processes per node under torchrun (gloo on CPU, NCCL on CUDA)"),
-    "prune.method": ("l1_unstructured", (str,), "l1_unstructured | global_magnitude | random_unstructured | "
-                     "ln_structured (masked: zeros, dense shape) | channel (Torch-Pruning: smaller layers)"),
+    "prune.method": ("l1_unstructured", (str,), " | ".join(f"{m.name} ({m.kind})" for m in methods.REGISTRY.values())
+                     + "; masked: zeros, dense shape; structural: smaller layers (prunestudy.methods)"),
     "prune.amount": (0.2, (float, int), "fraction of the targeted weights (channels for ln_structured / channel) "
                      "pruned in all, in [0, 1)"),
     "prune.targets": ("all", (str,), "which weights are pruned: conv | linear | all"),
@@ -70,7 +75,7 @@ SCHEMA: dict[str, tuple[Any, tuple[type, ...], str]] = {
                           "initialisation; masks kept); null = off; masked methods only"),
     "prune.amounts": (None, (list, type(None)), "a sweep: amounts in [0, 1) at which each of prune.methods prunes "
                       "the trained model (one shot), evaluated before and after retrain.epochs; null = no sweep"),
-    "prune.methods": (None, (list, type(None)), "methods of the sweep (null = [prune.method, random_unstructured]); "
+    "prune.methods": (None, (list, type(None)), f"methods of the sweep (null = [prune.method, {methods.floor()}]); "
                       "used only with prune.amounts"),
     "retrain.epochs": (2, (int,), "fine-tuning epochs after pruning, masks held"),
     "retrain.lr": (1e-4, (float,), "Adam learning rate for fine-tuning"),
@@ -81,8 +86,15 @@ SCHEMA: dict[str, tuple[Any, tuple[type, ...], str]] = {
                         "settings (the dense control: the gain of extra training, without pruning)"),
 }
 
-# the methods of prunestudy.prune.METHODS (a test checks they agree; config does not import torch)
-PRUNE_METHODS = ("l1_unstructured", "global_magnitude", "random_unstructured", "ln_structured", "channel")
+# Which schema key each parameter of a stage function (and of its notebook's parameters cell)
+# stands for: the stage's own section, plus these keys from other sections.
+STAGE_EXTRAS = {
+    "data": {"seed": "seed"},
+    "train": {"seed": "seed", "rewind_step": "prune.rewind_step"},   # the train stage saves the rewind state
+    "prune": {"epochs_per_round": "retrain.epochs_per_round", "lr": "retrain.lr",   # fine-tuning between rounds
+              "batch_size": "retrain.batch_size", "seed": "seed", "device": "train.device"},
+    "retrain": {"device": "train.device", "seed": "seed"},
+}
 
 CHOICES = {
     "train.model": ("seed_cnn", "resnet18", "efficientnet_b0"),
@@ -92,8 +104,7 @@ CHOICES = {
     "train.fused": ("auto", True, False),
     "train.launcher": ("none", "torchrun"),
     "data.label_mode": ("crop", "image"),
-    "prune.method": PRUNE_METHODS,
-    "prune.targets": ("conv", "linear", "all"),
+    "prune.targets": methods.TARGETS,
 }
 
 
@@ -103,6 +114,32 @@ class ParamsError(ValueError):
     def __init__(self, problems: list[str]):
         self.problems = problems
         super().__init__("invalid parameters:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def default(key: str) -> Any:
+    """The default of one parameter (a copy): what every stage function and notebook starts from."""
+    return copy.deepcopy(SCHEMA[key][0])
+
+
+def stage_parameters(stage: str) -> dict[str, str]:
+    """Parameter name of `stage`'s function and notebook -> the schema key it stands for."""
+    if stage not in STAGE_EXTRAS:
+        raise ValueError(f"unknown stage {stage!r}: one of {', '.join(STAGE_EXTRAS)}")
+    own = {key.split(".", 1)[1]: key for key in SCHEMA if key.startswith(stage + ".")}
+    return {**own, **STAGE_EXTRAS[stage]}
+
+
+def stage_params(stage: str, cfg: dict) -> dict:
+    """The values of `stage`'s parameters in cfg (what its notebook is run with)."""
+    flat = flatten(cfg)
+    return {name: flat[key] for name, key in stage_parameters(stage).items()}
+
+
+def choices(key: str) -> tuple | None:
+    """The valid values of a parameter with a fixed set (pruning methods: the registry now)."""
+    if key == "prune.method":
+        return methods.names()
+    return CHOICES.get(key)
 
 
 def defaults() -> dict:
@@ -169,8 +206,8 @@ def validate(cfg: dict) -> list[str]:
         elif isinstance(value, dict) and set(value) - set(SCHEMA[key][0]):
             extra = ", ".join(sorted(set(value) - set(SCHEMA[key][0])))
             problems.append(f"{key} has unknown keys {extra}; valid: {', '.join(SCHEMA[key][0])}")
-        elif key in CHOICES and value not in CHOICES[key]:
-            problems.append(f"{key} must be one of {', '.join(map(str, CHOICES[key]))}, got {value!r}")
+        elif choices(key) is not None and value not in choices(key):
+            problems.append(f"{key} must be one of {', '.join(map(str, choices(key)))}, got {value!r}")
     bad = {p.split()[0] for p in problems}
 
     def ok(key: str) -> bool:  # range checks only where the type is right
@@ -244,11 +281,11 @@ def _seeds_problems(flat: dict, ok) -> list[str]:
 
 
 def sweep_methods(prune_cfg: dict) -> list[str]:
-    """The methods of the sweep: prune.methods, or [prune.method, random_unstructured] (the floor)."""
-    methods = prune_cfg.get("methods")
-    if methods is None:
-        methods = [prune_cfg.get("method", "l1_unstructured"), "random_unstructured"]
-    return list(dict.fromkeys(methods))
+    """The methods of the sweep: prune.methods, or [prune.method, the floor method (random)]."""
+    chosen = prune_cfg.get("methods")
+    if chosen is None:
+        chosen = [prune_cfg.get("method", default("prune.method")), methods.floor()]
+    return list(dict.fromkeys(chosen))
 
 
 def _prune_problems(flat: dict, ok) -> list[str]:
@@ -263,11 +300,12 @@ def _prune_problems(flat: dict, ok) -> list[str]:
     if ok("prune.rewind_step") and rewind is not None:
         if rewind < 0:
             problems.append(f"prune.rewind_step must be null (no rewinding) or a training step >= 0, got {rewind}")
-        if flat.get("prune.method") == "channel":
-            problems.append("prune.rewind_step cannot be used with prune.method=channel: channel pruning makes the "
-                            "layers smaller, so no earlier state of the pruned model's shape exists to rewind to; "
-                            "set prune.rewind_step=null or choose a masked method")
-    amounts, methods = flat.get("prune.amounts"), flat.get("prune.methods")
+        method = flat.get("prune.method")
+        if method in methods.REGISTRY and not methods.get(method).masked:
+            problems.append(f"prune.rewind_step cannot be used with prune.method={method}: a structural method makes "
+                            "the layers smaller, so no earlier state of the pruned model's shape exists to rewind "
+                            "to; set prune.rewind_step=null or choose a masked method")
+    amounts, swept = flat.get("prune.amounts"), flat.get("prune.methods")
     sweep_ok = ok("prune.amounts") and ok("prune.methods")
     if ok("prune.amounts") and amounts is not None:
         if not amounts:
@@ -278,15 +316,15 @@ def _prune_problems(flat: dict, ok) -> list[str]:
                 sweep_ok = False
         if len(set(amounts)) != len(amounts):
             problems.append(f"prune.amounts lists an amount twice: {amounts}")
-    if ok("prune.methods") and methods is not None:
-        if not methods:
-            problems.append("prune.methods must be null ([prune.method, random_unstructured]) or a non-empty list")
-        for i, m in enumerate(methods):
-            if m not in PRUNE_METHODS:
-                problems.append(f"prune.methods[{i}] must be one of {', '.join(PRUNE_METHODS)}, got {m!r}")
+    if ok("prune.methods") and swept is not None:
+        if not swept:
+            problems.append(f"prune.methods must be null ([prune.method, {methods.floor()}]) or a non-empty list")
+        for i, m in enumerate(swept):
+            if not isinstance(m, str) or m not in methods.REGISTRY:
+                problems.append(f"prune.methods[{i}] must be one of {', '.join(methods.names())}, got {m!r}")
                 sweep_ok = False
-        if len(set(map(str, methods))) != len(methods):
-            problems.append(f"prune.methods lists a method twice: {methods}")
+        if len(set(map(str, swept))) != len(swept):
+            problems.append(f"prune.methods lists a method twice: {swept}")
     if not all(ok(k) for k in ("train.model", "prune.targets")):
         return problems
     from . import prune  # torch: only once the simple checks have passed
@@ -295,9 +333,9 @@ def _prune_problems(flat: dict, ok) -> list[str]:
     if ok("prune.method") and ok("prune.amount") and 0 <= flat["prune.amount"] < 1:
         checks.append(("", flat["prune.method"]))
     if sweep_ok and amounts:
-        prune_cfg = {"method": flat.get("prune.method"), "methods": methods}
+        prune_cfg = {"method": flat.get("prune.method"), "methods": swept}
         checks += [("prune.methods (the sweep): ", m) for m in sweep_methods(prune_cfg)
-                   if m in PRUNE_METHODS and not (m == flat.get("prune.method") and ("", m) in checks)]
+                   if m in methods.REGISTRY and not (m == flat.get("prune.method") and ("", m) in checks)]
     for prefix, method in checks:
         try:
             prune.check(method, 0.0, flat["prune.targets"], flat["train.model"])

@@ -29,7 +29,7 @@ What real data holds, and what each case gets:
 - an unknown class name: ValueError listing the valid names; a class with fewer than
   ``min_per_class`` training samples: :class:`DataError` saying which and how many.
 
-Crop rule (see :func:`crop_square`): a square of side ``max(w, h) * (1 + 2 * context)``
+Crop rule (see :func:`prunestudy.crops.crop_square`): a square of side ``max(w, h) * (1 + 2 * context)``
 centred on the box centre, rounded to whole pixels; parts outside the image are filled with
 the constant :data:`PAD_RGB`; the square is resized to ``image_size`` with LANCZOS when
 downscaling and BILINEAR when upscaling. In ``image`` mode the square is the whole image,
@@ -52,18 +52,29 @@ import io
 import json
 import logging
 import math
-import multiprocessing
 import os
-import threading
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import ExifTags, Image, ImageOps
 from pycocotools.coco import COCO
 
-from . import progress, store
+from . import paths, progress, store
+from .config import default
+from .crops import (  # noqa: F401  (load_image, crop_and_resize: part of this module's API)
+    DOWNSCALE_FILTER,
+    DRAFT_SCALES,
+    PAD_RGB,
+    UPSCALE_FILTER,
+    _chunks,
+    _map_chunks,
+    crop_and_resize,
+    crop_square,
+    default_workers,
+    image_square,
+    load_image,
+)
 
 __all__ = [
     "build_dataset", "load_split", "read_manifest", "read_rejects", "read_info", "check_layout",
@@ -77,16 +88,8 @@ log = logging.getLogger(__name__)
 SPLITS = {"train": "train2017", "test": "val2017"}
 LABEL_MODES = ("crop", "image")
 
-#: Constant fill for the parts of a crop square outside the image: the ImageNet
-#: mean colour (0.485, 0.456, 0.406) * 255, rounded.  Image-independent, so a
-#: crop never leaks global image statistics.
-PAD_RGB = (124, 116, 104)
 
-DOWNSCALE_FILTER = Image.Resampling.LANCZOS
-UPSCALE_FILTER = Image.Resampling.BILINEAR
-DRAFT_SCALES = (8, 4, 2)  # JPEG DCT scaling Pillow can decode at, largest first
 CLIP_TOLERANCE = 1.0  # px a box may reach beyond the image (COCO float rounding) before it is clipped
-CHUNK_IMAGES = 32  # images per task handed to a worker process
 
 MANIFEST_COLUMNS = [
     "index", "image_id", "ann_id", "category_id", "category", "label", "file_name",
@@ -95,7 +98,7 @@ MANIFEST_COLUMNS = [
 ]
 REJECT_COLUMNS = ["image_id", "file_name", "boxes", "reason", "detail"]
 
-INFO_FILE = "data.json"
+INFO_FILE = paths.DATA_INFO
 
 EXPECTED_LAYOUT = """expected COCO 2017 layout:
   <root>/
@@ -301,187 +304,8 @@ def _area(ann: dict) -> float:
 
 # --------------------------------------------------------------------------- geometry & pixels
 
-def crop_square(bbox, context: float) -> tuple[int, int, int, int]:
-    """Integer square (x0, y0, x1, y1), x1/y1 exclusive, around a COCO box [x, y, w, h].
-
-    Side ``max(w, h) * (1 + 2 * context)`` rounded to whole pixels (at least 1),
-    centred on the box centre (top-left rounded half up).  May extend beyond the image.
-    """
-    x, y, w, h = (float(v) for v in bbox)
-    side = max(1, math.floor(max(w, h) * (1 + 2 * context) + 0.5))
-    x0 = math.floor(x + w / 2 - side / 2 + 0.5)
-    y0 = math.floor(y + h / 2 - side / 2 + 0.5)
-    return x0, y0, x0 + side, y0 + side
-
-
-def image_square(width: int, height: int) -> tuple[int, int, int, int]:
-    """The square holding the whole image, centred (letterbox), for ``label_mode='image'``."""
-    side = max(width, height)
-    x0, y0 = (width - side) // 2, (height - side) // 2
-    return x0, y0, x0 + side, y0 + side
-
-
-def load_image(path, width: int, height: int, reduce: float = 1.0) -> Image.Image:
-    """Decode an image file as RGB in the frame of the json's ``width`` x ``height``.
-
-    EXIF orientation is applied (``ImageOps.exif_transpose``) unless that makes the
-    size differ from the json's, in which case the image is kept as stored (COCO
-    boxes refer to the json's frame).  Any mode (L, CMYK, P, RGBA, ...) becomes
-    RGB; transparent pixels are composited onto :data:`PAD_RGB`.  Raises
-    ValueError if neither frame matches the json's size.
-
-    ``reduce`` >= 2 lets a JPEG decode at 1/2, 1/4 or 1/8 scale (draft mode), the largest
-    that is at most ``reduce``; the returned image then has ``img.info['decode_scale']`` > 1
-    and is that many times smaller than the json's frame.
-    """
-    with Image.open(path) as raw:
-        stored = raw.size
-        orientation = raw.getexif().get(ExifTags.Base.Orientation, 1)
-        upright = (stored[1], stored[0]) if orientation in (5, 6, 7, 8) else stored
-        turn = orientation != 1 and upright == (width, height)
-        if not turn and stored != (width, height):
-            raise ValueError(f"{path}: image is {stored[0]}x{stored[1]} but the annotation "
-                             f"file says {width}x{height}")
-        # draft only upright images: a turned draft would put the partial edge block on the other side
-        scale = _draft(raw, reduce if orientation == 1 else 1)
-        raw.load()
-        img = ImageOps.exif_transpose(raw) if turn else raw
-        img = _to_rgb(img)
-        img.info["decode_scale"] = scale
-        return img
-
-
-def _draft(raw: Image.Image, reduce: float) -> int:
-    """Ask a JPEG for DCT-domain downscaling by the largest of 8, 4, 2 that is <= reduce."""
-    if raw.format != "JPEG" or reduce < 2:
-        return 1
-    scale = next(s for s in DRAFT_SCALES + (1,) if s <= reduce)
-    if scale == 1:
-        return 1
-    w, h = raw.size
-    # Pillow picks the largest of 1/2/4/8 with size // request >= it; the result is ceil(size / scale)
-    raw.draft(raw.mode if raw.mode in ("CMYK",) else "RGB", (max(1, w // scale), max(1, h // scale)))
-    got = next((s for s in DRAFT_SCALES if raw.size == (math.ceil(w / s), math.ceil(h / s))), 1)
-    return got
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        background = Image.new("RGBA", img.size, PAD_RGB + (255,))
-        return Image.alpha_composite(background, img.convert("RGBA")).convert("RGB")
-    return img.convert("RGB")
-
-
-def crop_and_resize(img: Image.Image, crop: tuple[int, int, int, int], size: int) -> np.ndarray:
-    """uint8 (size, size, 3) array of the square ``crop`` of an RGB image.
-
-    Parts of the square outside the image are :data:`PAD_RGB`.  Resized with
-    LANCZOS when the square is larger than ``size``, BILINEAR otherwise.
-    """
-    x0, y0, x1, y1 = crop
-    side = x1 - x0
-    ix0, iy0 = max(x0, 0), max(y0, 0)
-    ix1, iy1 = min(x1, img.width), min(y1, img.height)
-    if (ix0, iy0, ix1, iy1) == (x0, y0, x1, y1):
-        square = img.crop(crop)
-    else:
-        square = Image.new("RGB", (side, side), PAD_RGB)
-        if ix1 > ix0 and iy1 > iy0:
-            square.paste(img.crop((ix0, iy0, ix1, iy1)), (ix0 - x0, iy0 - y0))
-    if side != size:
-        square = square.resize((size, size), DOWNSCALE_FILTER if side > size else UPSCALE_FILTER)
-    return np.asarray(square, dtype=np.uint8)
-
-
-def crop_scaled(img: Image.Image, crop: tuple[int, int, int, int], size: int, scale: int) -> np.ndarray:
-    """:func:`crop_and_resize` for an image decoded at 1/``scale`` of the frame ``crop`` is given in.
-
-    The square keeps its exact (fractional) place in the smaller image: Pillow resamples the
-    box ``crop / scale`` straight to ``size`` (LANCZOS), padding with :data:`PAD_RGB` outside.
-    """
-    if scale == 1:
-        return crop_and_resize(img, crop, size)
-    bx0, by0, bx1, by1 = (v / scale for v in crop)
-    fx0, fy0, fx1, fy1 = math.floor(bx0), math.floor(by0), math.ceil(bx1), math.ceil(by1)
-    inside = (max(fx0, 0), max(fy0, 0), min(fx1, img.width), min(fy1, img.height))
-    if inside == (fx0, fy0, fx1, fy1):
-        canvas = img.crop(inside)
-    else:
-        canvas = Image.new("RGB", (fx1 - fx0, fy1 - fy0), PAD_RGB)
-        if inside[2] > inside[0] and inside[3] > inside[1]:
-            canvas.paste(img.crop(inside), (inside[0] - fx0, inside[1] - fy0))
-    box = (bx0 - fx0, by0 - fy0, bx1 - fx0, by1 - fy0)
-    return np.asarray(canvas.resize((size, size), DOWNSCALE_FILTER, box=box), dtype=np.uint8)
-
 
 # --------------------------------------------------------------------------- workers
-
-def _crop_chunk(task: tuple) -> tuple:
-    """Worker: crop every sample of a run of consecutive images.
-
-    ``task`` = (start, count, image_size, [(image_id, path, width, height, [crop, ...]), ...]);
-    the crops of the chunk are rows ``start .. start+count-1`` in order. Returns
-    (start, rows uint8 (count, S, S, 3), scales, bad) where ``bad`` lists
-    (image_id, first_row, n_rows, reason, detail) for images that could not be read.
-    """
-    start, count, size, images = task
-    rows = np.empty((count, size, size, 3), dtype=np.uint8)
-    scales = np.ones(count, dtype=np.int8)
-    bad, i = [], 0
-    for image_id, path, width, height, crops in images:
-        try:
-            reduce = min(c[2] - c[0] for c in crops) / size
-            img = load_image(path, width, height, reduce=reduce)
-            scale = img.info["decode_scale"]
-            for j, crop in enumerate(crops):
-                rows[i + j] = crop_scaled(img, crop, size, scale)
-            scales[i : i + len(crops)] = scale
-        except FileNotFoundError:
-            bad.append((image_id, i, len(crops), "missing_file", "no such file"))
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            reason = "size_mismatch" if "annotation file says" in str(e) else "corrupt_image"
-            bad.append((image_id, i, len(crops), reason, f"{type(e).__name__}: {e}"[:300]))
-        i += len(crops)
-    return start, rows, scales, bad
-
-
-def _chunks(tasks: list, size: int, per_chunk: int = CHUNK_IMAGES):
-    """Group per-image tasks into runs of consecutive images (contiguous rows)."""
-    start = 0
-    for k in range(0, len(tasks), per_chunk):
-        part = tasks[k : k + per_chunk]
-        count = sum(len(t[4]) for t in part)
-        yield (start, count, size, part)
-        start += count
-
-
-def default_workers() -> int:
-    """All CPU cores this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
-def _start_method() -> str:
-    """fork while this process has one Python thread (cheap, no re-import of __main__); forkserver
-    otherwise (a Jupyter kernel runs threads, and forking a threaded process can deadlock)."""
-    methods = multiprocessing.get_all_start_methods()
-    if threading.active_count() == 1 and "fork" in methods:
-        return "fork"
-    return "forkserver" if "forkserver" in methods else "spawn"
-
-
-def _map_chunks(chunks: list, workers: int):
-    """Results of _crop_chunk for every chunk, in any order; a process pool when it pays off."""
-    if workers <= 1 or len(chunks) <= 1:
-        yield from map(_crop_chunk, chunks)
-        return
-    ctx = multiprocessing.get_context(_start_method())
-    with ctx.Pool(min(workers, len(chunks))) as pool:
-        yield from pool.imap_unordered(_crop_chunk, chunks)
 
 
 # --------------------------------------------------------------------------- one split
@@ -510,8 +334,8 @@ def _build_split(coco: COCO, image_dir: Path, anns: list[dict], classes: list[tu
             labels.append(label_of[a["category_id"]])
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
     n = len(manifest)
-    path = out / f"{split}_images.npy"
-    tmp = out / f".{split}_images.npy.building"
+    path = out / paths.images(split)
+    tmp = out / f".{paths.images(split)}.building"
     offset = _preallocate(tmp, (n, image_size, image_size, 3))
     scales = np.ones(n, dtype=np.int8)
     keep = np.ones(n, dtype=bool)
@@ -519,8 +343,8 @@ def _build_split(coco: COCO, image_dir: Path, anns: list[dict], classes: list[tu
     row_bytes = image_size * image_size * 3
     chunks = list(_chunks(tasks, image_size))
     images_at = {c[0]: len(c[3]) for c in chunks}
-    with open(tmp, "r+b") as f, progress.bar(total=len(tasks), desc=f"data {split}", unit="img",
-                                              disable=not show_progress) as bar:
+    with open(tmp, "r+b") as f, progress.bar(len(tasks), f"data {split}", unit="img",
+                                              show=show_progress) as bar:
         for start, block, block_scales, bad in _map_chunks(chunks, workers):
             os.pwrite(f.fileno(), block.tobytes(), offset + start * row_bytes)
             scales[start : start + len(block)] = block_scales
@@ -606,9 +430,12 @@ def _check_params(image_size, context, min_box, max_per_class, max_test_per_clas
         raise ValueError(f"workers must be None (all cores) or a positive int, got {workers!r}")
 
 
-def build_dataset(root, out_dir, *, classes="top:10", image_size=64, context=0.2, min_box=16,
-                  max_per_class=None, max_test_per_class=None, seed=0, label_mode="crop",
-                  min_per_class=1, max_bad_fraction=0.01, workers=None, show_progress=None) -> dict:
+def build_dataset(root, out_dir, *, classes=default("data.classes"), image_size=default("data.image_size"),
+                  context=default("data.context"), min_box=default("data.min_box"),
+                  max_per_class=default("data.max_per_class"), max_test_per_class=default("data.max_test_per_class"),
+                  seed=default("seed"), label_mode=default("data.label_mode"),
+                  min_per_class=default("data.min_per_class"), max_bad_fraction=default("data.max_bad_fraction"),
+                  workers=default("data.workers"), show_progress=None) -> dict:
     """Build train (train2017) and test (val2017) crop sets; return the data.json dict.
 
     Classes are chosen on train2017 (see :func:`choose_classes`); the test split uses the
@@ -623,7 +450,7 @@ def build_dataset(root, out_dir, *, classes="top:10", image_size=64, context=0.2
     _check_params(image_size, context, min_box, max_per_class, max_test_per_class, label_mode,
                   min_per_class, max_bad_fraction, workers)
     workers = workers or default_workers()
-    show_progress = progress.wanted() if show_progress is None else show_progress
+    show_progress = "auto" if show_progress is None else show_progress
     root = Path(os.path.abspath(root))
     check_layout(root)
     out = Path(out_dir)
@@ -650,14 +477,14 @@ def build_dataset(root, out_dir, *, classes="top:10", image_size=64, context=0.2
         built = _build_split(coco, _image_dir(root, split), anns, chosen, out, split, image_size, context,
                              label_mode, workers, show_progress)
         rejects = built["rejects"]
-        store.write_bytes(out / f"{split}_rejects.csv", _csv_bytes(rejects))
+        store.write_bytes(out / paths.rejects(split), _csv_bytes(rejects))
         for reason, boxes in rejects.groupby("reason")["boxes"].sum().items():
             skipped[reason] = int(boxes)
         _check_bad_fraction(split, rejects, built["images_seen"], max_bad_fraction, out)
         labels = built["labels"]
-        _write_npy(out / f"{split}_labels.npy", labels)
+        _write_npy(out / paths.labels(split), labels)
         manifest_bytes = _csv_bytes(built["manifest"])
-        store.write_bytes(out / f"{split}_manifest.csv", manifest_bytes)
+        store.write_bytes(out / paths.manifest(split), manifest_bytes)
         ann_path = _annotation_path(root, split)
         info[f"{split}_size"] = len(labels)
         info["counts"][split] = {n: int((labels == i).sum()) for i, n in enumerate(info["classes"])}
@@ -696,7 +523,7 @@ def _check_bad_fraction(split: str, rejects: pd.DataFrame, seen: int, limit: flo
         examples = "; ".join(f"{r.file_name}: {r.reason}" for r in rejects.head(3).itertuples())
         raise DataError(f"{len(rejects)} of {seen} {split} images ({len(rejects) / seen:.1%}) could not be "
                         f"read, more than data.max_bad_fraction={limit}; e.g. {examples}. The full list is in "
-                        f"{out / f'{split}_rejects.csv'}. Repair or re-download those files, or raise "
+                        f"{out / paths.rejects(split)}. Repair or re-download those files, or raise "
                         f"data.max_bad_fraction to accept skipping them")
 
 
@@ -726,8 +553,8 @@ def load_split(out_dir, split, mmap: bool = False) -> tuple[np.ndarray, np.ndarr
     """(images uint8 N,S,S,3, labels int64 N) for split 'train' or 'test' (images memory-mapped if asked)."""
     _check_split(split)
     info = read_info(out_dir)
-    images = np.load(Path(out_dir) / f"{split}_images.npy", allow_pickle=False, mmap_mode="r" if mmap else None)
-    labels = np.load(Path(out_dir) / f"{split}_labels.npy", allow_pickle=False)
+    images = np.load(Path(out_dir) / paths.images(split), allow_pickle=False, mmap_mode="r" if mmap else None)
+    labels = np.load(Path(out_dir) / paths.labels(split), allow_pickle=False)
     if len(images) != len(labels) or len(labels) != info[f"{split}_size"]:
         raise ValueError(f"{out_dir}: {split} arrays ({len(images)}, {len(labels)}) do not match "
                          f"data.json {split}_size {info[f'{split}_size']}")
@@ -738,7 +565,7 @@ def read_manifest(out_dir, split) -> pd.DataFrame:
     """The manifest of ``split`` ('train' or 'test') as a DataFrame."""
     _check_split(split)
     read_info(out_dir)
-    return pd.read_csv(Path(out_dir) / f"{split}_manifest.csv",
+    return pd.read_csv(Path(out_dir) / paths.manifest(split),
                        dtype={"category": str, "file_name": str}, keep_default_na=False)
 
 
@@ -746,5 +573,5 @@ def read_rejects(out_dir, split) -> pd.DataFrame:
     """Images of ``split`` that were skipped as unreadable, with the reason."""
     _check_split(split)
     read_info(out_dir)
-    return pd.read_csv(Path(out_dir) / f"{split}_rejects.csv", dtype={"file_name": str, "detail": str},
+    return pd.read_csv(Path(out_dir) / paths.rejects(split), dtype={"file_name": str, "detail": str},
                        keep_default_na=False)

@@ -33,8 +33,9 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 LAUNCHERS = ("none", "torchrun")
 

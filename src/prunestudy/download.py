@@ -29,13 +29,12 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Callable, Iterable, Mapping
-
-from tqdm import tqdm
 
 from . import store
+from .progress import bar as progress_bar
 
 __all__ = [
     "Archive", "ARCHIVES", "SPLITS", "COCO_URL", "URL_ENV",
@@ -175,12 +174,9 @@ def _copy(resp, part: Path, offset: int, total: int | None, h, progress: bool) -
     return got
 
 
-def _bar(desc: str, total: int | None, initial: int, progress: bool, unit: str) -> tqdm:
-    """tqdm bar: bytes with rate and ETA; refreshed at most every 30 s when not on a terminal."""
-    tty = getattr(sys.stderr, "isatty", lambda: False)()
-    scale = dict(unit_scale=True, unit_divisor=1024) if unit == "B" else {}
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not progress,
-                mininterval=0.5 if tty else 30.0, dynamic_ncols=True, **scale)
+def _bar(desc: str, total: int | None, initial: int, progress: bool, unit: str):
+    """The project's progress bar (prunestudy.progress): bytes or files with rate and ETA."""
+    return progress_bar(total, desc, unit=unit, show=progress, initial=initial)
 
 
 def _network_error(url: str, part: Path, err) -> DownloadError:

@@ -207,7 +207,8 @@ def summary(model: nn.Module, dense_model: nn.Module, batch_sizes=(1, 64), repea
     f, fd = flops(model, input_size), flops(dense_model, input_size)
     out = {**parameters(model, dense_model), "macs": f["macs"], "effective_macs": f["effective_macs"],
            "dense_macs": fd["macs"], "theoretical_speedup": fd["macs"] / max(f["effective_macs"], 1e-9),
-           "layer_macs": {n: {"macs": v["macs"], "effective_macs": v["effective_macs"]} for n, v in f["layers"].items()},
+           "layer_macs": {n: {"macs": v["macs"], "effective_macs": v["effective_macs"]}
+                          for n, v in f["layers"].items()},
            **sizes(model), "dense_state_dict_bytes": _saved_bytes(prune.export(dense_model)[0]), "latency": {}}
     pair = {"dense": deployable(dense_model), "pruned": deployable(model)}
     for dev in devices:

@@ -7,12 +7,12 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from . import config, progress, stages, store
+from . import config, paths, progress, records, stages, store
 
-STAGES = ("data", "train", "prune", "retrain", "analysis")
+STAGES = paths.STAGES
 KERNEL_NAME = "prunestudy"
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -61,27 +61,16 @@ def default_run_dir(params_file: str | None, overrides: list[str], cfg: dict) ->
 
 def notebook_parameters(stage: str, cfg: dict, run_dir: Path) -> dict:
     """What papermill injects into each notebook: its stage's parameters and its input paths."""
-    rd = str(run_dir)
-    device = cfg["train"]["device"]
-    if stage == "data":
-        return {"run_dir": rd, **cfg["data"], "seed": cfg["seed"]}
-    if stage == "train":  # rewind_step: the train stage saves the weights that rewinding restores
-        return {"run_dir": rd, **cfg["train"], "seed": cfg["seed"], "rewind_step": cfg["prune"]["rewind_step"],
-                "data_dir": str(run_dir / "data")}
-    if stage == "prune":  # epochs_per_round, lr, batch_size, seed: fine-tuning between rounds
-        re_ = cfg["retrain"]
-        return {"run_dir": rd, **cfg["prune"], "epochs_per_round": re_["epochs_per_round"], "lr": re_["lr"],
-                "batch_size": re_["batch_size"], "seed": cfg["seed"], "device": device,
-                "data_dir": str(run_dir / "data"), "model_dir": str(run_dir / "train")}
-    if stage == "retrain":
-        return {"run_dir": rd, **cfg["retrain"], "device": device, "seed": cfg["seed"],
-                "data_dir": str(run_dir / "data"), "pruned_dir": str(run_dir / "prune"),
-                "model_dir": str(run_dir / "train")}
-    return {"run_dir": rd}
+    if stage == "analysis":
+        return {"run_dir": str(run_dir)}
+    inputs = {"train": {"data_dir": "data"}, "prune": {"data_dir": "data", "model_dir": "train"},
+              "retrain": {"data_dir": "data", "pruned_dir": "prune", "model_dir": "train"}}.get(stage, {})
+    return {"run_dir": str(run_dir), **config.stage_params(stage, cfg),
+            **{name: str(paths.stage_dir(run_dir, up)) for name, up in inputs.items()}}
 
 
-PATH_PARAMS = ("run_dir", "data_dir", "model_dir", "pruned_dir")  # where, not what: not part of a key
-STAGE_FILE = "stage.json"
+# where, not what (and how, not what: refresh_cache rebuilds the same crop set): not part of a key
+PATH_PARAMS = ("run_dir", "data_dir", "model_dir", "pruned_dir", "refresh_cache")
 
 
 class PreflightError(ValueError):
@@ -103,72 +92,91 @@ def stage_keys(cfg: dict, run_dir: Path, *, after: str | None = None,
         if stage == "analysis" and config.repeat_seeds(cfg):
             extra = {"repeats": {str(s): repeat_keys(cfg, run_dir, s, keys["data"])["retrain"]
                                  for s in config.repeat_seeds(cfg)}}
-        keys[stage] = config.stage_hash({"stage": stage, "params": params, "after": previous, **extra})
+        keys[stage] = records.stage_key(stage, params, previous, **extra)
         previous = keys[stage]
     return keys
 
 
-def repeat_dir(run_dir: Path, seed: int) -> Path:
-    return Path(run_dir) / "repeats" / f"seed-{seed}"
-
-
 def repeat_keys(cfg: dict, run_dir: Path, seed: int, data_key: str) -> dict[str, str]:
     """Keys of a repeat's stages: its parameters (the study's, with `seed`) after the shared data."""
-    return stage_keys(config.repeat_config(cfg, seed), repeat_dir(run_dir, seed), after=data_key,
+    return stage_keys(config.repeat_config(cfg, seed), paths.repeat_dir(run_dir, seed), after=data_key,
                       names=REPEAT_STAGES)
 
 
-def stage_folder(run_dir: Path, stage: str) -> Path:
-    return Path(run_dir) / stages.STAGE_DIRS.get(stage, stage)
+def stage_inputs(cfg: dict, run_dir: Path, stage: str) -> dict[str, Path]:
+    """The stage folders a stage reads (its record holds their keys and ids): for the analysis,
+    the repeats' last stages too."""
+    inputs = {up: paths.stage_dir(run_dir, up) for up in records.INPUTS[stage]}
+    if stage == "analysis":
+        inputs |= {f"seed-{s}/retrain": paths.stage_dir(paths.repeat_dir(run_dir, s), "retrain")
+                   for s in config.repeat_seeds(cfg)}
+    return inputs
 
 
-def is_complete(run_dir: Path, stage: str, key: str) -> bool:
-    """True when the stage finished under `prunestudy run` with this key and its outputs are there."""
-    record = stage_folder(run_dir, stage) / STAGE_FILE
-    try:
-        done = store.read_json(record).get("key") == key
-    except (OSError, ValueError):
-        return False
-    marker = {"data": "data/data.json", "analysis": "report.html"}.get(stage, f"{stage}/metrics.json")
-    executed = Path(run_dir) / "notebooks" / stages.NOTEBOOK_OF[stage]
-    return done and (Path(run_dir) / marker).is_file() and executed.is_file()
+def problem(cfg: dict, run_dir: Path, stage: str, key: str) -> str | None:
+    """Why `stage` must (re)run in run_dir, or None when it is complete with this key: its record,
+    its inputs (recomputed since?), its output files (missing, changed?) are all checked."""
+    why = records.problem(paths.stage_dir(run_dir, stage), key, stage_inputs(cfg, run_dir, stage))
+    if why is None and not paths.completion_marker(run_dir, stage).is_file():
+        why = f"{paths.completion_marker(run_dir, stage).name} is missing"
+    return why
 
 
 def run(cfg: dict, run_dir: str | Path, *, force: str | None = None, log: Callable[[str], None] = print) -> dict:
     """Run the study into run_dir, skipping every stage already complete with the same key;
-    `force` reruns from that stage on. Returns results.json's content."""
-    import papermill as pm
+    `force` reruns from that stage on. Holds the run folder's lock throughout (a second writer is
+    refused: records.LockedError). Returns results.json's content."""
+    import papermill  # noqa: F401  (fail here, before any work, if it is missing)
 
     run_dir = config.resolve_path(run_dir)
     if force is not None and force not in STAGES:
         raise PreflightError(f"--force must name a stage ({', '.join(STAGES)}), got {force!r}")
     preflight(cfg, run_dir)
-    (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
-    store.write_json(run_dir / "params.json", cfg)
+    with records.RunLock(run_dir, f"prunestudy run (pid {os.getpid()})") as lock:
+        os.environ[records.TOKEN_ENV] = lock.token   # the kernels it starts inherit it: they may write
+        try:
+            return _run(cfg, run_dir, force, log)
+        finally:
+            os.environ.pop(records.TOKEN_ENV, None)
+
+
+def _run(cfg: dict, run_dir: Path, force: str | None, log: Callable[[str], None]) -> dict:
+    paths.notebooks_dir(run_dir).mkdir(parents=True, exist_ok=True)
+    store.write_json(run_dir / paths.PARAMS, cfg)
     kernel = ensure_kernel()
     os.environ.setdefault(progress.ENV, "log")  # kernels inherit it: progress bars paced for a log
     keys = stage_keys(cfg, run_dir)
     forced = STAGES[STAGES.index(force):] if force else ()
     timings: dict[str, float] = {}
-    chain = _Chain(kernel, forced, log, invalidate=stage_folder(run_dir, "analysis") / STAGE_FILE)
+    chain = _Chain(kernel, forced, log, invalidate=paths.stage_record(run_dir, "analysis"))
     ran = chain.run(cfg, run_dir, STAGES[:-1], keys, timings, lambda: _finish(run_dir, cfg, timings, keys))
     seeds = config.repeat_seeds(cfg)
     for n, seed in enumerate(seeds, 1):   # the same study with other seeds, on the same data
-        rcfg, rdir = config.repeat_config(cfg, seed), repeat_dir(run_dir, seed)
+        rcfg, rdir = config.repeat_config(cfg, seed), paths.repeat_dir(run_dir, seed)
         rkeys, rtimes = repeat_keys(cfg, run_dir, seed, keys["data"]), {}
-        relinked = link_data(run_dir / "data", rdir / "data")
+        relinked = link_data(paths.stage_dir(run_dir, "data"), paths.stage_dir(rdir, "data"))
         chain.label = f"seed {seed}: repeat {n}/{len(seeds)}"
-        ran |= chain.run(rcfg, rdir, REPEAT_STAGES, rkeys, rtimes, lambda: _finish(rdir, rcfg, rtimes, rkeys),
+        ran |= chain.run(rcfg, rdir, REPEAT_STAGES, rkeys, rtimes,
+                         lambda d=rdir, c=rcfg, t=rtimes, k=rkeys: _finish(d, c, t, k),
                          after_change=relinked)
     chain.label = ""
-    saved = run_dir / "results.json"
-    if ran or not saved.is_file() or store.read_json(saved).get("params") != cfg:
+    saved = run_dir / paths.RESULTS
+    if ran or _saved_params(saved) != cfg:
         _finish(run_dir, cfg, timings, keys)   # what the analysis reads: these parameters, every stage so far
     ran |= chain.run(cfg, run_dir, ("analysis",), keys, timings, lambda: _finish(run_dir, cfg, timings, keys),
                      after_change=bool(ran))
     if not ran:
         log(f"==> nothing to do: every stage is up to date in {run_dir} (--force STAGE reruns from STAGE)")
     return store.read_json(saved)
+
+
+def _saved_params(path: Path) -> dict | None:
+    """The parameters results.json was written with; None when it is missing or damaged (it is then
+    rebuilt from the stage outputs)."""
+    try:
+        return store.read_json(path).get("params")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 class _Chain:
@@ -188,27 +196,42 @@ class _Chain:
         changed = after_change
         for j, stage in enumerate(names):
             tag = f"==> [{self.label or f'{STAGES.index(stage) + 1}/{len(STAGES)}'}] {stage}"
-            src = notebooks_dir() / stages.NOTEBOOK_OF[stage]
-            out = run_dir / "notebooks" / src.name
-            if not changed and stage not in self.forced and is_complete(run_dir, stage, keys[stage]):
-                timings[stage] = store.read_json(stage_folder(run_dir, stage) / STAGE_FILE).get("seconds", 0.0)
-                self.log(f"{tag}: up to date (key {keys[stage]}), skipped")
-                continue
+            src = notebooks_dir() / paths.NOTEBOOK_OF[stage]
+            out = paths.executed_notebook(run_dir, stage)
+            if not changed and stage not in self.forced:
+                why = problem(cfg, run_dir, stage, keys[stage])
+                if why is None:
+                    rec = records.read(paths.stage_dir(run_dir, stage)) or {}
+                    timings[stage] = rec.get("wall_seconds", rec.get("seconds", 0.0))
+                    self.log(f"{tag}: up to date (key {keys[stage]}), skipped")
+                    continue
+                if records.read(paths.stage_dir(run_dir, stage)) is not None or \
+                        paths.completion_marker(run_dir, stage).is_file():
+                    self.log(f"{tag}: {why}: it reruns, and every stage after it")
             if not ran:  # this stage and every later one will run: none of them counts as complete now
                 self.invalidate.unlink(missing_ok=True)
                 for later in names[j:]:
-                    (stage_folder(run_dir, later) / STAGE_FILE).unlink(missing_ok=True)
-                    for stale in stage_folder(run_dir, later).glob(".*.tmp"):  # left by a killed atomic write
+                    records.clear(paths.stage_dir(run_dir, later))
+                    for stale in paths.stage_dir(run_dir, later).glob(".*.tmp"):  # left by a killed atomic write
                         stale.unlink(missing_ok=True)
             changed = True
             ran.add(stage)
-            (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
+            paths.notebooks_dir(run_dir).mkdir(parents=True, exist_ok=True)
             self.log(f"{tag}: start ({src.name}, key {keys[stage]})")
             start = time.perf_counter()
+            parameters = notebook_parameters(stage, cfg, run_dir)
+            if stage == "data" and stage in self.forced:
+                parameters["refresh_cache"] = True   # --force data: never reuse a cached crop set
             try:
-                pm.execute_notebook(str(src), str(out), parameters=notebook_parameters(stage, cfg, run_dir),
-                                    kernel_name=self.kernel, cwd=str(src.parent), progress_bar=False,
-                                    stdout_file=sys.stdout, stderr_file=sys.stderr)
+                try:
+                    pm.execute_notebook(str(src), str(out), parameters=parameters,
+                                        kernel_name=self.kernel, cwd=str(src.parent), progress_bar=False,
+                                        stdout_file=sys.stdout, stderr_file=sys.stderr)
+                except BaseException:
+                    # under the runner a stage is done only once its whole notebook ran: the stage function
+                    # may have recorded its outputs before a later cell failed or Ctrl-C stopped it
+                    records.clear(paths.stage_dir(run_dir, stage))
+                    raise
             except pm.PapermillExecutionError as e:
                 finish()
                 if e.ename == "KeyboardInterrupt":  # Ctrl-C reached the kernel first
@@ -217,11 +240,17 @@ class _Chain:
                 page = _render_failed(out)
                 raise StageFailed(stage, out, f"{e.ename}: {_last_line(e.evalue)}{_hint(e)}", page) from None
             timings[stage] = round(time.perf_counter() - start, 2)
-            if stage == "analysis":
+            folder = paths.stage_dir(run_dir, stage)
+            if stage == "analysis":   # the one stage the runner records: the report is rendered here
                 self.log(f"==> report: {render_report(run_dir)}")
-            store.write_json(stage_folder(run_dir, stage) / STAGE_FILE,
-                             {"stage": stage, "key": keys[stage], "seconds": timings[stage],
-                              "params": notebook_parameters(stage, cfg, run_dir)})
+                records.write(folder, stage, keys[stage], {}, records.input_ids(stage_inputs(cfg, run_dir, stage)),
+                              timings[stage], "prunestudy run")
+            rec = records.read(folder)
+            if rec is None or rec["key"] != keys[stage]:
+                raise StageFailed(stage, out, f"the stage finished without the record of key {keys[stage]} "
+                                  f"(found: {rec and rec['key']}): its notebook must call the stage function "
+                                  "with the parameters it was given")
+            store.write_json(folder / paths.STAGE_RECORD, {**rec, "wall_seconds": timings[stage]})
             finish()
             self.log(f"{tag}: done in {timings[stage]:.1f} s")
         return ran
@@ -283,12 +312,24 @@ def preflight(cfg: dict, run_dir: Path | None = None) -> None:
 
     if cfg["data"]["root"] != "embedded":
         data.check_layout(config.resolve_path(cfg["data"]["root"]))
-    missing = [nb for nb in stages.NOTEBOOK_OF.values() if not (notebooks_dir() / nb).is_file()]
+    missing = [nb for nb in paths.NOTEBOOK_OF.values() if not (notebooks_dir() / nb).is_file()]
     if missing:
         raise FileNotFoundError(f"notebooks {', '.join(missing)} not found in {notebooks_dir()}: run "
                                 "prunestudy from the project's checkout (or set PRUNESTUDY_HOME to it)")
     if run_dir is not None:
+        check_not_project(Path(run_dir))
         check_writable(Path(run_dir))
+
+
+def check_not_project(run_dir: Path) -> None:
+    """A run folder is never the project, nor holds it, nor lives in its notebooks/: a run writes
+    its executed notebooks and stage folders there."""
+    root, rd = config.project_root().resolve(), Path(run_dir).resolve()
+    nb = root / "notebooks"
+    if root.is_relative_to(rd) or rd.is_relative_to(nb):
+        raise PreflightError(f"the run folder {rd} is, or contains, the project {root} (or lies in its "
+                             "notebooks/): a run writes executed notebooks and stage folders into its folder, "
+                             "over the project's own files; choose a folder of its own, e.g. --run-dir runs/mine")
 
 
 def check_writable(run_dir: Path) -> None:
@@ -306,7 +347,7 @@ def _finish(run_dir: Path, cfg: dict, timings: dict, keys: dict) -> dict:
     """results.json from the stages completed so far, with their timings and keys."""
     results = stages.collect_results(run_dir, cfg, timings)
     results["stage_keys"] = keys
-    store.write_json(run_dir / "results.json", results)
+    store.write_json(run_dir / paths.RESULTS, results)
     return results
 
 
@@ -327,8 +368,9 @@ def render_html(notebook: Path, target: Path, *, hide_code: bool, title: str | N
 def render_report(run_dir: Path) -> Path:
     """report.html from the analysis notebook (code hidden); every stage notebook (the repeats' too)
     as HTML beside it."""
-    nb_dir = Path(run_dir) / "notebooks"
-    for nb in sorted([*nb_dir.glob("0*.ipynb"), *Path(run_dir).glob("repeats/seed-*/notebooks/0*.ipynb")]):
+    nb_dir = paths.notebooks_dir(run_dir)
+    repeats = Path(run_dir).glob(f"{paths.repeat_name('*')}/{paths.NOTEBOOKS}/0*.ipynb")
+    for nb in sorted([*nb_dir.glob("0*.ipynb"), *repeats]):
         render_html(nb, nb.with_suffix(".html"), hide_code=False)
-    return render_html(nb_dir / stages.NOTEBOOK_OF["analysis"], Path(run_dir) / "report.html", hide_code=True,
+    return render_html(paths.executed_notebook(run_dir, "analysis"), Path(run_dir) / paths.REPORT, hide_code=True,
                        title=f"prunestudy report: {Path(run_dir).name}")

@@ -1,6 +1,7 @@
-"""Pruning methods, sparsity accounting, masks kept through retraining, exports without pickle.
+"""Pruning: which layers a method may touch, applying it, sparsity accounting, masks kept through
+retraining, exports without pickle. The methods themselves are records of `prunestudy.methods`.
 
-Two kinds of method (`METHODS`):
+Two kinds of method:
 
 * masked (`l1_unstructured`, `global_magnitude`, `random_unstructured`, `ln_structured`):
   torch.nn.utils.prune reparametrises each pruned `weight` as `weight_orig * weight_mask`,
@@ -24,16 +25,8 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as tprune
 
-from . import models
+from . import methods, models
 
-# method -> what it does; "kind" is "masked" (weights zeroed, shape kept) or "structural".
-METHODS = {
-    "l1_unstructured": {"kind": "masked", "about": "per layer: the smallest |w| of each targeted weight tensor"},
-    "global_magnitude": {"kind": "masked", "about": "one |w| threshold over all targeted weights together"},
-    "random_unstructured": {"kind": "masked", "about": "per layer: weights chosen at random (seeded)"},
-    "ln_structured": {"kind": "masked", "about": "per layer: whole output channels (rows) of least L2 norm"},
-    "channel": {"kind": "structural", "about": "Torch-Pruning: output channels of least L2 norm removed"},
-}
 TARGETS = {"conv": (nn.Conv2d,), "linear": (nn.Linear,), "all": (nn.Conv2d, nn.Linear)}
 # Attributes that describe a layer's width, recorded by `architecture` and set again by `rebuild`.
 SHAPE_ATTRS = {"Conv2d": ("in_channels", "out_channels", "groups"), "Linear": ("in_features", "out_features"),
@@ -61,19 +54,21 @@ def eligible_layers(model: nn.Module, method: str, targets: str = "all") -> list
     """The layers `method` may prune: the targeted ones, less the classifier for the methods that
     remove output rows or channels (the classifier's outputs are the classes)."""
     layers = target_layers(model, targets)
-    if method in ("ln_structured", "channel"):
+    if methods.get(method).keeps_classifier:
         head = classifier_name(model)
         layers = [(name, m) for name, m in layers if name != head]
     return layers
 
 
 def _check_params(method: str, amount, targets: str) -> None:
-    if method not in METHODS:
-        raise ValueError(f"prune.method must be one of {', '.join(METHODS)}, got {method!r}")
+    m = methods.get(method)
     if isinstance(amount, bool) or not isinstance(amount, Real) or not 0 <= amount < 1:
         raise ValueError(f"prune.amount must be a number in [0, 1), got {amount!r}")
     if targets not in TARGETS:
         raise ValueError(f"prune.targets must be one of {', '.join(TARGETS)}, got {targets!r}")
+    if targets not in m.targets:
+        raise ValueError(f"prune.method {method!r} cannot prune prune.targets={targets!r}: it accepts "
+                         f"{', '.join(m.targets)}")
 
 
 def _check_model(model: nn.Module, method: str, targets: str, label: str = "the model") -> None:
@@ -82,7 +77,7 @@ def _check_model(model: nn.Module, method: str, targets: str, label: str = "the 
         raise ValueError(f"prune.method {method!r} cannot apply to {label} with prune.targets={targets!r}: no "
                          f"prunable layer (the classifier's outputs are kept); valid targets here: "
                          f"{', '.join(valid) or 'none'}")
-    if METHODS[method]["kind"] == "structural" and masks(model):
+    if not methods.get(method).masked and masks(model):
         raise ValueError(f"prune.method {method!r} cannot apply to a model that carries pruning masks: fold them "
                          f"first with prune.make_permanent (or prune channels before masking)")
 
@@ -98,7 +93,7 @@ def check(method: str, amount, targets: str = "all", model_name: str | None = No
     _check_model(_meta_model(model_name), method, targets, label=model_name)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _meta_model(model_name: str) -> nn.Module:
     """The model's layout without memory or initialisation cost (tensors on the meta device)."""
     with torch.device("meta"):
@@ -122,50 +117,17 @@ def apply(model: nn.Module, method: str = "l1_unstructured", amount: float = 0.2
     `amount` is the fraction of what is still unpruned in each layer (all targeted weights together
     for global_magnitude; output channels for ln_structured and channel), so repeated calls
     compose. `seed` makes random_unstructured reproducible (the global torch RNG is left as it was).
-    `example_input` is traced by `channel` (default: zeros of shape 1x3x64x64).
+    `example_input` is traced by structural methods (`channel`: default zeros of shape 1x3x64x64).
     Every check runs before the model is touched.
     """
     _check_params(method, amount, targets)
     _check_model(model, method, targets)
     layers = eligible_layers(model, method, targets)
-    amount = float(amount)
-    if method == "channel":
-        _channel(model, amount, layers, example_input)
-    elif method == "global_magnitude":
-        tprune.global_unstructured([(m, "weight") for _, m in layers], tprune.L1Unstructured, amount=amount)
-    elif method == "random_unstructured":
-        device = next(model.parameters()).device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)  # masks drawn on a GPU come from its own RNG stream
-            for _, module in layers:
-                tprune.random_unstructured(module, "weight", amount=amount)
-    elif method == "ln_structured":
-        for _, module in layers:
-            tprune.ln_structured(module, "weight", amount=amount, n=2, dim=0)
-    else:
-        for _, module in layers:
-            tprune.l1_unstructured(module, "weight", amount=amount)
+    methods.get(method).apply(model, layers, float(amount), seed=seed, example_input=example_input)
+    if not methods.get(method).masked and masks(model):
+        raise RuntimeError(f"structural method {method!r} left pruning masks on the model: a structural method "
+                           "must remove weights, not mask them")
     return [name for name, _ in layers]
-
-
-def _channel(model: nn.Module, amount: float, layers, example_input) -> None:
-    """Torch-Pruning, per layer: each prunable group loses `amount` of its output channels by L2
-    norm; every conv/linear layer not in `layers` (the classifier, untargeted types) is ignored."""
-    import torch_pruning as tp
-
-    keep = {id(m) for _, m in layers}
-    ignored = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and id(m) not in keep]
-    if example_input is None:
-        device = next(model.parameters()).device
-        example_input = torch.zeros(1, 3, 64, 64, device=device)
-    was_training = model.training
-    model.eval()  # tracing must not update BatchNorm statistics
-    try:
-        pruner = tp.pruner.BasePruner(model, example_input, importance=tp.importance.MagnitudeImportance(p=2),
-                                      pruning_ratio=amount, ignored_layers=ignored)
-        pruner.step()
-    finally:
-        model.train(was_training)
 
 
 # --- masks -----------------------------------------------------------------------------------

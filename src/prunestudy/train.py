@@ -19,11 +19,9 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
-import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -31,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import store
+from .progress import bar as progress_bar
 
 MEAN = STD = 0.5
 MAX_ROTATION_DEG = 10.0
@@ -305,45 +304,11 @@ def _load_checkpoint(path: Path, key: str, config: dict) -> dict:
 
 
 # --- progress ------------------------------------------------------------------------------------
-PROGRESS_ENV = "PRUNESTUDY_PROGRESS"  # "log": few updates (papermill under `prunestudy run`); "off"
-LOG_INTERVAL = 10.0
-
-
-def _in_kernel() -> bool:
-    return "ipykernel" in sys.modules and "IPython" in sys.modules
-
-
-def _progress_bar(total: int, desc: str, progress):
-    """A per-epoch tqdm bar, or None (the per-epoch log line is always written).
-
-    progress='auto': PRUNESTUDY_PROGRESS=off -> no bar; =log (papermill's log) -> a text bar
-    redrawn every 10 s; in Jupyter -> tqdm.auto (a widget with ipywidgets, else a text bar that
-    JupyterLab redraws in place); in a terminal -> a live bar; otherwise (CI, pipes, workers)
-    no bar. progress=True forces a bar (10 s updates where stderr is not interactive); False: none.
-    """
-    mode = os.environ.get(PROGRESS_ENV, "").lower()
-    if progress is False or progress is None or (progress == "auto" and mode == "off"):
-        return None
-    interactive = mode != "log" and (_in_kernel() or sys.stderr.isatty())
-    if progress == "auto" and not interactive and mode != "log":
-        return None
-    kw = dict(total=total, desc=desc, unit="img", unit_scale=True, leave=False,
-              mininterval=0.5 if interactive else LOG_INTERVAL)
-    if interactive and _in_kernel():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from tqdm.auto import tqdm as auto_tqdm
-        return auto_tqdm(**kw, dynamic_ncols=True)
-    from tqdm.std import tqdm as std_tqdm
-
-    return std_tqdm(**kw, file=sys.stderr, dynamic_ncols=interactive, ascii=not interactive)
-
-
 class _Progress:
     """Bar updates with the running loss, read from the device only when the bar may redraw."""
 
     def __init__(self, bar):
-        self.bar, self.last = bar, 0.0
+        self.bar, self.last = (None if bar is None or bar.disable else bar), 0.0
 
     def update(self, images: int, loss: Callable[[], float]) -> None:
         if self.bar is None:
@@ -436,7 +401,7 @@ class _Trainer:
             sums.append(local_sum)
             sizes.append(len(idx))
             seen += len(yb)
-            bar.update(len(idx), lambda: local_sum.item() / (max(len(yb), 1) if self.world > 1 else 1))
+            bar.update(len(idx), lambda s=local_sum, b=yb: s.item() / (max(len(b), 1) if self.world > 1 else 1))
         return torch.stack(sums).float(), sizes, seen
 
 
@@ -475,7 +440,7 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], test: tuple[
     choices), `world_size` and `samples_per_rank` (training samples each rank saw, all epochs).
 
     precision / channels_last / compile / fused: see `resolve_speed`; the defaults reproduce the
-    plain fp32 loop exactly. progress: see `_progress_bar`. on_step(step, model) is called after every
+    plain fp32 loop exactly. progress: `show` of `progress.bar`. on_step(step, model) is called after every
     optimiser step (global step from 1, continuing across a resume; on every rank).
     checkpoint: a path written atomically at the end of every epoch (by rank 0); if it exists
     when fit starts, training resumes from it (refused if written by another configuration) and
@@ -514,7 +479,9 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], test: tuple[
 def _run_epoch(tr: _Trainer, test, history: dict, epoch: int, desc: str, progress) -> list[int]:
     """Train one epoch, evaluate, append to history; returns the samples each rank saw."""
     start = time.perf_counter()
-    bar = _Progress(_progress_bar(len(tr.x), desc, progress) if tr.rank == 0 else None)
+    shown = progress_bar(len(tr.x), desc, unit="img", show=progress, unit_scale=True, leave=False) \
+        if tr.rank == 0 else None
+    bar = _Progress(shown)
     try:
         sums, sizes, seen = tr.epoch(bar)
     finally:

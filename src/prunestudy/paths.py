@@ -1,0 +1,156 @@
+"""The run folder's layout: every file and folder a stage reads or writes is named here, once.
+
+    <run>/
+      params.json                 PARAMS       the effective parameters
+      results.json                RESULTS      the machine-readable results
+      report.html                 REPORT       the report (the analysis notebook, code hidden)
+      notebooks/0N_<stage>.ipynb  executed_notebook(run, stage), and its .html page
+      data/                       stage_dir(run, "data"): images(split), labels(split), manifest(split),
+                                  rejects(split) for split in train / test, DATA_INFO
+      train/                      MODEL, HISTORY, METRICS, PREDICTIONS, [REWIND], [CHECKPOINT]
+      prune/                      MODEL, MASKS, ARCHITECTURE, METRICS, PREDICTIONS, [HISTORY, REWOUND],
+                                  sweep/<method>-<amount>/ (sweep_point)
+      retrain/                    MODEL, MASKS, ARCHITECTURE, EXPORT, EXPORT_META, HISTORY, METRICS,
+                                  PREDICTIONS, [CHECKPOINT], control/ (control_dir), sweep/<point>/
+      analysis/figures/*.png      figures_dir(run)
+      <stage>/stage.json          stage_record(run, stage): what the stage was computed from (records)
+      run.lock                    lock_file(run): the lock of the process writing the folder
+      repeats/seed-<s>/           repeat_dir(run, s): a run folder of its own (data/ linked)
+
+Functions take the run folder and return paths; constants are bare file names.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import config
+
+STAGES = ("data", "train", "prune", "retrain", "analysis")
+NOTEBOOK_OF = {"data": "01_data.ipynb", "train": "02_train.ipynb", "prune": "03_prune.ipynb",
+               "retrain": "04_retrain.ipynb", "analysis": "05_analysis.ipynb"}
+
+# files at the top of a run folder
+PARAMS = "params.json"
+RESULTS = "results.json"
+REPORT = "report.html"
+NOTEBOOKS = "notebooks"
+REPEATS = "repeats"
+LOCK = "run.lock"                  # held by the process writing the run folder (records.RunLock)
+
+# files inside a stage folder
+STAGE_RECORD = "stage.json"        # the stage key, written by the runner when the stage finished
+METRICS = "metrics.json"           # written last, atomically: marks a stage (or sweep point) complete
+DATA_INFO = "data.json"            # the data stage's metrics.json
+MODEL = "model.pt"                 # state_dict, masks folded (loads with weights_only=True)
+MASKS = "masks.pt"                 # boolean keep-masks of the pruned weights
+HISTORY = "history.json"           # the loss of every step and per-epoch figures
+PREDICTIONS = "predictions.npy"    # the test-set predictions, in test-set order
+ARCHITECTURE = "architecture.json"  # layer shapes: channel-pruned models are rebuilt from it
+EXPORT = "export.pt"               # retrain/: the final model, a plain state_dict
+EXPORT_META = "export.json"        # retrain/: how to rebuild it
+REWIND = "rewind.pt"               # train/: the weights after training step prune.rewind_step
+REWOUND = "rewound.pt"             # prune/: the surviving weights reset to that step
+CHECKPOINT = "checkpoint.pt"       # train/, retrain/: end-of-epoch state while a stage runs
+CONTROL = "control"                # retrain/control/: the dense control
+SWEEP = "sweep"                    # prune/sweep/, retrain/sweep/: one folder per sweep point
+FIGURES = Path("analysis") / "figures"
+
+SPLITS = ("train", "test")
+
+
+def resolve_run_dir(run_dir: str | Path | None) -> Path:
+    """None = runs/default of the project (what `make study` writes)."""
+    return config.resolve_path(run_dir or "runs/default")
+
+
+def require(stage: str, directory: Path) -> Path:
+    """The output folder of `stage`, or a FileNotFoundError saying which notebook makes it."""
+    if not (Path(directory) / marker(stage)).is_file():
+        raise FileNotFoundError(
+            f"no complete output of stage '{stage}' in {directory}: run notebooks/{NOTEBOOK_OF[stage]} "
+            f"first with the same run_dir, or the whole chain with `make study` / `prunestudy run`")
+    return directory
+
+
+def images(split: str) -> str:
+    return f"{split}_images.npy"
+
+
+def labels(split: str) -> str:
+    return f"{split}_labels.npy"
+
+
+def manifest(split: str) -> str:
+    return f"{split}_manifest.csv"
+
+
+def rejects(split: str) -> str:
+    return f"{split}_rejects.csv"
+
+
+def stage_dir(run_dir: str | Path, stage: str) -> Path:
+    """run/<stage>/ (data, train, prune, retrain, analysis)."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}: one of {', '.join(STAGES)}")
+    return Path(run_dir) / stage
+
+
+def stage_record(run_dir: str | Path, stage: str) -> Path:
+    return stage_dir(run_dir, stage) / STAGE_RECORD
+
+
+def marker(stage: str) -> str:
+    """The file, written last, whose presence in a stage's folder says the stage finished."""
+    return DATA_INFO if stage == "data" else METRICS
+
+
+def completion_marker(run_dir: str | Path, stage: str) -> Path:
+    """The file whose presence says a stage finished in a run folder: report.html for the analysis."""
+    return Path(run_dir) / REPORT if stage == "analysis" else stage_dir(run_dir, stage) / marker(stage)
+
+
+def control_dir(run_dir: str | Path) -> Path:
+    return stage_dir(run_dir, "retrain") / CONTROL
+
+
+def sweep_dir(run_dir: str | Path, stage: str) -> Path:
+    return stage_dir(run_dir, stage) / SWEEP
+
+
+def sweep_point(run_dir: str | Path, stage: str, name: str) -> Path:
+    return sweep_dir(run_dir, stage) / name
+
+
+def point_name(method: str, amount: float) -> str:
+    """Folder name of a sweep point, e.g. l1_unstructured-0.5."""
+    return f"{method}-{float(amount)!r}"
+
+
+def notebooks_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / NOTEBOOKS
+
+
+def executed_notebook(run_dir: str | Path, stage: str) -> Path:
+    return notebooks_dir(run_dir) / NOTEBOOK_OF[stage]
+
+
+def repeat_name(seed: int) -> str:
+    """A repeat's folder relative to its run folder, e.g. repeats/seed-1."""
+    return f"{REPEATS}/seed-{seed}"
+
+
+def repeat_dir(run_dir: str | Path, seed: int) -> Path:
+    return Path(run_dir) / repeat_name(seed)
+
+
+def lock_file(run_dir: str | Path) -> Path:
+    """The run folder's lock (one writer at a time): a repeat shares the lock of its run."""
+    run_dir = Path(run_dir)
+    if run_dir.parent.name == REPEATS:
+        run_dir = run_dir.parent.parent
+    return run_dir / LOCK
+
+
+def figures_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / FIGURES

@@ -1,0 +1,240 @@
+"""What a stage was computed from, and who may write a run folder.
+
+**Stage records.** Whoever computes a stage (the runner, a notebook in JupyterLab, papermill
+called directly, the stage function from Python) writes `<stage>/stage.json` last, atomically,
+after the outputs: the stage key (hash of its parameters and of the key of the stage before it),
+a unique id of this computation, the key and id of every input stage it read, and the size and
+modification time of every output file. A stage is complete only if its record says so *and* the
+files are still what it recorded *and* its inputs are still the records it read: a notebook rerun
+of an earlier stage, a deleted model or an edited file makes it stale, with a reason.
+
+**One writer per run folder.** `RunLock` is an exclusive `flock` on `<run>/run.lock` held for a
+whole `prunestudy run`; the kernels it starts inherit its token (PRUNESTUDY_LOCK_TOKEN) and may
+write. Any other writer (a second `prunestudy run`, a notebook) is refused at once with the
+holder's pid and start time. The lock dies with its process (even under SIGKILL), so a lock left
+by a killed run is taken over by the next one.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+from . import config, paths, store
+
+FORMAT = 1
+TOKEN_ENV = "PRUNESTUDY_LOCK_TOKEN"      # set by the runner for the kernels it starts
+UPSTREAM = {"data": None, "train": "data", "prune": "train", "retrain": "prune", "analysis": "retrain"}
+INPUTS = {"data": (), "train": ("data",), "prune": ("data", "train"), "retrain": ("data", "train", "prune"),
+          "analysis": ("data", "train", "prune", "retrain")}
+_SKIP_SUFFIXES = (".tmp", ".building", ".link")
+
+
+class LockedError(RuntimeError):
+    """The run folder is being written by another process (the CLI exits 2)."""
+
+
+# --- keys ------------------------------------------------------------------------------------
+def stage_key(stage: str, params: dict, after: str | None, **extra) -> str:
+    """The key of a stage: its parameters (not where it reads or writes) and the key before it."""
+    return config.stage_hash({"stage": stage, "params": params, "after": after, **extra})
+
+
+def read(stage_folder: Path) -> dict | None:
+    """A stage folder's record, or None when there is none (or it cannot be read)."""
+    try:
+        record = store.read_json(Path(stage_folder) / paths.STAGE_RECORD)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("key") else None
+
+
+def outputs(stage_folder: Path) -> dict[str, list[int]]:
+    """Every output file of a stage folder (sub-folders included) -> [size, mtime_ns]; the
+    record itself, checkpoints of a running stage and temporary files are not outputs."""
+    folder, out = Path(stage_folder), {}
+    if not folder.is_dir():
+        return out
+    for path in sorted(folder.rglob("*")):
+        name = path.name
+        if (not path.is_file() or name in (paths.STAGE_RECORD, paths.CHECKPOINT) or name.startswith(".")
+                or name.endswith(_SKIP_SUFFIXES)):
+            continue
+        st = path.stat()
+        out[path.relative_to(folder).as_posix()] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def write(stage_folder: Path, stage: str, key: str, params: dict, inputs: dict, seconds: float,
+          by: str) -> dict:
+    """The record of a finished computation, written last (the completion mark)."""
+    record = {"format": FORMAT, "stage": stage, "key": key, "id": uuid.uuid4().hex, "inputs": inputs,
+              "params": params, "seconds": round(seconds, 2), "by": by,
+              "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "outputs": outputs(stage_folder)}
+    store.write_json(Path(stage_folder) / paths.STAGE_RECORD, record)
+    return record
+
+
+def clear(stage_folder: Path) -> None:
+    """Forget that a stage finished (before it reruns, or when it is found stale)."""
+    (Path(stage_folder) / paths.STAGE_RECORD).unlink(missing_ok=True)
+
+
+def input_ids(stage_folders: dict[str, Path]) -> dict[str, dict]:
+    """{stage: {key, id}} of the records a computation reads (None for a stage without a record)."""
+    out = {}
+    for stage, folder in stage_folders.items():
+        rec = read(folder)
+        out[stage] = {"key": rec["key"], "id": rec.get("id")} if rec else None
+    return out
+
+
+def problem(stage_folder: Path, key: str | None = None, inputs: dict[str, Path] | None = None) -> str | None:
+    """Why the stage in this folder is not complete (None when it is): no record, another key,
+    an input recomputed since, a missing or changed output file, marked stale."""
+    rec = read(stage_folder)
+    if rec is None:
+        return "not computed yet (no stage record)"
+    if rec.get("stale"):
+        return f"stale: {rec['stale']}"
+    if key is not None and rec["key"] != key:
+        return f"computed with other parameters (key {rec['key']}, now {key})"
+    for stage, folder in (inputs or {}).items():
+        now, then = read(folder), (rec.get("inputs") or {}).get(stage)
+        if now is None:
+            return f"its input '{stage}' has no complete record"
+        if then is None or then.get("key") != now["key"] or then.get("id") != now.get("id"):
+            return f"its input '{stage}' was recomputed after it"
+    recorded, found = rec.get("outputs") or {}, outputs(stage_folder)
+    for name, (size, mtime) in recorded.items():
+        if name not in found:
+            return f"output {name} is missing"
+        if found[name] != [size, mtime]:
+            return f"output {name} changed after the stage finished"
+    return None
+
+
+def mark_stale(stage_folder: Path, reason: str) -> bool:
+    """Mark a finished stage stale (its record stays, for the record); True if it had one."""
+    rec = read(stage_folder)
+    if rec is None or rec.get("stale"):
+        return False
+    rec["stale"] = reason
+    store.write_json(Path(stage_folder) / paths.STAGE_RECORD, rec)
+    return True
+
+
+# --- the lock --------------------------------------------------------------------------------
+def holder(run_dir: Path) -> dict | None:
+    """Who holds the run folder's lock now (pid, start time, host, command), or None."""
+    path = paths.lock_file(run_dir)
+    if not path.is_file():
+        return None
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            try:
+                return json.loads(f.read() or "{}")
+            except ValueError:
+                return {}
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
+
+
+def _describe(info: dict) -> str:
+    started = info.get("started")
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if started else "an unknown time"
+    return (f"{info.get('command', 'another process')} (pid {info.get('pid', '?')} on {info.get('host', '?')}, "
+            f"started {when})")
+
+
+class RunLock:
+    """An exclusive lock on a run folder for the life of this object (or of its process)."""
+
+    def __init__(self, run_dir: Path, command: str):
+        self.path = paths.lock_file(run_dir)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.token = uuid.uuid4().hex
+        self._file = open(self.path, "a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            try:
+                info = json.loads(self._file.read() or "{}")
+            except ValueError:
+                info = {}
+            self._file.close()
+            raise LockedError(f"the run folder {run_dir} is being written by {_describe(info)}: wait for it to "
+                              "finish, or choose another folder with --run-dir") from None
+        self.info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "command": command,
+                     "token": self.token}
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(json.dumps(self.info))
+        self._file.flush()
+
+    def release(self) -> None:
+        if not self._file.closed:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+@contextmanager
+def writing(run_dir: Path, command: str):
+    """Hold the run folder's lock while a stage writes, unless this process is a kernel of the
+    `prunestudy run` that holds it (its token is in the environment)."""
+    token = os.environ.get(TOKEN_ENV)
+    info = holder(run_dir)
+    if info is not None and token and info.get("token") == token:
+        yield None
+        return
+    lock = RunLock(run_dir, command)
+    os.environ[TOKEN_ENV] = lock.token   # processes it starts (torchrun workers) may write too
+    try:
+        yield lock
+    finally:
+        lock.release()
+        if token is None:
+            os.environ.pop(TOKEN_ENV, None)
+        else:
+            os.environ[TOKEN_ENV] = token
+
+
+def under_runner(run_dir: Path) -> bool:
+    """True in a kernel started by the `prunestudy run` that holds this run folder's lock."""
+    token = os.environ.get(TOKEN_ENV)
+    info = holder(run_dir) if token else None
+    return bool(info and info.get("token") == token)
+
+
+def chain_problems(run_dir: Path) -> list[tuple[str, str]]:
+    """(stage, why) for every stage of the run folder that is not consistent with the stages it
+    was computed from (data -> train -> prune -> retrain): stale, recomputed inputs, changed or
+    missing outputs. Stages never computed are left out; empty when the chain holds."""
+    found = []
+    for stage in ("data", "train", "prune", "retrain"):
+        folder = paths.stage_dir(run_dir, stage)
+        if read(folder) is None:
+            if (folder / paths.marker(stage)).is_file():
+                found.append((stage, "has outputs but no stage record (computed by an older version, or "
+                                     "interrupted): its provenance cannot be checked"))
+            continue
+        why = problem(folder, None, {up: paths.stage_dir(run_dir, up) for up in INPUTS[stage]})
+        if why:
+            found.append((stage, why))
+    return found

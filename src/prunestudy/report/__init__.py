@@ -1,0 +1,89 @@
+"""Stage 5 (analysis): the summary table, findings computed from the numbers, and the figures.
+
+Everything here reads a run folder (or its ``results.json`` dict) and returns something the
+analysis notebook displays: a DataFrame, a list of sentences / Markdown, or a matplotlib Figure.
+Figures are created with pyplot (so the notebook's inline backend shows them once, at the end of
+the cell that made them) and are never shown or closed here. Class and layer names are arbitrary
+strings: they are always drawn as literal text (``$`` escaped) and escaped in Markdown.
+
+One module per section of notebooks/05_analysis.ipynb (``from prunestudy import report`` gives
+them all, under the names the notebooks call):
+
+- ``summary``: title, summary table, test-accuracy bars beside the seed report;
+- ``findings``: the first screen's sentences (and the dense control's);
+- ``seeds``: accuracy over seeds, paired changes and their confidence intervals;
+- ``efficiency``: parameters, MACs, bytes and measured time;
+- ``sweep``: the sweep table and the trade-off curves;
+- ``data``: what the data stage built, crops per class, sample crops;
+- ``curves``: loss per step, metrics per epoch, sparsity per layer, weight magnitudes;
+- ``per_class``: per-class accuracy, paired change, confusion matrices;
+- ``provenance``: what made the run, links to every executed notebook;
+- ``stage``: the stage notebooks' paragraph and per-epoch table;
+- ``style`` (theme, colours, escaping, saving figures), ``common`` (results helpers) and
+  ``reference`` (the seed report, read from params/seed_report.yaml).
+
+Model states (names, colours, folders) come from ``prunestudy.states``, pruning methods (colours,
+markers, the floor, the wording of an amount) from ``prunestudy.methods``, file names from
+``prunestudy.paths``.
+"""
+
+from .common import binomial_se
+from .curves import cut_threshold, plot_epoch_metrics, plot_layer_sparsity, plot_step_loss, plot_weight_histograms
+from .data import data_markdown, plot_class_counts, plot_samples, sample_mosaic
+from .efficiency import efficiency_markdown, efficiency_styler, efficiency_table
+from .findings import amount_phrase, control_markdown, findings, findings_markdown
+from .per_class import (
+    confusion_matrix,
+    paired_change,
+    per_class_markdown,
+    per_class_styler,
+    per_class_table,
+    plot_confusion,
+    row_normalised,
+)
+from .provenance import provenance_markdown
+from .reference import SEED_REPORT_FILE, seed_report
+from .seeds import (
+    CONFIDENCE,
+    paired_styler,
+    paired_table,
+    plot_seeds,
+    seed_runs,
+    seeds_markdown,
+    seeds_styler,
+    seeds_table,
+    t_interval,
+)
+from .stage import epoch_table, stage_markdown
+from .style import DPI, FIGSIZE, SEED_EDGE, SEED_HATCH, literal, md_escape, save_figures, setup_style
+from .summary import (
+    ACC,
+    CONTROL_LABEL,
+    LATENCY,
+    LOSS,
+    NONZERO,
+    SIZE,
+    SPARSITY,
+    SUMMARY_COLUMNS,
+    TOTAL,
+    latency_point,
+    plot_accuracy,
+    summary_styler,
+    summary_table,
+    title_markdown,
+)
+from .sweep import plot_tradeoff, sweep_markdown, sweep_styler, sweep_table
+
+__all__ = [
+    "ACC", "CONFIDENCE", "CONTROL_LABEL", "DPI", "FIGSIZE", "LATENCY", "LOSS", "NONZERO", "SEED_EDGE", "SEED_HATCH",
+    "SEED_REPORT_FILE", "SIZE", "SPARSITY", "SUMMARY_COLUMNS", "TOTAL",
+    "amount_phrase", "binomial_se", "confusion_matrix", "control_markdown", "cut_threshold", "data_markdown",
+    "efficiency_markdown", "efficiency_styler", "efficiency_table", "epoch_table", "findings", "findings_markdown",
+    "latency_point", "literal", "md_escape", "paired_change", "paired_styler", "paired_table", "per_class_markdown",
+    "per_class_styler", "per_class_table", "plot_accuracy", "plot_class_counts", "plot_confusion",
+    "plot_epoch_metrics", "plot_layer_sparsity", "plot_samples", "plot_seeds", "plot_step_loss", "plot_tradeoff",
+    "plot_weight_histograms", "provenance_markdown", "row_normalised", "sample_mosaic", "save_figures",
+    "seed_report", "seed_runs", "seeds_markdown", "seeds_styler", "seeds_table", "setup_style", "stage_markdown",
+    "summary_styler", "summary_table", "sweep_markdown", "sweep_styler", "sweep_table", "t_interval",
+    "title_markdown",
+]

@@ -1,0 +1,100 @@
+"""What pruning saves: parameters, MACs, bytes on disk and measured time, per model state."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .. import states
+from .common import MB
+from .style import md_escape
+
+COSTED = (states.PRUNED, states.RETRAINED)   # the states whose efficiency a run measures
+
+
+def dense_reference(results: dict) -> dict | None:
+    """The efficiency summary whose dense half is the trained model's: the pruned model's (both timed
+    in the same interleaved run), else the retrained one's."""
+    return (states.metrics(results, "pruned").get("efficiency")
+            or states.metrics(results, "retrained").get("efficiency"))
+
+
+def _eff_row(eff: dict, which: str) -> dict:
+    """One efficiency-table row from an efficiency.summary dict: of the pruned model, or ('dense')
+    of the dense model it was measured against."""
+    dense = which == "dense"
+    row = {"params (total)": eff["dense_params_total"] if dense else eff["params_total"],
+           "params (nonzero)": eff["dense_params_total"] if dense else eff["params_nonzero"],
+           "zero or removed (% of dense params)": 0.0 if dense else
+           100 * (1 - eff["params_nonzero"] / max(eff["dense_params_total"], 1)),
+           "MMACs run": (eff["dense_macs"] if dense else eff["macs"]) / 1e6,
+           "MMACs nonzero": (eff["dense_macs"] if dense else eff["effective_macs"]) / 1e6,
+           "theoretical speedup (×)": 1.0 if dense else eff["theoretical_speedup"],
+           "state_dict (MB)": (eff["dense_state_dict_bytes"] if dense else eff["state_dict_bytes"]) / MB,
+           "with masks (MB)": np.nan if dense else eff["masked_bytes"] / MB,
+           "sparse + zlib (MB)": np.nan if dense else eff["sparse_compressed_bytes"] / MB}
+    for dev, table in eff.get("latency", {}).items():
+        for r in table["rows"]:
+            if r["model"] == ("dense" if dense else "pruned"):
+                row[f"{dev} latency, batch {r['batch']} (ms)"] = r["median_ms"]
+    largest = max((r["batch"] for t in eff.get("latency", {}).values() for r in t["rows"]), default=None)
+    row[f"measured speedup, batch {largest} (×)"] = 1.0 if dense else eff["measured_speedup"]
+    row["saves time"] = "reference" if dense else ("yes" if eff["saves_time"] else "NO")
+    return row
+
+
+def efficiency_table(results: dict) -> pd.DataFrame:
+    """What each model state costs, measured in this run: parameters (total, nonzero, % zero or
+    removed), MACs per image (run by dense kernels, and nonzero only), theoretical speedup, bytes
+    on disk (plain state_dict, with masks, sparse + zlib), median CPU (and CUDA) latency per batch
+    and the measured speedup against the dense model, and whether time is saved. The dense row
+    comes from the pruned model's measurement (both timed in the same interleaved run)."""
+    rows = {}
+    base = dense_reference(results)
+    if base:
+        rows[f"{states.TRAINED.label} (dense)"] = _eff_row(base, "dense")
+    for s in COSTED:
+        eff = states.metrics(results, s.key).get("efficiency")
+        if eff:
+            rows[s.label] = _eff_row(eff, "pruned")
+    df = pd.DataFrame.from_dict(rows, orient="index")
+    df.index.name = "model state"
+    return df
+
+
+def efficiency_styler(results: dict):
+    """``efficiency_table`` formatted for display."""
+    df = efficiency_table(results)
+    fmt = {c: "{:,.0f}" for c in df.columns if c.startswith("params")}
+    fmt.update({c: "{:.2f}" for c in df.columns if df[c].dtype.kind == "f" and c not in fmt})
+    return (df.style.format(fmt, na_rep="—")
+            .set_caption("Latency: median of interleaved runs on this machine (masks folded, as deployed); "
+                         "'saves time' needs a measured speedup of at least 1.1×. MMACs: multiply-accumulates of the "
+                         "conv and linear layers per image. Sizes in MB of 10^6 bytes; 'sparse + zlib' is a size "
+                         "estimate (nonzero values + bitmask, zlib), not a format any runtime loads."))
+
+
+def efficiency_markdown(results: dict) -> str:
+    """Plain sentences: does the pruned (and retrained) model save time, and why not when it does not."""
+    lines = []
+    for s in COSTED:
+        eff = states.metrics(results, s.key).get("efficiency")
+        if not eff:
+            continue
+        lines.append(f"- **{s.label}**: {md_escape(eff['remark'])} On disk: {eff['state_dict_bytes'] / MB:.2f} MB as "
+                     f"a plain state_dict (dense model {eff['dense_state_dict_bytes'] / MB:.2f} MB), "
+                     f"{eff['sparse_compressed_bytes'] / MB:.2f} MB stored sparse and compressed.")
+    return "\n".join(lines) or "No efficiency figures: the prune stage has not run in this run folder."
+
+
+def f_efficiency(results: dict) -> str | None:
+    """The findings' sentence on what the pruned model saves."""
+    prune = states.metrics(results, "pruned")
+    eff = prune.get("efficiency")
+    if not eff:
+        return None
+    method = prune.get("method", "the pruning")
+    s = (f"Efficiency of {method}: {eff['remark']} Nonzero MACs per image fell from {eff['dense_macs'] / 1e6:.1f} M "
+         f"to {eff['effective_macs'] / 1e6:.1f} M (theoretical {eff['theoretical_speedup']:.2f}×), while the kernels "
+         f"still run {eff['macs'] / 1e6:.1f} M")
+    return s + "."

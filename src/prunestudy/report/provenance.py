@@ -1,0 +1,49 @@
+"""Provenance: what made this run (parameters, commit, platform, versions, seeds, data, timings)
+and links to every stage's executed notebook, the repeats' too."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .. import config, paths, states
+from .style import md_escape
+
+REPEAT_STAGES = ("train", "prune", "retrain")   # a repeat shares the data and the analysis
+
+
+def _pages(run_dir: str, stages: tuple[str, ...]) -> str:
+    """Markdown links to the HTML pages of `stages`' executed notebooks, relative to report.html."""
+    return " · ".join(f"[{Path(paths.NOTEBOOK_OF[s]).stem}]"
+                      f"({paths.executed_notebook(run_dir, s).with_suffix('.html').as_posix()})" for s in stages)
+
+
+def provenance_markdown(results: dict) -> str:
+    """Parameter hash, commit, platform, device, seeds, the data's manifest hash and class counts,
+    versions, stage timings and keys, and every parameter, as a Markdown table; then links to
+    every stage's executed notebook (the repeats' too)."""
+    prov = results.get("provenance") or {}
+    rows = [("parameters hash", results.get("params_hash")), ("git commit", prov.get("git_commit")),
+            ("python", prov.get("python")), ("platform", prov.get("platform")),
+            ("processor", prov.get("processor")), ("cuda", prov.get("cuda"))]
+    train = states.metrics(results, "trained")
+    params = results.get("params") or {}
+    seeds = [params.get("seed"), *[r["seed"] for r in results.get("repeats") or []]]
+    rows += [("device (training)", train.get("device")),
+             ("seeds", ", ".join(str(s) for s in seeds if s is not None) or None),
+             ("data manifest sha256", (results.get("data") or {}).get("manifest_sha256"))]
+    counts = (results.get("data") or {}).get("counts") or {}
+    for split, by_class in counts.items():
+        rows.append((f"{split} crops per class", ", ".join(f"{c}: {n}" for c, n in by_class.items())))
+    rows += [(pkg, v) for pkg, v in (prov.get("versions") or {}).items()]
+    rows += [(f"time: {stage}", f"{s:.1f} s") for stage, s in (results.get("timings_s") or {}).items()]
+    rows += [(f"stage key: {stage}", key) for stage, key in (results.get("stage_keys") or {}).items()]
+    rows += [(f"parameter: {k}", json.dumps(v)) for k, v in config.flatten(params).items()]
+    lines = ["| item | value |", "|---|---|"] + [f"| {md_escape(k)} | {md_escape(v if v is not None else '—')} |"
+                                                 for k, v in rows]
+    lines += ["", f"Each stage's executed notebook, with its code and outputs: {_pages('.', paths.STAGES)}."]
+    for r in results.get("repeats") or []:
+        seed = int(r["seed"])   # an int (config checks it): safe in a link
+        folder = paths.repeat_name(seed)
+        lines.append(f"Repeat with seed {seed} (folder {folder}): {_pages(folder, REPEAT_STAGES)}.")
+    return "\n".join(lines)

@@ -1,0 +1,195 @@
+"""Is it noise? The study repeated over random seeds: accuracy per seed, paired changes with
+Student-t confidence intervals, their sentences and the seeds figure."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from .. import states
+from . import reference
+from .style import figure, label, legend_outside, md_escape, placeholder
+
+PAIRS = (("pruned", "trained"), ("retrained", "trained"), ("retrained", "control"))
+CONFIDENCE = 0.95
+CI_LOW, CI_HIGH = f"{CONFIDENCE:.0%} CI low", f"{CONFIDENCE:.0%} CI high"
+
+
+def pair_name(a: str, b: str) -> str:
+    """paired_table's row of the change from state b to state a, e.g. 'pruned − trained'."""
+    return f"{states.get(a).label} − {states.get(b).label}"
+
+
+PRUNING_CHANGE = pair_name("pruned", "trained")   # paired_table's row of the change pruning made
+
+
+def seed_runs(results: dict) -> list[dict]:
+    """Test accuracy (and loss, sparsity) of every model state per seed: this run's first, then the
+    repeats' (`seeds`), as results.seed_results gives them."""
+    main = {"seed": (results.get("params") or {}).get("seed"), "dir": "."}
+    for state in states.KEYS:
+        m = states.metrics(results, state)
+        if m.get("test_accuracy") is not None:
+            main[state] = {k: m.get(k) for k in ("test_accuracy", "test_loss", "global_sparsity")}
+    return [main, *(results.get("repeats") or [])]
+
+
+def _accuracies(runs: list[dict], state: str) -> dict:
+    """seed -> test accuracy (%) of `state`, for the seeds where it was measured."""
+    return {r["seed"]: 100 * r[state]["test_accuracy"] for r in runs if (r.get(state) or {}).get("test_accuracy")
+            is not None}
+
+
+def t_interval(values, confidence: float = CONFIDENCE) -> tuple[float, float, float, float]:
+    """Mean, sample standard deviation and the two ends of the Student-t confidence interval of the
+    mean (NaN where fewer than two values: one seed says nothing about the spread)."""
+    from scipy import stats
+
+    v = np.asarray(list(values), dtype=float)
+    if v.size == 0:
+        return (np.nan,) * 4
+    mean = float(v.mean())
+    if v.size < 2:
+        return mean, np.nan, np.nan, np.nan
+    sd = float(v.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + confidence / 2, v.size - 1)) * sd / np.sqrt(v.size)
+    return mean, sd, mean - half, mean + half
+
+
+def seeds_table(results: dict) -> pd.DataFrame:
+    """Test accuracy (%) of each model state per seed, with the mean, standard deviation (points),
+    min and max over seeds."""
+    runs = seed_runs(results)
+    rows = {}
+    for state in states.KEYS:
+        acc = _accuracies(runs, state)
+        if not acc:
+            continue
+        mean, sd, _, _ = t_interval(acc.values())
+        rows[states.get(state).label] = {"seeds": len(acc), "mean (%)": mean, "SD (points)": sd,
+                                          "min (%)": min(acc.values()), "max (%)": max(acc.values()),
+                                          **{f"seed {s} (%)": a for s, a in acc.items()}}
+    df = pd.DataFrame.from_dict(rows, orient="index")
+    df.index.name = "model state"
+    return df
+
+
+def paired_table(results: dict) -> pd.DataFrame:
+    """The paired change of test accuracy (points) per seed: pruned − trained, retrained − trained,
+    retrained − dense control, each over the seeds where both were measured, with its mean, SD and
+    95% Student-t confidence interval."""
+    runs = seed_runs(results)
+    rows = {}
+    for a, b in PAIRS:
+        xa, xb = _accuracies(runs, a), _accuracies(runs, b)
+        diff = {s: xa[s] - xb[s] for s in xa if s in xb}
+        if not diff:
+            continue
+        mean, sd, lo, hi = t_interval(diff.values())
+        rows[pair_name(a, b)] = {"seeds": len(diff), "mean (points)": mean, "SD (points)": sd, CI_LOW: lo, CI_HIGH: hi,
+                                 **{f"seed {s}": d for s, d in diff.items()}}
+    df = pd.DataFrame.from_dict(rows, orient="index")
+    df.index.name = "paired change"
+    return df
+
+
+def seeds_styler(results: dict):
+    df = seeds_table(results)
+    return (df.style.format({c: "{:.2f}" for c in df.columns if c != "seeds"}, na_rep="—")
+            .set_caption("Test accuracy per seed. SD: sample standard deviation over seeds, in points (— with "
+                         "one seed). All seeds share the same data; a seed sets initialisation, batch order, "
+                         "augmentation and random pruning."))
+
+
+def paired_styler(results: dict):
+    df = paired_table(results)
+    return (df.style.format({c: "{:.2f}" if c.startswith("SD") else "{:+.2f}" for c in df.columns if c != "seeds"},
+                            na_rep="—")
+            .set_caption(f"Paired change of test accuracy in points, per seed (the same seed's models compared). "
+                         f"CI: {CONFIDENCE:.0%} Student-t confidence interval of the mean change over seeds; an "
+                         "interval that holds 0 means the change is not distinguishable from seed-to-seed noise."))
+
+
+def seeds_markdown(results: dict) -> str:
+    """The uncertainty over seeds in sentences: spread, and whether each paired change is noise."""
+    runs = seed_runs(results)
+    seeds = [r["seed"] for r in runs]
+    if len(runs) < 2:
+        return (f"One seed only ({md_escape(seeds[0])}): no spread can be measured, so the changes above are single "
+                "measurements. Set `seeds: [0, 1, 2]` (or more) to repeat training, pruning and retraining with "
+                "other seeds on the same data and read every change against the noise.")
+    lines = [f"- {len(runs)} seeds ({', '.join(md_escape(s) for s in seeds)}), the same data for all."]
+    trained = _accuracies(runs, "trained")
+    if trained:
+        mean, sd, lo, hi = t_interval(trained.values())
+        lines.append(f"- Trained test accuracy: mean {mean:.1f}%, SD {sd:.1f} points over seeds "
+                     f"({min(trained.values()):.1f}–{max(trained.values()):.1f}%).")
+    paired = paired_table(results)
+    for name, r in paired.iterrows():
+        if r["seeds"] < 2:
+            continue
+        lo, hi = r[CI_LOW], r[CI_HIGH]
+        verdict = ("the interval holds 0: not distinguishable from seed-to-seed noise" if lo <= 0 <= hi
+                   else f"the interval excludes 0: a {'loss' if hi < 0 else 'gain'} beyond seed-to-seed noise")
+        lines.append(f"- {md_escape(name)}: {r['mean (points)']:+.2f} points on average over {int(r['seeds'])} seeds, "
+                     f"{CONFIDENCE:.0%} CI [{lo:+.2f}, {hi:+.2f}]; {verdict}.")
+    seed_drop = 100 * (reference.accuracy("pruned") - reference.accuracy("trained"))
+    pruning = _pruning_change(paired)
+    if pruning is not None:
+        lo, hi = pruning[CI_LOW], pruning[CI_HIGH]
+        lines.append(f"- The seed report's change after pruning ({seed_drop:+.0f} point, one seed) lies "
+                     f"{'inside' if lo <= seed_drop <= hi else 'outside'} this study's interval for it.")
+    return "\n".join(lines)
+
+
+def _pruning_change(paired: pd.DataFrame) -> pd.Series | None:
+    """paired_table's pruned − trained row, where at least two seeds measured it."""
+    if PRUNING_CHANGE not in paired.index or paired.loc[PRUNING_CHANGE, "seeds"] < 2:
+        return None
+    return paired.loc[PRUNING_CHANGE]
+
+
+def f_seeds(results: dict) -> str | None:
+    """The findings' sentence on the change pruning made, over seeds (with two or more)."""
+    r = _pruning_change(paired_table(results))
+    if r is None:
+        return None
+    lo, hi = r[CI_LOW], r[CI_HIGH]
+    return (f"Over {int(r['seeds'])} seeds, pruning changed test accuracy by {r['mean (points)']:+.2f} points "
+            f"({CONFIDENCE:.0%} CI {lo:+.2f} to {hi:+.2f}): "
+            + ("within seed-to-seed noise." if lo <= 0 <= hi else "beyond seed-to-seed noise."))
+
+
+def plot_seeds(results: dict) -> Figure:
+    """Test accuracy of each model state per seed, one line per seed joining its own models (the
+    pairing), and the mean over seeds with its 95% confidence interval."""
+    runs = seed_runs(results)
+    shown_states = [s for s in states.KEYS if _accuracies(runs, s)]
+    if not shown_states:
+        return placeholder("No test accuracy yet: run the train stage.")
+    fig, (ax,) = figure(size=(8, 4))
+    x = {s: i for i, s in enumerate(shown_states)}
+    shown = []   # every value drawn, for the y range (accuracy stays within 0-100%, a CI may not)
+    for r in runs:
+        pts = [(x[s], 100 * r[s]["test_accuracy"]) for s in shown_states
+               if (r.get(s) or {}).get("test_accuracy") is not None]
+        ax.plot(*zip(*pts), color="#9a9a9a", lw=1, alpha=0.8, zorder=1)
+    for s in shown_states:
+        acc = _accuracies(runs, s)
+        ax.scatter([x[s]] * len(acc), list(acc.values()), color=states.get(s).color, s=22, alpha=0.7, zorder=2)
+        mean, _, lo, hi = t_interval(acc.values())
+        yerr = None if np.isnan(lo) else [[mean - lo], [hi - mean]]
+        shown += [*acc.values(), *([] if np.isnan(lo) else [lo, hi])]
+        ax.errorbar(x[s] + 0.12, mean, yerr=yerr, fmt="D", color=states.get(s).color, mec="black", ms=7, capsize=5,
+                    ecolor="black", zorder=3)
+    ax.set_xticks(list(x.values()), [states.get(s).label for s in shown_states])
+    ax.set_xlim(-0.4, len(shown_states) - 0.4)
+    ax.set_ylim(max(0.0, min(shown) - 3), min(100.0, max(shown) + 3))   # a wide CI runs off the axes
+    handles = [Line2D([], [], color="#9a9a9a", lw=1, label="one seed (its models joined)"),
+               Line2D([], [], marker="D", color="black", ls="none", mfc="white",
+                      label=f"mean, {CONFIDENCE:.0%} CI over seeds" if len(runs) > 1 else "mean (one seed: no CI)")]
+    legend_outside(ax, handles=handles)
+    label(ax, "model state", "test accuracy (%)", f"Test accuracy per seed ({len(runs)} seed{'s' * (len(runs) != 1)})")
+    return fig

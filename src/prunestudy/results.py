@@ -1,0 +1,143 @@
+"""results.json: the contract of a run, merged from the stage outputs completed so far; the seed
+repeats' and the sweep's figures; provenance (versions, lock file, commit, platform)."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from . import config, data, paths, records, states, store
+
+
+def collect_results(run_dir, params: dict | None = None, timings: dict | None = None) -> dict:
+    """results.json: the contract of a run, merged from the stages completed so far."""
+    run_dir = Path(run_dir)
+    res: dict = {}
+    if paths.completion_marker(run_dir, "data").is_file():
+        info = data.read_info(paths.stage_dir(run_dir, "data"))
+        res["data"] = {k: info.get(k) for k in ("classes", "train_size", "test_size", "counts", "skipped", "root",
+                                                 "image_size", "label_mode", "clipped", "rejected", "cache",
+                                                 "manifest_sha256")}
+    for state in states.ALL:
+        path = states.folder(run_dir, state.key) / paths.METRICS
+        if path.is_file() and (state is not states.CONTROL or (res.get("retrain") or {}).get("control")):
+            res[state.stage] = store.read_json(path)
+    if (res.get("prune") or {}).get("sweep"):
+        res["sweep"] = sweep_results(run_dir, res["prune"]["sweep"])
+    if params is not None:
+        res["params"] = params
+        res["params_hash"] = config.stage_hash(params)
+        if config.repeat_seeds(params):
+            res["repeats"] = [seed_results(run_dir, s, paths.repeat_name(s)) for s in config.repeat_seeds(params)]
+    if timings is not None:
+        res["timings_s"] = timings
+    res["provenance"] = provenance()
+    return res
+
+
+def seed_results(run_dir, seed: int, where: str = ".") -> dict:
+    """What the report compares across seeds, from one run folder (`where` in run_dir: a repeat's,
+    or the run itself): test accuracy and loss of each model state (and the dense control),
+    sparsity, the folder."""
+    out = {"seed": seed, "dir": where}
+    run_dir = Path(run_dir) / where
+    for state in states.ALL:
+        path = states.folder(run_dir, state.key) / paths.METRICS
+        if path.is_file():
+            m = store.read_json(path)
+            out[state.key] = {k: m.get(k) for k in ("test_accuracy", "test_loss", "global_sparsity")}
+    return out
+
+
+def sweep_results(run_dir, names: list[str]) -> list[dict]:
+    """One entry per sweep point finished by the prune stage: method, amount, sparsity (of the
+    targeted weights, against the dense model), test accuracy / loss before and after retraining
+    (None until the retrain stage has run it), measured and theoretical speedup, sizes."""
+    run_dir, out = Path(run_dir), []
+    for name in names:
+        path = paths.sweep_point(run_dir, "prune", name) / paths.METRICS
+        if not path.is_file():
+            continue
+        p = store.read_json(path)
+        r_path = paths.sweep_point(run_dir, "retrain", name) / paths.METRICS
+        r = store.read_json(r_path) if r_path.is_file() else None
+        if r is not None and r.get("pruned_key") != p.get("key"):
+            r = None  # retrained from another pruned model: stale
+        eff = p["efficiency"]
+        table = eff["latency"].get("cpu") or next(iter(eff["latency"].values()))
+        batch = max(row["batch"] for row in table["rows"])
+        ms = {row["model"]: row["median_ms"] for row in table["rows"] if row["batch"] == batch}
+        out.append({"name": name, "method": p["method"], "amount": p["amount"], "kind": p["kind"],
+                    "targets": p["targets"], "sparsity": p["global_sparsity"], "param_sparsity": p["param_sparsity"],
+                    "params_total": p["params_total"], "params_nonzero": p["params_nonzero"],
+                    "dense_params_total": p["dense_params_total"],
+                    "test_accuracy_before": p["test_accuracy"], "test_loss_before": p["test_loss"],
+                    "test_accuracy_after": r["test_accuracy"] if r else None,
+                    "test_loss_after": r["test_loss"] if r else None,
+                    "retrain_epochs": len(r["epochs"]) if r else None,
+                    "speedup_measured": eff["measured_speedup"], "speedup_theoretical": eff["theoretical_speedup"],
+                    "latency_device": table["device"], "latency_batch": batch, "latency_ms": ms.get("pruned"),
+                    "dense_latency_ms": ms.get("dense"), "latency_threads": table["threads"],
+                    "saves_time": eff["saves_time"], "remark": eff["remark"],
+                    "macs": eff["macs"], "effective_macs": eff["effective_macs"], "dense_macs": eff["dense_macs"],
+                    "sizes": {k: eff[k] for k in ("state_dict_bytes", "masked_bytes", "sparse_compressed_bytes",
+                                                  "dense_state_dict_bytes")}})
+    return out
+
+
+def load_results(run_dir=None) -> dict:
+    """Results of a run as the analysis sees them: fresh from the stage outputs, with the
+    parameters, stage timings and stage keys that `prunestudy run` recorded in results.json."""
+    run_dir = paths.resolve_run_dir(run_dir)
+    paths.require("data", paths.stage_dir(run_dir, "data"))
+    try:
+        saved = store.read_json(run_dir / paths.RESULTS)
+    except (OSError, ValueError):   # missing or damaged: everything is rebuilt from the stage outputs
+        saved = {}
+    params = saved.get("params")
+    if params is None and (run_dir / paths.PARAMS).is_file():
+        params = store.read_json(run_dir / paths.PARAMS)
+    res = collect_results(run_dir, params, saved.get("timings_s"))
+    if saved.get("stage_keys"):
+        res["stage_keys"] = saved["stage_keys"]
+    res["chain"] = records.chain_problems(run_dir)
+    return res
+
+
+def environment(device: torch.device) -> dict:
+    return {"device": str(device), "python": sys.executable,
+            "torch_threads": torch.get_num_threads()}
+
+
+LOCK_FILE = "requirements.lock"   # the project's pinned environment (make setup installs it)
+
+
+def provenance() -> dict:
+    versions = {}
+    for pkg in ("prunestudy", "torch", "torchvision", "numpy", "pycocotools", "papermill", "nbconvert",
+                "seaborn", "matplotlib", "pandas"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    lock = config.project_root() / LOCK_FILE
+    return {"versions": versions, "python": platform.python_version(), "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(), "git_commit": _git_commit(),
+            "lock_file": LOCK_FILE, "lock_sha256": data.sha256_file(lock) if lock.is_file() else None,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=config.project_root(), capture_output=True,
+                             text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=config.project_root(), capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None

@@ -1,0 +1,298 @@
+"""Interactive and batch use are one study (issue 13): a stage records what it was computed from,
+whoever computed it; the runner trusts a stage only if its record, its inputs and its files agree;
+one writer per run folder; a run folder is never the project; `make lab` works as root."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from prunestudy import browser, cli, config, lab, paths, pipeline, records, stages, store, synth
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "prunestudy.cli"]
+PAPERMILL = [sys.executable, "-m", "papermill"]
+
+
+def run_cli(*args, timeout=900):
+    return subprocess.run([*CLI, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def copy_run(smoke_run, tmp_path, name="run") -> Path:
+    run_dir = tmp_path / name
+    shutil.copytree(smoke_run[0], run_dir, symlinks=True)
+    return run_dir
+
+
+def started(out: str) -> list[str]:
+    import re
+
+    return re.findall(r"\] (\w+): start", out)
+
+
+def sparsity_of_masks(stage_dir: Path) -> float:
+    masks = store.load_tensors(stage_dir / paths.MASKS)
+    kept = sum(int(m.sum()) for m in masks.values())
+    return 1 - kept / sum(m.numel() for m in masks.values())
+
+
+def prune_notebook(run_dir: Path, tmp_path: Path, amount: float) -> subprocess.CompletedProcess:
+    """The pruning notebook by itself, through papermill's own command line, as the README invites."""
+    return subprocess.run([*PAPERMILL, str(ROOT / "notebooks" / "03_prune.ipynb"), str(tmp_path / "out.ipynb"),
+                           "-p", "run_dir", str(run_dir), "-p", "amount", str(amount),
+                           "-y", "{amounts: [0.5], lr: 0.001}",   # the smoke run's other prune-stage values
+                           "-k", "prunestudy", "--cwd", str(ROOT / "notebooks")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def notebook_text(path: Path) -> str:
+    nb = nbformat.read(path, as_version=4)
+    return "\n".join(o.get("text", "") + json.dumps(o.get("data", {})) for c in nb.cells if c.cell_type == "code"
+                     for o in c.outputs)
+
+
+# --------------------------------------------------------------------------- the stage owns its record
+
+@pytest.mark.e2e
+def test_notebook_rerun_with_other_parameters_is_seen_and_rerun(smoke_run, tmp_path):
+    """make study; the pruning notebook alone at 0.5; then `prunestudy run` with the run's own
+    parameters: prune, retrain and analysis rerun and everything says 0.2 again."""
+    run_dir = copy_run(smoke_run, tmp_path)
+    nb = prune_notebook(run_dir, tmp_path, 0.5)
+    assert nb.returncode == 0, nb.stderr[-3000:]
+    out = notebook_text(tmp_path / "out.ipynb")
+    assert "differ from the run folder's params.json" in out and "amount = 0.5 here, 0.2 in params.json" in out
+    assert "retrain, analysis were computed from the previous prune stage" in out
+    assert store.read_json(run_dir / "prune" / "metrics.json")["amount"] == 0.5
+    assert sparsity_of_masks(run_dir / "prune") == pytest.approx(0.5, abs=1e-3)
+    rec = records.read(run_dir / "prune")
+    assert rec["by"] == "notebook" and rec["params"]["amount"] == 0.5
+    for later in ("retrain", "analysis"):
+        assert "prune was recomputed" in records.read(run_dir / later)["stale"]
+    assert [s for s, _ in records.chain_problems(run_dir)] == ["retrain"]
+
+    proc = run_cli("run", "-f", "params/smoke.yaml", "--run-dir", str(run_dir))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert started(proc.stdout) == ["prune", "retrain", "analysis"], proc.stdout
+    assert "computed with other parameters" in proc.stdout
+    res = store.read_json(run_dir / "results.json")
+    assert res["prune"]["amount"] == 0.2 and res["prune"]["global_sparsity"] == pytest.approx(0.2, abs=1e-4)
+    assert res["retrain"]["global_sparsity"] == pytest.approx(0.2, abs=1e-4)
+    assert sparsity_of_masks(run_dir / "prune") == pytest.approx(0.2, abs=1e-3)
+    assert sparsity_of_masks(run_dir / "retrain") == pytest.approx(0.2, abs=1e-3)
+    report = (run_dir / "report.html").read_text()
+    assert "l1_unstructured at 20%" in report and "mixes computations" not in report
+    assert records.chain_problems(run_dir) == []
+
+
+@pytest.mark.e2e
+def test_notebook_result_is_kept_when_the_run_asks_for_it(smoke_run, tmp_path):
+    """The reverse: after the notebook at 0.5, `prunestudy run -p prune.amount=0.5` keeps that prune
+    stage (its key matches) and reruns retrain and analysis, which were computed from the old one.
+    Before that, the analysis notebook alone shows the mixed folder on its first screen."""
+    run_dir = copy_run(smoke_run, tmp_path)
+    assert prune_notebook(run_dir, tmp_path, 0.5).returncode == 0
+    analysis = subprocess.run([*PAPERMILL, str(ROOT / "notebooks" / "05_analysis.ipynb"), str(tmp_path / "a.ipynb"),
+                               "-p", "run_dir", str(run_dir), "-k", "prunestudy"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert analysis.returncode == 0, analysis.stderr[-3000:]
+    first = nbformat.read(tmp_path / "a.ipynb", as_version=4).cells[3].outputs  # title, summary, findings
+    text = json.dumps([o.get("data", {}) for o in first])
+    assert "mixes computations" in text and "retrain" in text and "prune was recomputed" in text
+    proc = run_cli("run", "-f", "params/smoke.yaml", "-p", "prune.amount=0.5", "--run-dir", str(run_dir))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert started(proc.stdout) == ["retrain", "analysis"], proc.stdout
+    res = store.read_json(run_dir / "results.json")
+    assert res["prune"]["amount"] == 0.5 and res["retrain"]["global_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert records.read(run_dir / "prune")["by"] == "notebook"   # kept, not recomputed
+
+
+def test_a_stage_called_from_python_records_its_key_inputs_and_files(tmp_path):
+    root = synth.ensure(tmp_path / "coco", seed=2, train_images=16, val_images=8, image_size=96)
+    cfg = config.load(overrides=[f"data.root={root}", "data.min_box=8", "data.min_per_class=1", "train.epochs=1"])
+    stages.run_data(tmp_path / "run", **config.stage_params("data", cfg), log=lambda m: None)
+    stages.run_train(tmp_path / "run", **config.stage_params("train", cfg), log=lambda m: None)
+    keys = pipeline.stage_keys(cfg, tmp_path / "run")
+    data_rec, train_rec = records.read(tmp_path / "run" / "data"), records.read(tmp_path / "run" / "train")
+    assert data_rec["key"] == keys["data"] and train_rec["key"] == keys["train"]  # what the runner computes
+    assert train_rec["inputs"] == {"data": {"key": data_rec["key"], "id": data_rec["id"]}}
+    assert set(train_rec["outputs"]) == {"model.pt", "history.json", "metrics.json", "predictions.npy"}
+    assert train_rec["by"] == "python"
+    assert pipeline.problem(cfg, tmp_path / "run", "train", keys["train"]) is None
+    (tmp_path / "run" / "train" / "model.pt").unlink()
+    assert pipeline.problem(cfg, tmp_path / "run", "train", keys["train"]) == "output model.pt is missing"
+    # a rerun of the data stage (same parameters) makes the training stale: it read the old record
+    stages.run_data(tmp_path / "run", **config.stage_params("data", cfg), log=lambda m: None)
+    assert "stale" in records.read(tmp_path / "run" / "train")
+    assert pipeline.problem(cfg, tmp_path / "run", "train", keys["train"]).startswith("stale: data was recomputed")
+
+
+# --------------------------------------------------------------------------- one writer per run folder
+
+@pytest.mark.e2e
+def test_second_writer_refused_and_a_killed_holder_taken_over(smoke_run, tmp_path):
+    run_dir = tmp_path / "busy"
+    first = subprocess.Popen([*CLI, "run", "-f", "params/smoke.yaml", "--run-dir", str(run_dir)], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while records.holder(run_dir) is None and time.time() < deadline:
+            time.sleep(0.2)
+        second = run_cli("run", "-f", "params/smoke.yaml", "-p", "prune.amount=0.6", "--run-dir", str(run_dir))
+        assert second.returncode == 2 and first.poll() is None   # refused at once, while the first one works
+        assert f"pid {first.pid}" in second.stderr and "started" in second.stderr, second.stderr
+        time.sleep(8)   # the first run is inside a stage
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert records.holder(run_dir) is None   # the lock died with its process
+    third = run_cli("run", "-f", "params/smoke.yaml", "--run-dir", str(run_dir))
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    ours, smoke = (store.read_json(d / "results.json") for d in (run_dir, smoke_run[0]))
+    for s in ("train", "prune", "retrain"):
+        assert (ours[s]["test_accuracy"], ours[s]["test_loss"]) == (smoke[s]["test_accuracy"], smoke[s]["test_loss"])
+
+
+def test_a_notebook_cannot_write_into_a_folder_a_run_is_writing(tmp_path):
+    with records.RunLock(tmp_path / "run", "prunestudy run (test)"):
+        child = subprocess.run([sys.executable, "-c",
+                                "from prunestudy import stages; stages.run_data(r'%s', root='nowhere')"
+                                % (tmp_path / "run")], capture_output=True, text=True, timeout=120,
+                               env={**os.environ, records.TOKEN_ENV: ""})
+    assert child.returncode != 0 and "is being written by prunestudy run (test)" in child.stderr
+
+
+# --------------------------------------------------------------------------- files are checked
+
+@pytest.mark.e2e
+def test_deleted_model_reruns_its_stage_and_what_follows(smoke_run, tmp_path):
+    run_dir = copy_run(smoke_run, tmp_path)
+    (run_dir / "train" / "model.pt").unlink()
+    proc = run_cli("run", "-f", "params/smoke.yaml", "--run-dir", str(run_dir))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "train: output model.pt is missing: it reruns" in proc.stdout
+    assert started(proc.stdout) == ["train", "prune", "retrain", "analysis"]
+    assert (run_dir / "train" / "model.pt").is_file() and "nothing to do" not in proc.stdout
+
+
+def test_a_repaired_image_is_seen_and_force_never_reuses_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNESTUDY_HOME", str(tmp_path / "home"))
+    root = synth.ensure(tmp_path / "coco", seed=4, train_images=16, val_images=8, image_size=96)
+    kw = dict(root=str(root), min_box=8, min_per_class=1, max_bad_fraction=0.5)
+    good = stages.run_data(tmp_path / "a", log=lambda m: None, **kw)
+    image = sorted((root / "train2017").glob("*.jpg"))[0]
+    original = image.read_bytes()
+    image.write_bytes(original[: len(original) // 3])          # truncated: rejected as corrupt
+    bad = stages.run_data(tmp_path / "b", log=lambda m: None, **kw)
+    assert bad["cache"]["key"] != good["cache"]["key"] and bad["rejected"]["train"]["images"] == 1
+    image.write_bytes(original)                                 # repaired
+    logs = []
+    fixed = stages.run_data(tmp_path / "c", log=logs.append, **kw)
+    assert fixed["rejected"]["train"]["images"] == 0 and fixed["train_size"] == good["train_size"]
+    again = stages.run_data(tmp_path / "c", log=logs.append, refresh_cache=True, **kw)
+    assert any("rebuild was asked for" in m for m in logs) and again["train_size"] == good["train_size"]
+
+
+def test_a_run_folder_is_never_the_project(tmp_path):
+    for where in (".", str(ROOT), str(ROOT / "notebooks"), str(ROOT / "notebooks" / "run"), str(ROOT.parent)):
+        assert cli.main(["run", "-f", "params/smoke.yaml", "--run-dir", where]) == 2, where
+    assert not (ROOT / "notebooks" / "notebooks").exists() and not (ROOT / "notebooks" / "run").exists()
+
+
+@pytest.mark.e2e
+def test_a_damaged_results_json_is_rebuilt(smoke_run, tmp_path):
+    run_dir = copy_run(smoke_run, tmp_path)
+    text = (run_dir / "results.json").read_text()
+    (run_dir / "results.json").write_text(text[: len(text) // 2])
+    proc = run_cli("run", "-f", "params/smoke.yaml", "--run-dir", str(run_dir))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.loads((run_dir / "results.json").read_text())["prune"]["amount"] == 0.2
+    assert started(proc.stdout) == []
+
+
+# --------------------------------------------------------------------------- JupyterLab
+
+def test_lab_command_works_as_root_and_settings_silence_the_news():
+    args = lab.command(ROOT / "notebooks", port=1234, open_browser=False)
+    assert ("--allow-root" in args) == (os.geteuid() == 0)
+    assert "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate" in args
+    path = lab.ensure_settings()
+    assert json.loads(path.read_text())["@jupyterlab/apputils-extension:notification"]["fetchNews"] == "false"
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(browser.chromium_path() is None, reason="no Chromium: `make setup` installs it (as root)")
+def test_jupyterlab_runs_the_pruning_notebook_through_its_ui(smoke_run, tmp_path):
+    """JupyterLab as `make lab` starts it (as root in CI), the pruning notebook opened in headless
+    Chromium, Run > Run All Cells through the menus: no error output, the figures rendered, the
+    project's kernel, no news pop-up."""
+    from playwright.sync_api import sync_playwright
+
+    home = tmp_path / "home"   # a project of its own: runs/default is a copy of the smoke run
+    (home / "params").mkdir(parents=True)
+    shutil.copy(ROOT / "pyproject.toml", home)
+    shutil.copytree(ROOT / "notebooks", home / "notebooks")
+    shutil.copytree(smoke_run[0], home / "runs" / "default", symlinks=True)
+    settings = tmp_path / "lab-settings" / "@jupyterlab" / "notebook-extension"
+    settings.mkdir(parents=True)   # render every cell (no windowing), so that all outputs are in the page
+    (settings / "tracker.jupyterlab-settings").write_text(json.dumps({"windowingMode": "none"}))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    token = "prunestudy-test"
+    env = {**os.environ, "PRUNESTUDY_HOME": str(home), "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "lab-settings")}
+    server = subprocess.Popen(lab.command(home / "notebooks", port=port, open_browser=False, token=token), env=env,
+                              stdout=open(tmp_path / "lab.log", "w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        with sync_playwright() as p:
+            chrome = p.chromium.launch(executable_path=browser.chromium_path(), args=["--no-sandbox", "--disable-gpu"])
+            page = chrome.new_page(viewport={"width": 1366, "height": 900})
+            page_errors = []
+            page.on("pageerror", lambda e: page_errors.append(str(e)))
+            page.goto(f"{url}/lab/tree/03_prune.ipynb?token={token}")
+            page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
+            page.wait_for_selector("text=Python (prunestudy) | Idle", timeout=120_000)
+            page.get_by_role("menuitem", name="Run", exact=True).click()
+            page.get_by_text("Run All Cells", exact=True).click()
+            deadline = time.time() + 300
+            time.sleep(3)
+            while time.time() < deadline and (page.locator(".jp-InputPrompt:has-text('[*]')").count()
+                                              or not page.locator("text=Python (prunestudy) | Idle").count()):
+                time.sleep(1)
+            prompts = page.locator(".jp-CodeCell .jp-InputPrompt").all_inner_texts()
+            errors = page.locator("[data-mime-type='application/vnd.jupyter.error']").all_inner_texts()
+            images = page.eval_on_selector_all(".jp-RenderedImage img",
+                                               "els => els.map(e => e.complete && e.naturalWidth > 100)")
+            news = page.locator("text=official Jupyter news").count()
+            page.screenshot(path=str(tmp_path / "lab.png"), full_page=True)
+            chrome.close()
+    finally:
+        server.terminate()
+        server.wait(30)
+    assert errors == [] and page_errors == [], errors
+    assert prompts and all(p.strip().startswith("[") and "*" not in p and p.strip() != "[ ]:" for p in prompts), prompts
+    assert len(images) >= 1 and all(images)
+    assert news == 0
+    assert records.read(home / "runs" / "default" / "prune")["by"] == "notebook"
+    assert sparsity_of_masks(home / "runs" / "default" / "prune") == pytest.approx(0.2, abs=1e-3)
