@@ -54,7 +54,7 @@ $(UV):
 
 # Resolves against PyPI alone (no local sources), so the lock holds PyPI's hashes of every file.
 lock: $(UV)
-	$(UV) pip compile --quiet pyproject.toml --extra test --extra dev --python-version 3.11 --generate-hashes \
+	$(UV) pip compile --quiet pyproject.toml --extra test --extra dev --extra ray --python-version 3.11 --generate-hashes \
 	  $(LOCK_FLAGS) -o $(LOCK)
 	@git diff --stat -- $(LOCK) 2>/dev/null || true
 

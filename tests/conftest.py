@@ -13,7 +13,8 @@ COCO_SAMPLE = ROOT.parent / "shared" / "coco-sample"
 
 @pytest.fixture(autouse=True)
 def _project_home(monkeypatch):
-    """Relative paths in parameters resolve against the checkout, whatever the cwd."""
+    """The project's own places (notebooks/, runs/, data/cache) are the checkout's, whatever the cwd
+    (relative paths given as parameters are taken from the cwd)."""
     monkeypatch.setenv("PRUNESTUDY_HOME", str(ROOT))
 
 

@@ -156,7 +156,7 @@ def test_page_is_self_contained_with_one_figure_in_the_state_colours(compared):
 
 def test_identical_parameters_said_so_and_default_output_in_cwd(smoke_run, tmp_path, monkeypatch, capsys):
     copy = tmp_path / "copy"
-    shutil.copytree(smoke_run[0], copy, symlinks=True, ignore=shutil.ignore_patterns("*.pt", "*.npy", "notebooks"))
+    shutil.copytree(smoke_run[0], copy, symlinks=False, ignore=shutil.ignore_patterns("*.pt", "*.npy", "notebooks"))
     monkeypatch.chdir(tmp_path)
     assert cli.main(["compare", str(smoke_run[0]), str(copy)]) == 0
     assert "compare.html" in capsys.readouterr().out

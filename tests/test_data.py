@@ -251,7 +251,7 @@ def converted_copy(tmp_path, built):
 def test_grayscale_and_cmyk_images_give_rgb_crops(tmp_path, built):
     root, modes = converted_copy(tmp_path, built)
     m0 = data.read_manifest(built[0], "train")
-    classes = sorted(set(m0.loc[m0["file_name"].isin(modes), "category"]))
+    classes = sorted(set(m0.loc[m0["file_name"].isin(modes), "category"]) | {"person", "car"})  # a study: 2+ classes
     out = tmp_path / "out"
     data.build_dataset(root, out, min_per_class=1, classes=classes, min_box=MIN_BOX)
     m = data.read_manifest(out, "train")

@@ -225,7 +225,7 @@ def test_degenerate_outside_and_orphan_boxes(tmp_path):
     ]
     d["annotations"] += extra
     write_json(root, "train", d)
-    info = build(root, tmp_path / "out", classes=["person"])
+    info = build(root, tmp_path / "out", classes=["person", "car"])
     skipped = info["skipped"]["train"]
     assert skipped["invalid_box"] == 3 and skipped["no_image"] == 1
     assert info["clipped"]["train"] == 1

@@ -1,5 +1,8 @@
 import copy
 import json
+import math
+import random
+import statistics
 
 import pytest
 import torch
@@ -71,7 +74,8 @@ def test_latency_table_gives_positive_medians_and_ratios_to_dense():
     assert [(r["model"], r["batch"]) for r in table["rows"]] == [("dense", 1), ("dense", 2),
                                                                  ("masked", 1), ("masked", 2)]
     assert all(r["median_ms"] > 0 and r["speedup_vs_dense"] > 0 for r in table["rows"])
-    assert table["rows"][0]["speedup_vs_dense"] == 1
+    assert table["rows"][0]["speedup_vs_dense"] == 1 and table["rows"][0]["speedup_ci_low"] == 1
+    assert all(r["speedup_ci_low"] <= r["speedup_vs_dense"] <= r["speedup_ci_high"] for r in table["rows"])
     single = efficiency.latency(_net(), (1,), repeats=1, threads=1)
     assert single["threads"] == 1 and single["rows"][0]["speedup_vs_dense"] is None
     with pytest.raises(ValueError, match="repeats"):
@@ -89,11 +93,76 @@ def test_summary_is_plain_json_and_says_whether_time_is_saved():
     assert [r["model"] for r in s["latency"]["cpu"]["rows"]] == ["dense", "dense", "pruned", "pruned"]
 
 
-def test_verdict_is_judged_from_the_measured_speedup():
-    saves, remark = efficiency._verdict(1.02, 64, 2.0, same_shape=True)
-    assert not saves and "saves no time" in remark and "dense kernels" in remark
-    saves, remark = efficiency._verdict(2.7, 64, 3.7, same_shape=False)
-    assert saves and "2.70x" in remark
+def test_speed_ratio_is_the_t_interval_of_paired_log_ratios():
+    from scipy import stats
+
+    dense = [10.0, 11.0, 9.5, 10.4, 12.0, 9.9]
+    pruned = [5.2, 5.9, 4.8, 5.0, 6.5, 5.1]
+    logs = [math.log(d / p) for d, p in zip(dense, pruned)]
+    half = stats.t.ppf(0.975, len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
+    r = efficiency.speed_ratio(dense, pruned)
+    assert r["speedup"] == pytest.approx(math.exp(statistics.fmean(logs)))
+    assert (r["low"], r["high"]) == pytest.approx((math.exp(statistics.fmean(logs) - half),
+                                                    math.exp(statistics.fmean(logs) + half)))
+    assert efficiency.speed_ratio([10.0], [5.0]) == {"speedup": 2.0, "low": None, "high": None}
+
+
+def _fake_timer(monkeypatch, ratio: float, noise: float = 0.05, seed: int = 0) -> list:
+    """Replace the clock: the dense model takes ~10 ms, the other ~10/ratio ms, each with lognormal noise;
+    returns the list the order of the timed models is appended to."""
+    rng, order = random.Random(seed), []
+
+    def fake(model, x, dev):
+        order.append(model.tag)
+        base = 10.0 if model.tag == "dense" else 10.0 / ratio
+        return base * math.exp(rng.gauss(0, noise)) / 1e3
+    monkeypatch.setattr(efficiency, "_time_once", fake)
+    return order
+
+
+def _tagged(tag: str):
+    m = _net()
+    m.tag = tag
+    return m
+
+
+def test_models_are_timed_in_random_order_every_repeat(monkeypatch):
+    order = _fake_timer(monkeypatch, 1.0)
+    efficiency.latency_table({"dense": _tagged("dense"), "pruned": _tagged("pruned")}, (1,), repeats=40, warmup=0)
+    pairs = [tuple(order[i:i + 2]) for i in range(0, len(order), 2)]
+    assert all(sorted(p) == ["dense", "pruned"] for p in pairs)            # each model once per repeat
+    firsts = {p[0] for p in pairs}
+    assert firsts == {"dense", "pruned"}                                    # neither always first
+    again = _fake_timer(monkeypatch, 1.0)
+    efficiency.latency_table({"dense": _tagged("dense"), "pruned": _tagged("pruned")}, (1,), repeats=40, warmup=0)
+    assert again == order                                                   # seeded: the same order again
+
+
+def test_verdict_needs_the_interval_of_the_speedup_above_1(monkeypatch):
+    dense = _net()
+    fast = _net()
+    prune.apply(fast, "channel", 0.5)
+    dense.tag, fast.tag = "dense", "pruned"
+    monkeypatch.setattr(efficiency, "deployable", lambda m: m)
+    _fake_timer(monkeypatch, 2.0)
+    s = efficiency.summary(fast, dense, batch_sizes=(1, 64), repeats=12, devices=("cpu",))
+    assert s["saves_time"] and s["speedup_ci"][0] > 1 and s["remark"].startswith("saves time")
+    assert s["verdict_batch"] == 64 and "at batch 64" in s["remark"] and "at batch 1:" in s["remark"]
+    assert s["measured_speedup"] == pytest.approx(2.0, rel=0.05)
+    same = _net()
+    same.tag = "pruned"
+    _fake_timer(monkeypatch, 1.0)
+    s = efficiency.summary(same, dense, batch_sizes=(64,), repeats=12, devices=("cpu",))
+    lo, hi = s["speedup_ci"]
+    assert lo < 1 < hi and not s["saves_time"]
+    assert s["remark"].startswith("saves no time that this measurement can show") and "holds 1" in s["remark"]
+    assert "dense kernels" in s["remark"]                                   # same shape: why it cannot
+    _fake_timer(monkeypatch, 0.8)
+    s = efficiency.summary(same, dense, batch_sizes=(64,), repeats=12, devices=("cpu",))
+    assert not s["saves_time"] and "it is slower" in s["remark"]
+    _fake_timer(monkeypatch, 3.0)
+    s = efficiency.summary(same, dense, batch_sizes=(64,), repeats=1, devices=("cpu",))
+    assert not s["saves_time"] and "no verdict" in s["remark"]              # one run: no interval, no verdict
 
 
 def test_masked_models_are_timed_with_masks_folded_and_left_unchanged():

@@ -78,9 +78,10 @@ def test_params_hash_and_stage_keys_are_pinned():
     """A refactor that silently renamed every run folder (and voided every cache) fails here.
     If a change of hashes is intended, say so in the change and update these values."""
     cfg = config.load(ROOT / "params" / "default.yaml")
-    assert config.stage_hash(cfg) == "f228ea1fb5d4"
+    assert config.stage_hash(cfg) == "6352af093fd1"   # issue 16 added prune.latency_repeats
     keys = pipeline.stage_keys(cfg, Path("/anywhere/runs/default"))
-    assert keys["data"] == "f7f859576851" and keys["train"] == "40f4d4360305"
+    # issue 14's data.min_test_per_class and the data stage's defining parameters (records.defining)
+    assert keys["data"] == "06f22709dfdd" and keys["train"] == "b412cc682462"
     assert pipeline.stage_keys(cfg, Path("/elsewhere")) == keys  # where a run lives is not what it is
 
 

@@ -30,8 +30,8 @@ def _defaults(nb) -> dict:
     return out
 
 
-def test_five_stage_notebooks():
-    assert [p.name for p in NOTEBOOKS] == list(paths.NOTEBOOK_OF.values())
+def test_five_stage_notebooks_and_the_grid_report():
+    assert [p.name for p in NOTEBOOKS] == [*paths.NOTEBOOK_OF.values(), paths.SWEEP_NOTEBOOK]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

@@ -31,7 +31,7 @@ def run_cli(*args, timeout=900):
 
 def copy_run(smoke_run, tmp_path, name="run") -> Path:
     run_dir = tmp_path / name
-    shutil.copytree(smoke_run[0], run_dir, symlinks=True)
+    shutil.copytree(smoke_run[0], run_dir, symlinks=False)
     return run_dir
 
 
@@ -51,7 +51,7 @@ def prune_notebook(run_dir: Path, tmp_path: Path, amount: float) -> subprocess.C
     """The pruning notebook by itself, through papermill's own command line, as the README invites."""
     return subprocess.run([*PAPERMILL, str(ROOT / "notebooks" / "03_prune.ipynb"), str(tmp_path / "out.ipynb"),
                            "-p", "run_dir", str(run_dir), "-p", "amount", str(amount),
-                           "-y", "{amounts: [0.5], lr: 0.001}",   # the smoke run's other prune-stage values
+                           "-y", "{amounts: [0.5], lr: 0.001, latency_repeats: 5}",   # the smoke run's other values
                            "-k", "prunestudy", "--cwd", str(ROOT / "notebooks")],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
 
@@ -191,7 +191,8 @@ def test_deleted_model_reruns_its_stage_and_what_follows(smoke_run, tmp_path):
 def test_a_repaired_image_is_seen_and_force_never_reuses_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("PRUNESTUDY_HOME", str(tmp_path / "home"))
     root = synth.ensure(tmp_path / "coco", seed=4, train_images=16, val_images=8, image_size=96)
-    kw = dict(root=str(root), min_box=8, min_per_class=1, max_bad_fraction=0.5)
+    kw = dict(root=str(root), min_box=8, min_per_class=1, max_bad_fraction=0.5,
+              min_test_per_class=0)   # 8 val images: a class may have no test crop
     good = stages.run_data(tmp_path / "a", log=lambda m: None, **kw)
     image = sorted((root / "train2017").glob("*.jpg"))[0]
     original = image.read_bytes()
@@ -245,7 +246,7 @@ def test_jupyterlab_runs_the_pruning_notebook_through_its_ui(smoke_run, tmp_path
     (home / "params").mkdir(parents=True)
     shutil.copy(ROOT / "pyproject.toml", home)
     shutil.copytree(ROOT / "notebooks", home / "notebooks")
-    shutil.copytree(smoke_run[0], home / "runs" / "default", symlinks=True)
+    shutil.copytree(smoke_run[0], home / "runs" / "default", symlinks=False)
     settings = tmp_path / "lab-settings" / "@jupyterlab" / "notebook-extension"
     settings.mkdir(parents=True)   # render every cell (no windowing), so that all outputs are in the page
     (settings / "tracker.jupyterlab-settings").write_text(json.dumps({"windowingMode": "none"}))

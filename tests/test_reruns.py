@@ -33,7 +33,7 @@ def run_cli(*args, timeout=900):
 def copy_run(smoke_run, tmp_path) -> Path:
     """A copy of the finished smoke run, to rerun with changes."""
     run_dir = tmp_path / "run"
-    shutil.copytree(smoke_run[0], run_dir, symlinks=True)
+    shutil.copytree(smoke_run[0], run_dir, symlinks=False)
     return run_dir
 
 
@@ -154,7 +154,7 @@ def test_parameters_reach_notebooks_as_data_never_as_code(tmp_path):
     nasty = f"x\"'; import os; os.system('touch {marker}') #\n\"\"\"'''\\\\ {{}} </script>"
     run_dir = tmp_path / "run"
     proc = run_cli("run", "-f", "params/smoke.yaml", "--run-dir", str(run_dir), "-p",
-                   "data.classes=" + json.dumps([nasty]))
+                   "data.classes=" + json.dumps([nasty, "person"]))
     assert proc.returncode == 1 and "stage 'data' failed" in proc.stderr
     assert not marker.exists()
     executed = run_dir / "notebooks" / "01_data.ipynb"   # the failure names the stage's executed notebook
@@ -165,7 +165,7 @@ def test_parameters_reach_notebooks_as_data_never_as_code(tmp_path):
     injected = next(c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", []))
     namespace: dict = {}
     exec(injected.source, namespace)  # noqa: S102 - the injected cell, evaluated here to read it back
-    assert namespace["classes"] == [nasty] and not marker.exists()
+    assert namespace["classes"] == [nasty, "person"] and not marker.exists()
 
 
 @pytest.mark.e2e

@@ -36,7 +36,7 @@ def seeded_run(smoke_run, tmp_path_factory):
     """The finished smoke run, rerun with seeds [0, 1] and prune.amount 0.5: the data and the
     training are kept; pruning and retraining rerun, then the repeat with seed 1, then the analysis."""
     run_dir = tmp_path_factory.mktemp("seeds") / "run"
-    shutil.copytree(smoke_run[0], run_dir, symlinks=True)
+    shutil.copytree(smoke_run[0], run_dir, symlinks=False)
     trained = (run_dir / "train" / "model.pt").stat().st_mtime_ns
     proc = run_cli("run", "-f", "params/smoke.yaml", "--run-dir", str(run_dir), *CHANGES)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -105,7 +105,7 @@ def test_seeded_report_opens_cleanly_in_a_browser(seeded_run):
 @pytest.mark.e2e
 def test_rerun_with_the_same_seeds_does_nothing_and_a_data_change_is_noticed(seeded_run, tmp_path):
     run_dir = tmp_path / "run"
-    shutil.copytree(seeded_run[0], run_dir, symlinks=True)
+    shutil.copytree(seeded_run[0], run_dir, symlinks=False)
     proc = run_cli("run", "-f", "params/smoke.yaml", "--run-dir", str(run_dir), *CHANGES)
     assert proc.returncode == 0 and started(proc.stdout) == [] and "nothing to do" in proc.stdout
     # the run's data changed (as when the data stage reran): the repeat's links are refreshed, and the

@@ -230,5 +230,5 @@ def test_sweep_writes_every_point_resumes_and_fills_results(fresh):
     l1 = {e["amount"]: e for e in res["sweep"] if e["method"] == "l1_unstructured"}
     assert l1[0.7]["sparsity"] == pytest.approx(0.7, abs=2e-3) and l1[0.7]["macs"] == l1[0.7]["dense_macs"]
     fig = report.plot_tradeoff(res)
-    assert len(fig.axes) == 2 and len(fig.axes[0].get_lines()) >= 2 * len(methods)
+    assert len(fig.axes) == 3 and len(fig.axes[0].get_lines()) >= 2 * len(methods)   # accuracy, balanced, speedup
     assert len(report.sweep_table(res)) == len(names)

@@ -29,9 +29,9 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import config, data, store
+from . import config, data, records, store
 
-FORMAT = 3  # bump when the crop rule or file layout changes: old entries are then not reused
+FORMAT = 4  # bump when the crop rule, the file layout or the checks change: old entries are then not reused
 DIGESTS = "digests.json"
 
 
@@ -62,7 +62,7 @@ def crop_key(root: Path, params: dict) -> str:
     digests = {split: annotation_digest(data._annotation_path(root, split)) for split in data.SPLITS}
     images = {split: images_digest(data._image_dir(root, split)) for split in data.SPLITS}
     return config.stage_hash({"format": FORMAT, "root": str(root), "annotations": digests, "images": images,
-                              "params": params})
+                              "params": records.defining("data", params)})
 
 
 def images_digest(folder: Path) -> str:

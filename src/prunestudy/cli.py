@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 
 import yaml
 
-from . import cache, compare, config, download, lab, pipeline, records
+from . import cache, compare, config, download, lab, pipeline, records, sweep
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="run the five notebooks with papermill and render the HTML report")
     _add_params_args(run)
     run.add_argument("--run-dir", help="output folder (default: runs/<params file name>[-<hash of overrides>])")
+    run.add_argument("--store", metavar="DIR",
+                     help="the stage store shared by runs and sweeps (default: .store beside the run folder, "
+                          "or $PRUNESTUDY_STORE; 'none': every stage computed in the run folder)")
     run.add_argument("--force", metavar="STAGE", choices=pipeline.STAGES,
                      help=f"rerun from this stage on even if up to date ({', '.join(pipeline.STAGES)})")
     show = sub.add_parser("params", help="print the effective parameters (defaults, file, overrides)")
@@ -31,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     lab_p.add_argument("--no-browser", action="store_true", help="do not open a web browser")
     download.add_cli(sub)
     compare.add_cli(sub)
+    sweep.add_cli(sub)
     _add_cache_cli(sub)
     args = parser.parse_args(argv)
     if getattr(args, "handler", None):
@@ -55,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                else pipeline.default_run_dir(args.file, args.param, cfg))
     print(f"prunestudy: run folder {run_dir} (params hash {config.stage_hash(cfg)})", flush=True)
     try:
-        res = pipeline.run(cfg, run_dir, force=args.force, log=lambda m: print(m, flush=True))
+        res = pipeline.run(cfg, run_dir, force=args.force, log=lambda m: print(m, flush=True), store_root=args.store)
     except (FileNotFoundError, pipeline.PreflightError, records.LockedError) as e:
         print(f"prunestudy: {e}", file=sys.stderr)
         return 2
@@ -63,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prunestudy: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        # the notebook client's cell task ends with the kernel's KeyboardInterrupt after we stopped listening:
+        # asyncio would print it as "Task exception was never retrieved" with a traceback at exit
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         print(f"prunestudy: interrupted; finished stages are kept in {run_dir}: rerun the same command to go on",
               file=sys.stderr)
         return 130

@@ -12,8 +12,9 @@ The page is one self-contained HTML file (inline CSS, the figure as a data: URI,
 
 Every string from a run (folder names, class names, parameter values) is escaped with
 ``html.escape``: the page renders it as text and runs nothing. Runs are read with
-``stages.load_results``; a folder without results.json, data or a trained model is refused
-(``CompareError``) before anything is written, and the page is written atomically.
+``stages.load_results``; a folder without results.json, data or a trained model, or whose analysis
+did not finish (no report.html, no analysis record), is refused (``CompareError``, exit 2) before
+anything is written, and the page is written atomically.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from . import config, paths, report, stages, states, store
+from . import config, paths, records, report, stages, states, store
 
 DEFAULT_OUT = "compare.html"
 DELTA = "Δ test accuracy vs first run (points)"
@@ -78,7 +79,25 @@ def load_run(path: str | Path) -> Run:
                            f"rerun `prunestudy run --run-dir {path}` with its parameters") from None
     if "test_accuracy" not in states.metrics(results, "trained"):
         raise CompareError(f"{path} is not a finished run (no trained model): {fix}")
+    unfinished = analysis_unfinished(path)
+    if unfinished:
+        raise CompareError(f"{path} is not a finished run: its analysis did not finish ({unfinished}), so its "
+                           f"figures may come from stopped or failed stages; finish it with {command} (a failed stage "
+                           f"is named there, and in {paths.NOTEBOOKS}/*.html)")
     return Run(path, path.name or str(path), results, saved if isinstance(saved, dict) else {})
+
+
+def analysis_unfinished(path: Path) -> str | None:
+    """Why the analysis of a run folder is not finished (no report, no or a stale analysis record), or None."""
+    record = records.read(paths.stage_dir(path, "analysis"))
+    if not (path / paths.REPORT).is_file():
+        return f"no {paths.REPORT}"
+    if record is None:
+        where = paths.stage_record(".", "analysis").as_posix()
+        return f"no analysis record ({where}): a stage failed, was stopped or reran after it"
+    if record.get("stale"):
+        return f"its record is stale: {record['stale']}"
+    return None
 
 
 def load_runs(paths: list[str | Path]) -> list[Run]:

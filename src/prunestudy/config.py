@@ -42,8 +42,11 @@ SCHEMA: dict[str, tuple[Any, tuple[type, ...], str]] = {
     "data.max_test_per_class": (None, (int, type(None)), "cap on test samples per class (null = no cap)"),
     "data.label_mode": ("crop", (str,), "crop: one sample per box | image: one per image, labelled by its largest box"),
     "data.min_per_class": (20, (int,), "error if a class keeps fewer training samples than this"),
-    "data.max_bad_fraction": (0.01, (float, int), "unreadable images of a split tolerated (skipped, listed) "
-                              "before an error"),
+    "data.min_test_per_class": (20, (int,), "a class with fewer test samples is named in the report and its "
+                                "per-class figures are marked too few to read; a class with none is an error "
+                                "unless this is 0"),
+    "data.max_bad_fraction": (0.01, (float, int), "unreadable images of a split, and malformed image or annotation "
+                              "records of an annotation file, tolerated (skipped, counted) before an error"),
     "data.workers": (None, (int, type(None)), "processes cropping images (null = all CPU cores); does not change "
                      "the result"),
     "train.model": ("seed_cnn", (str,), "seed_cnn | resnet18 | efficientnet_b0"),
@@ -75,6 +78,10 @@ SCHEMA: dict[str, tuple[Any, tuple[type, ...], str]] = {
                           "initialisation; masks kept); null = off; masked methods only"),
     "prune.amounts": (None, (list, type(None)), "a sweep: amounts in [0, 1) at which each of prune.methods prunes "
                       "the trained model (one shot), evaluated before and after retrain.epochs; null = no sweep"),
+    "prune.latency_repeats": (20, (int,), "paired latency measurements per batch size (the dense and the pruned "
+                              "model, in random order) in the prune and retrain stages: the measured speedup and its "
+                              "95% interval rest on them; at least 2 (each sweep point of prune.amounts takes at most "
+                              "10)"),
     "prune.methods": (None, (list, type(None)), f"methods of the sweep (null = [prune.method, {methods.floor()}]); "
                       "used only with prune.amounts"),
     "retrain.epochs": (2, (int,), "fine-tuning epochs after pruning, masks held"),
@@ -93,7 +100,7 @@ STAGE_EXTRAS = {
     "train": {"seed": "seed", "rewind_step": "prune.rewind_step"},   # the train stage saves the rewind state
     "prune": {"epochs_per_round": "retrain.epochs_per_round", "lr": "retrain.lr",   # fine-tuning between rounds
               "batch_size": "retrain.batch_size", "seed": "seed", "device": "train.device"},
-    "retrain": {"device": "train.device", "seed": "seed"},
+    "retrain": {"device": "train.device", "seed": "seed", "latency_repeats": "prune.latency_repeats"},
 }
 
 CHOICES = {
@@ -167,7 +174,8 @@ def load(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ParamsError([f"parameter file {p} does not exist: pass an existing YAML file to -f"])
+            raise ParamsError([f"parameter file {p}{_resolved(str(p))} does not exist: pass an existing YAML file "
+                               "to -f"])
         try:
             loaded = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
@@ -181,12 +189,40 @@ def load(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str
         if not sep or not key:
             problems.append(f"override {item!r} is not key=value (e.g. -p train.epochs=3)")
             continue
-        _set(cfg, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            problems.append(f"-p {key.strip()}: the value {raw!r} is not valid YAML ({_yaml_reason(e)}): close its "
+                            "brackets or quotes, e.g. -p 'data.classes=[person, car]', or quote a string, e.g. "
+                            "-p 'data.root=\"/my dir\"'")
+            continue
+        _set(cfg, key.strip(), value)
     _coerce_floats(cfg)
     problems += validate(cfg)
     if problems:
         raise ParamsError(problems)
+    return absolute_paths(cfg)
+
+
+PATH_KEYS = ("data.root", "train.weights")   # parameters naming a file or folder ('embedded' is not a path)
+
+
+def absolute_paths(cfg: dict) -> dict:
+    """cfg with its relative path parameters made absolute (against the current directory, the one
+    base of every relative path given to prunestudy), so that they mean the same in the notebooks,
+    which run in notebooks/."""
+    flat = flatten(cfg)
+    for key in PATH_KEYS:
+        value = flat.get(key)
+        if isinstance(value, str) and value and not (key == "data.root" and value == "embedded"):
+            _set(cfg, key, str(resolve_path(value)))
     return cfg
+
+
+def _yaml_reason(e: yaml.YAMLError) -> str:
+    """The gist of a YAML error on one line (its problem, without the marks)."""
+    reason = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
+    return " ".join(str(reason).split())
 
 
 def validate(cfg: dict) -> list[str]:
@@ -214,8 +250,8 @@ def validate(cfg: dict) -> list[str]:
         return key not in bad
 
     if ok("train.weights") and flat["train.weights"] is not None and not resolve_path(flat["train.weights"]).is_file():
-        problems.append(f"train.weights {flat['train.weights']!r} is not a file: give a local state_dict "
-                        "(.pt, loadable with torch.load(weights_only=True)) or null")
+        problems.append(f"train.weights {flat['train.weights']!r}{_resolved(flat['train.weights'])} is not a file: "
+                        "give a local state_dict (.pt, loadable with torch.load(weights_only=True)) or null")
     if ok("train.precision") and ok("train.device") and flat["train.precision"] == "fp16" \
             and flat["train.device"] == "cpu":
         problems.append("train.precision fp16 is refused on the CPU (no fast kernels, needs loss scaling): "
@@ -224,8 +260,9 @@ def validate(cfg: dict) -> list[str]:
         if ok(key) and flat[key] < 1:
             problems.append(f"{key} must be at least 1, got {flat[key]}")
     if ok("data.root") and flat["data.root"] not in (None, "embedded") and not resolve_path(flat["data.root"]).is_dir():
-        problems.append(f"data.root {flat['data.root']!r} is not a folder: give the COCO 2017 root that holds "
-                        "annotations/, train2017/ and val2017/ (prunestudy coco download --to DIR fetches it)")
+        problems.append(f"data.root {flat['data.root']!r}{_resolved(flat['data.root'])} is not a folder: give the "
+                        "COCO 2017 root that holds annotations/, train2017/ and val2017/ (prunestudy coco download "
+                        "--to DIR fetches it)")
     if ok("data.root") and flat["data.root"] is None:
         problems.append("data.root is not set: give a COCO 2017 root, e.g. -p data.root=/path/to/coco "
                         "(or 'embedded' for the embedded dataset)")
@@ -238,6 +275,8 @@ def validate(cfg: dict) -> list[str]:
         problems.append(f"prune.amount must be in [0, 1), got {flat['prune.amount']}")
     if ok("data.min_per_class") and flat["data.min_per_class"] < 1:
         problems.append(f"data.min_per_class must be at least 1, got {flat['data.min_per_class']}")
+    if ok("data.min_test_per_class") and flat["data.min_test_per_class"] < 0:
+        problems.append(f"data.min_test_per_class must be 0 or more, got {flat['data.min_test_per_class']}")
     if ok("data.max_bad_fraction") and not 0 <= flat["data.max_bad_fraction"] <= 1:
         problems.append(f"data.max_bad_fraction must be in [0, 1], got {flat['data.max_bad_fraction']}")
     if ok("data.workers") and flat["data.workers"] is not None and flat["data.workers"] < 1:
@@ -247,9 +286,48 @@ def validate(cfg: dict) -> list[str]:
             problems.append(f"{key} must be null (no cap) or at least 1, got {flat[key]}")
     if ok("data.context") and not 0 <= flat["data.context"] <= 2:
         problems.append(f"data.context must be in [0, 2], got {flat['data.context']}")
+    if ok("seed") and flat["seed"] < 0:
+        problems.append(f"seed must be 0 or more (numpy's generators take no negative seed), got {flat['seed']}")
     problems += _seeds_problems(flat, ok)
+    problems += _classes_problems(flat, ok)
     problems += _prune_problems(flat, ok)
+    problems += _model_problems(flat, ok)
     return problems
+
+
+def _classes_problems(flat: dict, ok) -> list[str]:
+    """A study compares at least 2 distinct classes (one class: 100% accuracy, loss 0, nothing measured)."""
+    classes = flat.get("data.classes")
+    if not ok("data.classes"):
+        return []
+    if isinstance(classes, str):
+        prefix, _, k = classes.partition(":")
+        if prefix != "top" or not k.isdigit() or int(k) < 2:
+            return [f"data.classes must be a list of at least 2 category names or 'top:K' with K >= 2 (a study "
+                    f"needs 2 classes or more), got {classes!r}; e.g. top:10 or [person, car]"]
+        return []
+    problems = [f"data.classes[{i}] must be a category name, got {c!r}" for i, c in enumerate(classes)
+                if not isinstance(c, str) or not c]
+    dups = sorted({c for c in classes if isinstance(c, str) and classes.count(c) > 1})
+    if len(set(map(str, classes))) >= 2 and dups:
+        problems.append(f"data.classes lists {', '.join(map(repr, dups))} more than once: give each class once")
+    elif len(set(map(str, classes))) < 2:
+        problems.append(f"data.classes must name at least 2 distinct classes (a study of one class measures "
+                        f"nothing: every prediction is right), got {classes}; e.g. [person, car] or top:10")
+    return problems
+
+
+def _model_problems(flat: dict, ok) -> list[str]:
+    """The crops' size must fit the model (the seed CNN's fc1 fixes it to a narrow range)."""
+    if not (ok("train.model") and ok("data.image_size")) or flat["data.image_size"] < 1:
+        return []
+    from . import models  # torch: only once the simple checks have passed
+
+    try:
+        models.check_input_size(flat["train.model"], flat["data.image_size"], default("data.image_size"))
+    except ValueError as e:
+        return [str(e)]
+    return []
 
 
 def repeat_seeds(cfg: dict) -> list[int]:
@@ -272,6 +350,8 @@ def _seeds_problems(flat: dict, ok) -> list[str]:
         return []
     problems = [f"seeds[{i}] must be an integer, got {s!r}" for i, s in enumerate(seeds)
                 if isinstance(s, bool) or not isinstance(s, int)]
+    problems += [f"seeds[{i}] must be 0 or more (numpy's generators take no negative seed), got {s}"
+                 for i, s in enumerate(seeds) if not problems and s < 0]
     if not problems and len(set(seeds)) != len(seeds):
         problems.append(f"seeds lists a seed twice: {seeds}")
     if not problems and ok("seed") and not [s for s in seeds if s != flat["seed"]]:
@@ -292,6 +372,9 @@ def _prune_problems(flat: dict, ok) -> list[str]:
     """Pruning schedule, rewinding and sweep; then `prune.check` of every method against train.model,
     so that a method that cannot apply to the model is an error before any work starts."""
     problems = []
+    if ok("prune.latency_repeats") and flat["prune.latency_repeats"] < 2:
+        problems.append(f"prune.latency_repeats must be at least 2 (an interval needs two paired timings), got "
+                        f"{flat['prune.latency_repeats']}")
     if ok("prune.rounds") and flat["prune.rounds"] < 1:
         problems.append(f"prune.rounds must be at least 1 (1 = one shot), got {flat['prune.rounds']}")
     if ok("retrain.epochs_per_round") and flat["retrain.epochs_per_round"] < 0:
@@ -364,11 +447,19 @@ def stage_hash(cfg: dict) -> str:
 
 
 def resolve_path(value: str | os.PathLike | None, root: Path | None = None) -> Path | None:
-    """A path parameter made absolute: relative paths are taken from the project root."""
+    """A path made absolute: a relative path is taken from the current directory (as a shell user
+    expects; `root` instead, where a default location of the project is meant, e.g. runs/)."""
     if value is None:
         return None
     p = Path(value).expanduser()
-    return p if p.is_absolute() else (root or project_root()) / p
+    return p if p.is_absolute() else Path(os.path.abspath(Path(root or Path.cwd()) / p))
+
+
+def _resolved(value: str) -> str:
+    """' (= /abs/path, ...)' for a relative path: the error shows where it was looked for."""
+    if Path(value).expanduser().is_absolute():
+        return ""
+    return f" (= {resolve_path(value)}: relative paths are taken from the current directory)"
 
 
 def _coerce_floats(cfg: dict) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
+import signal
 import threading
 
 import numpy as np
@@ -212,5 +213,25 @@ def _map_chunks(chunks: list, workers: int):
         yield from map(_crop_chunk, chunks)
         return
     ctx = multiprocessing.get_context(_start_method())
-    with ctx.Pool(min(workers, len(chunks))) as pool:
+    with quiet_pool(ctx, min(workers, len(chunks))) as pool:
         yield from pool.imap_unordered(_crop_chunk, chunks)
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def quiet_pool(ctx, processes: int):
+    """``ctx.Pool(processes)`` whose workers never take Ctrl-C. A terminal's Ctrl-C reaches the whole
+    process group: the parent (the data stage's kernel) stops and terminates the pool (SIGTERM,
+    silent), while workers that took SIGINT themselves would each print a KeyboardInterrupt traceback.
+    SIGINT is blocked in this thread while the pool starts, so its workers (and its forkserver, and
+    the threads that replace workers) are born with it blocked, even while they import; then they
+    ignore it. (synth draws the embedded set with such a pool too.)"""
+    block = hasattr(signal, "pthread_sigmask")
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if block else None
+    try:
+        return ctx.Pool(processes, initializer=_ignore_sigint)
+    finally:
+        if block:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)

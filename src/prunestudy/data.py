@@ -19,6 +19,9 @@ What real data holds, and what each case gets:
 
 - a missing root, annotation file or image folder: FileNotFoundError showing the layout;
 - malformed JSON: :class:`DataError` naming the file, line and column;
+- malformed records, duplicate ids or file names, images in both splits: checked like a linter by
+  :mod:`prunestudy.coco` (skipped and counted, or a :class:`DataError` naming file and record);
+- no test sample at all: :class:`DataError` (nothing could be measured);
 - a missing, truncated or corrupt image, or one whose size differs from the json's: skipped,
   counted under ``skipped`` and listed with its reason in ``<split>_rejects.csv``; a
   :class:`DataError` only if more than ``max_bad_fraction`` of a split's images are bad;
@@ -26,8 +29,9 @@ What real data holds, and what each case gets:
 - boxes reaching more than a pixel outside the image: clipped to it (counted in ``clipped``);
   boxes with no area left: skipped as ``invalid_box``; annotations naming an image id the file
   does not list: skipped as ``no_image``;
-- an unknown class name: ValueError listing the valid names; a class with fewer than
-  ``min_per_class`` training samples: :class:`DataError` saying which and how many.
+- an unknown class name: ValueError listing the valid names; fewer than 2 classes: ValueError; a
+  class with fewer than ``min_per_class`` training samples: :class:`DataError` saying which and
+  how many.
 
 Crop rule (see :func:`prunestudy.crops.crop_square`): a square of side ``max(w, h) * (1 + 2 * context)``
 centred on the box centre, rounded to whole pixels; parts outside the image are filled with
@@ -46,12 +50,9 @@ Output files in ``out_dir``::
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import logging
-import math
 import os
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -60,7 +61,9 @@ import numpy as np
 import pandas as pd
 from pycocotools.coco import COCO
 
+from . import coco as coco_files
 from . import paths, progress, store
+from .coco import CLIP_TOLERANCE, EXPECTED_LAYOUT, SPLITS, DataError, check_layout  # noqa: F401
 from .config import default
 from .crops import (  # noqa: F401  (load_image, crop_and_resize: part of this module's API)
     DOWNSCALE_FILTER,
@@ -84,12 +87,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: split name -> COCO image folder (and annotation file stem).
-SPLITS = {"train": "train2017", "test": "val2017"}
 LABEL_MODES = ("crop", "image")
-
-
-CLIP_TOLERANCE = 1.0  # px a box may reach beyond the image (COCO float rounding) before it is clipped
 
 MANIFEST_COLUMNS = [
     "index", "image_id", "ann_id", "category_id", "category", "label", "file_name",
@@ -100,101 +98,9 @@ REJECT_COLUMNS = ["image_id", "file_name", "boxes", "reason", "detail"]
 
 INFO_FILE = paths.DATA_INFO
 
-EXPECTED_LAYOUT = """expected COCO 2017 layout:
-  <root>/
-    annotations/instances_train2017.json
-    annotations/instances_val2017.json
-    train2017/*.jpg
-    val2017/*.jpg"""
-
-
-class DataError(ValueError):
-    """The input data cannot make a usable dataset; the message says what and how to fix it."""
-
-
-# --------------------------------------------------------------------------- layout & json
-
-def _annotation_path(root: Path, split: str) -> Path:
-    return root / "annotations" / f"instances_{SPLITS[split]}.json"
-
-
-def _image_dir(root: Path, split: str) -> Path:
-    return root / SPLITS[split]
-
-
-def check_layout(root) -> None:
-    """Raise FileNotFoundError naming the expected COCO layout and what is missing."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"COCO root {str(root)!r} is not a directory.\n{EXPECTED_LAYOUT}")
-    missing = []
-    for split in SPLITS:
-        if not _annotation_path(root, split).is_file():
-            missing.append(str(_annotation_path(root, split)))
-        if not _image_dir(root, split).is_dir():
-            missing.append(str(_image_dir(root, split)) + "/")
-    if missing:
-        raise FileNotFoundError(
-            f"COCO root {str(root)!r} is incomplete; missing: {', '.join(missing)}\n{EXPECTED_LAYOUT}"
-        )
-
-
-def _load_coco(path: Path) -> COCO:
-    """pycocotools COCO index of an annotation file, with errors that name the file and the place."""
-    try:
-        with open(path, "rb") as f:
-            dataset = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno} "
-                        f"(byte {e.pos}); the file is damaged or incomplete: download it again") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 JSON ({e}); download the annotation file again") from None
-    missing = [k for k in ("images", "annotations", "categories") if not isinstance(dataset, dict)
-               or not isinstance(dataset.get(k), list)]
-    if missing:
-        raise DataError(f"{path} is not a COCO instances file: no list {missing} at the top level")
-    coco = COCO()
-    coco.dataset = dataset
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-    return coco
-
-
-# --------------------------------------------------------------------------- box hygiene
-
-def _sanitize(coco: COCO) -> dict:
-    """Give each annotation a usable box (``_box``), clipped to its image; count what was changed.
-
-    Sets ``ann['_box']`` (the box crops are made from) and ``ann['_clipped']``; returns
-    {'clipped': n, 'no_image': n, 'invalid_box': n}. Annotations without a box left keep
-    ``_box = None`` and are skipped later with their reason.
-    """
-    counts = Counter()
-    for ann in coco.dataset["annotations"]:
-        ann["_box"], ann["_clipped"], ann["_reason"] = None, False, None
-        meta = coco.imgs.get(ann.get("image_id"))
-        if meta is None:
-            ann["_reason"] = "no_image"
-            continue
-        try:
-            x, y, w, h = (float(v) for v in ann["bbox"])
-        except (KeyError, TypeError, ValueError):
-            ann["_reason"] = "invalid_box"
-            continue
-        W, H = meta["width"], meta["height"]
-        if not all(map(math.isfinite, (x, y, w, h))) or w <= 0 or h <= 0:
-            ann["_reason"] = "invalid_box"
-            continue
-        if x < -CLIP_TOLERANCE or y < -CLIP_TOLERANCE or x + w > W + CLIP_TOLERANCE or y + h > H + CLIP_TOLERANCE:
-            x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + w, W), min(y + h, H)
-            if x1 <= x0 or y1 <= y0:
-                ann["_reason"] = "invalid_box"
-                continue
-            x, y, w, h = x0, y0, x1 - x0, y1 - y0
-            ann["_clipped"] = True
-            counts["clipped"] += 1
-        ann["_box"] = [x, y, w, h]
-    return counts
+# the COCO files' layout, reading and checks live in prunestudy.coco; these names stay here too
+_annotation_path, _image_dir, _load_coco, _sanitize = (coco_files.annotation_path, coco_files.image_dir,
+                                                       coco_files.load_coco, coco_files.sanitize)
 
 
 def _skip_reason(ann: dict, min_box: float) -> str | None:
@@ -233,8 +139,9 @@ def choose_classes(coco: COCO, classes, min_box: float) -> list[tuple[int, str]]
         unknown = [n for n in names if n not in name_to_id]
         if unknown:
             raise ValueError(f"unknown COCO categories {unknown}; valid names: {sorted(name_to_id)}")
-        if len(set(names)) != len(names) or not names:
-            raise ValueError(f"classes must be a non-empty list of distinct names, got {names}")
+        if len(set(names)) != len(names) or len(names) < 2:
+            raise ValueError(f"classes must be a list of at least 2 distinct names (a study of one class measures "
+                             f"nothing), got {names}")
         cat_ids = [name_to_id[n] for n in names]
     empty = [id_to_name[i] for i in cat_ids if counts[i] == 0]
     if empty:
@@ -244,8 +151,9 @@ def choose_classes(coco: COCO, classes, min_box: float) -> list[tuple[int, str]]
 
 def _top_k(spec: str, counts: Counter, all_ids: list[int]) -> list[int]:
     prefix, _, k = spec.partition(":")
-    if prefix != "top" or not k.isdigit() or not 1 <= int(k) <= len(all_ids):
-        raise ValueError(f"classes must be a list of names or 'top:K' with 1 <= K <= {len(all_ids)}, got {spec!r}")
+    if prefix != "top" or not k.isdigit() or not 2 <= int(k) <= len(all_ids):
+        raise ValueError(f"classes must be a list of names or 'top:K' with 2 <= K <= {len(all_ids)} (the "
+                         f"categories of the file), got {spec!r}")
     return sorted(all_ids, key=lambda i: (-counts[i], i))[: int(k)]
 
 
@@ -410,7 +318,9 @@ def sha256_file(path: Path) -> str:
 # --------------------------------------------------------------------------- public API
 
 def _check_params(image_size, context, min_box, max_per_class, max_test_per_class, label_mode,
-                  min_per_class, max_bad_fraction, workers) -> None:
+                  min_per_class, max_bad_fraction, workers, seed) -> None:
+    if isinstance(seed, bool) or not (isinstance(seed, int) and seed >= 0):
+        raise ValueError(f"seed must be an integer >= 0 (numpy's generators take no negative seed), got {seed!r}")
     if not (isinstance(image_size, int) and image_size >= 1):
         raise ValueError(f"image_size must be a positive int, got {image_size!r}")
     if not context >= 0:
@@ -448,7 +358,7 @@ def build_dataset(root, out_dir, *, classes=default("data.classes"), image_size=
                   max_test_per_class=max_test_per_class, seed=seed, label_mode=label_mode,
                   min_per_class=min_per_class, max_bad_fraction=max_bad_fraction)
     _check_params(image_size, context, min_box, max_per_class, max_test_per_class, label_mode,
-                  min_per_class, max_bad_fraction, workers)
+                  min_per_class, max_bad_fraction, workers, seed)
     workers = workers or default_workers()
     show_progress = "auto" if show_progress is None else show_progress
     root = Path(os.path.abspath(root))
@@ -457,18 +367,22 @@ def build_dataset(root, out_dir, *, classes=default("data.classes"), image_size=
     out.mkdir(parents=True, exist_ok=True)
     (out / INFO_FILE).unlink(missing_ok=True)
 
-    cocos = {split: _load_coco(_annotation_path(root, split)) for split in SPLITS}
+    cocos, checked = coco_files.load_splits(root, max_bad_fraction)   # every record checked (DataError)
     clipped = {split: _sanitize(coco)["clipped"] for split, coco in cocos.items()}
     chosen = choose_classes(cocos["train"], params["classes"], min_box)
-    _check_test_categories(cocos["test"], chosen)
+    _check_test_categories(cocos["test"], chosen, root)
     caps = {"train": max_per_class, "test": max_test_per_class}
     selected = {split: select_annotations(coco, [i for i, _ in chosen], min_box, caps[split], seed, label_mode)
                 for split, coco in cocos.items()}
+    for split, (_, skipped) in selected.items():   # the records the checks skipped, with the other skips
+        skipped.update(checked[split].skipped)
     _check_min_per_class(selected["train"][0], chosen, min_per_class)
+    _check_test_not_empty(len(selected["test"][0]), selected["test"][1], chosen, root)
     info = {"classes": [n for _, n in chosen], "category_ids": [i for i, _ in chosen],
             "train_size": 0, "test_size": 0, "image_size": image_size, "label_mode": label_mode,
             "counts": {}, "skipped": {}, "clipped": clipped, "rejected": {}, "num_images": {},
             "root": str(root), "annotation_files": {}, "params": params, "manifest_sha256": {},
+            "records_skipped": {split: c.as_dict() for split, c in checked.items()},
             "crop": {"pad_rgb": list(PAD_RGB), "downscale_filter": DOWNSCALE_FILTER.name,
                      "upscale_filter": UPSCALE_FILTER.name, "jpeg_draft_scales": list(DRAFT_SCALES)}}
     for split, coco in cocos.items():
@@ -494,6 +408,8 @@ def build_dataset(root, out_dir, *, classes=default("data.classes"), image_size=
         info["annotation_files"][split] = {"path": str(ann_path.relative_to(root)), "sha256": sha256_file(ann_path)}
         info["manifest_sha256"][split] = hashlib.sha256(manifest_bytes).hexdigest()
     _check_min_per_class_after_rejects(info, min_per_class)
+    if not info["test_size"]:
+        _check_test_not_empty(0, info["skipped"]["test"], chosen, root, after_rejects=True)
     store.write_bytes(out / INFO_FILE, (json.dumps(info, indent=2, default=_plain) + "\n").encode("utf-8"))
     return info
 
@@ -527,11 +443,29 @@ def _check_bad_fraction(split: str, rejects: pd.DataFrame, seen: int, limit: flo
                         f"data.max_bad_fraction to accept skipping them")
 
 
-def _check_test_categories(coco: COCO, chosen: list[tuple[int, str]]) -> None:
+def _check_test_categories(coco: COCO, chosen: list[tuple[int, str]], root: Path) -> None:
     test_names = {c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())}
-    bad = [n for i, n in chosen if test_names.get(i) != n]
+    bad = [f"{n!r} (id {i}: {test_names[i]!r} in val)" if i in test_names else f"{n!r} (id {i}: not in val)"
+           for i, n in chosen if test_names.get(i) != n]
     if bad:
-        raise ValueError(f"categories {bad} differ between the train and val annotation files")
+        raise DataError(f"categories {', '.join(bad)} differ between {_annotation_path(root, 'train')} and "
+                        f"{_annotation_path(root, 'test')}: both files must list the same categories (ids and "
+                        "names); are they from the same dataset?")
+
+
+def _check_test_not_empty(n: int, skipped: dict, chosen: list[tuple[int, str]], root: Path,
+                          after_rejects: bool = False) -> None:
+    """Zero test samples is always an error: nothing could be measured (evaluation would divide by 0)."""
+    if n:
+        return
+    path = _annotation_path(root, "test")
+    why = ", ".join(f"{reason} {k:,}" for reason, k in sorted(skipped.items()) if k) or "it has none"
+    names = ", ".join(repr(name) for _, name in chosen)
+    where = ("every test image holding one could not be read (see test_rejects.csv)" if after_rejects
+             else f"{path} has no usable annotation of them (annotations skipped: {why})")
+    raise DataError(f"the test split is empty: no test sample of the classes {names}; {where}. Nothing could be "
+                    f"measured on it: check that {path.name} is the val2017 file of the same dataset as "
+                    "instances_train2017.json and that its images are under val2017/, or choose classes it holds")
 
 
 def read_info(out_dir) -> dict:

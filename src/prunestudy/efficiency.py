@@ -18,12 +18,21 @@ Definitions
   `prune.architecture`).
 * Latency: median wall time of one forward pass in torch.inference_mode, after warm-up runs, at
   a fixed thread count that is recorded; models are timed interleaved (every repeat runs each
-  model once per batch size), so a slow spell of a shared machine hits them all alike.
+  model once per batch size, in an order drawn at random for each repeat and batch size, seeded),
+  so a slow spell of a shared machine hits them all alike and no model is always timed first.
+* Speed ratio and "saves time?": each repeat gives one paired ratio, the dense model's time over
+  the other model's, measured back to back. The speedup is the geometric mean of these ratios,
+  and its CONFIDENCE interval the Student-t interval of their mean logarithm, exponentiated.
+  `saves_time` is true only when that interval lies above 1 (at the largest batch size measured);
+  when it holds 1 the measurement cannot tell the two apart, and the remark says so, with the
+  interval at every batch size measured.
 """
 
 from __future__ import annotations
 
 import io
+import math
+import random
 import statistics
 import time
 import zlib
@@ -35,7 +44,7 @@ from torch import nn
 from . import prune
 
 INPUT_SIZE = (3, 64, 64)
-SAVES_TIME_SPEEDUP = 1.1  # a measured speedup below this counts as no time saved
+CONFIDENCE = 0.95   # of the speed ratio's interval
 ZLIB_LEVEL = 9
 
 
@@ -128,11 +137,13 @@ def deployable(model: nn.Module) -> nn.Module:
 
 
 def latency_table(models: dict[str, nn.Module], batch_sizes=(1, 64), repeats: int = 20, device: str = "cpu",
-                  threads: int | None = None, warmup: int = 3, input_size: tuple[int, ...] = INPUT_SIZE) -> dict:
-    """Median forward time of every model at every batch size, measured in one interleaved run;
-    rows give speedup_vs_dense = median of the model named 'dense' / this model's median.
-    Models are timed as given (use `deployable` for masked ones); each is copied to `device` if it
-    is elsewhere. The thread count is set for the run and restored afterwards."""
+                  threads: int | None = None, warmup: int = 3, input_size: tuple[int, ...] = INPUT_SIZE,
+                  seed: int = 0) -> dict:
+    """Median forward time of every model at every batch size, measured in one interleaved run in
+    random order (`seed`); with a model named 'dense', each row also gives speedup_vs_dense (the
+    geometric mean of the paired ratios dense time / this model's time) and its CONFIDENCE interval
+    (`speed_ratio`). Models are timed as given (use `deployable` for masked ones); each is copied
+    to `device` if it is elsewhere. The thread count is set for the run and restored afterwards."""
     if repeats < 1 or not batch_sizes or not models:
         raise ValueError("latency needs at least one model, one batch size and repeats >= 1")
     dev = torch.device(device)
@@ -140,28 +151,45 @@ def latency_table(models: dict[str, nn.Module], batch_sizes=(1, 64), repeats: in
     threads = threads or prev_threads
     torch.set_num_threads(threads)
     try:
-        times = _measure(models, batch_sizes, repeats, dev, warmup, input_size)
+        times = _measure(models, batch_sizes, repeats, dev, warmup, input_size, seed)
     finally:
         torch.set_num_threads(prev_threads)
     rows = []
     for name in models:
         for bs in batch_sizes:
             median = statistics.median(times[name, bs])
-            dense = statistics.median(times["dense", bs]) if "dense" in models else None
+            ratio = speed_ratio(times["dense", bs], times[name, bs]) if "dense" in models else {}
             rows.append({"model": name, "batch": bs, "median_ms": median * 1e3, "min_ms": min(times[name, bs]) * 1e3,
-                         "per_sample_ms": median * 1e3 / bs,
-                         "speedup_vs_dense": dense / median if dense is not None else None})
+                         "per_sample_ms": median * 1e3 / bs, "speedup_vs_dense": ratio.get("speedup"),
+                         "speedup_ci_low": ratio.get("low"), "speedup_ci_high": ratio.get("high")})
     return {"device": str(dev), "threads": threads, "repeats": repeats, "warmup": warmup,
+            "order": f"random per repeat and batch size (seed {seed})", "confidence": CONFIDENCE,
             "input_size": list(input_size), "rows": rows}
 
 
-def _measure(models, batch_sizes, repeats, dev, warmup, input_size) -> dict:
-    """(name, batch) -> list of seconds; every repeat runs each model once at each batch size."""
+def speed_ratio(dense_s, model_s, confidence: float = CONFIDENCE) -> dict:
+    """The speedup of a model over the dense one from paired timings (repeat i of each, timed back
+    to back): the geometric mean of dense_i / model_i and the Student-t interval of the mean log
+    ratio, exponentiated (low = high = the ratio with a single repeat: no interval)."""
+    from scipy import stats
+
+    logs = [math.log(d / m) for d, m in zip(dense_s, model_s, strict=True)]
+    mean = statistics.fmean(logs)
+    if len(logs) < 2:
+        return {"speedup": math.exp(mean), "low": None, "high": None}
+    half = float(stats.t.ppf(0.5 + confidence / 2, len(logs) - 1)) * statistics.stdev(logs) / math.sqrt(len(logs))
+    return {"speedup": math.exp(mean), "low": math.exp(mean - half), "high": math.exp(mean + half)}
+
+
+def _measure(models, batch_sizes, repeats, dev, warmup, input_size, seed: int = 0) -> dict:
+    """(name, batch) -> list of seconds; every repeat runs each model once at each batch size, the
+    models in an order drawn anew (seeded) for every repeat and batch size."""
     placed = {n: m if next(m.parameters()).device == dev else prune.clone(m).to(dev) for n, m in models.items()}
     modes = {n: m.training for n, m in placed.items()}
     gen = torch.Generator().manual_seed(0)
     inputs = {bs: torch.randn(bs, *input_size, generator=gen).to(dev) for bs in batch_sizes}
     times = {(n, bs): [] for n in placed for bs in batch_sizes}
+    order = random.Random(seed)
     try:
         with torch.inference_mode():
             for m in placed.values():
@@ -171,8 +199,10 @@ def _measure(models, batch_sizes, repeats, dev, warmup, input_size) -> dict:
                         m(inputs[bs])
             for _ in range(repeats):
                 for bs in batch_sizes:
-                    for n, m in placed.items():
-                        times[n, bs].append(_time_once(m, inputs[bs], dev))
+                    names = list(placed)
+                    order.shuffle(names)
+                    for n in names:
+                        times[n, bs].append(_time_once(placed[n], inputs[bs], dev))
     finally:
         for n, m in placed.items():
             m.train(modes[n])
@@ -201,8 +231,9 @@ def summary(model: nn.Module, dense_model: nn.Module, batch_sizes=(1, 64), repea
             input_size: tuple[int, ...] = INPUT_SIZE, warmup: int = 3) -> dict:
     """Parameters, FLOPs, sizes and measured latency of `model` against `dense_model`, as plain
     JSON data. Latency is measured on the CPU (and CUDA when available, unless `devices` says
-    otherwise) with masks folded (`deployable`). `saves_time` is judged from the measured CPU
-    speedup at the largest batch size: below SAVES_TIME_SPEEDUP it is False, and `remark` says why."""
+    otherwise) with masks folded (`deployable`). `saves_time` is judged on the CPU (else the first
+    device) at the largest batch size: true only when the CONFIDENCE interval of the speedup lies
+    above 1; `remark` says why, with the speedup and its interval at every batch size."""
     devices = devices or (("cpu", "cuda") if torch.cuda.is_available() else ("cpu",))
     f, fd = flops(model, input_size), flops(dense_model, input_size)
     out = {**parameters(model, dense_model), "macs": f["macs"], "effective_macs": f["effective_macs"],
@@ -213,21 +244,45 @@ def summary(model: nn.Module, dense_model: nn.Module, batch_sizes=(1, 64), repea
     pair = {"dense": deployable(dense_model), "pruned": deployable(model)}
     for dev in devices:
         out["latency"][dev] = latency_table(pair, batch_sizes, repeats, dev, threads, warmup, input_size=input_size)
+    table = out["latency"]["cpu" if "cpu" in devices else devices[0]]
+    rows = {r["batch"]: r for r in table["rows"] if r["model"] == "pruned"}
     largest = max(batch_sizes)
-    speedup = next(r["speedup_vs_dense"] for r in out["latency"]["cpu" if "cpu" in devices else devices[0]]["rows"]
-                   if r["model"] == "pruned" and r["batch"] == largest)
-    out["measured_speedup"] = speedup
+    out["measured_speedup"] = rows[largest]["speedup_vs_dense"]
+    out["speedup_ci"] = [rows[largest]["speedup_ci_low"], rows[largest]["speedup_ci_high"]]
+    out["verdict_batch"] = largest
     same_shape = f["macs"] == fd["macs"]
-    out["saves_time"], out["remark"] = _verdict(speedup, largest, out["theoretical_speedup"], same_shape)
+    out["saves_time"], out["remark"] = _verdict(rows, largest, out["theoretical_speedup"], same_shape,
+                                                f"{table['repeats']} paired runs in random order on {table['device']}")
     return out
 
 
-def _verdict(speedup: float, batch: int, theoretical: float, same_shape: bool) -> tuple[bool, str]:
-    """(saves_time, remark) from the measured speedup; `same_shape`: the pruned model runs as many
+def _ratio_text(row: dict) -> str:
+    lo, hi = row["speedup_ci_low"], row["speedup_ci_high"]
+    ci = f" ({CONFIDENCE:.0%} CI {lo:.2f}-{hi:.2f}x)" if lo is not None else " (one run: no interval)"
+    return f"{row['speedup_vs_dense']:.2f}x{ci}"
+
+
+def same_shape_note(theoretical: float) -> str:
+    """Why a model of the dense shape (masked) cannot save time on dense kernels."""
+    return (f"The model keeps the dense shape: its zeroed weights are still multiplied by dense kernels, so the "
+            f"{theoretical:.2f}x fewer effective FLOPs are saved only on paper.")
+
+
+def _verdict(rows: dict[int, dict], batch: int, theoretical: float, same_shape: bool, how: str) -> tuple[bool, str]:
+    """(saves_time, remark) from the pruned model's latency rows by batch size (speedup over the
+    dense model and its interval), judged at `batch`; `same_shape`: the pruned model runs as many
     dense MACs as the dense one (masked or unpruned), so zeros cannot save time."""
-    measured = f"measured {speedup:.2f}x the dense model's speed at batch {batch}"
-    if speedup >= SAVES_TIME_SPEEDUP:
-        return True, f"saves time: {measured} (theoretical {theoretical:.2f}x)"
-    why = (f" The model keeps the dense shape: its zeroed weights are still multiplied by dense kernels, so "
-           f"the {theoretical:.2f}x fewer effective FLOPs are saved only on paper." if same_shape else "")
-    return False, f"saves no time: {measured} (below {SAVES_TIME_SPEEDUP}x).{why}"
+    row = rows[batch]
+    others = [f"at batch {b}: {_ratio_text(r)}" for b, r in sorted(rows.items()) if b != batch]
+    measured = (f"measured {_ratio_text(row)} the dense model's speed at batch {batch}"
+                + "".join(f"; {o}" for o in others) + f" ({how})")
+    lo, hi = row["speedup_ci_low"], row["speedup_ci_high"]
+    why = " " + same_shape_note(theoretical) if same_shape else ""
+    if lo is None:
+        return False, f"not judged: {measured}; one run gives no interval, so no verdict.{why}"
+    if lo > 1:
+        return True, f"saves time: {measured}; theoretical {theoretical:.2f}x."
+    if hi < 1:
+        return False, f"saves no time, it is slower: {measured}.{why}"
+    return False, (f"saves no time that this measurement can show: {measured}; the interval at batch {batch} "
+                   f"holds 1.{why}")

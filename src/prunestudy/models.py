@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -16,6 +18,8 @@ class SeedCNN(nn.Module):
     Convolutions are padded by 1 so that 64 -> 32 -> 16 -> 8, as 128*8*8 requires; ReLU follows
     each convolution and the first linear layer.
     """
+
+    RELU_AFTER = ("conv1", "conv2", "conv3", "fc1")   # the layers whose outputs go straight through a ReLU
 
     def __init__(self, num_classes: int = 10, dropout: float = 0.25):
         super().__init__()
@@ -53,3 +57,60 @@ def build_model(name: str = "seed_cnn", num_classes: int = 10) -> nn.Module:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# --- input sizes ---------------------------------------------------------------------------------
+LARGEST_TRACED = 4096   # input sides are traced up to this; a model taking it is taken to have no upper limit
+
+
+def _meta_model(name: str) -> nn.Module:
+    with torch.device("meta"):   # shapes only: no memory, no arithmetic, nothing initialised for real
+        return build_model(name, 2).train()
+
+
+def _fault(model: nn.Module, size: int) -> str | None:
+    """None when the model runs a one-sample training batch of size x size RGB images (the last batch
+    of an epoch may hold one sample, and batch norm then needs more than 1x1 maps), else torch's error."""
+    try:
+        with torch.no_grad():
+            model(torch.empty(1, 3, size, size, device="meta"))
+    except (RuntimeError, ValueError) as e:
+        return str(e).strip().splitlines()[0][:160].rstrip(".")
+    return None
+
+
+@functools.cache
+def input_sizes(name: str, anchor: int) -> tuple[int, int | None]:
+    """(smallest, largest) side of the square inputs model `name` takes; largest None = no limit (up
+    to LARGEST_TRACED). Found by tracing the model on the meta device from `anchor`, a side it takes:
+    each layer's output size grows with its input's, so the sides a model takes form one interval,
+    whose ends are found by bisection (the seed CNN: exactly those its fc1 fits; ResNet-18 and
+    EfficientNet-B0: from the side that leaves their last feature map larger than 1x1)."""
+    model = _meta_model(name)
+    if _fault(model, anchor) is not None:
+        raise ValueError(f"{name} does not take {anchor}x{anchor} inputs: {_fault(model, anchor)}")
+    lo, hi = 0, anchor   # fault at lo (0 = none), fine at hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if _fault(model, mid) is None else (mid, hi)
+    smallest = hi
+    if _fault(model, LARGEST_TRACED) is None:
+        return smallest, None
+    lo, hi = anchor, LARGEST_TRACED   # fine at lo, fault at hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if _fault(model, mid) is None else (lo, mid)
+    return smallest, lo
+
+
+def check_input_size(name: str, size: int, anchor: int) -> None:
+    """A ValueError naming the sides model `name` takes when it cannot train on size x size crops
+    (traced on the meta device: nothing is computed); `anchor` is a side it takes."""
+    fault = _fault(_meta_model(name), size)
+    if fault is None:
+        return
+    lo, hi = input_sizes(name, anchor)
+    takes = f"{lo} to {hi} px" if hi is not None else f"at least {lo} px"
+    example = min(max(anchor, lo), hi or anchor)
+    raise ValueError(f"data.image_size={size} does not fit train.model={name}: it takes image sizes of {takes} "
+                     f"(traced at {size}: {fault}); e.g. data.image_size={example}")

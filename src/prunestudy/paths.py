@@ -37,6 +37,8 @@ REPORT = "report.html"
 NOTEBOOKS = "notebooks"
 REPEATS = "repeats"
 LOCK = "run.lock"                  # held by the process writing the run folder (records.RunLock)
+STORE = ".store"                   # beside the run folders: the stage store (stagestore.py)
+ENTRY_NOTEBOOK = ".executed.ipynb"  # a store entry's executed notebook (run/notebooks/ links to it)
 
 # files inside a stage folder
 STAGE_RECORD = "stage.json"        # the stage key, written by the runner when the stage finished
@@ -58,10 +60,23 @@ FIGURES = Path("analysis") / "figures"
 
 SPLITS = ("train", "test")
 
+# a sweep's folder (prunestudy sweep): the grid, a run folder per point, the grid report
+SWEEP_GRID = "grid.json"           # the points: name, grid values, parameters hash, stage keys
+SWEEP_POINTS = "points"            # points/<point>/: a run folder per point
+SWEEP_JSON = "sweep.json"          # one row per point and per operating point
+SWEEP_CSV = "sweep.csv"            # one row per point
+SWEEP_REPORT = "sweep.html"        # the grid report
+SWEEP_NOTEBOOK = "06_sweep.ipynb"  # the grid report's notebook (notebooks/ of the project and of the sweep)
+
+
+def point_dir(sweep_dir: str | Path, name: str) -> Path:
+    return Path(sweep_dir) / SWEEP_POINTS / name
+
 
 def resolve_run_dir(run_dir: str | Path | None) -> Path:
-    """None = runs/default of the project (what `make study` writes)."""
-    return config.resolve_path(run_dir or "runs/default")
+    """None = runs/default of the project (what `make study` writes); a relative folder is taken
+    from the current directory."""
+    return config.resolve_path(run_dir) if run_dir else config.resolve_path("runs/default", config.project_root())
 
 
 def require(stage: str, directory: Path) -> Path:

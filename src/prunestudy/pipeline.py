@@ -8,9 +8,10 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
-from . import config, paths, progress, records, stages, store
+from . import config, paths, progress, records, stages, stagestore, store
 
 STAGES = paths.STAGES
 KERNEL_NAME = "prunestudy"
@@ -33,10 +34,13 @@ def ensure_kernel() -> str:
     """Install (or repair) the `prunestudy` kernelspec for *this* Python in sys.prefix, and put
     that folder first on JUPYTER_PATH, so papermill and JupyterLab start this environment's
     interpreter whatever other kernels of that name exist for the user or the system."""
-    # log_level=ERROR: ipykernel warns on every start that loopback TCP is unencrypted; that line
-    # would repeat five times per run in the terminal and in CI logs.
+    # log_level=CRITICAL: ipykernel warns on every start that loopback TCP is unencrypted (that line
+    # would repeat five times per run in the terminal and in CI logs), and when Ctrl-C stops a cell
+    # while the runner shuts the kernel down, it logs its failed reply as an ERROR (a ZMQError
+    # traceback). The kernel's log is its own plumbing: cell errors reach the notebook, a dead
+    # kernel is reported by papermill.
     spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}",
-                     "--IPKernelApp.log_level=ERROR"],
+                     "--IPKernelApp.log_level=CRITICAL"],
             "display_name": "Python (prunestudy)", "language": "python",
             "env": {"PYTHONUNBUFFERED": "1"}, "metadata": {"debugger": True}}
     path = kernel_dir() / "kernel.json"
@@ -56,7 +60,7 @@ def notebooks_dir() -> Path:
 def default_run_dir(params_file: str | None, overrides: list[str], cfg: dict) -> Path:
     stem = Path(params_file).stem if params_file else "defaults"
     name = f"{stem}-{config.stage_hash(cfg)}" if overrides else stem
-    return config.resolve_path(Path("runs") / name)
+    return config.resolve_path(Path("runs") / name, config.project_root())   # the project's runs/, from anywhere
 
 
 def notebook_parameters(stage: str, cfg: dict, run_dir: Path) -> dict:
@@ -122,10 +126,13 @@ def problem(cfg: dict, run_dir: Path, stage: str, key: str) -> str | None:
     return why
 
 
-def run(cfg: dict, run_dir: str | Path, *, force: str | None = None, log: Callable[[str], None] = print) -> dict:
-    """Run the study into run_dir, skipping every stage already complete with the same key;
-    `force` reruns from that stage on. Holds the run folder's lock throughout (a second writer is
-    refused: records.LockedError). Returns results.json's content."""
+def run(cfg: dict, run_dir: str | Path, *, force: str | None = None, log: Callable[[str], None] = print,
+        store_root: str | Path | None = None) -> dict:
+    """Run the study into run_dir, skipping every stage already complete with the same key (in the
+    run folder, or in the stage store: then it is linked, not recomputed); `force` reruns from
+    that stage on. `store_root`: the stage store (None: stagestore.default_root; "none": no store,
+    every stage computed in the run folder). Holds the run folder's lock throughout (a second
+    writer is refused: records.LockedError). Returns results.json's content."""
     import papermill  # noqa: F401  (fail here, before any work, if it is missing)
 
     run_dir = config.resolve_path(run_dir)
@@ -135,12 +142,19 @@ def run(cfg: dict, run_dir: str | Path, *, force: str | None = None, log: Callab
     with records.RunLock(run_dir, f"prunestudy run (pid {os.getpid()})") as lock:
         os.environ[records.TOKEN_ENV] = lock.token   # the kernels it starts inherit it: they may write
         try:
-            return _run(cfg, run_dir, force, log)
+            return _run(cfg, run_dir, force, log, _store(run_dir, store_root))
         finally:
             os.environ.pop(records.TOKEN_ENV, None)
 
 
-def _run(cfg: dict, run_dir: Path, force: str | None, log: Callable[[str], None]) -> dict:
+def _store(run_dir: Path, root: str | Path | None) -> stagestore.Store | None:
+    if root is not None and str(root).lower() == "none":
+        return None
+    return stagestore.Store(root if root is not None else stagestore.default_root(run_dir))
+
+
+def _run(cfg: dict, run_dir: Path, force: str | None, log: Callable[[str], None],
+         stage_store: stagestore.Store | None) -> dict:
     paths.notebooks_dir(run_dir).mkdir(parents=True, exist_ok=True)
     store.write_json(run_dir / paths.PARAMS, cfg)
     kernel = ensure_kernel()
@@ -148,7 +162,7 @@ def _run(cfg: dict, run_dir: Path, force: str | None, log: Callable[[str], None]
     keys = stage_keys(cfg, run_dir)
     forced = STAGES[STAGES.index(force):] if force else ()
     timings: dict[str, float] = {}
-    chain = _Chain(kernel, forced, log, invalidate=paths.stage_record(run_dir, "analysis"))
+    chain = _Chain(kernel, forced, log, invalidate=paths.stage_record(run_dir, "analysis"), store=stage_store)
     ran = chain.run(cfg, run_dir, STAGES[:-1], keys, timings, lambda: _finish(run_dir, cfg, timings, keys))
     seeds = config.repeat_seeds(cfg)
     for n, seed in enumerate(seeds, 1):   # the same study with other seeds, on the same data
@@ -183,23 +197,25 @@ class _Chain:
     """Runs stages in order, each as its notebook under papermill, skipping those complete with the
     same key until one runs; from there on every later stage reruns (its inputs changed)."""
 
-    def __init__(self, kernel: str, forced: tuple[str, ...], log: Callable[[str], None], invalidate: Path):
+    def __init__(self, kernel: str, forced: tuple[str, ...], log: Callable[[str], None], invalidate: Path,
+                 store: stagestore.Store | None = None):
         self.kernel, self.forced, self.log, self.label = kernel, forced, log, ""
         self.invalidate = invalidate   # the analysis' record: outdated as soon as any stage reruns
+        self.store = store
 
     def run(self, cfg: dict, run_dir: Path, names: tuple[str, ...], keys: dict, timings: dict,
             finish: Callable[[], dict], *, after_change: bool = False) -> set[str]:
         """Run `names` in order; `after_change`: their inputs changed, so all of them rerun."""
-        import papermill as pm
-
         ran: set[str] = set()
         changed = after_change
         for j, stage in enumerate(names):
             tag = f"==> [{self.label or f'{STAGES.index(stage) + 1}/{len(STAGES)}'}] {stage}"
-            src = notebooks_dir() / paths.NOTEBOOK_OF[stage]
-            out = paths.executed_notebook(run_dir, stage)
+            stored = self.store is not None and stage in stagestore.STORED
             if not changed and stage not in self.forced:
                 why = problem(cfg, run_dir, stage, keys[stage])
+                if why is not None and stored and reuse(self.store, cfg, run_dir, stage, keys[stage]):
+                    why = None
+                    self.log(f"{tag}: found in the stage store (key {keys[stage]}), linked")
                 if why is None:
                     rec = records.read(paths.stage_dir(run_dir, stage)) or {}
                     timings[stage] = rec.get("wall_seconds", rec.get("seconds", 0.0))
@@ -211,49 +227,110 @@ class _Chain:
             if not ran:  # this stage and every later one will run: none of them counts as complete now
                 self.invalidate.unlink(missing_ok=True)
                 for later in names[j:]:
-                    records.clear(paths.stage_dir(run_dir, later))
-                    for stale in paths.stage_dir(run_dir, later).glob(".*.tmp"):  # left by a killed atomic write
+                    folder = paths.stage_dir(run_dir, later)
+                    if folder.is_symlink():   # a store entry other runs may use: unlinked, not cleared
+                        folder.unlink()
+                        continue
+                    records.clear(folder)
+                    for stale in folder.glob(".*.tmp"):  # left by a killed atomic write
                         stale.unlink(missing_ok=True)
+            recheck = not changed and stage not in self.forced   # another process may finish it meanwhile
             changed = True
+            seconds = execute_stage(cfg, run_dir, stage, keys[stage], kernel=self.kernel, stage_store=self.store,
+                                    log=self.log, tag=tag, refresh=stage == "data" and stage in self.forced,
+                                    recheck=recheck, on_failure=finish)
+            if seconds is None:   # found complete in the store once claimed: nothing after it must rerun
+                rec = records.read(paths.stage_dir(run_dir, stage)) or {}
+                timings[stage] = rec.get("wall_seconds", rec.get("seconds", 0.0))
+                changed = False
+                continue
             ran.add(stage)
-            paths.notebooks_dir(run_dir).mkdir(parents=True, exist_ok=True)
-            self.log(f"{tag}: start ({src.name}, key {keys[stage]})")
-            start = time.perf_counter()
-            parameters = notebook_parameters(stage, cfg, run_dir)
-            if stage == "data" and stage in self.forced:
-                parameters["refresh_cache"] = True   # --force data: never reuse a cached crop set
+            timings[stage] = seconds
+            finish()
+            self.log(f"{tag}: done in {seconds:.1f} s")
+        return ran
+
+
+
+
+def reuse(st: stagestore.Store, cfg: dict, run_dir: Path, stage: str, key: str) -> bool:
+    """Link the run folder's stage to a complete store entry of this key, if there is one."""
+    entry = st.entry(stage, key)
+    if records.problem(entry, key, stage_inputs(cfg, run_dir, stage)) is not None \
+            or not (entry / paths.marker(stage)).is_file():
+        return False
+    stagestore.link(paths.stage_dir(run_dir, stage), entry)
+    if st.notebook(stage, key).is_file():
+        stagestore.link(paths.executed_notebook(run_dir, stage), st.notebook(stage, key))
+    return True
+
+
+def execute_stage(cfg: dict, run_dir: Path, stage: str, key: str, *, kernel: str, stage_store: stagestore.Store | None,
+                  log: Callable[[str], None], tag: str, refresh: bool = False, recheck: bool = True,
+                  on_failure: Callable[[], object] = lambda: None) -> float | None:
+    """Run one stage's notebook for run_dir under papermill, in the project's kernel: in its store
+    entry (claimed: computed once, whoever asks) when the stage is stored, else in the run folder;
+    check the record it wrote; returns its wall time. With `recheck`, a stored stage that another
+    process completed while this one waited for its claim is linked, not recomputed: returns None.
+    Raises StageFailed (the stage, the error's last line, the executed notebook) or
+    KeyboardInterrupt; `on_failure` runs first."""
+    import papermill as pm
+
+    src = notebooks_dir() / paths.NOTEBOOK_OF[stage]
+    out = shown = paths.executed_notebook(run_dir, stage)   # shown: where the run folder has it
+    stored = stage_store is not None and stage in stagestore.STORED
+    paths.notebooks_dir(run_dir).mkdir(parents=True, exist_ok=True)
+    log(f"{tag}: start ({src.name}, key {key})")
+    start = time.perf_counter()
+    parameters = notebook_parameters(stage, cfg, run_dir)
+    if refresh:
+        parameters["refresh_cache"] = True   # --force data: never reuse a cached crop set
+    try:
+        with stage_store.claim(stage, key, log) if stored else nullcontext():
+            if stored and recheck and reuse(stage_store, cfg, run_dir, stage, key):
+                log(f"{tag}: completed meanwhile by another process (key {key}); linked, not recomputed")
+                return None
+            if stored:   # computed in its store entry, which the run folder links to
+                stagestore.link(paths.stage_dir(run_dir, stage), stage_store.entry(stage, key))
+                out = stage_store.notebook(stage, key)
+                stagestore.link(shown, out)   # before it runs: a failure's notebook is found in the run folder
+                if stage == "retrain" and cfg["retrain"]["control"]:   # the control: shared by its own key
+                    from .grid import point_keys
+
+                    control = stage_store.entry("control", point_keys(cfg)["control"])
+                    control.mkdir(parents=True, exist_ok=True)
+                    stagestore.link(stage_store.entry(stage, key) / paths.CONTROL, control)
             try:
-                try:
-                    pm.execute_notebook(str(src), str(out), parameters=parameters,
-                                        kernel_name=self.kernel, cwd=str(src.parent), progress_bar=False,
-                                        stdout_file=sys.stdout, stderr_file=sys.stderr)
-                except BaseException:
-                    # under the runner a stage is done only once its whole notebook ran: the stage function
-                    # may have recorded its outputs before a later cell failed or Ctrl-C stopped it
-                    records.clear(paths.stage_dir(run_dir, stage))
-                    raise
-            except pm.PapermillExecutionError as e:
-                finish()
-                if e.ename == "KeyboardInterrupt":  # Ctrl-C reached the kernel first
-                    raise KeyboardInterrupt from None
-                self.log(f"{tag}: FAILED after {time.perf_counter() - start:.1f} s")
-                page = _render_failed(out)
-                raise StageFailed(stage, out, f"{e.ename}: {_last_line(e.evalue)}{_hint(e)}", page) from None
-            timings[stage] = round(time.perf_counter() - start, 2)
+                pm.execute_notebook(str(src), str(out), parameters=parameters, kernel_name=kernel,
+                                    cwd=str(src.parent), progress_bar=False, stdout_file=sys.stdout,
+                                    stderr_file=sys.stderr)
+            except BaseException:
+                # a stage is done only once its whole notebook ran: the stage function may have
+                # recorded its outputs before a later cell failed or Ctrl-C stopped it
+                records.clear(paths.stage_dir(run_dir, stage))
+                raise
+            if stored:
+                stagestore.link(paths.executed_notebook(run_dir, stage), out)
+            seconds = round(time.perf_counter() - start, 2)
             folder = paths.stage_dir(run_dir, stage)
             if stage == "analysis":   # the one stage the runner records: the report is rendered here
-                self.log(f"==> report: {render_report(run_dir)}")
-                records.write(folder, stage, keys[stage], {}, records.input_ids(stage_inputs(cfg, run_dir, stage)),
-                              timings[stage], "prunestudy run")
+                log(f"==> report: {render_report(run_dir)}")
+                records.write(folder, stage, key, {}, records.input_ids(stage_inputs(cfg, run_dir, stage)), seconds,
+                              "prunestudy run")
             rec = records.read(folder)
-            if rec is None or rec["key"] != keys[stage]:
-                raise StageFailed(stage, out, f"the stage finished without the record of key {keys[stage]} "
-                                  f"(found: {rec and rec['key']}): its notebook must call the stage function "
-                                  "with the parameters it was given")
-            store.write_json(folder / paths.STAGE_RECORD, {**rec, "wall_seconds": timings[stage]})
-            finish()
-            self.log(f"{tag}: done in {timings[stage]:.1f} s")
-        return ran
+            if rec is None or rec["key"] != key:
+                raise StageFailed(stage, out, f"the stage finished without the record of key {key} (found: "
+                                  f"{rec and rec['key']}): its notebook must call the stage function with the "
+                                  "parameters it was given")
+            store.write_json(folder / paths.STAGE_RECORD, {**rec, "wall_seconds": seconds})   # still claimed
+    except pm.PapermillExecutionError as e:
+        on_failure()
+        if e.ename == "KeyboardInterrupt":  # Ctrl-C reached the kernel first
+            raise KeyboardInterrupt from None
+        log(f"{tag}: FAILED after {time.perf_counter() - start:.1f} s")
+        page = _render_failed(shown)
+        raise StageFailed(stage, shown, f"{e.ename}: {_last_line(e.evalue)}{_hint(e)}", page) from None
+    return seconds
 
 
 def link_data(src: Path, dst: Path) -> bool:
@@ -371,6 +448,13 @@ def render_report(run_dir: Path) -> Path:
     nb_dir = paths.notebooks_dir(run_dir)
     repeats = Path(run_dir).glob(f"{paths.repeat_name('*')}/{paths.NOTEBOOKS}/0*.ipynb")
     for nb in sorted([*nb_dir.glob("0*.ipynb"), *repeats]):
-        render_html(nb, nb.with_suffix(".html"), hide_code=False)
+        if nb.is_symlink():   # a stage of the store: its page is rendered once, beside its notebook there
+            target = nb.resolve()
+            page = target.with_suffix(".html")
+            if not page.is_file() or page.stat().st_mtime_ns < target.stat().st_mtime_ns:
+                render_html(target, page, hide_code=False, title=nb.stem)
+            stagestore.link(nb.with_suffix(".html"), page)
+        else:
+            render_html(nb, nb.with_suffix(".html"), hide_code=False)
     return render_html(paths.executed_notebook(run_dir, "analysis"), Path(run_dir) / paths.REPORT, hide_code=True,
                        title=f"prunestudy report: {Path(run_dir).name}")

@@ -33,7 +33,7 @@ TOKEN_ENV = "PRUNESTUDY_LOCK_TOKEN"      # set by the runner for the kernels it 
 UPSTREAM = {"data": None, "train": "data", "prune": "train", "retrain": "prune", "analysis": "retrain"}
 INPUTS = {"data": (), "train": ("data",), "prune": ("data", "train"), "retrain": ("data", "train", "prune"),
           "analysis": ("data", "train", "prune", "retrain")}
-_SKIP_SUFFIXES = (".tmp", ".building", ".link")
+_SKIP_SUFFIXES = (".tmp", ".building", ".link", ".claim")
 
 
 class LockedError(RuntimeError):
@@ -42,8 +42,20 @@ class LockedError(RuntimeError):
 
 # --- keys ------------------------------------------------------------------------------------
 def stage_key(stage: str, params: dict, after: str | None, **extra) -> str:
-    """The key of a stage: its parameters (not where it reads or writes) and the key before it."""
-    return config.stage_hash({"stage": stage, "params": params, "after": after, **extra})
+    """The key of a stage: what defines its result (its parameters, not where it reads or writes
+    nor how fast) and the key before it."""
+    return config.stage_hash({"stage": stage, "params": defining(stage, params), "after": after, **extra})
+
+
+def defining(stage: str, params: dict) -> dict:
+    """The parameters that define a stage's result. The data stage's `workers` never changes it
+    (tested), and its `seed` only draws the capped subsets (data.max_per_class, max_test_per_class):
+    without caps, points and repeats that differ only in seed share one data stage."""
+    if stage != "data":
+        return params
+    drop = {"workers"} | ({"seed"} if params.get("max_per_class") is None
+                          and params.get("max_test_per_class") is None else set())
+    return {k: v for k, v in params.items() if k not in drop}
 
 
 def read(stage_folder: Path) -> dict | None:

@@ -9,9 +9,10 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from . import config, data, paths, records, states, store
+from . import config, data, methods, metrics, paths, records, states, store
 
 
 def collect_results(run_dir, params: dict | None = None, timings: dict | None = None) -> dict:
@@ -23,12 +24,15 @@ def collect_results(run_dir, params: dict | None = None, timings: dict | None = 
         res["data"] = {k: info.get(k) for k in ("classes", "train_size", "test_size", "counts", "skipped", "root",
                                                  "image_size", "label_mode", "clipped", "rejected", "cache",
                                                  "manifest_sha256")}
+    test = _test_set(run_dir, res.get("data"))
     for state in states.ALL:
         path = states.folder(run_dir, state.key) / paths.METRICS
         if path.is_file() and (state is not states.CONTROL or (res.get("retrain") or {}).get("control")):
-            res[state.stage] = store.read_json(path)
+            res[state.stage] = _scored(store.read_json(path), states.folder(run_dir, state.key), test)
     if (res.get("prune") or {}).get("sweep"):
         res["sweep"] = sweep_results(run_dir, res["prune"]["sweep"])
+    if test is not None:
+        res.update(comparisons(run_dir, res, *test))
     if params is not None:
         res["params"] = params
         res["params_hash"] = config.stage_hash(params)
@@ -46,11 +50,13 @@ def seed_results(run_dir, seed: int, where: str = ".") -> dict:
     sparsity, the folder."""
     out = {"seed": seed, "dir": where}
     run_dir = Path(run_dir) / where
+    test = _test_set(run_dir)
     for state in states.ALL:
         path = states.folder(run_dir, state.key) / paths.METRICS
         if path.is_file():
-            m = store.read_json(path)
-            out[state.key] = {k: m.get(k) for k in ("test_accuracy", "test_loss", "global_sparsity")}
+            m = _scored(store.read_json(path), states.folder(run_dir, state.key), test)
+            out[state.key] = {k: m.get(k) for k in ("test_accuracy", "balanced_accuracy", "macro_f1", "test_loss",
+                                                    "global_sparsity")}
     return out
 
 
@@ -79,14 +85,87 @@ def sweep_results(run_dir, names: list[str]) -> list[dict]:
                     "test_accuracy_before": p["test_accuracy"], "test_loss_before": p["test_loss"],
                     "test_accuracy_after": r["test_accuracy"] if r else None,
                     "test_loss_after": r["test_loss"] if r else None,
+                    **{f"{k}_{when}": (m or {}).get(k) for k in ("balanced_accuracy", "macro_f1")
+                       for when, m in (("before", p), ("after", r))},
                     "retrain_epochs": len(r["epochs"]) if r else None,
-                    "speedup_measured": eff["measured_speedup"], "speedup_theoretical": eff["theoretical_speedup"],
+                    "speedup_measured": eff["measured_speedup"], "speedup_ci": eff.get("speedup_ci"),
+                    "speedup_theoretical": eff["theoretical_speedup"],
                     "latency_device": table["device"], "latency_batch": batch, "latency_ms": ms.get("pruned"),
                     "dense_latency_ms": ms.get("dense"), "latency_threads": table["threads"],
                     "saves_time": eff["saves_time"], "remark": eff["remark"],
                     "macs": eff["macs"], "effective_macs": eff["effective_macs"], "dense_macs": eff["dense_macs"],
                     "sizes": {k: eff[k] for k in ("state_dict_bytes", "masked_bytes", "sparse_compressed_bytes",
                                                   "dense_state_dict_bytes")}})
+    return out
+
+
+def _test_set(run_dir: Path, info: dict | None = None) -> tuple[np.ndarray, list[str]] | None:
+    """The test labels and the class names of a run folder (None before the data stage)."""
+    data_dir = paths.stage_dir(run_dir, "data")
+    labels = data_dir / paths.labels("test")
+    if not labels.is_file() or not (info or (data_dir / paths.DATA_INFO).is_file()):
+        return None
+    classes = (info or data.read_info(data_dir))["classes"]
+    labels = np.load(labels)
+    return (labels, classes) if labels.size else None
+
+
+def _predictions(folder: Path, test) -> np.ndarray | None:
+    """The test predictions saved in a folder, if they are there and fit the test set."""
+    path = Path(folder) / paths.PREDICTIONS
+    if test is None or not path.is_file():
+        return None
+    pred = np.load(path)
+    return pred if pred.shape == test[0].shape else None
+
+
+def _scored(m: dict, folder: Path, test) -> dict:
+    """A state's metrics with its balanced accuracy, macro-F1 and top prediction; computed from
+    its saved predictions where its metrics.json predates them."""
+    if all(k in m for k in metrics.SCORE_KEYS):
+        return m
+    pred = _predictions(folder, test)
+    return m if pred is None else {**m, **{k: v for k, v in metrics.scores(test[0], pred, test[1]).items()
+                                          if k in metrics.SCORE_KEYS}}
+
+
+def comparisons(run_dir, res: dict, labels: np.ndarray, classes: list[str]) -> dict:
+    """What results.json says about comparisons on the test set (prunestudy.metrics), from the saved
+    predictions: `floor` (the majority class and each state against it), `paired` (the exact
+    McNemar test and Newcombe interval of each of states.COMPARED) and, per sweep point, its
+    balanced metrics, `paired_before` / `paired_after` against the trained model and
+    `vs_floor_before` / `vs_floor_after` against the floor method (random pruning) at the same
+    amount; each of these four is one Holm-corrected family over the sweep points."""
+    run_dir = Path(run_dir)
+    preds = {s.key: p for s in states.ALL if s.stage in res
+             and (p := _predictions(states.folder(run_dir, s.key), (labels, classes))) is not None}
+    out: dict = {"floor": metrics.floor(labels, preds, classes) if preds else None,
+                 "paired": [{"after": a, "before": b, **metrics.paired(labels, preds[b], preds[a])}
+                            for a, b in states.COMPARED if a in preds and b in preds]}
+    dense = preds.get("trained")
+    families: dict[str, list[dict]] = {}
+    points: dict[tuple[str, float, str], np.ndarray] = {}   # (method, amount, when) -> predictions
+    for e in res.get("sweep") or []:
+        for when, stage in (("before", "prune"), ("after", "retrain")):
+            pred = _predictions(paths.sweep_point(run_dir, stage, e["name"]), (labels, classes))
+            if pred is None or e.get(f"test_accuracy_{when}") is None:
+                continue
+            points[e["method"], e["amount"], when] = pred
+            s = metrics.scores(labels, pred, classes)
+            for k in ("balanced_accuracy", "macro_f1"):
+                e[f"{k}_{when}"] = s[k]
+            if dense is not None:
+                e[f"paired_{when}"] = metrics.paired(labels, dense, pred)
+                families.setdefault(f"paired_{when}", []).append(e[f"paired_{when}"])
+    floor = methods.floor()
+    for e in res.get("sweep") or []:   # each method against random pruning at the same amount
+        for when in ("before", "after"):
+            base, pred = points.get((floor, e["amount"], when)), points.get((e["method"], e["amount"], when))
+            if e["method"] != floor and base is not None and pred is not None:
+                e[f"vs_floor_{when}"] = metrics.paired(labels, base, pred)
+                families.setdefault(f"vs_floor_{when}", []).append(e[f"vs_floor_{when}"])
+    for family in families.values():
+        metrics.correct(family)
     return out
 
 

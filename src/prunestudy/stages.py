@@ -32,11 +32,13 @@ from . import (
     prune,
     records,
     results,
+    stagestore,
     store,
     synth,
     train,
 )
 from . import methods as pruning_methods
+from . import metrics as scoring
 from .artifacts import load_export, load_model  # noqa: F401  (notebooks and users call them from here)
 from .config import default
 from .paths import require, resolve_run_dir  # noqa: F401
@@ -94,6 +96,7 @@ def _computing(stage: str, run_dir: Path, out: Path, args: dict, inputs: dict[st
         later = [] if runner else _later_stages(run_dir, stage)
         if not runner:
             _announce(stage, run_dir, params, later, log)
+            stagestore.detach(out)   # never write other parameters into a shared store entry
         records.clear(out)
         start = time.perf_counter()
         yield key
@@ -139,11 +142,14 @@ def run_data(run_dir=None, *, root=default("data.root"), embedded=default("data.
              min_box=default("data.min_box"), max_per_class=default("data.max_per_class"),
              max_test_per_class=default("data.max_test_per_class"), seed=default("seed"),
              label_mode=default("data.label_mode"), min_per_class=default("data.min_per_class"),
-             max_bad_fraction=default("data.max_bad_fraction"), workers=default("data.workers"), out_dir=None,
-             refresh_cache=False, log=print) -> dict:
+             max_bad_fraction=default("data.max_bad_fraction"), workers=default("data.workers"),
+             min_test_per_class=default("data.min_test_per_class"), out_dir=None, refresh_cache=False,
+             log=print) -> dict:
     """The 10-class crop set of a COCO-format root ('embedded' = the embedded dataset), built once
     into the crop cache and linked into run_dir/data (see prunestudy.cache). `refresh_cache`:
-    build the crop set again even if the cache holds it (`prunestudy run --force data`)."""
+    build the crop set again even if the cache holds it (`prunestudy run --force data`).
+    `min_test_per_class`: a class without test samples is an error unless it is 0 (the report
+    marks classes with fewer test samples as too few to read); it does not change the crops."""
     run_dir = paths.resolve_run_dir(run_dir)
     if root == "embedded":
         where, params = embedded_root(embedded)
@@ -151,8 +157,15 @@ def run_data(run_dir=None, *, root=default("data.root"), embedded=default("data.
     params = dict(classes=classes, image_size=image_size, context=context, min_box=min_box,
                   max_per_class=max_per_class, max_test_per_class=max_test_per_class, seed=seed,
                   label_mode=label_mode, min_per_class=min_per_class, max_bad_fraction=max_bad_fraction)
-    return cache.crops(config.resolve_path(root), params, stage_dir(run_dir, "data", out_dir), workers=workers,
-                       log=log, refresh=refresh_cache)
+    out = stage_dir(run_dir, "data", out_dir)
+    info = cache.crops(config.resolve_path(root), params, out, workers=workers, log=log, refresh=refresh_cache)
+    empty = [c for c, n in info["counts"]["test"].items() if n == 0]
+    if empty and min_test_per_class > 0:
+        (out / paths.DATA_INFO).unlink(missing_ok=True)   # not a complete data stage
+        raise data.DataError(f"no test samples for {', '.join(repr(c) for c in empty)}: nothing can be said about "
+                             f"{'this class' if len(empty) == 1 else 'these classes'}; choose other classes, or set "
+                             "data.min_test_per_class=0 to keep them without per-class figures")
+    return info
 
 
 # --- stage 2 -----------------------------------------------------------------------------------
@@ -179,6 +192,7 @@ def run_train(run_dir=None, *, model=default("train.model"), epochs=default("tra
     out = stage_dir(run_dir, "train", out_dir)
     dev = train.select_device(device)
     classes = data.read_info(data_dir)["classes"]
+    models.check_input_size(model, data.read_info(data_dir)["image_size"], default("data.image_size"))  # notebooks
     trainset, testset = _load_data(data_dir, dev)
     torch.manual_seed(seed)
     net = models.build_model(model, len(classes))
@@ -197,7 +211,8 @@ def run_train(run_dir=None, *, model=default("train.model"), epochs=default("tra
     artifacts.save_predictions(out, ev["predictions"])
     store.write_json(out / paths.HISTORY, history)
     metrics = {"model": model, "params_total": models.count_parameters(net), "test_accuracy": ev["accuracy"],
-               "test_loss": ev["loss"], "epochs": history["epochs"], "seconds": time.perf_counter() - start,
+               **_scores(ev, testset, classes), "test_loss": ev["loss"], "epochs": history["epochs"],
+               "seconds": time.perf_counter() - start,
                "params": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "weights": weights,
                           "launcher": launcher, "nproc_per_node": nproc_per_node},
                "speed_params": speed, "speed": history.get("speed"), "world_size": history.get("world_size", 1),
@@ -212,7 +227,8 @@ def run_train(run_dir=None, *, model=default("train.model"), epochs=default("tra
 def run_prune(run_dir=None, *, method=default("prune.method"), amount=default("prune.amount"),
               targets=default("prune.targets"), rounds=default("prune.rounds"),
               rewind_step=default("prune.rewind_step"), amounts=default("prune.amounts"),
-              methods=default("prune.methods"), epochs_per_round=default("retrain.epochs_per_round"),
+              methods=default("prune.methods"), latency_repeats=default("prune.latency_repeats"),
+              epochs_per_round=default("retrain.epochs_per_round"),
               lr=default("retrain.lr"), batch_size=default("retrain.batch_size"), seed=default("seed"),
               device=default("train.device"), data_dir=None, model_dir=None, out_dir=None, log=print) -> dict:
     """Prune the trained model (one shot, or `rounds` rounds with `epochs_per_round` of fine-tuning
@@ -267,7 +283,7 @@ def run_prune(run_dir=None, *, method=default("prune.method"), amount=default("p
         rewind = {"step": rewind_step, "file": paths.REWOUND, "test_accuracy": ev_r["accuracy"],
                   "test_loss": ev_r["loss"]}
         log(f"[prune] surviving weights rewound to training step {rewind_step}: test acc {ev_r['accuracy']:.1%}")
-    eff = _efficiency(net, dense, LATENCY, testset)
+    eff = _efficiency(net, dense, {**LATENCY, "repeats": latency_repeats}, testset)
     artifacts.save_model(out, net, arch, len(classes))
     artifacts.save_predictions(out, ev["predictions"])
     if steps:
@@ -279,23 +295,25 @@ def run_prune(run_dir=None, *, method=default("prune.method"), amount=default("p
         (out / paths.REWOUND).unlink(missing_ok=True)
     names = _prune_sweep(out, dense, testset, example, amounts=amounts or [], methods=sweep_methods, targets=targets,
                          seed=seed, dense_key=_file_digest(model_dir / paths.MODEL), arch=arch,
-                         num_classes=len(classes), log=log)
+                         classes=classes, latency_repeats=min(SWEEP_LATENCY["repeats"], latency_repeats), log=log)
     metrics = {"method": method, "amount": amount, "targets": targets, "kind": pruning_methods.get(method).kind,
                "rounds": rounds, "round_amounts": schedule, "epochs_per_round": epochs_per_round if rounds > 1 else 0,
                "between_round_epochs": (rounds - 1) * epochs_per_round, "rounds_detail": rows,
-               **_sparsity_fields(net, dense, targets), "test_accuracy": ev["accuracy"], "test_loss": ev["loss"],
-               "dense_test_accuracy": before["accuracy"], "dense_test_loss": before["loss"], "rewind": rewind,
+               **_sparsity_fields(net, dense, targets), "test_accuracy": ev["accuracy"],
+               **_scores(ev, testset, classes), "test_loss": ev["loss"], "dense_test_accuracy": before["accuracy"],
+               "dense_test_loss": before["loss"], "rewind": rewind,
                "efficiency": eff, "sweep": names, "seconds": time.perf_counter() - start,
                "params": {"seed": seed, "lr": lr, "batch_size": batch_size}, **results.environment(dev)}
     store.write_json(out / paths.METRICS, metrics)
     return metrics
 
 
-def _prune_sweep(out: Path, dense, testset, example, *, amounts, methods, targets, seed, dense_key, arch, num_classes,
-                 log) -> list[str]:
+def _prune_sweep(out: Path, dense, testset, example, *, amounts, methods, targets, seed, dense_key, arch, classes,
+                 latency_repeats, log) -> list[str]:
     """Every (method, amount) of the sweep: prune the trained model one shot, evaluate it (no
     retraining), measure efficiency; out/sweep/<point>/ holds masks.pt (masked methods: the weights
-    are the trained ones) or model.pt + architecture.json (channel), and metrics.json, written last.
+    are the trained ones) or model.pt + architecture.json (channel), the test predictions, and
+    metrics.json, written last.
     A point whose metrics.json has the same key (method, amount, targets, seed, trained weights)
     is skipped. Returns the point names in sweep order."""
     names = []
@@ -314,15 +332,17 @@ def _prune_sweep(out: Path, dense, testset, example, *, amounts, methods, target
             net = prune.clone(dense)
             prune.apply(net, method, amount, targets, example_input=example, seed=seed)
             ev = train.evaluate(net, *testset)
-            eff = _efficiency(net, dense, SWEEP_LATENCY, testset)
+            eff = _efficiency(net, dense, {**SWEEP_LATENCY, "repeats": latency_repeats}, testset)
             if not pruning_methods.get(method).masked:
-                artifacts.save_model(where, net, arch, num_classes)
+                artifacts.save_model(where, net, arch, len(classes))
             else:
                 store.save_tensors(where / paths.MASKS, prune.masks(net))
+            artifacts.save_predictions(where, ev["predictions"])
             sp = _sparsity_fields(net, dense, targets)
             metrics = {"key": key, "name": name, "method": method, "amount": amount, "targets": targets,
                        "kind": pruning_methods.get(method).kind, **sp, "test_accuracy": ev["accuracy"],
-                       "test_loss": ev["loss"], "efficiency": eff, "seconds": time.perf_counter() - start}
+                       **_scores(ev, testset, classes), "test_loss": ev["loss"], "efficiency": eff,
+                       "seconds": time.perf_counter() - start}
             store.write_json(where / paths.METRICS, metrics)
             log(f"[sweep] {name}: sparsity {sp['global_sparsity']:.2%}, test acc {ev['accuracy']:.1%} before "
                 f"retraining, measured speedup {eff['measured_speedup']:.2f}x ({metrics['seconds']:.1f} s)")
@@ -334,7 +354,8 @@ def _prune_sweep(out: Path, dense, testset, example, *, amounts, methods, target
 def run_retrain(run_dir=None, *, epochs=default("retrain.epochs"), lr=default("retrain.lr"),
                 batch_size=default("retrain.batch_size"), epochs_per_round=default("retrain.epochs_per_round"),
                 control=default("retrain.control"), device=default("train.device"), seed=default("seed"),
-                data_dir=None, pruned_dir=None, model_dir=None, out_dir=None, launcher=None, log=print) -> dict:
+                latency_repeats=default("prune.latency_repeats"), data_dir=None, pruned_dir=None, model_dir=None,
+                out_dir=None, launcher=None, log=print) -> dict:
     """Fine-tune the pruned model (from its rewound weights when the prune stage rewound) with its
     masks held: pruned weights stay exactly zero. Then export it (export.pt + export.json); with
     `control`, fine-tune the unpruned trained model for as many epochs (the prune stage's
@@ -381,7 +402,7 @@ def run_retrain(run_dir=None, *, epochs=default("retrain.epochs"), lr=default("r
     sp = _sparsity_fields(net, dense, pm["targets"])
     eff = export = None
     if main:  # under torchrun the other ranks go on to the control's fine-tuning and wait for rank 0 there
-        eff = _efficiency(net, dense, LATENCY, testset)
+        eff = _efficiency(net, dense, {**LATENCY, "repeats": latency_repeats}, testset)
         artifacts.save_model(out, net, arch, len(classes))
         export = artifacts.export(out, net, arch, classes, pm, ev)
         artifacts.save_predictions(out, ev["predictions"])
@@ -389,12 +410,16 @@ def run_retrain(run_dir=None, *, epochs=default("retrain.epochs"), lr=default("r
     settings = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed}
     control_epochs = epochs + pm.get("between_round_epochs", 0)
     if control:
-        _control(out / paths.CONTROL, dense, trainset, testset, epochs=control_epochs, batch_size=batch_size, lr=lr,
-                 seed=seed, log=log, speed=speed)
-    names = _retrain_sweep(pruned_dir, out, pm.get("sweep") or [], dense, trainset, testset, settings, log, speed)
+        with _shared_control(out / paths.CONTROL, model_dir, control_params(control_epochs, lr, batch_size, seed,
+                                                                           device), log) as todo:
+            if todo:
+                _control(out / paths.CONTROL, dense, trainset, testset, epochs=control_epochs, batch_size=batch_size,
+                         lr=lr, seed=seed, log=log, speed=speed, classes=classes)
+    names = _retrain_sweep(pruned_dir, out, pm.get("sweep") or [], dense, trainset, testset, settings, log, speed,
+                           classes)
     if not main:
         return {}
-    metrics = {"test_accuracy": ev["accuracy"], "test_loss": ev["loss"], **sp,
+    metrics = {"test_accuracy": ev["accuracy"], **_scores(ev, testset, classes), "test_loss": ev["loss"], **sp,
                "start": {"weights": "rewound" if rewind else "pruned", "test_accuracy": first["accuracy"],
                          "test_loss": first["loss"]},
                "epochs": history["epochs"], "seconds": seconds, "params": settings, "efficiency": eff,
@@ -406,7 +431,38 @@ def run_retrain(run_dir=None, *, epochs=default("retrain.epochs"), lr=default("r
     return metrics
 
 
-def _control(out: Path, dense, trainset, testset, *, epochs, batch_size, lr, seed, log, speed) -> dict:
+def control_params(epochs: int, lr: float, batch_size: int, seed: int, device: str) -> dict:
+    """What defines the dense control beside the training it starts from (its key's parameters)."""
+    return {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed, "device": device}
+
+
+@contextmanager
+def _shared_control(out: Path, model_dir: Path, params: dict, log):
+    """The dense control is a stage of its own within retraining: keyed by the training it starts
+    from and its settings, so that points of a sweep (or runs) with the same training and
+    retraining settings share one (`out` then links into the stage store). Yields True when it must
+    be computed (under an exclusive claim), False when a complete one is there; records it after."""
+    key = records.stage_key("control", params, (records.read(model_dir) or {}).get("key"))
+    inputs = {"train": model_dir}
+    if torch.distributed.is_initialized():   # every rank decides alike; rank 0 records
+        todo = records.problem(out, key, inputs) is not None
+        yield todo
+        if todo and train.is_main_process():
+            records.write(out, "control", key, params, records.input_ids(inputs), 0.0, "prunestudy run")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    with stagestore.claim_dir(out, log):
+        todo = records.problem(out, key, inputs) is not None
+        if not todo:
+            log(f"[control] the dense control with these settings is done already (key {key}): reused")
+        start = time.perf_counter()
+        yield todo
+        if todo:
+            records.write(out, "control", key, params, records.input_ids(inputs), time.perf_counter() - start,
+                          "prunestudy run" if records.under_runner(out.parent.parent) else "python")
+
+
+def _control(out: Path, dense, trainset, testset, *, epochs, batch_size, lr, seed, log, speed, classes) -> dict:
     """The dense control: the trained model fine-tuned, unpruned, like the pruned one (control/)."""
     net = prune.clone(dense)
     start = time.perf_counter()
@@ -420,7 +476,8 @@ def _control(out: Path, dense, trainset, testset, *, epochs, batch_size, lr, see
     artifacts.save_predictions(out, ev["predictions"])
     store.write_json(out / paths.HISTORY, history)
     metrics = {"what": "the trained dense model fine-tuned with the retraining's settings, unpruned",
-               "test_accuracy": ev["accuracy"], "test_loss": ev["loss"], **_sparsity_fields(net, dense, "all"),
+               "test_accuracy": ev["accuracy"], **_scores(ev, testset, classes), "test_loss": ev["loss"],
+               **_sparsity_fields(net, dense, "all"),
                "fine_tune_epochs": epochs, "epochs": history["epochs"], "seconds": time.perf_counter() - start,
                "params": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed}}
     store.write_json(out / paths.METRICS, metrics)
@@ -430,9 +487,10 @@ def _control(out: Path, dense, trainset, testset, *, epochs, batch_size, lr, see
 
 
 def _retrain_sweep(pruned_dir: Path, out: Path, names: list[str], dense, trainset, testset, settings: dict,
-                   log, speed: dict) -> list[str]:
+                   log, speed: dict, classes: list[str]) -> list[str]:
     """Retrain every sweep point for settings['epochs'] and evaluate it; out/sweep/<point>/metrics.json
-    (no weights kept). A point already retrained from the same pruned point and settings is skipped."""
+    and the test predictions (no weights kept). A point already retrained from the same pruned point
+    and settings is skipped."""
     for name in names:
         src = pruned_dir / paths.SWEEP / name
         pm = store.read_json(src / paths.METRICS)
@@ -453,8 +511,10 @@ def _retrain_sweep(pruned_dir: Path, out: Path, names: list[str], dense, trainse
             continue
         ev = train.evaluate(net, *testset)
         sp = _sparsity_fields(net, dense, pm["targets"])
+        artifacts.save_predictions(where, ev["predictions"])
         metrics = {"key": key, "pruned_key": pm["key"], "name": name, "method": pm["method"], "amount": pm["amount"],
-                   "test_accuracy": ev["accuracy"], "test_loss": ev["loss"], "global_sparsity": sp["global_sparsity"],
+                   "test_accuracy": ev["accuracy"], **_scores(ev, testset, classes), "test_loss": ev["loss"],
+                   "global_sparsity": sp["global_sparsity"],
                    "params_nonzero": sp["params_nonzero"], "epochs": history["epochs"], "params": settings,
                    "seconds": time.perf_counter() - start}
         store.write_json(where / paths.METRICS, metrics)
@@ -465,8 +525,16 @@ def _retrain_sweep(pruned_dir: Path, out: Path, names: list[str], dense, trainse
 
 # --- shared ------------------------------------------------------------------------------------
 # Latency settings of efficiency.summary: the main model states, and each sweep point (kept small).
-LATENCY = {"batch_sizes": (1, 64), "repeats": 10, "warmup": 3, "devices": None}
-SWEEP_LATENCY = {"batch_sizes": (64,), "repeats": 5, "warmup": 2, "devices": ("cpu",)}
+# Every repeat gives one paired speed ratio: enough of them for an interval of the speedup.
+# The sweep points take at most SWEEP_LATENCY's repeats.
+LATENCY = {"batch_sizes": (1, 64), "warmup": 3, "devices": None}   # repeats: prune.latency_repeats
+SWEEP_LATENCY = {"batch_sizes": (64,), "repeats": 10, "warmup": 2, "devices": ("cpu",)}
+
+
+def _scores(ev: dict, testset, classes: list[str]) -> dict:
+    """Balanced accuracy, macro-F1 and the top prediction of an evaluation (prunestudy.metrics)."""
+    s = scoring.scores(testset[1].cpu().numpy(), ev["predictions"], classes)
+    return {k: s[k] for k in scoring.SCORE_KEYS}
 
 
 def _fit(net, trainset, testset, *, speed: dict, **kw) -> dict:

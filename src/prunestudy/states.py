@@ -37,6 +37,11 @@ BY_KEY = {s.key: s for s in ALL}
 MAIN = ("trained", "pruned", "retrained")      # the study's chain (the control stands beside it)
 KEYS = tuple(BY_KEY)                            # trained, pruned, retrained, control
 SEED_REPORT_COLOR = "#b0b0b0"                   # the seed report's bars: muted grey, drawn hatched
+# The comparisons a study makes between its states (after, before): what pruning changed, what
+# retraining changed from the pruned model and in all, and the retrained model against the
+# dense control (the same extra training, without pruning). Paired on the test set within a run
+# (results.json `paired`), over seeds in the report.
+COMPARED = (("pruned", "trained"), ("retrained", "pruned"), ("retrained", "trained"), ("retrained", "control"))
 
 
 def get(key: str) -> State:

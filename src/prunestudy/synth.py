@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 
+from . import crops
 from .config import default
 from .synth_scene import CATEGORIES, _scene
 
@@ -249,7 +250,7 @@ def _build(tmp: pathlib.Path, p: dict[str, int]) -> None:
         pool = None
         if workers > 1:
             # fork: workers need only numpy/PIL, this module and synth_scene; nothing is re-imported
-            pool = stack.enter_context(multiprocessing.get_context("fork").Pool(workers))
+            pool = stack.enter_context(crops.quiet_pool(multiprocessing.get_context("fork"), workers))  # Ctrl-C
         for code, split in enumerate(_SPLITS):
             n = p["train_images"] if split == "train2017" else p["val_images"]
             coco = _write_split(tmp, code, split, n, first_image_id, first_ann_id, p, pool)

@@ -38,6 +38,32 @@ CHECKPOINT_FORMAT = 1
 # Batches up to this size count as "small" on CUDA: torch.compile uses mode="reduce-overhead"
 # (CUDA graphs), since launch overhead dominates such steps.
 SMALL_BATCH = 512
+# A batch-mean cross-entropy above this has exploded: chance is ln(classes) (2.3 for 10), and even a
+# confidently wrong model stays within tens; training stops there (DivergedError), as at NaN or inf.
+DIVERGED_LOSS = 1e3
+DIVERGENCE_CHECK = 20   # steps between checks of the loss (one device sync each) within an epoch
+
+
+class EmptySetError(ValueError):
+    """An evaluation of no samples: nothing can be measured (never reported as a loss or accuracy of 0)."""
+
+
+class DivergedError(RuntimeError):
+    """Training diverged (a non-finite or exploding loss) and was stopped; nothing of it is kept."""
+
+    def __init__(self, label: str, step: int, loss: float, where: str, lr: float | None = None):
+        self.step, self.loss = step, loss
+        what = "not a finite number" if not math.isfinite(loss) else f"above {DIVERGED_LOSS:g}"
+        fix = f"lower the learning rate (lr={lr:g} here)" if lr else "lower the learning rate"
+        super().__init__(f"[{label}] diverged at step {step}: the {where} is {loss:.4g}, {what}. Training was "
+                         f"stopped and nothing of it is kept or reported: {fix} and rerun")
+
+
+def _first_bad(losses) -> int | None:
+    """Index of the first loss that is not finite or has exploded, or None."""
+    values = np.asarray(losses, dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(values) | (values > DIVERGED_LOSS))
+    return int(bad[0]) if len(bad) else None
 
 
 # --- devices and processes -----------------------------------------------------------------------
@@ -181,10 +207,14 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
             logits = model(xb).float()
         total_loss += F.cross_entropy(logits, y[i : i + batch_size], reduction="sum").item()
         preds.append(logits.argmax(1))
-    pred = torch.cat(preds) if preds else torch.empty(0, dtype=torch.long, device=y.device)
     n = len(y)
+    if not n:
+        raise EmptySetError("evaluation of an empty set (0 samples): there is nothing to measure, and a loss or "
+                            "accuracy of 0 would read as a result; the test split is empty (see the data stage's "
+                            "data.json)")
+    pred = torch.cat(preds)
     correct = int((pred == y).sum())
-    return {"loss": total_loss / max(n, 1), "accuracy": correct / max(n, 1), "correct": correct, "n": n,
+    return {"loss": total_loss / n, "accuracy": correct / n, "correct": correct, "n": n,
             "predictions": pred.cpu().numpy()}
 
 
@@ -192,10 +222,14 @@ def _evaluate_sharded(model: nn.Module, x: torch.Tensor, y: torch.Tensor, speed:
     """(loss, accuracy) on the test set: each rank evaluates its shard, the sums are all-reduced."""
     rank, world = rank_and_world()
     part = torch.tensor_split(torch.arange(len(x), device=x.device), world)[rank]
-    ev = evaluate(model, x[part], y[part], precision=speed["precision"], channels_last=speed["channels_last"])
-    sums = torch.tensor([ev["loss"] * ev["n"], ev["correct"], ev["n"]], dtype=torch.float64, device=x.device)
+    sums = torch.zeros(3, dtype=torch.float64, device=x.device)
+    if len(part):   # a rank's shard is empty when the test set has fewer samples than ranks
+        ev = evaluate(model, x[part], y[part], precision=speed["precision"], channels_last=speed["channels_last"])
+        sums = torch.tensor([ev["loss"] * ev["n"], ev["correct"], ev["n"]], dtype=torch.float64, device=x.device)
     torch.distributed.all_reduce(sums)
-    n = max(sums[2].item(), 1)
+    n = sums[2].item()
+    if not n:
+        evaluate(model, x[:0], y[:0])   # raises EmptySetError, on every rank alike
     return sums[0].item() / n, sums[1].item() / n
 
 
@@ -346,6 +380,7 @@ class _Trainer:
             net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         self.net = torch.compile(net, mode=speed["compile_mode"]) if speed["compile"] else net
         self.step = 0
+        self.lr, self.label = lr, "train"
 
     def _batch(self, idx: torch.Tensor):
         """(images, labels, loss scale) of this rank's part of a global batch; the draws are made
@@ -393,6 +428,7 @@ class _Trainer:
         n = len(self.x)
         perm = torch.randperm(n, generator=self.gen, device=self.device)
         sums, sizes, seen = [], [], 0
+        first = self.step + 1   # the global step of this epoch's first batch
         for i in range(0, n, self.batch_size):
             idx = perm[i : i + self.batch_size]
             xb, yb = self._batch(idx)
@@ -402,7 +438,16 @@ class _Trainer:
             sizes.append(len(idx))
             seen += len(yb)
             bar.update(len(idx), lambda s=local_sum, b=yb: s.item() / (max(len(b), 1) if self.world > 1 else 1))
+            if self.world == 1 and len(sums) % DIVERGENCE_CHECK == 0:   # distributed: at the epoch's end, together
+                self.check(torch.stack(sums[-DIVERGENCE_CHECK:]).float().cpu().numpy(),
+                           first + len(sums) - DIVERGENCE_CHECK)
         return torch.stack(sums).float(), sizes, seen
+
+    def check(self, losses, first_step: int) -> None:
+        """DivergedError at the first non-finite or exploding loss among steps first_step, ..."""
+        bad = _first_bad(losses)
+        if bad is not None:
+            raise DivergedError(self.label, first_step + bad, float(losses[bad]), "training batch's loss", self.lr)
 
 
 def _epoch_row(epoch: int, step_losses: np.ndarray, sizes: list[int], test: tuple[float, float],
@@ -459,6 +504,7 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], test: tuple[
                              speed=speed, world=world)
         key = _config_key(config)
     tr = _Trainer(model, x, y, batch_size=batch_size, lr=lr, seed=seed, speed=speed, device=device, on_step=on_step)
+    tr.label = label
     history: dict = {"steps": [], "epochs": [], "speed": speed, "world_size": world, "samples_per_rank": [0] * world}
     start_epoch = _resume(ckpt_path, key, config, tr, history, log, label) if ckpt_path is not None else 1
     for epoch in range(start_epoch, epochs + 1):
@@ -487,9 +533,12 @@ def _run_epoch(tr: _Trainer, test, history: dict, epoch: int, desc: str, progres
     finally:
         bar.close()
     step_losses, seen_all = _step_losses(tr, sums, sizes, seen)
+    tr.check(step_losses, tr.step - len(step_losses) + 1)   # every step of the epoch (the same on every rank)
     seconds = time.perf_counter() - start
-    history["epochs"].append(_epoch_row(epoch, step_losses, sizes, _test_metrics(tr.model, test, tr.speed, tr.world),
-                                        seconds))
+    test_metrics = _test_metrics(tr.model, test, tr.speed, tr.world)
+    if _first_bad([test_metrics[0]]) is not None:
+        raise DivergedError(tr.label, tr.step, test_metrics[0], f"test loss after epoch {epoch}", tr.lr)
+    history["epochs"].append(_epoch_row(epoch, step_losses, sizes, test_metrics, seconds))
     history["steps"].extend(float(v) for v in step_losses)
     history["samples_per_rank"] = [a + b for a, b in zip(history["samples_per_rank"], seen_all)]
     return seen_all

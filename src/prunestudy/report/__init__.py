@@ -9,14 +9,18 @@ strings: they are always drawn as literal text (``$`` escaped) and escaped in Ma
 One module per section of notebooks/05_analysis.ipynb (``from prunestudy import report`` gives
 them all, under the names the notebooks call):
 
-- ``summary``: title, summary table, test-accuracy bars beside the seed report;
+- ``summary``: title (the data named, warnings), summary table, test-accuracy bars (the seed report's
+  beside them only where comparable);
 - ``findings``: the first screen's sentences (and the dense control's);
 - ``seeds``: accuracy over seeds, paired changes and their confidence intervals;
 - ``efficiency``: parameters, MACs, bytes and measured time;
 - ``sweep``: the sweep table and the trade-off curves;
+- ``grid``: the grid report of `prunestudy sweep` (notebooks/06_sweep.ipynb): operating points
+  over seeds, trade-off curves per method, links to every point's report;
 - ``data``: what the data stage built, crops per class, sample crops;
 - ``curves``: loss per step, metrics per epoch, sparsity per layer, weight magnitudes;
-- ``per_class``: per-class accuracy, paired change, confusion matrices;
+- ``per_class``: per-class accuracy, paired change (exact McNemar, Holm), confusion matrices;
+- ``usage``: what the network really uses: dead units, and the pruned weight that sat in them;
 - ``provenance``: what made the run, links to every executed notebook;
 - ``stage``: the stage notebooks' paragraph and per-epoch table;
 - ``style`` (theme, colours, escaping, saving figures), ``common`` (results helpers) and
@@ -24,17 +28,26 @@ them all, under the names the notebooks call):
 
 Model states (names, colours, folders) come from ``prunestudy.states``, pruning methods (colours,
 markers, the floor, the wording of an amount) from ``prunestudy.methods``, file names from
-``prunestudy.paths``.
+``prunestudy.paths``; the statistics (paired tests, intervals, the majority floor) from
+``prunestudy.metrics`` through results.json.
 """
 
-from .common import binomial_se
+from .common import binomial_se, min_test
 from .curves import cut_threshold, plot_epoch_metrics, plot_layer_sparsity, plot_step_loss, plot_weight_histograms
 from .data import data_markdown, plot_class_counts, plot_samples, sample_mosaic
 from .efficiency import efficiency_markdown, efficiency_styler, efficiency_table
 from .findings import amount_phrase, control_markdown, findings, findings_markdown
+from .grid import (
+    grid_heading,
+    grid_operating_styler,
+    grid_points_markdown,
+    grid_table,
+    operating_points,
+    plot_grid_tradeoff,
+    save_grid_tables,
+)
 from .per_class import (
     confusion_matrix,
-    paired_change,
     per_class_markdown,
     per_class_styler,
     per_class_table,
@@ -58,9 +71,11 @@ from .stage import epoch_table, stage_markdown
 from .style import DPI, FIGSIZE, SEED_EDGE, SEED_HATCH, literal, md_escape, save_figures, setup_style
 from .summary import (
     ACC,
+    BALANCED,
     CONTROL_LABEL,
     LATENCY,
     LOSS,
+    MACRO_F1,
     NONZERO,
     SIZE,
     SPARSITY,
@@ -73,17 +88,22 @@ from .summary import (
     title_markdown,
 )
 from .sweep import plot_tradeoff, sweep_markdown, sweep_styler, sweep_table
+from .usage import dead_units, usage_markdown, usage_table
 
 __all__ = [
-    "ACC", "CONFIDENCE", "CONTROL_LABEL", "DPI", "FIGSIZE", "LATENCY", "LOSS", "NONZERO", "SEED_EDGE", "SEED_HATCH",
+    "ACC", "BALANCED", "CONFIDENCE", "MACRO_F1", "CONTROL_LABEL", "DPI", "FIGSIZE", "LATENCY", "LOSS", "NONZERO",
+    "SEED_EDGE", "SEED_HATCH",
     "SEED_REPORT_FILE", "SIZE", "SPARSITY", "SUMMARY_COLUMNS", "TOTAL",
-    "amount_phrase", "binomial_se", "confusion_matrix", "control_markdown", "cut_threshold", "data_markdown",
+    "grid_heading", "grid_operating_styler", "grid_points_markdown", "grid_table", "operating_points",
+    "plot_grid_tradeoff", "save_grid_tables",
+    "amount_phrase", "binomial_se", "dead_units", "min_test", "confusion_matrix", "control_markdown", "cut_threshold",
+    "data_markdown",
     "efficiency_markdown", "efficiency_styler", "efficiency_table", "epoch_table", "findings", "findings_markdown",
-    "latency_point", "literal", "md_escape", "paired_change", "paired_styler", "paired_table", "per_class_markdown",
+    "latency_point", "literal", "md_escape", "paired_styler", "paired_table", "per_class_markdown",
     "per_class_styler", "per_class_table", "plot_accuracy", "plot_class_counts", "plot_confusion",
     "plot_epoch_metrics", "plot_layer_sparsity", "plot_samples", "plot_seeds", "plot_step_loss", "plot_tradeoff",
     "plot_weight_histograms", "provenance_markdown", "row_normalised", "sample_mosaic", "save_figures",
     "seed_report", "seed_runs", "seeds_markdown", "seeds_styler", "seeds_table", "setup_style", "stage_markdown",
     "summary_styler", "summary_table", "sweep_markdown", "sweep_styler", "sweep_table", "t_interval",
-    "title_markdown",
+    "title_markdown", "usage_markdown", "usage_table",
 ]

@@ -45,7 +45,8 @@ def _seed_step_ranges(ax, train_chunks: list[np.ndarray]) -> None:
 
 
 def plot_step_loss(run_dir) -> Figure:
-    """Every optimizer step's loss, per-epoch mean and min-max band; retraining continues the step axis."""
+    """Every optimizer step's loss, per-epoch mean and min-max band; retraining continues the step axis;
+    the seed report's step-loss ranges only where the run is on COCO 2017 at its settings."""
     phases = [(s, h) for s in TRAINING if (h := _history(Path(run_dir), s))]
     if not phases:
         return placeholder(f"No training history ({states.TRAINED.folder}/{paths.HISTORY}) in this run folder.")
@@ -62,7 +63,7 @@ def plot_step_loss(run_dir) -> Figure:
                         label=f"{name}: epoch min–max")
         ax.plot([offset + c.mean() + 1 for c in chunks], [steps[c].mean() for c in chunks], "o-", color=color,
                 lw=1.8, ms=4, label=f"{name}: epoch mean")
-        if state == "trained":
+        if state == "trained" and reference.run_source(run_dir)["comparable"]:
             _seed_step_ranges(ax, chunks)
         elif offset:
             ax.axvline(offset + 0.5, color="dimgray", ls="--", lw=1)
@@ -77,7 +78,8 @@ def plot_step_loss(run_dir) -> Figure:
 
 def plot_epoch_metrics(results: dict) -> Figure:
     """Test accuracy (%) and test/train loss per epoch; retraining continues the epoch count, the pruned
-    model sits half an epoch after training, the seed report's accuracies are grey stars."""
+    model sits half an epoch after training; the seed report's accuracies are grey stars where the
+    run is on COCO 2017 at its settings (reference.data_source)."""
     train_rows, re_rows = (epochs(results, s) for s in TRAINING)
     if not train_rows and not re_rows:
         return placeholder(f"No per-epoch metrics (train / retrain stages) in {paths.RESULTS}.")
@@ -97,7 +99,7 @@ def plot_epoch_metrics(results: dict) -> Figure:
                     label="pruned (no training)")
         if prune.get("test_loss") is not None:
             loss_ax.plot([x], [prune["test_loss"]], "D", color=states.PRUNED.color, ms=8, label="pruned: test loss")
-    if n_train:
+    if n_train and reference.data_source(results)["comparable"]:
         seed = reference.accuracies()
         acc_ax.plot([n_train, n_train + 0.5], [100 * a for a in seed.values()],
                     "*", color=states.SEED_REPORT_COLOR, mec=SEED_EDGE, ms=13, ls="none",

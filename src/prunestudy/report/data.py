@@ -6,15 +6,17 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.figure import Figure
 
-from .. import paths
+from .. import config, paths
 from .common import count, data_info
 from .style import bar_values, figure, label, literal, md_escape, placeholder
 
 SPLIT_COLORS = {"train": "#8172b3", "test": "#937860"}   # seaborn "deep" 5 and 6: data splits are not model states
 
 
-def data_markdown(info: dict) -> str:
-    """What the data stage built: source, classes in label order, sizes and what was skipped."""
+def data_markdown(info: dict, min_test: int | None = None) -> str:
+    """What the data stage built: source, classes in label order, sizes and what was skipped, and
+    the classes with fewer than `min_test` test crops (data.min_test_per_class; the schema's default
+    when not given), whose per-class figures are too few to read."""
     lines = [f"Built from `{md_escape(info.get('root', '?'))}`: **{count(info['train_size'])}** training and "
              f"**{count(info['test_size'])}** test crops of {info.get('image_size', '?')} px, "
              f"{len(info['classes'])} classes (label order): {', '.join(md_escape(c) for c in info['classes'])}.",
@@ -24,11 +26,26 @@ def data_markdown(info: dict) -> str:
         skipped = (info.get("skipped") or {}).get(split, {})
         lines.append(f"| {split} | {count(size)} | "
                      + " | ".join(count(skipped.get(k, 0)) for k in _skip_keys(info)) + " |")
+    lines += _small_lines(info, config.default("data.min_test_per_class") if min_test is None else min_test)
     clipped = info.get("clipped") or {}
     if any(clipped.values()):
         lines += ["", "Boxes reaching outside their image, clipped to it: "
                   + ", ".join(f"{split} {count(n)}" for split, n in clipped.items()) + "."]
     return "\n".join(lines + _rejects_lines(info))
+
+
+def _small_lines(info: dict, min_test: int) -> list[str]:
+    """The classes with too few test crops to read per class (and those with none)."""
+    test = (info.get("counts") or {}).get("test") or {}
+    few = {c: n for c, n in test.items() if n < min_test}
+    if not few:
+        return []
+    named = ", ".join(f"{md_escape(c)} ({count(n)})" for c, n in few.items())
+    empty = [c for c, n in few.items() if n == 0]
+    return ["", f"**Too few test crops to read per class** (fewer than {min_test}, data.min_test_per_class): "
+            f"{named}. Their per-class figures are shown but marked, and no per-class verdict is given"
+            + (f"; {', '.join(md_escape(c) for c in empty)} {'has' if len(empty) == 1 else 'have'} none at all"
+               if empty else "") + "."]
 
 
 def _rejects_lines(info: dict) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .. import states
+from .. import efficiency, states
 from .common import MB
 from .style import md_escape
 
@@ -17,6 +17,17 @@ def dense_reference(results: dict) -> dict | None:
     in the same interleaved run), else the retrained one's."""
     return (states.metrics(results, "pruned").get("efficiency")
             or states.metrics(results, "retrained").get("efficiency"))
+
+
+def remark(eff: dict) -> str:
+    """The 'saves time?' sentence of an efficiency summary. A summary measured before verdicts needed
+    an interval (no `speedup_ci`: a fixed timing order and a fixed threshold) gets no verdict."""
+    if "speedup_ci" in eff:
+        return eff["remark"]
+    s = (f"not judged: measured {eff['measured_speedup']:.2f}x the dense model's speed, a ratio of medians timed in "
+         "a fixed order without an interval (this run was measured before verdicts needed one), so no verdict.")
+    return s + (" " + efficiency.same_shape_note(eff["theoretical_speedup"]) if eff["macs"] == eff["dense_macs"]
+                else "")
 
 
 def _eff_row(eff: dict, which: str) -> dict:
@@ -37,9 +48,13 @@ def _eff_row(eff: dict, which: str) -> dict:
         for r in table["rows"]:
             if r["model"] == ("dense" if dense else "pruned"):
                 row[f"{dev} latency, batch {r['batch']} (ms)"] = r["median_ms"]
-    largest = max((r["batch"] for t in eff.get("latency", {}).values() for r in t["rows"]), default=None)
+    largest = eff.get("verdict_batch") or max((r["batch"] for t in eff.get("latency", {}).values()
+                                               for r in t["rows"]), default=None)
+    low, high = eff.get("speedup_ci") or (None, None)
     row[f"measured speedup, batch {largest} (×)"] = 1.0 if dense else eff["measured_speedup"]
-    row["saves time"] = "reference" if dense else ("yes" if eff["saves_time"] else "NO")
+    row["speedup 95% CI (×)"] = "" if dense else ("—" if low is None else f"{low:.2f}–{high:.2f}")
+    row["saves time"] = "reference" if dense else ("not judged" if "speedup_ci" not in eff else
+                                                   "yes" if eff["saves_time"] else "NO")
     return row
 
 
@@ -68,8 +83,10 @@ def efficiency_styler(results: dict):
     fmt = {c: "{:,.0f}" for c in df.columns if c.startswith("params")}
     fmt.update({c: "{:.2f}" for c in df.columns if df[c].dtype.kind == "f" and c not in fmt})
     return (df.style.format(fmt, na_rep="—")
-            .set_caption("Latency: median of interleaved runs on this machine (masks folded, as deployed); "
-                         "'saves time' needs a measured speedup of at least 1.1×. MMACs: multiply-accumulates of the "
+            .set_caption("Latency: median of interleaved runs in random order on this machine (masks folded, as "
+                         "deployed). Measured speedup: the geometric mean of the paired ratios dense time / pruned "
+                         "time, one per run, with its 95% Student-t interval; 'saves time' only when that interval "
+                         "lies above 1. MMACs: multiply-accumulates of the "
                          "conv and linear layers per image. Sizes in MB of 10^6 bytes; 'sparse + zlib' is a size "
                          "estimate (nonzero values + bitmask, zlib), not a format any runtime loads."))
 
@@ -81,7 +98,7 @@ def efficiency_markdown(results: dict) -> str:
         eff = states.metrics(results, s.key).get("efficiency")
         if not eff:
             continue
-        lines.append(f"- **{s.label}**: {md_escape(eff['remark'])} On disk: {eff['state_dict_bytes'] / MB:.2f} MB as "
+        lines.append(f"- **{s.label}**: {md_escape(remark(eff))} On disk: {eff['state_dict_bytes'] / MB:.2f} MB as "
                      f"a plain state_dict (dense model {eff['dense_state_dict_bytes'] / MB:.2f} MB), "
                      f"{eff['sparse_compressed_bytes'] / MB:.2f} MB stored sparse and compressed.")
     return "\n".join(lines) or "No efficiency figures: the prune stage has not run in this run folder."
@@ -94,7 +111,7 @@ def f_efficiency(results: dict) -> str | None:
     if not eff:
         return None
     method = prune.get("method", "the pruning")
-    s = (f"Efficiency of {method}: {eff['remark']} Nonzero MACs per image fell from {eff['dense_macs'] / 1e6:.1f} M "
+    s = (f"Efficiency of {method}: {remark(eff)} Nonzero MACs per image fell from {eff['dense_macs'] / 1e6:.1f} M "
          f"to {eff['effective_macs'] / 1e6:.1f} M (theoretical {eff['theoretical_speedup']:.2f}×), while the kernels "
          f"still run {eff['macs'] / 1e6:.1f} M")
     return s + "."

@@ -1,5 +1,11 @@
 """The findings: sentences computed from the numbers of a run (each one changes when its numbers
-do), from the data through training, pruning, retraining and the dense control to the seed report."""
+do), from the data through training, pruning, retraining and the dense control to the seed report.
+
+Every comparison of two model states is read from results.json's paired tests (exact McNemar
+test and Newcombe interval on the same test crops, prunestudy.metrics): a change is called a
+drop or a gain only when the test says so at its level, and a change it cannot tell from noise
+is given with what its interval rules out, never as "no cost". A model state at the
+majority-class floor makes every comparison it is part of say that nothing can be concluded."""
 
 from __future__ import annotations
 
@@ -9,11 +15,56 @@ import numpy as np
 
 from .. import methods, states
 from . import reference
-from .common import binomial_se, change, count, epochs, pct, pts, test_size
+from .common import (
+    binomial_se,
+    change,
+    ci_text,
+    comparison,
+    count,
+    epochs,
+    flagged,
+    joined,
+    min_test,
+    pct,
+    plural,
+    pts,
+    relative,
+    signed,
+    small_classes,
+    test_size,
+    verdict_text,
+)
 from .efficiency import f_efficiency
 from .seeds import f_seeds
 from .style import md_escape
 from .sweep import f_sweep
+
+
+def _f_floor(results: dict) -> str | None:
+    """First of all: the model states that sit at the majority-class floor, or answer one class."""
+    bad = flagged(results)
+    if not bad:
+        return None
+    names = joined([states.get(s).label for s in bad])
+    return (f"Nothing can be concluded about pruning or retraining from the {names} model"
+            f"{'s' * (len(bad) != 1)}: {floor_detail(results['floor'], bad)}.")
+
+
+def floor_detail(floor: dict, bad: dict) -> str:
+    """Why the flagged states are at the floor: one clause per distinct finding, naming the states
+    it holds for (which state, which class, what share)."""
+    groups: dict[str, list[str]] = {}
+    for state, e in bad.items():
+        what = [f"{pct(e['accuracy'])}"]
+        if e["at_floor"]:
+            what.append(f"not significantly above the majority floor of {pct(floor['share'])} (always answering "
+                        f"'{floor['class']}'; exact binomial test of being above it: p = {e['p_value']:.2f})")
+        if e["collapsed"]:
+            what.append(f"answering '{e['top_class']}' for {pct(e['top_share'])} of the test crops ("
+                        f"'{e['top_class']}' is {pct(e['top_test_share'])} of them)")
+        groups.setdefault(", ".join(what), []).append(states.get(state).label)
+    return "; ".join(f"the {joined(names)} model{'s' * (len(names) != 1)} "
+                     f"{'scores' if len(names) == 1 else 'each score'} {what}" for what, names in groups.items())
 
 
 def _f_data(results: dict) -> str | None:
@@ -26,11 +77,28 @@ def _f_data(results: dict) -> str | None:
     common = max(test, key=test.get)
     n_test = sum(test.values())
     ratio = train[big] / train[small] if train[small] else float("inf")
-    return (f"The data has {count(sum(train.values()))} training and {count(n_test)} test crops over "
-            f"{len(train)} classes; "
-            f"training classes range from '{small}' ({count(train[small])} crops) to '{big}' ({count(train[big])}), "
-            f"a {ratio:.1f}:1 imbalance, and always answering the commonest test class ('{common}') would score "
-            f"{pct(test[common] / n_test)}, the floor any model has to beat.")
+    s = (f"The data has {count(sum(train.values()))} training and {count(n_test)} test crops over "
+         f"{len(train)} classes; "
+         f"training classes range from '{small}' ({count(train[small])} crops) to '{big}' ({count(train[big])}), "
+         f"a {ratio:.1f}:1 imbalance, and always answering the commonest test class ('{common}') would score "
+         f"{pct(test[common] / n_test)}, the floor any model has to beat")
+    few = small_classes(results)
+    empty = [c for c, n in few.items() if n == 0]
+    thin = {c: n for c, n in few.items() if n > 0}
+    if thin:
+        s += (f". {_listing(thin)} {'has' if len(thin) == 1 else 'have'} fewer than {min_test(results)} test crops "
+              f"(data.min_test_per_class): {'its' if len(thin) == 1 else 'their'} per-class figures are too few "
+              "to read")
+    if empty:
+        s += (f". {', '.join(repr(c) for c in empty)} {'has' if len(empty) == 1 else 'have'} no test crops at all: "
+              "nothing is measured for " + ("it" if len(empty) == 1 else "them"))
+    return s + "."
+
+
+def _listing(by_class: dict[str, int]) -> str:
+    """'bicycle' (9 test crops), 'oven' (7)"""
+    items = list(by_class.items())
+    return ", ".join(f"'{c}' ({count(n)}{' test crops' * (i == 0)})" for i, (c, n) in enumerate(items))
 
 
 def _f_accuracy(results: dict) -> str | None:
@@ -39,10 +107,14 @@ def _f_accuracy(results: dict) -> str | None:
         return "Training has not run in this run folder, so there is no trained model to report."
     acc, n = train["test_accuracy"], test_size(results)
     n_epochs = len(train.get("epochs") or [])
-    s = (f"After {n_epochs} training epoch{'s' * (n_epochs != 1)} the {train.get('model', 'model')} reached "
+    s = (f"After {plural(n_epochs, 'training epoch')} the {train.get('model', 'model')} reached "
          f"{pct(acc)} test accuracy")
+    extra = [f"{what} {pct(train[key])}" for key, what in (("balanced_accuracy", "balanced accuracy"),
+                                                            ("macro_f1", "macro-F1")) if train.get(key) is not None]
     if train.get("test_loss") is not None:
-        s += f" (test loss {train['test_loss']:.3f}, a true per-sample mean)"
+        extra.append(f"test loss {train['test_loss']:.3f}, a true per-sample mean")
+    if extra:
+        s += f" ({'; '.join(extra)})"
     if n:
         s += (f"; on {count(n)} test crops one binomial standard error of that accuracy is "
               f"±{100 * binomial_se(acc, n):.1f} points")
@@ -54,14 +126,16 @@ def _f_train_loss(results: dict, state: str) -> str | None:
     if not rows:
         return None
     loss = [r["train_loss"] for r in rows]
-    last = len(loss) - 1
-
-    def extreme(word: str, i: int) -> str:   # the value only where the sentence has not given it yet
-        return f"{word} in epoch {i + 1}" if i in (0, last) else f"{word} {loss[i]:.3f} in epoch {i + 1}"
-    s = (f"During {states.get(state).phase}, the per-epoch training loss (sample mean) went from {loss[0]:.3f} "
-         f"in epoch 1 "
-         f"to {loss[-1]:.3f} in epoch {last + 1} ({extreme('lowest', int(np.argmin(loss)))}, "
-         f"{extreme('highest', int(np.argmax(loss)))})")
+    phase = states.get(state).phase
+    if len(loss) == 1:
+        s = f"During {phase} (1 epoch), the training loss (sample mean) was {loss[0]:.3f}"
+    else:
+        s = (f"During {phase}, the per-epoch training loss (sample mean) went from {loss[0]:.3f} in epoch 1 "
+             f"to {loss[-1]:.3f} in epoch {len(loss)}")
+        inner = [f"{word} {loss[i]:.3f} in epoch {i + 1}" for word, i in
+                 (("lowest", int(np.argmin(loss))), ("highest", int(np.argmax(loss)))) if 0 < i < len(loss) - 1]
+        if inner:
+            s += f" ({', '.join(inner)})"
     if all("step_loss_min" in r for r in rows):
         s += (f"; single optimizer steps ranged from {min(r['step_loss_min'] for r in rows):.3f} "
               f"to {max(r['step_loss_max'] for r in rows):.3f} (batch means)")
@@ -76,18 +150,21 @@ def _f_overfit(results: dict, state: str) -> str | None:
     train = [r["train_loss"] for r in rows]
     acc = [r.get("test_accuracy", np.nan) for r in rows]
     best, last = int(np.argmin(test)), len(rows) - 1
-    best_acc = int(np.nanargmax(acc)) if not np.all(np.isnan(acc)) else None
-    tail = (f"; test accuracy peaked at {pct(acc[best_acc])} in epoch {best_acc + 1} (last epoch {pct(acc[-1])})"
-            if best_acc is not None else "")
+    tail = ""
+    if not np.all(np.isnan(acc)):
+        top = int(np.nanargmax(acc))
+        tail = (f"; test accuracy was highest in the last epoch ({pct(acc[-1])})" if acc[-1] >= acc[top] else
+                f"; test accuracy peaked at {pct(acc[top])} in epoch {top + 1} (last epoch {pct(acc[-1])})")
     phase = states.get(state).phase.capitalize()
     if best < last and test[last] > test[best] and train[last] < train[best]:
         return (f"{phase} overfits: test loss was lowest ({test[best]:.3f}) in epoch {best + 1} and rose to "
                 f"{test[last]:.3f} by epoch {last + 1} while training loss kept falling ({train[best]:.3f} → "
                 f"{train[last]:.3f}){tail}.")
     trend = "fell" if test[last] < test[0] else "did not fall"
+    rise = ("with no rise of test loss after its minimum, so no sign of overfitting by loss" if best == last or
+            test[last] <= test[best] else "and test loss was lowest in an earlier epoch")
     return (f"{phase}: test loss {trend} from {test[0]:.3f} to {test[last]:.3f} over {last + 1} epochs while "
-            f"training loss went from {train[0]:.3f} to {train[last]:.3f}, with no rise of test loss after its "
-            f"minimum, so no sign of overfitting by loss{tail}.")
+            f"training loss went from {train[0]:.3f} to {train[last]:.3f}, {rise}{tail}.")
 
 
 def _dense_accuracy(results: dict) -> float | None:
@@ -95,27 +172,49 @@ def _dense_accuracy(results: dict) -> float | None:
     return prune.get("dense_test_accuracy", states.metrics(results, "trained").get("test_accuracy"))
 
 
+def _balanced(results: dict, before: str, after: str) -> str:
+    """' (balanced accuracy 56.6% → 56.1%)' where both states have it."""
+    a, b = (states.metrics(results, s).get("balanced_accuracy") for s in (before, after))
+    return f" (balanced accuracy {pct(a)} → {pct(b)})" if a is not None and b is not None else ""
+
+
+def _stuck(results: dict, *involved: str) -> str | None:
+    """Why nothing can be concluded from a comparison of `involved` states (None if something can)."""
+    bad = [s for s in involved if s in flagged(results)]
+    if not bad:
+        return None
+    return (f"but the {joined([states.get(s).label for s in bad])} model{'s' * (len(bad) != 1)} "
+            f"{'is' if len(bad) == 1 else 'are'} at the majority-class floor, so nothing can be concluded from this "
+            "comparison")
+
+
 def _f_prune(results: dict) -> str:
     prune = states.metrics(results, "pruned")
     dense = _dense_accuracy(results)
     if "test_accuracy" not in prune or dense is None:
         return "Pruning has not run in this run folder, so there is no pruned model to compare."
-    acc, n = prune["test_accuracy"], test_size(results)
-    d = 100 * (acc - dense)
+    acc = prune["test_accuracy"]
     amount = amount_phrase(prune) if prune.get("amount") is not None else "?"
     s = (f"After pruning ({prune.get('method', '?')}, {amount}, targets '{prune.get('targets', '?')}'), "
-         f"{change(d, 'test accuracy')}, from {pct(dense)} to {pct(acc)}")
-    if n:
-        se = 100 * binomial_se(dense, n)
-        if abs(d) <= se:
-            s += (f"; that is within one binomial standard error (±{se:.1f} points on {count(n)} test crops), "
-                  f"indistinguishable from sampling noise")
-        else:
-            s += (f"; that is {abs(d) / se:.1f} binomial standard errors (±{se:.1f} points on {count(n)} test crops), "
-                  f"larger than sampling noise of one standard error")
+         f"{_moved(acc, dense)}" + _balanced(results, "trained", "pruned"))
+    stuck = _stuck(results, "trained", "pruned")
+    c = comparison(results, "pruned", "trained")
+    if stuck:
+        s += f"; {stuck}"
+    elif c:
+        s += (f". Paired on the same {count(c['n'])} test crops, the two models agree on {pct(c['agree'])} of them: "
+              + verdict_text(c))
     if prune.get("test_loss") is not None and prune.get("dense_test_loss") is not None:
         s += f"; test loss went from {prune['dense_test_loss']:.3f} to {prune['test_loss']:.3f}"
     return s + "."
+
+
+def _moved(after: float, before: float) -> str:
+    """'test accuracy fell by 0.5 points, from 57.3% to 56.8%', or 'test accuracy stayed at 55.9%'."""
+    d = 100 * (after - before)
+    if abs(d) < 0.005:
+        return f"test accuracy stayed at {pct(after)}"
+    return f"{change(d, 'test accuracy')}, from {pct(before)} to {pct(after)}"
 
 
 def amount_phrase(prune: dict) -> str:
@@ -158,21 +257,23 @@ def _f_retrain(results: dict) -> str:
     if "test_accuracy" not in re_:
         return "Retraining has not run in this run folder, so recovery after pruning is not measured."
     acc, dense, pruned = re_["test_accuracy"], _dense_accuracy(results), prune.get("test_accuracy")
-    s = f"During retraining ({len(re_.get('epochs') or [])} epochs, pruning masks held)"
+    s = f"During retraining ({plural(len(re_.get('epochs') or []), 'epoch')}, pruning masks held)"
     if pruned is None:
         return s + f" the model reached {pct(acc)} test accuracy."
-    s += f", {change(100 * (acc - pruned), 'test accuracy')} (from {pct(pruned)} to {pct(acc)})"
-    if dense is not None:
-        drop, gain, vs_dense = 100 * (dense - pruned), 100 * (acc - pruned), 100 * (acc - dense)
-        if vs_dense >= 0:
-            s += (f", ending {pts(vs_dense)} points above the dense model's {pct(dense)}"
-                  + (f": the {pts(drop)}-point pruning drop fully recovered" if drop > 0 else ""))
-        elif drop > 0:
-            s += (f", recovering {100 * max(gain, 0) / drop:.0f}% of the {pts(drop)}-point pruning drop "
-                  f"and ending {pts(vs_dense)} points below the dense model's {pct(dense)}")
-        else:
-            s += (f", ending {pts(vs_dense)} points below the dense model's {pct(dense)} although pruning "
-                  f"itself cost nothing")
+    s += f", {_moved(acc, pruned)}" + _balanced(results, "pruned", "retrained")
+    if (re_.get("start") or {}).get("weights") == "rewound":
+        s += f", starting from the rewound weights' {pct(re_['start']['test_accuracy'])}"
+    stuck = _stuck(results, "pruned", "retrained", "trained")
+    if stuck:
+        s += f"; {stuck}"
+    else:
+        c = comparison(results, "retrained", "pruned")
+        if c:
+            s += f": {verdict_text(c)}"
+        c = comparison(results, "retrained", "trained")
+        if c and dense is not None:
+            where = relative(100 * c["change"], f"the dense model's {pct(dense)}")
+            s += f". The retrained model is {where}: {verdict_text(c)}"
     if re_.get("global_sparsity") is not None and prune.get("global_sparsity") is not None:
         a, b = re_["global_sparsity"], prune["global_sparsity"]
         s += (f"; sparsity stayed at {pct(a, 2)}, so the masks held" if abs(a - b) < 1e-9
@@ -181,25 +282,33 @@ def _f_retrain(results: dict) -> str:
 
 
 def _f_seed(results: dict) -> str | None:
-    dense, pruned = _dense_accuracy(results), states.metrics(results, "pruned").get("test_accuracy")
+    """The seed report: beside this run only on COCO 2017 at its settings, as a reference otherwise."""
+    dense = _dense_accuracy(results)
     if dense is None:
         return None
     seed_t, seed_p = reference.accuracy("trained"), reference.accuracy("pruned")
-    gap = 100 * (dense - seed_t)
-    s = (f"This run's trained accuracy {pct(dense)} is {pts(gap)} points {'above' if gap >= 0 else 'below'} the "
-         f"seed report's {pct(seed_t, 0)}")
-    if pruned is None:
+    src = reference.data_source(results)
+    seeds = f"{pct(seed_t, 0)} / {pct(seed_p, 0)}"
+    if not src["comparable"]:
+        why = {reference.EMBEDDED: "the embedded synthetic shapes", reference.COCO: "COCO 2017 at other settings"
+               }.get(src["kind"], "other data")
+        return (f"The seed report's {seeds} (trained / pruned, on COCO 2017 at its settings) is a reference only: "
+                f"this run is on {why}, so its accuracies are not set against the seed's.")
+    floor = results.get("floor") or {}
+    half = 100 * reference.rounding() / 2
+    s = (f"On the same data and settings as the seed report, this run's trained model scored {pct(dense)} against "
+         f"the seed's {pct(seed_t, 0)} (a rounded figure: {100 * seed_t - half:.1f}–{100 * seed_t + half:.1f}%)")
+    if floor:
+        s += (f"; this test set's majority floor is {pct(floor['share'])} (always '{floor['class']}'), which the "
+              "seed report does not give")
+    c = comparison(results, "pruned", "trained")
+    if c is None:
         return s + "; the pruning comparison waits for the prune stage."
-    seed_drop, drop = 100 * (seed_t - seed_p), 100 * (dense - pruned)
-    amount = states.metrics(results, "pruned").get("amount")
-    amount_s = f" at amount {amount:g}" if amount is not None else ""
-    diff = drop - seed_drop
-    rel = "the same as" if abs(diff) < 0.05 else f"{pts(diff)} points {'more' if diff > 0 else 'less'} than"
-    what = "dropped" if drop >= 0 else "gained"
+    lo, hi = reference.drop_range()
     rate = reference.seed_report()["settings"]["prune_amount"]
-    return (s + f"; the seed lost {seed_drop:.1f} point to pruning at rate {rate:g} "
-            f"({pct(seed_t, 0)} → {pct(seed_p, 0)}), this run {what} {pts(drop)} points{amount_s} "
-            f"({pct(dense)} → {pct(pruned)}), {rel} the seed's drop.")
+    return (s + f". The seed lost {100 * (seed_t - seed_p):.0f} point to pruning at rate {rate:g} ({seeds}; "
+            f"from rounded figures, a drop anywhere between {lo:.0f} and {hi:.0f} points); this run's change is "
+            f"{signed(100 * c['change'])} points ({ci_text(c)}).")
 
 
 def _f_loss_note(results: dict) -> str | None:
@@ -208,10 +317,21 @@ def _f_loss_note(results: dict) -> str | None:
     if not losses:
         return None
     ours = ", ".join(f"{v:.3f} ({s})" for s, v in losses)
-    seed, batch = reference.seed_report()["reported_test_loss"], reference.seed_report()["settings"]["batch_size"]
-    return (f"Test losses are not comparable with the seed report: its {seed['trained']} / {seed['pruned']} are "
-            f"batch-mean losses divided by the number of samples (about {batch}× too small), "
-            f"whereas this run's {ours} are true per-sample means; the seed's losses are therefore not plotted.")
+    b = reference.loss_bound()
+    seed = reference.seed_report()["reported_test_loss"]
+    s = (f"Test losses are not comparable with the seed report's {seed['trained']} / {seed['pruned']}: those cannot "
+         f"be mean cross-entropies per sample, since a misclassified sample costs at least ln 2 (its true class "
+         f"gets at most half the probability) and at the seed's accuracy at least {pct(b['misclassified'])} of the "
+         f"test samples were misclassified, so the mean is at least {b['bound']:.2f}. {b['reported']} × {b['batch']} "
+         f"= {b['times_batch']:.2f} is a plausible mean, so the likely cause is batch-mean losses summed and divided "
+         f"by the number of samples at test batch {b['batch']} (an inference: the report does not say). This run's "
+         f"{ours} are true per-sample means")
+    n, trained = test_size(results), states.metrics(results, "trained").get("test_loss")
+    if n and trained is not None:
+        batches = math.ceil(n / b["batch"])
+        s += (f"; computed the seed's likely way (a sum of {batches} batch means over {count(n)} samples) the "
+              f"trained model's would read about {trained * batches / n:.3f}")
+    return s + ". The seed's losses are not plotted."
 
 
 def _f_first_steps(results: dict) -> str | None:
@@ -219,12 +339,13 @@ def _f_first_steps(results: dict) -> str | None:
     if not rows or "step_loss_first" not in rows[0]:
         return None
     k = len((results.get("data") or {}).get("classes") or []) or 10
-    seed = reference.seed_report()["step_loss"][1]
     r = rows[0]
-    return (f"The first optimizer step's loss was {r['step_loss_first']:.3f} (chance level for {k} classes: "
-            f"ln {k} = {math.log(k):.3f}; seed report {seed['first']:.3f}); epoch-1 step losses spanned "
-            f"{r['step_loss_min']:.3f}–{r['step_loss_max']:.3f} here vs {seed['min']:.3f}–{seed['max']:.3f} "
-            f"in the seed report.")
+    s = (f"The first optimizer step's loss was {r['step_loss_first']:.3f} (chance level for {k} classes: "
+         f"ln {k} = {math.log(k):.3f}); epoch-1 step losses spanned {r['step_loss_min']:.3f}–{r['step_loss_max']:.3f}")
+    if reference.data_source(results)["comparable"]:
+        seed = reference.seed_report()["step_loss"][1]
+        s += f" (seed report: first {seed['first']:.3f}, epoch 1 {seed['min']:.3f}–{seed['max']:.3f})"
+    return s + "."
 
 
 def _f_time(results: dict) -> str | None:
@@ -244,7 +365,7 @@ def _f_time(results: dict) -> str | None:
 
 def findings(results: dict) -> list[str]:
     """Sentences computed from the numbers of ``results`` (each one changes when its numbers do)."""
-    builders = [_f_data, _f_accuracy, lambda r: _f_train_loss(r, "trained"), _f_first_steps,
+    builders = [_f_floor, _f_data, _f_accuracy, lambda r: _f_train_loss(r, "trained"), _f_first_steps,
                 lambda r: _f_overfit(r, "trained"), _f_prune, _f_sparsity, _f_seed, f_seeds, _f_retrain, _f_control,
                 f_efficiency, f_sweep,
                 lambda r: _f_train_loss(r, "retrained"), lambda r: _f_overfit(r, "retrained"),
@@ -261,25 +382,29 @@ def _f_control(results: dict) -> str | None:
     control, re_ = states.metrics(results, "control"), states.metrics(results, "retrained")
     if "test_accuracy" not in control or "test_accuracy" not in re_:
         return None
-    c, r, dense, n = control["test_accuracy"], re_["test_accuracy"], _dense_accuracy(results), test_size(results)
+    c_acc, r_acc, dense = control["test_accuracy"], re_["test_accuracy"], _dense_accuracy(results)
     n_epochs = control.get("fine_tune_epochs", len(control.get("epochs") or []))
-    s = (f"The dense control (the trained model fine-tuned {n_epochs} more epoch{'s' * (n_epochs != 1)} with the same "
-         f"settings, unpruned) reached {pct(c)}")
+    s = (f"The dense control (the trained model fine-tuned {n_epochs} more epoch{'s' * (n_epochs != 1)} with the "
+         f"same settings, unpruned) reached {pct(c_acc)}")
+    if control.get("balanced_accuracy") is not None:
+        s += f" (balanced accuracy {pct(control['balanced_accuracy'])})"
     if dense is not None:
-        s += f" ({change(100 * (c - dense), 'accuracy')} from the dense model's {pct(dense)})"
-    d = 100 * (r - c)
-    s += f"; the retrained pruned model's {pct(r)} is {pts(d)} points {'above' if d >= 0 else 'below'} the control"
-    if n:
-        se = 100 * math.sqrt(binomial_se(r, n) ** 2 + binomial_se(c, n) ** 2)
-        s += f" (±{se:.1f} points, one standard error of the difference)"
-        if abs(d) <= se:
-            s += ", indistinguishable from it"
-    if d < 0:
-        s += f"; counting the extra training, pruning cost {pts(d)} points"
-        if dense is not None and r > dense:
-            s += ", and the retrained model's gain over the dense model came from the extra training, not from pruning"
-    else:
-        s += "; counting the extra training, pruning cost nothing measurable"
+        s += ", " + relative(100 * (c_acc - dense), f"the dense model's {pct(dense)}")
+    s += f"; the retrained pruned model's {pct(r_acc)} is {relative(100 * (r_acc - c_acc), 'it')}"
+    stuck = _stuck(results, "retrained", "control")
+    c = comparison(results, "retrained", "control")
+    if stuck:
+        return s + f", {stuck}."
+    if c is None:
+        return s + "."
+    s += f": {verdict_text(c, rules=False)}"
+    if c["verdict"] == "drop":
+        s += ". Against the same extra training, pruning cost accuracy"
+    elif c["verdict"] == "gain":
+        s += ". Against the same extra training, the pruned model did better"
+    elif c["ci_low"] < 0:
+        s += (f". Against the same extra training, pruning cost at most {pts(100 * c['ci_low'])} points at "
+              f"{c['confidence']:.0%} confidence")
     return s + "."
 
 

@@ -1,5 +1,6 @@
 """Which classes pay for pruning: per-class test accuracy of every model state, the paired change
-against the trained model with its standard error, and the confusion matrices."""
+against the trained model (exact McNemar test, Holm-corrected over the classes, Newcombe
+interval), the classes too small to read, and the confusion matrices."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from .. import paths, states
-from .common import data_info, where
+from .. import metrics, paths, states, store
+from .common import data_info, min_test, pvalue, signed, where
 from .style import figure, label, literal, md_escape, placeholder
 
 
@@ -38,43 +39,74 @@ def _test_labels_file(run_dir: Path) -> Path:
     return paths.stage_dir(run_dir, "data") / paths.labels("test")
 
 
-def paired_change(labels: np.ndarray, before: np.ndarray, after: np.ndarray) -> tuple[float, float]:
-    """Change of accuracy (points) from `before` to `after` predictions of the same samples, and its
-    standard error for paired samples: sqrt(b + c - (b - c)^2 / n) / n, with b (c) the samples only
-    `after` (only `before`) gets right (the normal approximation behind McNemar's test)."""
-    n = len(labels)
-    if n == 0:
-        return np.nan, np.nan
-    gain = int(((after == labels) & (before != labels)).sum())
-    loss = int(((after != labels) & (before == labels)).sum())
-    return 100 * (gain - loss) / n, 100 * np.sqrt(max(gain + loss - (gain - loss) ** 2 / n, 0.0)) / n
+CHANGED = ("pruned", "retrained")   # the states whose per-class change against the trained model is tested
+NOTE = "note"
+SAMPLES = "test samples"
 
 
-def per_class_table(run_dir) -> pd.DataFrame:
-    """Per-class test accuracy of every model state, and the paired change (points, ± one standard
-    error) of the pruned and retrained models against the trained one; most hurt by pruning first."""
+def _column(state: str, what: str) -> str:
+    return f"{state} − trained (points)" if what == "change" else f"{state}: {what}"
+
+
+def per_class_table(run_dir, min_test: int | None = None) -> pd.DataFrame:
+    """Per-class test accuracy of every model state and, for the pruned and retrained models against
+    the trained one, the paired change on each class's test crops (points) with its 95% Newcombe
+    interval, the crops gained / lost, the exact McNemar p-value, Holm-corrected over the classes
+    read, and the verdict at 5% (prunestudy.metrics). A class with fewer than `min_test` test crops
+    (data.min_test_per_class of the run) is marked too few to read and gets no verdict. Most hurt
+    by pruning first."""
     run_dir = Path(run_dir)
     classes = data_info(run_dir).get("classes") or []
     labels = np.load(_test_labels_file(run_dir)) if _test_labels_file(run_dir).is_file() else None
     preds = _predictions(run_dir) if labels is not None else {}
     if not preds or not classes:
         return pd.DataFrame()
+    min_test = run_min_test(run_dir) if min_test is None else min_test
     rows = {}
+    tests: dict[str, list[tuple[str, dict]]] = {state: [] for state in CHANGED}
     for k, name in enumerate(classes):
         sel = labels == k
-        row = {"test samples": int(sel.sum())}
+        n = int(sel.sum())
+        row = {SAMPLES: n}
         for state, pred in preds.items():
-            row[f"{states.get(state).label} (%)"] = 100 * float((pred[sel] == k).mean()) if sel.any() else np.nan
-        for state in ("pruned", "retrained"):
-            if state in preds and "trained" in preds:
-                change, se = paired_change(labels[sel], preds["trained"][sel], preds[state][sel])
-                row[f"{state} − trained (points)"], row[f"{state}: ± 1 SE"] = change, se
+            row[f"{states.get(state).label} (%)"] = 100 * float((pred[sel] == k).mean()) if n else np.nan
+        for state in CHANGED:
+            if state in preds and "trained" in preds and n:
+                c = metrics.paired(labels[sel], preds["trained"][sel], preds[state][sel])
+                row[_column(state, "change")] = 100 * c["change"]
+                row[_column(state, "95% CI")] = f"{signed(100 * c['ci_low'])} to {signed(100 * c['ci_high'])}"
+                row[_column(state, "gained / lost")] = f"{c['gains']} / {c['losses']}"
+                row[_column(state, "p")] = c["p_value"]
+                if n >= min_test:
+                    tests[state].append((str(name), c))
+        row[NOTE] = ("" if n >= min_test else f"too few to read (under {min_test} test crops)" if n
+                     else "no test crops")
         rows[str(name)] = row
+    for state, family in tests.items():
+        metrics.correct([c for _, c in family])
+        for name, c in family:
+            rows[name][_column(state, "p (Holm)")] = c["p_holm"]
+            rows[name][_column(state, "verdict")] = c["verdict"]
     df = pd.DataFrame.from_dict(rows, orient="index")
     df.index.name = "class"
-    if "pruned − trained (points)" in df:
-        df = df.sort_values("pruned − trained (points)", kind="stable")
+    order = [SAMPLES, *(c for c in df.columns if c.endswith("(%)"))]
+    for state in CHANGED:
+        if _column(state, "change") in df:   # a class too small to read has no verdict
+            df[_column(state, "verdict")] = df.get(_column(state, "verdict"), pd.Series(dtype=object)).reindex(
+                df.index).fillna("—")
+            order += [_column(state, w) for w in ("change", "95% CI", "gained / lost", "p", "p (Holm)", "verdict")
+                      if _column(state, w) in df]
+    df = df[order + [NOTE]]
+    if _column("pruned", "change") in df:
+        df = df.sort_values(_column("pruned", "change"), kind="stable")
+    df.attrs["tests"], df.attrs["min_test"] = tests, min_test
     return df
+
+
+def run_min_test(run_dir: Path) -> int:
+    """data.min_test_per_class of a run folder (its params.json; the schema's default without one)."""
+    params = Path(run_dir) / paths.PARAMS
+    return min_test({"params": store.read_json(params)} if params.is_file() else {})
 
 
 def per_class_styler(run_dir):
@@ -82,35 +114,51 @@ def per_class_styler(run_dir):
     df = per_class_table(run_dir)
     if df.empty:
         return df
-    fmt = {c: "{:.1f}" for c in df.columns if c != "test samples"}
+    fmt = {c: "{:.1f}" for c in df.columns if df[c].dtype.kind == "f"}
+    fmt.update({c: "{:.3f}" for c in df.columns if c.endswith(": p") or c.endswith("(Holm)")})
     change = [c for c in df.columns if c.endswith("(points)")]
     return (df.style.format(fmt, na_rep="—").format_index(escape="html")   # class names are untrusted text
             .bar(subset=change, align="zero", color=[states.PRUNED.color, states.RETRAINED.color])
             .set_caption("Per-class test accuracy (%). Changes are paired (the same test crops before and after), "
-                         "in points, with one standard error; a change smaller than about two standard errors is "
-                         "within the noise of this test set. Sorted by the change after pruning, largest loss first."))
+                         "in points, with the 95% Newcombe interval and the exact McNemar p-value, then "
+                         f"Holm-corrected over the classes with at least {df.attrs['min_test']} test crops; verdicts "
+                         "at 5%. A class with fewer test crops is too few to read. Sorted by the change after "
+                         "pruning, largest loss first."))
+
+
+def _class_line(state: str, family: list[tuple[str, dict]]) -> str:
+    """One state's per-class verdicts after correction, and its largest other changes."""
+    what = "pruning" if state == "pruned" else "pruning and retraining"
+    moved = [(name, c) for name, c in family if c["verdict"] in ("drop", "gain")]
+    s = (f"Per class ({what} against the trained model; exact McNemar tests on each class's test crops, "
+         f"Holm-corrected over the {len(family)} classes read, at 5%): ")
+    s += ("; ".join(f"{md_escape(name)} {signed(100 * c['change'])} points, a significant {c['verdict']} "
+                    f"({c['gains']} gained, {c['losses']} lost; {pvalue(c['p_holm'])} after correction)"
+                    for name, c in moved) if moved else "no class changed significantly")
+    others = [(n, c) for n, c in sorted(family, key=lambda nc: -abs(nc[1]["change"]))
+              if c["gains"] + c["losses"] and c["verdict"] not in ("drop", "gain")][:3]
+    if others:
+        s += ". Largest other changes: " + "; ".join(
+            f"{md_escape(name)} {signed(100 * c['change'])} points ({c['gains']} gained, {c['losses']} lost; "
+            f"{pvalue(c['p_value'])}, {pvalue(c['p_holm'])} after correction"
+            + ("; too few changes for any verdict" if c["verdict"] == "too few changes" else "") + ")"
+            for name, c in others)
+    return f"- {s}."
 
 
 def per_class_markdown(run_dir) -> str:
-    """Which classes pay for pruning, in sentences computed from ``per_class_table``."""
+    """Which classes pay for pruning (and after retraining), in sentences computed from
+    ``per_class_table``: the verdicts after correction, the largest other changes both ways, and
+    the classes too small to read."""
     df = per_class_table(run_dir)
-    col, se = "pruned − trained (points)", "pruned: ± 1 SE"
-    if df.empty or col not in df:
+    if df.empty or _column("pruned", "change") not in df:
         return "No per-class comparison: the train and prune stages' predictions are not both in this run folder."
-    worst = df[df[col] < 0].head(3)
-    if worst.empty:
-        return "Pruning lowered the test accuracy of no class."
-    named = "; ".join(f"{md_escape(name)} {r[col]:+.1f} ± {r[se]:.1f} points on {int(r['test samples'])} crops"
-                      for name, r in worst.iterrows())
-    beyond = df[(df[col] < 0) & (df[col].abs() > 2 * df[se])]
-    tail = (f" {len(beyond)} of {len(df)} classes lost more than two standard errors." if len(beyond)
-            else " No class lost more than two standard errors: the per-class losses are within the noise.")
-    lines = [f"- Pruning cost most in: {named}.{tail}"]
-    rcol = "retrained − trained (points)"
-    if rcol in df:
-        back = df[(df[col] < 0) & (df[rcol] >= 0)]
-        lines.append(f"- After retraining, {len(back)} of the {int((df[col] < 0).sum())} classes that lost "
-                     "accuracy to pruning are back at or above their trained accuracy.")
+    lines = [_class_line(state, family) for state, family in df.attrs["tests"].items() if family]
+    few = df[df[NOTE] != ""]
+    if len(few):
+        named = ", ".join(f"{md_escape(name)} ({int(r[SAMPLES])})" for name, r in few.iterrows())
+        lines.append(f"- {named} {'has' if len(few) == 1 else 'have'} fewer than {df.attrs['min_test']} test crops "
+                     "(data.min_test_per_class): too few to read per class, so no verdict is given.")
     return "\n".join(lines)
 
 

@@ -1,5 +1,5 @@
-"""Is it noise? The study repeated over random seeds: accuracy per seed, paired changes with
-Student-t confidence intervals, their sentences and the seeds figure."""
+"""Is it noise? The study repeated over random seeds: accuracy (and balanced accuracy, macro-F1)
+per seed, paired changes with Student-t confidence intervals, their sentences and the seeds figure."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from .. import states
+from .. import metrics, states
 from . import reference
 from .style import figure, label, legend_outside, md_escape, placeholder
 
-PAIRS = (("pruned", "trained"), ("retrained", "trained"), ("retrained", "control"))
-CONFIDENCE = 0.95
+PAIRS = states.COMPARED
+CONFIDENCE = metrics.CONFIDENCE
+SCORES = (("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro-F1"))   # shown beside accuracy
 CI_LOW, CI_HIGH = f"{CONFIDENCE:.0%} CI low", f"{CONFIDENCE:.0%} CI high"
 
 
@@ -32,14 +33,15 @@ def seed_runs(results: dict) -> list[dict]:
     for state in states.KEYS:
         m = states.metrics(results, state)
         if m.get("test_accuracy") is not None:
-            main[state] = {k: m.get(k) for k in ("test_accuracy", "test_loss", "global_sparsity")}
+            main[state] = {k: m.get(k) for k in ("test_accuracy", "balanced_accuracy", "macro_f1", "test_loss",
+                                                 "global_sparsity")}
     return [main, *(results.get("repeats") or [])]
 
 
-def _accuracies(runs: list[dict], state: str) -> dict:
-    """seed -> test accuracy (%) of `state`, for the seeds where it was measured."""
-    return {r["seed"]: 100 * r[state]["test_accuracy"] for r in runs if (r.get(state) or {}).get("test_accuracy")
-            is not None}
+def _accuracies(runs: list[dict], state: str, key: str = "test_accuracy") -> dict:
+    """seed -> test accuracy (or `key`: balanced_accuracy, macro_f1) of `state` in %, for the seeds
+    where it was measured."""
+    return {r["seed"]: 100 * r[state][key] for r in runs if (r.get(state) or {}).get(key) is not None}
 
 
 def t_interval(values, confidence: float = CONFIDENCE) -> tuple[float, float, float, float]:
@@ -60,7 +62,7 @@ def t_interval(values, confidence: float = CONFIDENCE) -> tuple[float, float, fl
 
 def seeds_table(results: dict) -> pd.DataFrame:
     """Test accuracy (%) of each model state per seed, with the mean, standard deviation (points),
-    min and max over seeds."""
+    min and max over seeds; the mean and SD of its balanced accuracy and macro-F1 beside them."""
     runs = seed_runs(results)
     rows = {}
     for state in states.KEYS:
@@ -68,9 +70,15 @@ def seeds_table(results: dict) -> pd.DataFrame:
         if not acc:
             continue
         mean, sd, _, _ = t_interval(acc.values())
-        rows[states.get(state).label] = {"seeds": len(acc), "mean (%)": mean, "SD (points)": sd,
-                                          "min (%)": min(acc.values()), "max (%)": max(acc.values()),
-                                          **{f"seed {s} (%)": a for s, a in acc.items()}}
+        row = {"seeds": len(acc), "mean (%)": mean, "SD (points)": sd,
+               "min (%)": min(acc.values()), "max (%)": max(acc.values()),
+               **{f"seed {s} (%)": a for s, a in acc.items()}}
+        for key, name in SCORES:
+            other = _accuracies(runs, state, key)
+            if other:
+                m, sd_, _, _ = t_interval(other.values())
+                row[f"{name}: mean (%)"], row[f"{name}: SD (points)"] = m, sd_
+        rows[states.get(state).label] = row
     df = pd.DataFrame.from_dict(rows, orient="index")
     df.index.name = "model state"
     return df
@@ -98,9 +106,9 @@ def paired_table(results: dict) -> pd.DataFrame:
 def seeds_styler(results: dict):
     df = seeds_table(results)
     return (df.style.format({c: "{:.2f}" for c in df.columns if c != "seeds"}, na_rep="—")
-            .set_caption("Test accuracy per seed. SD: sample standard deviation over seeds, in points (— with "
-                         "one seed). All seeds share the same data; a seed sets initialisation, batch order, "
-                         "augmentation and random pruning."))
+            .set_caption("Test accuracy per seed, and the mean balanced accuracy and macro-F1 over seeds. SD: "
+                         "sample standard deviation over seeds, in points (— with one seed). All seeds share the "
+                         "same data; a seed sets initialisation, batch order, augmentation and random pruning."))
 
 
 def paired_styler(results: dict):
@@ -117,9 +125,10 @@ def seeds_markdown(results: dict) -> str:
     runs = seed_runs(results)
     seeds = [r["seed"] for r in runs]
     if len(runs) < 2:
-        return (f"One seed only ({md_escape(seeds[0])}): no spread can be measured, so the changes above are single "
-                "measurements. Set `seeds: [0, 1, 2]` (or more) to repeat training, pruning and retraining with "
-                "other seeds on the same data and read every change against the noise.")
+        return (f"One seed only ({md_escape(seeds[0])}): no spread over seeds can be measured. The paired tests above "
+                "measure the noise of the test set, not that of training (initialisation, batch order, augmentation). "
+                "Set `seeds: [0, 1, 2]` (or more) to repeat training, pruning and retraining with other seeds on the "
+                "same data and read every change against that noise too.")
     lines = [f"- {len(runs)} seeds ({', '.join(md_escape(s) for s in seeds)}), the same data for all."]
     trained = _accuracies(runs, "trained")
     if trained:
@@ -135,12 +144,15 @@ def seeds_markdown(results: dict) -> str:
                    else f"the interval excludes 0: a {'loss' if hi < 0 else 'gain'} beyond seed-to-seed noise")
         lines.append(f"- {md_escape(name)}: {r['mean (points)']:+.2f} points on average over {int(r['seeds'])} seeds, "
                      f"{CONFIDENCE:.0%} CI [{lo:+.2f}, {hi:+.2f}]; {verdict}.")
-    seed_drop = 100 * (reference.accuracy("pruned") - reference.accuracy("trained"))
     pruning = _pruning_change(paired)
-    if pruning is not None:
+    if pruning is not None and reference.data_source(results)["comparable"]:
         lo, hi = pruning[CI_LOW], pruning[CI_HIGH]
-        lines.append(f"- The seed report's change after pruning ({seed_drop:+.0f} point, one seed) lies "
-                     f"{'inside' if lo <= seed_drop <= hi else 'outside'} this study's interval for it.")
+        low, high = reference.drop_range()          # the seed's drop, from its rounded figures
+        seed = (-high + 0.0, -low + 0.0)            # as a change (+ 0.0: no '-0')
+        where = ("inside" if lo <= seed[0] and seed[1] <= hi else
+                 "outside" if seed[1] <= lo or seed[0] >= hi else "partly inside")
+        lines.append(f"- The seed report's change after pruning (one seed; from its rounded figures somewhere between "
+                     f"{seed[0]:+.0f} and {seed[1]:+.0f} points) lies {where} this study's interval for it.")
     return "\n".join(lines)
 
 

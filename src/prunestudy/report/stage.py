@@ -13,7 +13,10 @@ from .style import md_escape
 
 def stage_markdown(stage: str, metrics: dict) -> str:
     """One paragraph of a stage's outcome, computed from its metrics."""
-    acc = f"test accuracy **{pct(metrics['test_accuracy'])}**, test loss {metrics['test_loss']:.4f} (per-sample mean)"
+    acc = f"test accuracy **{pct(metrics['test_accuracy'])}**"
+    if metrics.get("balanced_accuracy") is not None:
+        acc += f" (balanced accuracy {pct(metrics['balanced_accuracy'])}, macro-F1 {pct(metrics['macro_f1'])})"
+    acc += f", test loss {metrics['test_loss']:.4f} (per-sample mean)"
     if stage == "prune":
         return _prune_markdown(metrics, acc)
     epochs = len(metrics.get("epochs") or [])

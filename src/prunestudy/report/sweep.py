@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 from .. import states
-from .common import MB, pct
+from .common import MB, pct, pvalue, signed
 from .style import figure, floor_method, label, literal, md_escape, method_style, placeholder
 
 
@@ -18,30 +18,68 @@ def _sweep(results: dict) -> list[dict]:
     return [e for e in results.get("sweep") or [] if e.get("test_accuracy_before") is not None]
 
 
+def _pct(v) -> float:
+    return np.nan if v is None else 100 * v
+
+
+def _latest(e: dict) -> str:
+    """'after' where the point was retrained, else 'before'."""
+    return "after" if e.get("test_accuracy_after") is not None else "before"
+
+
 def sweep_table(results: dict) -> pd.DataFrame:
-    """One row per sweep point: method, amount and sparsity (%), test accuracy (%) before and after
-    retraining, measured and theoretical speedup, latency, sizes."""
+    """One row per sweep point: method, amount and sparsity (%), test accuracy, balanced accuracy and
+    macro-F1 (%) before and after retraining; the paired change against the dense (trained) model
+    after retraining (before, where not retrained) with its 95% interval and the exact McNemar
+    p-value Holm-corrected over the sweep points, and its verdict at 5%; measured speedup with its
+    interval, theoretical speedup, latency, sizes."""
     rows = []
     for e in _sweep(results):
-        after = e.get("test_accuracy_after")
+        when = _latest(e)
+        c = e.get(f"paired_{when}")
+        low, high = e.get("speedup_ci") or (None, None)
         rows.append({"method": e["method"], "amount (%)": 100 * e["amount"], "sparsity (%)": 100 * e["sparsity"],
                      "accuracy before retraining (%)": 100 * e["test_accuracy_before"],
-                     "accuracy after retraining (%)": np.nan if after is None else 100 * after,
+                     "accuracy after retraining (%)": _pct(e.get("test_accuracy_after")),
+                     "balanced accuracy before (%)": _pct(e.get("balanced_accuracy_before")),
+                     "balanced accuracy after (%)": _pct(e.get("balanced_accuracy_after")),
+                     "macro-F1 after (%)": _pct(e.get("macro_f1_after")),
+                     "vs dense (points)": np.nan if c is None else 100 * c["change"],
+                     "vs dense: 95% CI": "—" if c is None else f"{signed(100 * c['ci_low'])} to "
+                                                             f"{signed(100 * c['ci_high'])}",
+                     "vs dense: p (Holm)": np.nan if c is None else c["p_holm"],
+                     "vs dense: verdict": "—" if c is None else f"{c['verdict']} ({when} retraining)",
                      f"latency, batch {e['latency_batch']} (ms)": e["latency_ms"],
-                     "measured speedup (×)": e["speedup_measured"], "theoretical speedup (×)": e["speedup_theoretical"],
+                     "measured speedup (×)": e["speedup_measured"],
+                     "speedup 95% CI (×)": "—" if low is None else f"{low:.2f}–{high:.2f}",
+                     "theoretical speedup (×)": e["speedup_theoretical"],
                      "sparse + zlib (MB)": e["sizes"]["sparse_compressed_bytes"] / MB,
-                     "saves time": "yes" if e["saves_time"] else "NO"})
+                     "saves time": _saves(e)})
     return pd.DataFrame(rows)
 
 
 def sweep_styler(results: dict):
     df = sweep_table(results)
+    if df.empty:
+        return df
     fmt = {c: "{:.2f}" for c in df.columns if df[c].dtype.kind == "f"}
-    return df.style.format(fmt, na_rep="—").hide(axis="index")
+    fmt["vs dense: p (Holm)"] = "{:.3f}"
+    return (df.style.format(fmt, na_rep="—").hide(axis="index")
+            .set_caption("vs dense: the paired change of test accuracy against the trained (dense) model on the "
+                         "same test crops, after retraining where the point was retrained; exact McNemar p-value "
+                         "Holm-corrected over the sweep points, verdict at 5% ('too few changes': the crops that "
+                         "changed answer could not reach 5% whichever way they went). Speedup: geometric mean of "
+                         "paired timing ratios with its 95% interval; 'saves time' only when it lies above 1."))
+
+
+def _saves(e: dict) -> str:
+    """'yes' / 'NO' from the point's interval verdict; 'not judged' where it was measured without one."""
+    return "not judged" if e.get("speedup_ci") is None else ("yes" if e["saves_time"] else "NO")
 
 
 def f_sweep(results: dict) -> str | None:
-    """The findings' sentence on the sweep: accuracy at the largest amount, against the floor, and speed."""
+    """The findings' sentence on the sweep: accuracy at the largest amount against the dense model and
+    against the floor (random pruning), each a paired test Holm-corrected over the sweep, and speed."""
     sweep = _sweep(results)
     if not sweep:
         return None
@@ -50,27 +88,45 @@ def f_sweep(results: dict) -> str | None:
     at_top = {e["method"]: e for e in sweep if e["amount"] == top}
     stage = "after" if all(e.get("test_accuracy_after") is not None for e in at_top.values()) else "before"
     acc = {m: e[f"test_accuracy_{stage}"] for m, e in at_top.items()}
-    parts = ", ".join(f"{m} {pct(a)} (sparsity {pct(at_top[m]['sparsity'], 0)})" for m, a in acc.items())
+
+    def vs_dense(m: str) -> str:
+        c = at_top[m].get(f"paired_{stage}")
+        return "" if c is None else f"; {signed(100 * c['change'])} points against the dense model, {_short(c)}"
+    parts = "; ".join(f"{m} {pct(a)} (sparsity {pct(at_top[m]['sparsity'], 0)}{vs_dense(m)})" for m, a in acc.items())
     n_amounts = len({e["amount"] for e in sweep})
     s = (f"In the sweep ({len(methods)} method{'s' * (len(methods) != 1)} × {n_amounts} "
          f"amount{'s' * (n_amounts != 1)}), at the largest "
          f"amount ({pct(top, 0)}) test accuracy {stage} retraining was: {parts}")
     rand = floor_method()
     if rand in acc:
-        floor = acc[rand]
-        below = [m + (f" (at {pct(at_top[m]['sparsity'], 0)} sparsity against random's "
-                      f"{pct(at_top[rand]['sparsity'], 0)})"
-                      if abs(at_top[m]["sparsity"] - at_top[rand]["sparsity"]) > 0.01 else "")
-                 for m, a in acc.items() if m != rand and a <= floor]
-        s += (f"; random pruning, the floor, scored {pct(floor)}"
-              + (f", and {', '.join(below)} did no better than random there" if below else
-                 ", and every other method beat it"))
+        s += f". Random pruning, the floor, scored {pct(acc[rand])} there"
+        against = []
+        for m in acc:
+            c = at_top[m].get(f"vs_floor_{stage}")
+            if m == rand or c is None:
+                continue
+            sparsity = (f" at {pct(at_top[m]['sparsity'], 0)} sparsity against random's "
+                        f"{pct(at_top[rand]['sparsity'], 0)}"
+                        if abs(at_top[m]["sparsity"] - at_top[rand]["sparsity"]) > 0.01 else "")
+            against.append(f"{m} {signed(100 * c['change'])} points{sparsity} ({_short(c)})"
+                           + ("" if c["verdict"] == "gain" else ": not shown to beat random"))
+        if against:
+            s += "; against it, paired on the same crops: " + "; ".join(against)
     fast = {m: max(e["speedup_measured"] for e in sweep if e["method"] == m) for m in methods}
-    saving = [m for m in methods if any(e["saves_time"] for e in sweep if e["method"] == m)]
+    saving = [m for m in methods if any(_saves(e) == "yes" for e in sweep if e["method"] == m)]
     s += (f". Measured speedup at batch {sweep[0]['latency_batch']}: "
           + ", ".join(f"{m} up to {v:.2f}×" for m, v in fast.items())
-          + ("; only " + ", ".join(saving) + " saved time" if saving else "; no method saved time"))
+          + ("; only " + ", ".join(saving) + " saved time (speedup interval above 1)" if saving else
+             "; no method was shown to save time"))
     return s + "."
+
+
+def _short(c: dict) -> str:
+    """A sweep comparison's verdict in a few words: 'a significant drop, p < 0.001 after Holm'."""
+    if c["verdict"] == "too few changes":
+        return f"only {c['gains'] + c['losses']} crops changed: too few for a verdict"
+    p = pvalue(c["p_holm"]) + f" after Holm's correction over {c['family']} sweep points"
+    return f"a significant {c['verdict']}, {p}" if c["verdict"] in ("drop", "gain") else f"no significant change, {p}"
 
 
 def sweep_markdown(results: dict) -> str:
@@ -78,64 +134,79 @@ def sweep_markdown(results: dict) -> str:
     return md_escape(s) if s else "No sweep in this run (prune.amounts is null), so there are no trade-off curves."
 
 
-def _references(results: dict, axes, tops: list[float]) -> None:
-    """The dense model and the dense control as horizontal lines; their accuracies join `tops`."""
-    dense = states.metrics(results, "trained").get("test_accuracy")
-    control = states.metrics(results, "control").get("test_accuracy")
+def _references(results: dict, axes, tops: list[float], key: str = "test_accuracy") -> None:
+    """The dense model and the dense control as horizontal lines (their `key`: test_accuracy or
+    balanced_accuracy); their values join `tops`."""
+    dense = states.metrics(results, "trained").get(key)
+    control = states.metrics(results, "control").get(key)
+    what = "" if key == "test_accuracy" else ", balanced"
     for ax in axes:
         if dense is not None:
-            ax.axhline(100 * dense, color="black", lw=1.2, label=f"dense model ({pct(dense)})")
+            ax.axhline(100 * dense, color="black", lw=1.2, label=f"dense model{what} ({pct(dense)})")
             tops.append(100 * dense)
         if control is not None:
             ax.axhline(100 * control, color=states.CONTROL.color, lw=1.4, ls=":",
-                       label=f"{states.CONTROL.long_label} ({pct(control)})")
+                       label=f"{states.CONTROL.long_label}{what} ({pct(control)})")
             tops.append(100 * control)
         ax.set_ylim(0, min(100, max(tops) + 8))
 
 
+def _curves(ax, points: list[dict], x: list[float], key: str, style: tuple[str, str], name: str) -> list[float]:
+    """One method's curves of `key` (test_accuracy, balanced_accuracy) in %: solid after retraining,
+    dashed before; returns the values drawn."""
+    color, marker = style
+    before = [np.nan if e.get(f"{key}_before") is None else 100 * e[f"{key}_before"] for e in points]
+    after = [np.nan if e.get(f"{key}_after") is None else 100 * e[f"{key}_after"] for e in points]
+    if not np.all(np.isnan(after)):
+        ax.plot(x, after, marker=marker, ls="-", color=color, lw=1.8, label=f"{name}: after retraining")
+    if not np.all(np.isnan(before)):
+        ax.plot(x, before, marker=marker, ls="--", color=color, lw=1.2, alpha=0.75, mfc="none",
+                label=f"{name}: before retraining")
+    return [v for v in before + after if not np.isnan(v)]
+
+
 def plot_tradeoff(results: dict) -> Figure:
     """The sweep's trade-off curves: test accuracy (%) against sparsity (% of the targeted weights
-    zero or removed) and against the measured CPU speedup over the dense model, one colour per
-    method; solid = after retraining, dashed = before; random pruning (grey) shaded below as the
-    floor; the dense model and the dense control as horizontal reference lines."""
+    zero or removed), balanced accuracy against sparsity, and test accuracy against the measured
+    CPU speedup over the dense model, one colour per method; solid = after retraining, dashed =
+    before; random pruning (grey) shaded below as the floor; the dense model and the dense control
+    as horizontal reference lines."""
     sweep = _sweep(results)
     if not sweep:
         return placeholder("No sweep in this run (prune.amounts is null): no trade-off curves.")
-    fig, (ax_s, ax_t) = figure(2, size=(12, 4.6))
+    fig, (ax_s, ax_b, ax_t) = figure(3, size=(16, 4.6))
     methods = list(dict.fromkeys(e["method"] for e in sweep))
     rand = floor_method()
-    tops = []
+    tops, tops_b = [], []
     for m in methods:
         points = sorted((e for e in sweep if e["method"] == m), key=lambda e: e["sparsity"])
-        color, marker = method_style(m)
-        before = [100 * e["test_accuracy_before"] for e in points]
-        after = [np.nan if e.get("test_accuracy_after") is None else 100 * e["test_accuracy_after"] for e in points]
-        tops += before + [a for a in after if not np.isnan(a)]
         name = literal(m) + (" (random: the floor)" if m == rand else "")
-        for ax, x in ((ax_s, [100 * e["sparsity"] for e in points]), (ax_t, [e["speedup_measured"] for e in points])):
-            if not np.all(np.isnan(after)):
-                ax.plot(x, after, marker=marker, ls="-", color=color, lw=1.8, label=f"{name}: after retraining")
-            ax.plot(x, before, marker=marker, ls="--", color=color, lw=1.2, alpha=0.75, mfc="none",
-                    label=f"{name}: before retraining")
+        sparsity = [100 * e["sparsity"] for e in points]
+        tops += _curves(ax_s, points, sparsity, "test_accuracy", method_style(m), name)
+        tops_b += _curves(ax_b, points, sparsity, "balanced_accuracy", method_style(m), name)
+        _curves(ax_t, points, [e["speedup_measured"] for e in points], "test_accuracy", method_style(m), name)
         if m == rand:
-            floor = [a if not np.isnan(a) else b for a, b in zip(after, before)]
-            ax_s.fill_between([100 * e["sparsity"] for e in points], 0, floor, color=color, alpha=0.12,
-                              lw=0, label="at or below random pruning")
+            floor = [100 * e["test_accuracy_after" if e.get("test_accuracy_after") is not None else
+                           "test_accuracy_before"] for e in points]
+            ax_s.fill_between(sparsity, 0, floor, color=method_style(m)[0], alpha=0.12, lw=0,
+                              label="at or below random pruning")
     _references(results, (ax_s, ax_t), tops)
+    _references(results, (ax_b,), tops_b or [0.0], "balanced_accuracy")
     ax_t.axvline(1.0, color="dimgray", ls="-.", lw=1, label="no speedup (1×)")
     ax_t.set_xscale("log", base=2)  # masked methods sit at 1×, channel pruning spreads over octaves
     ax_t.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}×"))
     batch, threads = sweep[0]["latency_batch"], sweep[0].get("latency_threads")
-    label(ax_s, "sparsity: targeted weights zero or removed (% of the dense model's)", "test accuracy (%)",
-          "Accuracy vs sparsity")
+    for ax, what, title in ((ax_s, "test accuracy (%)", "Accuracy vs sparsity"),
+                            (ax_b, "balanced accuracy (%, mean per-class recall)", "Balanced accuracy vs sparsity")):
+        label(ax, "sparsity: targeted weights zero or removed (% of the dense model's)", what, title)
+        ax.set_xlim(0, 100)
     device = sweep[0]["latency_device"]
-    ax_s.set_xlim(0, 100)
     ax_t.set_xlim(left=min(0.9, 0.95 * min(e["speedup_measured"] for e in sweep)))
     label(ax_t, f"measured {device.upper() if device == 'cpu' else device} speedup over the dense model, batch {batch}"
           + (f", {threads} threads" if threads else "") + " (×, log scale)", "test accuracy (%)",
           "Accuracy vs measured speedup")
     handles = {}
-    for ax in (ax_s, ax_t):
+    for ax in (ax_s, ax_b, ax_t):
         for h, l in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(l, h)
     fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=3, fontsize=8)

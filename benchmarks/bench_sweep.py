@@ -1,0 +1,147 @@
+"""A 12-point grid (2 methods x 3 amounts x 2 seeds, smoke-sized training) computed three ways in
+one run on this machine, and the ratio of their wall times:
+
+  1. 12 separate `prunestudy run` calls in a row, without the stage store (`--store none`): each
+     point trains its own dense model and its own dense control, as before sweeps existed;
+  2. `prunestudy sweep --engine local --jobs 2`, a fresh store;
+  3. `prunestudy sweep --engine ray` on a local Ray (a fresh store).
+
+Per-point accuracies (before and after retraining, dense control) are compared: the two sweeps run
+each stage with the same threads (1 per job here) and must agree exactly; the separate runs use all
+cores, and PyTorch's CPU results depend on the thread count, so they may differ in the last digits.
+Then the dry-run plan of a 1,000-point grid, and how long it takes.
+
+    .venv/bin/python benchmarks/bench_sweep.py [--out DIR] [--skip-ray]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "prunestudy.cli"]
+GRID = """seed: 0
+data:
+  root: embedded
+  embedded: {seed: 0, train_images: 40, val_images: 20, image_size: 160}
+  min_box: 16
+  min_per_class: 1
+train: {epochs: 1, batch_size: 32, lr: 0.001}
+retrain: {epochs: 1, lr: 0.001, control: true}
+grid:
+  prune.method: [l1_unstructured, random_unstructured]
+  prune.amount: [0.3, 0.6, 0.9]
+  seed: [0, 1]
+"""
+BIG = """grid:
+  prune.method: [l1_unstructured, global_magnitude, random_unstructured, ln_structured]
+  prune.amount: [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85,
+                 0.9, 0.91, 0.92, 0.93, 0.95, 0.97, 0.98, 0.99]
+  seed: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+"""
+
+
+def timed(cmd: list[str], **kw) -> tuple[float, subprocess.CompletedProcess]:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, **kw)
+    if proc.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - start, proc
+
+
+def accuracies_of_run(run_dir: Path) -> tuple:
+    r = json.loads((run_dir / "results.json").read_text())
+    return r["prune"]["test_accuracy"], r["retrain"]["test_accuracy"], r["control"]["test_accuracy"]
+
+
+def accuracies_of_sweep(sweep_dir: Path) -> dict:
+    rows = json.loads((sweep_dir / "sweep.json").read_text())["points"]
+    return {r["point"]: (r["accuracy_before"], r["accuracy_after"], r["control_accuracy"]) for r in rows}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", help="work folder (default: a temporary one)")
+    ap.add_argument("--skip-ray", action="store_true")
+    args = ap.parse_args()
+    out = Path(args.out or tempfile.mkdtemp(prefix="bench-sweep-"))
+    out.mkdir(parents=True, exist_ok=True)
+    grid_file = out / "grid.yaml"
+    grid_file.write_text(GRID)
+    from prunestudy import grid, sweep
+
+    points = grid.points(grid_file)
+    figures = {"machine": os.uname().nodename, "cpus": os.cpu_count(), "points": len(points)}
+
+    # 1. separate runs, no store: what a user had before sweeps
+    separate, acc_separate, base = 0.0, {}, _base_args(grid_file, out)
+    for p in points:
+        overrides = [x for k, v in p.values.items() for x in ("-p", f"{k}={v}")]
+        seconds, _ = timed([*CLI, "run", *base, *overrides, "--run-dir", str(out / "separate" / p.name),
+                            "--store", "none"])
+        separate += seconds
+        acc_separate[p.name] = accuracies_of_run(out / "separate" / p.name)
+        print(f"separate run {p.name}: {seconds:.1f} s", flush=True)
+    figures["separate_runs_s"] = round(separate, 1)
+
+    # 2. the sweep, local engine, 2 jobs
+    seconds, _ = timed([*CLI, "sweep", "-f", str(grid_file), "--sweep-dir", str(out / "local" / "grid"),
+                        "--jobs", "2"])
+    figures["sweep_local_2_jobs_s"] = round(seconds, 1)
+    acc_local = accuracies_of_sweep(out / "local" / "grid")
+    print(f"sweep, local engine, 2 jobs: {seconds:.1f} s", flush=True)
+
+    # 3. the sweep on a local Ray
+    acc_ray = None
+    if not args.skip_ray:
+        seconds, _ = timed([*CLI, "sweep", "-f", str(grid_file), "--sweep-dir", str(out / "ray" / "grid"),
+                            "--engine", "ray"])
+        figures["sweep_ray_s"] = round(seconds, 1)
+        acc_ray = accuracies_of_sweep(out / "ray" / "grid")
+        print(f"sweep, local Ray: {seconds:.1f} s", flush=True)
+
+    figures["identical_local_and_ray"] = None if acc_ray is None else acc_ray == acc_local
+    figures["identical_separate_and_local"] = acc_separate == acc_local
+    diffs = [abs(a - b) for name in acc_local for a, b in zip(acc_separate[name], acc_local[name])]
+    figures["points_differing_separate_vs_local"] = sum(acc_separate[n] != acc_local[n] for n in acc_local)
+    figures["max_accuracy_difference_separate_vs_local"] = max(diffs)
+    figures["threads"] = {"separate runs": "all cores", "sweep local": f"{sweep.task_threads('local', 2)} per job",
+                          "sweep ray": sweep.task_threads("ray", 1)}
+    figures["speedup_local"] = round(separate / figures["sweep_local_2_jobs_s"], 2)
+    if acc_ray is not None:
+        figures["speedup_ray"] = round(separate / figures["sweep_ray_s"], 2)
+
+    big = out / "big.yaml"
+    big.write_text(BIG)
+    seconds, proc = timed([*CLI, "sweep", "-f", str(big), "--dry-run", "--sweep-dir", str(out / "big")])
+    figures["dry_run_1000_points_s"] = round(seconds, 2)
+    figures["dry_run_1000_points_plan"] = proc.stdout.strip().splitlines()
+    print(json.dumps(figures, indent=2))
+    print(f"speedup of the sweep (local, 2 jobs) over 12 separate runs: {figures['speedup_local']}x "
+          f"(goal: at least 4x); per-point accuracies identical, local and Ray: {figures['identical_local_and_ray']}; "
+          f"separate runs and local sweep: {figures['identical_separate_and_local']} "
+          f"({figures['points_differing_separate_vs_local']} points differ, by at most "
+          f"{figures['max_accuracy_difference_separate_vs_local']:.4f}: threads differ, see docs/sweeps.md)")
+    (out / "bench_sweep.json").write_text(json.dumps(figures, indent=2))
+
+
+def _base_args(grid_file: Path, out: Path) -> list[str]:
+    """The grid file's common parameters as a parameter file of its own (the `grid:` mapping left out)."""
+    import yaml
+
+    base = yaml.safe_load(grid_file.read_text())
+    base.pop("grid")
+    path = out / "base.yaml"
+    path.write_text(yaml.safe_dump(base))
+    return ["-f", str(path)]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""A study grid: ordinary study parameters plus a `grid:` mapping of keys to value lists; every
+combination is a point (a study of its own), and points that share a prefix of the stage chain
+share its stages (one data stage, one training per seed and training parameters, ...).
+
+    # params/grid.yaml
+    train: {epochs: 10}
+    grid:
+      prune.method: [l1_unstructured, global_magnitude, random_unstructured]
+      prune.amount: [0.2, 0.5, 0.7, 0.8, 0.9]
+      seed: [0, 1, 2]
+
+`load` reads the file, the `-p key=value` overrides (for every point) and the `-g key=v1,v2`
+grid overrides, and validates every point before any work (config.ParamsError lists every bad
+point with its problem). `plan` names each point's stages by their keys and counts the unique
+ones; `dry_run_text` prints that plan with what is already done and an estimate of the time left.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from . import config, paths, pipeline, records, stages
+
+GRID_KEY = "grid"
+STAGES = ("data", "train", "control", "prune", "retrain", "analysis")
+# what each kind of stage is shared by (for the plan's wording)
+SHARED_BY = {"data": "data parameters", "train": "seed and training parameters",
+             "control": "training and retraining parameters", "prune": "point", "retrain": "point",
+             "analysis": "point"}
+
+
+@dataclass(frozen=True)
+class Point:
+    name: str                   # folder name under <sweep>/points/, readable
+    values: dict                # this point's grid values {key: value}
+    cfg: dict = field(repr=False)   # its full, validated parameters
+
+
+def _parse_grid_override(item: str) -> tuple[str, list]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip() or not raw.strip():
+        raise config.ParamsError([f"grid override {item!r} is not key=v1,v2,... (e.g. -g prune.amount=0.2,0.5,0.8)"])
+    raw = raw.strip()
+    try:
+        values = yaml.safe_load(raw) if raw.startswith("[") else [yaml.safe_load(v) for v in raw.split(",")]
+    except yaml.YAMLError as e:
+        raise config.ParamsError([f"grid override {item!r}: values are not valid YAML ({e.problem})"]) from None
+    return key.strip(), values if isinstance(values, list) else [values]
+
+
+def read(path: str | Path | None, overrides=(), grid_overrides=()) -> tuple[dict, dict[str, list]]:
+    """(the study parameters common to every point, as a flat dict of the file and -p overrides;
+    the grid {key: values}) from a grid file."""
+    loaded: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise config.ParamsError([f"grid file {p} does not exist: pass an existing YAML file to -f"])
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise config.ParamsError([f"{p} is not valid YAML: {e}"]) from None
+        if not isinstance(loaded, dict):
+            raise config.ParamsError([f"{p} must hold a mapping of parameters and a `grid:` mapping"])
+    loaded = dict(loaded)
+    grid = loaded.pop(GRID_KEY, None) or {}
+    if not isinstance(grid, dict):
+        raise config.ParamsError([f"`grid:` must map parameter keys to lists of values, got {type(grid).__name__}"])
+    grid = {str(k): (list(v) if isinstance(v, (list, tuple)) else [v]) for k, v in config.flatten(grid).items()}
+    for item in grid_overrides:
+        key, values = _parse_grid_override(item)
+        grid[key] = values
+    return loaded, grid
+
+
+def _problems_of_grid(base: dict, grid: dict[str, list]) -> list[str]:
+    problems = []
+    for key, values in grid.items():
+        if key not in config.SCHEMA:
+            problems.append(f"grid key {key!r} is not a parameter (prunestudy params --show lists them)")
+        elif not values:
+            problems.append(f"grid key {key} has no values")
+        elif len({json.dumps(v, sort_keys=True, default=str) for v in values}) != len(values):
+            problems.append(f"grid key {key} lists a value twice: {values}")
+    flat_base = config.flatten(base)
+    for key in ("seeds", "prune.amounts", "prune.methods"):
+        if flat_base.get(key) is not None or key in grid:
+            target = {"seeds": "seed", "prune.amounts": "prune.amount", "prune.methods": "prune.method"}[key]
+            problems.append(f"{key} is the one-run shorthand of a grid: in a grid file write `grid: {{{target}: "
+                            f"[...]}}` instead (each value a point, its stages shared and run in parallel)")
+    return problems
+
+
+def points(path: str | Path | None, overrides=(), grid_overrides=()) -> list[Point]:
+    """Every point of the grid, validated: config.ParamsError lists every problem of every point."""
+    base, grid = read(path, overrides, grid_overrides)
+    problems = _problems_of_grid(base, grid)
+    if problems:
+        raise config.ParamsError(problems)
+    keys = list(grid)
+    out, bad = [], []
+    combos = itertools.product(*(grid[k] for k in keys)) if keys else [()]
+    for combo in combos:
+        values = dict(zip(keys, combo))
+        extra = [f"{k}={json.dumps(v)}" for k, v in values.items()]
+        try:
+            cfg = _load_point(base, list(overrides) + extra)
+        except config.ParamsError as e:
+            bad += [f"point {_label(values)}: {p}" for p in e.problems]
+            continue
+        out.append(Point(_name(values), values, cfg))
+    if bad:
+        raise config.ParamsError(bad)
+    names = [p.name for p in out]
+    if len(set(names)) != len(names):   # values that print alike: make the names unique
+        out = [Point(f"{p.name}-{config.stage_hash(p.values)[:6]}", p.values, p.cfg) for p in out]
+    return out
+
+
+def _load_point(base: dict, overrides: list[str]) -> dict:
+    """Defaults, the grid file's parameters, the -p overrides, the point's values; validated."""
+    common = [f"{k}={json.dumps(v)}" for k, v in config.flatten(base).items()]
+    return config.load(None, common + overrides)
+
+
+def _label(values: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in values.items()) or "(the base parameters)"
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]+")
+
+
+def _name(values: dict) -> str:
+    """A readable folder name: the grid values, short keys (e.g. method=l1_unstructured,amount=0.5,seed=0)."""
+    if not values:
+        return "base"
+    last = [k.rsplit(".", 1)[-1] for k in values]
+    parts = [f"{k.rsplit('.', 1)[-1] if last.count(k.rsplit('.', 1)[-1]) == 1 else k}={json.dumps(v, default=str)}"
+             for k, v in values.items()]
+    name = _UNSAFE.sub("_", ",".join(parts).replace('"', ""))
+    return name if len(name) <= 120 else f"{name[:100]}-{config.stage_hash(values)[:8]}"
+
+
+# --- the plan ----------------------------------------------------------------------------------
+def control_params(cfg: dict) -> dict:
+    """What defines a point's dense control: its training, and the retraining settings over as many
+    epochs as the pruned model gets (between rounds included)."""
+    rounds, per_round, re_ = cfg["prune"]["rounds"], cfg["retrain"]["epochs_per_round"], cfg["retrain"]
+    return stages.control_params(re_["epochs"] + (rounds - 1) * per_round, re_["lr"], re_["batch_size"],
+                                 cfg["seed"], cfg["train"]["device"])
+
+
+def point_keys(cfg: dict) -> dict[str, str]:
+    """The stage keys of one point (the run folder does not enter a key), and its control's."""
+    keys = pipeline.stage_keys(cfg, Path("."))
+    if cfg["retrain"]["control"]:
+        keys["control"] = records.stage_key("control", control_params(cfg), keys["train"])
+    return keys
+
+
+def plan(pts: list[Point]) -> dict:
+    """{stage kind: {key: [point names]}}: the unique stages and the points that share each."""
+    out: dict[str, dict[str, list[str]]] = {s: {} for s in STAGES}
+    for p in pts:
+        for stage, key in point_keys(p.cfg).items():
+            out[stage].setdefault(key, []).append(p.name)
+    return out
+
+
+def done_keys(store_root: Path, the_plan: dict) -> dict[str, set[str]]:
+    """The keys of each stored kind whose store entry holds a record of that key (complete when
+    its inputs still agree: the run checks that again before it skips anything)."""
+    done = {}
+    for stage, keys in the_plan.items():
+        folder = Path(store_root) / stage
+        done[stage] = {k for k in keys if (records.read(folder / k) or {}).get("key") == k
+                       and not (records.read(folder / k) or {}).get("stale")}
+    return done
+
+
+def dry_run_text(pts: list[Point], sweep_dir: Path, store_root: Path) -> str:
+    """The plan: points, unique stages per kind (and how many are done), and an estimate of the time
+    left from the stage times the store has measured."""
+    the_plan = plan(pts)
+    done = done_keys(store_root, the_plan)
+    for point in pts:   # analyses live in the point folders, not in the store
+        rec = records.read(paths.stage_dir(paths.point_dir(sweep_dir, point.name), "analysis"))
+        keys = point_keys(point.cfg)
+        if rec and rec.get("key") == keys["analysis"]:
+            done["analysis"].add(keys["analysis"])
+    seconds = measured_seconds(store_root)
+    lines = [f"{len(pts)} points; stages (unique, done, to run; shared per ...):"]
+    left, unknown = 0.0, []
+    for stage in STAGES:
+        keys = the_plan[stage]
+        todo = len(keys) - len(done[stage])
+        lines.append(f"  {stage:9s} {len(keys):5d} unique, {len(done[stage]):5d} done, {todo:5d} to run"
+                     f"   (one per {SHARED_BY[stage]})")
+        if todo and stage in seconds:
+            left += todo * seconds[stage]
+        elif todo:
+            unknown.append(stage)
+    estimate = f"about {left / 60:.1f} min of stage time left" if left else "no stage time measured yet"
+    if unknown:
+        estimate += f" (no measurement yet for {', '.join(unknown)}: not counted)"
+    lines.append(f"estimate: {estimate}, from the median stage times in {store_root}; divide by the "
+                 "number of parallel jobs")
+    return "\n".join(lines)
+
+
+def measured_seconds(store_root: Path) -> dict[str, float]:
+    """Median wall time per kind of stage over the store's records."""
+    out = {}
+    for stage in STAGES:
+        times = []
+        folder = Path(store_root) / stage
+        if folder.is_dir():
+            for entry in folder.iterdir():
+                rec = records.read(entry) if entry.is_dir() else None
+                if rec and (rec.get("wall_seconds") or rec.get("seconds")):
+                    times.append(float(rec.get("wall_seconds") or rec["seconds"]))
+        if times:
+            times.sort()
+            out[stage] = times[len(times) // 2]
+    return out
+
+

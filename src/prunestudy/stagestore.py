@@ -1,0 +1,124 @@
+"""The stage store: stage outputs kept once, by stage key, and shared by every run folder and
+sweep point that asks for the same stage (as OpenLTH names a run by the hash of what defines it).
+
+    <store>/<stage>/<key>/        the stage's outputs, its record (stage.json) and its executed
+                                  notebook (.executed.ipynb)
+    <store>/<stage>/.<key>.claim  flock held by the process computing it (its pid inside)
+
+A run folder's `data/`, `train/`, `prune/` and `retrain/` are symbolic links into the store, so
+two runs that differ only in pruning parameters share the data and the training, and a sweep
+computes each unique stage once. A process that computes a stage first *claims* its entry (an
+exclusive flock, released when the process ends, even by SIGKILL): a second process asking for
+the same stage waits, then finds it complete. The store lives beside the run folders
+(`runs/.store` for `runs/<name>`) unless `--store DIR` or PRUNESTUDY_STORE says otherwise (on a
+shared file system for several machines).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+from . import paths
+
+ENV = "PRUNESTUDY_STORE"
+STORED = ("data", "train", "prune", "retrain")     # the analysis stays in its run folder (the report)
+
+
+def default_root(run_dir: Path) -> Path:
+    """PRUNESTUDY_STORE, else `.store` beside the run folder (runs/.store for runs/<name>)."""
+    if os.environ.get(ENV):
+        return Path(os.environ[ENV]).expanduser().resolve()
+    return Path(run_dir).resolve().parent / paths.STORE
+
+
+class Store:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).resolve()
+
+    def entry(self, stage: str, key: str) -> Path:
+        return self.root / stage / key
+
+    @contextmanager
+    def claim(self, stage: str, key: str, log: Callable[[str], None] = print):
+        """Hold the exclusive right to compute this stage (waiting for another holder first)."""
+        entry = self.entry(stage, key)
+        entry.mkdir(parents=True, exist_ok=True)
+        with claim_dir(entry, log):
+            for stale in entry.glob(".*.tmp"):   # left by a killed atomic write
+                stale.unlink(missing_ok=True)
+            yield entry
+
+    def notebook(self, stage: str, key: str) -> Path:
+        return self.entry(stage, key) / paths.ENTRY_NOTEBOOK
+
+
+@contextmanager
+def claim_dir(folder: Path, log: Callable[[str], None] = print):
+    """An exclusive claim on a folder that may be shared (a store entry, seen through a link):
+    the flock file sits beside the folder's real location."""
+    real = Path(folder).resolve()
+    with open(claim_file(real), "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"    {real.parent.name} {real.name} is being computed by another process: waiting for it")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))   # who computes it (a stale claim dies with its process)
+        f.flush()
+        try:
+            yield real
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def claim_file(folder: Path) -> Path:
+    """The (hidden) flock file of a folder's claim, beside the folder."""
+    return folder.with_name(f".{folder.name}.claim")
+
+
+def held(claim: Path) -> bool:
+    """Whether a claim file is held now (by a process computing that stage)."""
+    with open(claim, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
+def link(folder: Path, target: Path) -> None:
+    """Make `folder` (a run folder's stage folder) a relative symbolic link to `target`, replacing
+    what was there (an older link, or a private folder of outputs that is being recomputed)."""
+    folder = Path(folder)
+    rel = os.path.relpath(target, folder.parent)
+    if folder.is_symlink():
+        if os.readlink(folder) == rel:
+            return
+        folder.unlink()
+    elif folder.is_dir():
+        shutil.rmtree(folder)
+    elif folder.exists():
+        folder.unlink()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.link")
+    tmp.unlink(missing_ok=True)
+    os.symlink(rel, tmp)
+    os.replace(tmp, folder)
+
+
+def detach(folder: Path) -> None:
+    """Before a stage is computed outside the runner (a notebook, Python) into a run folder whose
+    stage folder links into the store: give the run folder a private folder instead, so the
+    shared entry (other runs use it) is never overwritten with other parameters."""
+    folder = Path(folder)
+    if folder.is_symlink():
+        folder.unlink()
+        folder.mkdir()

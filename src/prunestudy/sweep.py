@@ -1,0 +1,380 @@
+"""`prunestudy sweep`: a grid of studies (prunestudy.grid), every unique stage computed once, in the
+stage store, on this machine (`--engine local --jobs N`: a process pool) or on a Ray cluster
+(`--engine ray`: one Ray task per unique stage, its inputs as dependencies, a GPU each for the
+training stages on CUDA).
+
+    runs/<sweep>/
+      grid.json                 the points: name, grid values, parameters hash, stage keys
+      points/<point>/           a run folder per point: its stages link into the store; its own
+                                analysis, report.html and results.json
+      sweep.json, sweep.csv     one row per point (sweep_table); written by the sweep notebook
+      sweep.html                the grid report (notebooks/06_sweep.ipynb, code hidden)
+      notebooks/06_sweep.ipynb  the executed sweep notebook
+
+Each stage runs as its stage notebook under papermill in its own kernel (in a worker process), so
+every stage keeps its executed notebook and HTML page. A stage whose process dies (SIGKILL, a lost
+Ray worker) is retried; a stage that raises is not: it is reported with its point, notebook and
+last error line, the points that do not depend on it still finish, and the sweep exits 1. A rerun
+does only what is missing or failed. Two sweeps over overlapping stages compute each stage once:
+its store entry is claimed while it runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+from . import config, grid, paths, pipeline, progress, records, stagestore, store
+
+ORDER = ("data", "train", "prune", "retrain", "analysis")
+UPSTREAM = {"train": "data", "prune": "train", "retrain": "prune", "analysis": "retrain"}
+GPU_STAGES = ("train", "prune", "retrain")   # what may fine-tune: a GPU each on a cluster with GPUs
+RETRIES = 2                                  # a stage whose process died is tried this many more times
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")   # read by PyTorch when the stage's kernel starts
+
+
+@dataclass(frozen=True)
+class Task:
+    id: str                 # "<stage>:<key>"
+    stage: str
+    key: str
+    point: str              # the point whose run folder runs it (the first that needs it)
+    deps: tuple[str, ...]   # the tasks it waits for
+    points: tuple[str, ...]  # every point that uses it
+
+
+def tasks(pts: list[grid.Point]) -> dict[str, Task]:
+    """The unique stages of the grid, in an order where every task comes after its inputs."""
+    users: dict[str, list[str]] = {}
+    first: dict[str, tuple[str, str, str, tuple[str, ...]]] = {}
+    for p in pts:
+        keys = pipeline.stage_keys(p.cfg, Path("."))
+        for stage in ORDER:
+            tid = f"{stage}:{keys[stage]}"
+            users.setdefault(tid, []).append(p.name)
+            deps = (f"{UPSTREAM[stage]}:{keys[UPSTREAM[stage]]}",) if stage in UPSTREAM else ()
+            first.setdefault(tid, (stage, keys[stage], p.name, deps))
+    ordered = sorted(first, key=lambda t: ORDER.index(first[t][0]))
+    return {t: Task(t, *first[t][:3], first[t][3], tuple(users[t])) for t in ordered}
+
+
+def prepare(pts: list[grid.Point], sweep_dir: Path, st: stagestore.Store) -> None:
+    """The point folders: parameters, and their stored stages linked into the store."""
+    rows = []
+    for p in pts:
+        folder = paths.point_dir(sweep_dir, p.name)
+        paths.notebooks_dir(folder).mkdir(parents=True, exist_ok=True)
+        store.write_json(folder / paths.PARAMS, p.cfg)
+        keys = grid.point_keys(p.cfg)
+        for stage in stagestore.STORED:
+            entry = st.entry(stage, keys[stage])
+            entry.mkdir(parents=True, exist_ok=True)
+            if not paths.stage_dir(folder, stage).is_symlink():   # a private, complete folder stays
+                if records.read(paths.stage_dir(folder, stage)) is None:
+                    stagestore.link(paths.stage_dir(folder, stage), entry)
+        rows.append({"name": p.name, "values": p.values, "params_hash": config.stage_hash(p.cfg), "keys": keys})
+    store.write_json(Path(sweep_dir) / paths.SWEEP_GRID, {"points": rows, "store": str(st.root)})
+
+
+# --- one task, in a worker process ---------------------------------------------------------------
+_interrupted = False   # in a worker process: Ctrl-C reached it
+
+
+def run_task(spec: dict, *upstream: dict) -> dict:
+    """Compute one stage for its point (a worker process of the pool, or a Ray task): skip it
+    when it is complete (here or in the store), else run its notebook. Never raises for a stage
+    that fails: returns its failure, so that the driver reports it and does not retry it."""
+    global _interrupted
+    started = time.time()
+    info = {"id": spec["id"], "stage": spec["stage"], "point": spec["point"], "pid": os.getpid(),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "start": started}
+    if _interrupted:   # Ctrl-C reached this worker: a task queued to it before that does not start
+        return {**info, "status": "skipped", "because": "Ctrl-C", "end": time.time()}
+    failed = [u for u in upstream if u.get("status") in ("failed", "skipped")]
+    if failed:
+        return {**info, "status": "skipped", "because": failed[0]["id"], "end": time.time()}
+    os.environ.update(spec.get("env") or {})
+    for var in THREAD_VARS:   # the stage's kernel computes with the threads this task was given
+        os.environ[var] = str(spec["threads"])
+    os.environ.setdefault(progress.ENV, "log")
+    if spec.get("inject") == spec["id"]:   # fault injection for the tests (PRUNESTUDY_INJECT_FAULT)
+        return {**info, "status": "failed", "error": "injected fault", "end": time.time(), "notebook": None}
+    cfg, folder, stage, key = spec["cfg"], Path(spec["point_dir"]), spec["stage"], spec["key"]
+    st = stagestore.Store(spec["store"])
+    log = _prefixed(spec["point"])
+    try:
+        with records.RunLock(folder, f"prunestudy sweep (pid {os.getpid()})") as lock:
+            os.environ[records.TOKEN_ENV] = lock.token
+            if _complete(cfg, folder, stage, key, st):
+                return {**info, "status": "done earlier", "end": time.time()}
+            if stage == "analysis":
+                pipeline._finish(folder, cfg, {}, pipeline.stage_keys(cfg, folder))
+            seconds = pipeline.execute_stage(cfg, folder, stage, key, kernel=pipeline.ensure_kernel(), stage_store=st,
+                                             log=log, tag=f"==> [{spec['point']}] {stage}")
+            if seconds is None:   # another sweep or run computed it while this one waited for its claim
+                return {**info, "status": "done earlier", "end": time.time()}
+            if stage == "analysis":
+                pipeline._finish(folder, cfg, {}, pipeline.stage_keys(cfg, folder))
+    except pipeline.StageFailed as e:
+        return {**info, "status": "failed", "error": str(e).splitlines()[0], "notebook": str(e.notebook),
+                "end": time.time()}
+    except records.LockedError as e:
+        return {**info, "status": "failed", "error": str(e), "notebook": None, "end": time.time()}
+    except KeyboardInterrupt:   # Ctrl-C reached this worker and its kernel: no "never retrieved" traceback
+        _interrupted = True
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+        raise
+    return {**info, "status": "ran", "seconds": seconds, "end": time.time()}
+
+
+def _complete(cfg: dict, folder: Path, stage: str, key: str, st: stagestore.Store) -> bool:
+    if pipeline.problem(cfg, folder, stage, key) is None:
+        return True
+    return stage in stagestore.STORED and pipeline.reuse(st, cfg, folder, stage, key)
+
+
+def _prefixed(point: str) -> Callable[[str], None]:
+    return lambda m: print(m, flush=True)
+
+
+# --- engines ---------------------------------------------------------------------------------------
+def _spec(task: Task, pts: dict[str, grid.Point], sweep_dir: Path, st: stagestore.Store, env: dict,
+          threads: int) -> dict:
+    return {"id": task.id, "stage": task.stage, "key": task.key, "point": task.point, "cfg": pts[task.point].cfg,
+            "threads": threads,
+            "point_dir": str(paths.point_dir(sweep_dir, task.point)), "store": str(st.root), "env": env,
+            "inject": os.environ.get("PRUNESTUDY_INJECT_FAULT")}
+
+
+def task_threads(engine: str, jobs: int) -> int:
+    """The CPU threads of each stage: the cores shared by the parallel jobs on the local engine (no
+    oversubscription), 1 on Ray (each task asks for num_cpus=1). Fixed per engine and jobs, so the
+    local engine and a Ray of as many CPUs compute bit for bit alike: PyTorch's CPU results depend
+    on the thread count (the order of float sums); the count is in every stage's metrics.json."""
+    return max(1, (os.cpu_count() or 1) // max(jobs, 1)) if engine == "local" else 1
+
+
+def run_local(todo: dict[str, Task], specs: dict[str, dict], jobs: int, log: Callable[[str], None]) -> dict:
+    """A process pool of `jobs` workers; a task is submitted once its inputs are done. A worker
+    that dies (BrokenProcessPool) takes its tasks with it: they are submitted again."""
+    results: dict[str, dict] = {}
+    attempts = dict.fromkeys(todo, 0)
+    pending = dict(todo)
+    while pending:
+        pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"))
+        running = {}
+        try:
+            while pending or running:
+                for tid, task in list(pending.items()):
+                    if all(d in results for d in task.deps):
+                        upstream = [results[d] for d in task.deps]
+                        running[pool.submit(run_task, specs[tid], *upstream)] = tid
+                        attempts[tid] += 1
+                        del pending[tid]
+                if not running:
+                    break
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    result = fut.result()   # BrokenProcessPool: the task stays in `running`, tried again
+                    tid = running.pop(fut)
+                    results[tid] = result
+                    _log_result(result, log)
+        except BrokenProcessPool:
+            for fut, tid in running.items():   # every task of the dead pool: submitted again
+                if fut.done() and not fut.exception():
+                    results[tid] = fut.result()
+                    continue
+                if attempts[tid] > RETRIES:
+                    results[tid] = {"id": tid, "stage": todo[tid].stage, "point": todo[tid].point,
+                                    "status": "failed", "error": f"its process died {attempts[tid]} times",
+                                    "notebook": None}
+                else:
+                    log(f"==> {tid}: its worker process died; trying again ({attempts[tid]}/{RETRIES + 1})")
+                    pending[tid] = todo[tid]
+        except KeyboardInterrupt:   # the workers too (a Ctrl-C that reached only this process): their
+            for proc in list((getattr(pool, "_processes", None) or {}).values()):   # kernels stop the stage
+                with contextlib.suppress(OSError):
+                    os.kill(proc.pid, signal.SIGINT)
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        stuck = [tid for tid, task in pending.items() if not running and any(d not in results and d not in pending
+                                                                             for d in task.deps)]
+        for tid in stuck:   # never: every input is done, pending or failed; a guard against waiting forever
+            results[tid] = {"id": tid, "stage": todo[tid].stage, "point": todo[tid].point, "status": "failed",
+                            "error": "its inputs never finished", "notebook": None}
+            del pending[tid]
+    return results
+
+
+def run_ray(todo: dict[str, Task], specs: dict[str, dict], address: str | None, log: Callable[[str], None],
+            init: dict | None = None) -> dict:
+    """One Ray task per unique stage, with its inputs' tasks as arguments (Ray orders them);
+    `num_gpus=1` for the training stages when the cluster has GPUs and the point trains on one
+    (Ray sets CUDA_VISIBLE_DEVICES for it); a task whose worker dies is retried by Ray."""
+    import ray
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        kw = {"include_dashboard": False, "log_to_driver": True, **(init or {})}
+        ray.init(address=address, **kw) if address else ray.init(**kw)
+    try:
+        gpus = ray.cluster_resources().get("GPU", 0) > 0
+        remote = ray.remote(run_task)
+        refs: dict[str, object] = {}
+        for tid, task in todo.items():
+            gpu = gpus and task.stage in GPU_STAGES and specs[tid]["cfg"]["train"]["device"] != "cpu"
+            options = {"num_cpus": 1, "num_gpus": 1 if gpu else 0, "max_retries": RETRIES,
+                       "retry_exceptions": False, "name": tid}
+            refs[tid] = remote.options(**options).remote(specs[tid], *[refs[d] for d in task.deps if d in refs])
+        by_ref = {ref: tid for tid, ref in refs.items()}
+        results: dict[str, dict] = {}
+        waiting = list(refs.values())
+        try:
+            while waiting:
+                done, waiting = ray.wait(waiting, num_returns=1)
+                tid = by_ref[done[0]]
+                try:
+                    results[tid] = ray.get(done[0])
+                except Exception as e:  # noqa: BLE001 - a worker lost more often than retried
+                    results[tid] = {"id": tid, "stage": todo[tid].stage, "point": todo[tid].point,
+                                    "status": "failed", "error": f"{type(e).__name__}: {e}"[:300], "notebook": None}
+                _log_result(results[tid], log)
+        except KeyboardInterrupt:
+            for ref in waiting:
+                ray.cancel(ref, force=True)
+            raise
+        return results
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _log_result(r: dict, log: Callable[[str], None]) -> None:
+    if r["status"] == "failed":
+        log(f"==> FAILED {r['id']} (point {r['point']}): {r.get('error')}")
+    elif r["status"] == "ran":
+        log(f"==> done {r['id']} (point {r['point']}) in {r.get('seconds', 0):.1f} s")
+
+
+# --- the sweep -------------------------------------------------------------------------------------
+def run(pts: list[grid.Point], sweep_dir: str | Path, *, engine: str = "local", jobs: int = 2,
+        address: str | None = None, store_root: str | Path | None = None, log: Callable[[str], None] = print,
+        ray_init: dict | None = None) -> dict:
+    """Run every point of the grid into sweep_dir, each unique stage once; then the grid report.
+    Returns {"results": {task id: result}, "failed": [...], "ran": {stage: count}}."""
+    sweep_dir = config.resolve_path(sweep_dir)
+    for p in pts:
+        pipeline.preflight(p.cfg, paths.point_dir(sweep_dir, p.name))
+    st = stagestore.Store(store_root or stagestore.default_root(sweep_dir))
+    pipeline.ensure_kernel()
+    with records.RunLock(sweep_dir, f"prunestudy sweep (pid {os.getpid()})"):
+        prepare(pts, sweep_dir, st)
+        todo = tasks(pts)
+        env = {"PRUNESTUDY_HOME": str(config.project_root()), progress.ENV: "log",
+               "JUPYTER_PATH": os.environ.get("JUPYTER_PATH", "")}
+        by_name = {p.name: p for p in pts}
+        threads = task_threads(engine, jobs)
+        specs = {tid: _spec(t, by_name, sweep_dir, st, env, threads) for tid, t in todo.items()}
+        log(f"==> sweep: {len(pts)} points, {len(todo)} unique stages, engine {engine}"
+            + (f" ({jobs} jobs)" if engine == "local" else f" ({address or 'a local Ray'})"))
+        if engine == "ray":
+            results = run_ray(todo, specs, address, log, ray_init)
+        else:
+            results = run_local(todo, specs, jobs, log)
+        failed = [r for r in results.values() if r["status"] == "failed"]
+        ran = {s: sum(1 for r in results.values() if r["status"] == "ran" and r["stage"] == s) for s in ORDER}
+        summary = {"results": results, "failed": failed, "ran": ran, "points": len(pts), "unique": len(todo)}
+        report(sweep_dir, log)
+    return summary
+
+
+def report(sweep_dir: Path, log: Callable[[str], None] = print) -> Path:
+    """Run notebooks/06_sweep.ipynb on the sweep (tables, curves, sweep.csv and sweep.json), render
+    sweep.html with the code hidden."""
+    import papermill as pm
+
+    src = pipeline.notebooks_dir() / paths.SWEEP_NOTEBOOK
+    out = paths.notebooks_dir(sweep_dir) / paths.SWEEP_NOTEBOOK
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pm.execute_notebook(str(src), str(out), parameters={"sweep_dir": str(sweep_dir)},
+                        kernel_name=pipeline.ensure_kernel(), cwd=str(src.parent), progress_bar=False,
+                        stdout_file=sys.stdout, stderr_file=sys.stderr)
+    page = pipeline.render_html(out, Path(sweep_dir) / paths.SWEEP_REPORT, hide_code=True,
+                                title=f"prunestudy sweep: {Path(sweep_dir).name}")
+    log(f"==> sweep report: {page}")
+    return page
+
+
+# --- the command line ------------------------------------------------------------------------------
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser("sweep", help="run a grid of studies, each unique stage once (local pool or Ray)")
+    p.add_argument("-f", "--file", required=True, help="grid file: study parameters plus `grid:` (params/grid.yaml)")
+    p.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a parameter of every point (repeatable; value read as YAML)")
+    p.add_argument("-g", "--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="set or replace a grid key's values, e.g. -g prune.amount=0.2,0.5,0.8 (repeatable)")
+    p.add_argument("--sweep-dir", help="output folder (default: runs/<grid file name>[-<hash of the points>])")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (points, unique stages, done, time left)")
+    p.add_argument("--engine", choices=("local", "ray"), default="local", help="local process pool (default) or Ray")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="local engine: parallel stages")
+    p.add_argument("--address", help="ray engine: the cluster (auto, ray://host:port); default a local Ray")
+    p.add_argument("--store", metavar="DIR", help="the stage store (default: .store beside the sweep folder, or "
+                                                  "$PRUNESTUDY_STORE; on a shared file system for several machines)")
+    p.set_defaults(handler=_cli)
+
+
+def _cli(args) -> int:
+    try:
+        pts = grid.points(args.file, args.param, args.grid)
+    except config.ParamsError as e:
+        print(f"prunestudy: {e}", file=sys.stderr)
+        return 2
+    if args.jobs < 1:
+        print(f"prunestudy: --jobs must be at least 1, got {args.jobs}", file=sys.stderr)
+        return 2
+    name = Path(args.file).stem + (f"-{config.stage_hash([p.cfg for p in pts])}" if args.param or args.grid else "")
+    sweep_dir = (config.resolve_path(args.sweep_dir) if args.sweep_dir
+                 else config.resolve_path(Path("runs") / name, config.project_root()))   # the project's runs/
+    root = Path(args.store).resolve() if args.store else stagestore.default_root(sweep_dir)
+    if args.dry_run:
+        print(f"prunestudy: sweep folder {sweep_dir}, stage store {root}")
+        print(grid.dry_run_text(pts, sweep_dir, root))
+        return 0
+    print(f"prunestudy: sweep folder {sweep_dir} ({len(pts)} points), stage store {root}", flush=True)
+    try:
+        summary = run(pts, sweep_dir, engine=args.engine, jobs=args.jobs, address=args.address, store_root=root,
+                      log=lambda m: print(m, flush=True))
+    except (FileNotFoundError, pipeline.PreflightError, records.LockedError) as e:
+        print(f"prunestudy: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)   # see cli._run
+        print(f"prunestudy: interrupted; finished stages are kept in the store ({root}): rerun the same command to "
+              "go on", file=sys.stderr)
+        return 130
+    except pipeline.StageFailed as e:   # the grid report itself
+        print(f"prunestudy: {e}", file=sys.stderr)
+        return 1
+    ran = ", ".join(f"{n} {s}" for s, n in summary["ran"].items() if n) or "nothing (every stage was done)"
+    print(f"prunestudy: {summary['points']} points, {summary['unique']} unique stages; computed {ran}; "
+          f"report {sweep_dir / paths.SWEEP_REPORT}")
+    if summary["failed"]:
+        print(f"prunestudy: {len(summary['failed'])} stage(s) failed; the points that need them are unfinished:",
+              file=sys.stderr)
+        for r in summary["failed"]:
+            where = f"; executed notebook: {r['notebook']}" if r.get("notebook") else ""
+            print(f"  - {r['id']} (point {r['point']}): {r.get('error')}{where}", file=sys.stderr)
+        print("  fix the cause and rerun the same command: only what is missing or failed runs", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,338 @@
+"""Study grids (issue 16): `prunestudy sweep` computes each unique stage once, on a local process
+pool or a Ray cluster, retries a dead worker, reports a failing stage without stopping the rest,
+and reruns only what is missing."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from prunestudy import browser, cli, config, grid, pipeline, records, stagestore, sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ROOT / "params" / "grid-small.yaml"
+CLI = [sys.executable, "-m", "prunestudy.cli"]
+
+
+def run_sweep(*args, timeout=1500, env=None):
+    return subprocess.run([*CLI, "sweep", "-f", str(SMALL), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def accuracies(sweep_dir: Path) -> dict:
+    """Every point's accuracies before and after retraining (what an uninterrupted sweep gives)."""
+    table = json.loads((sweep_dir / "sweep.json").read_text())["points"]
+    return {r["point"]: (r["accuracy_before"], r["accuracy_after"], r["control_accuracy"]) for r in table}
+
+
+def living(group: int) -> list[str]:
+    """The processes of a process group that still run (zombies waiting for init left out)."""
+    ps = subprocess.run(["ps", "-o", "stat=,args=", "-g", str(group)], capture_output=True, text=True).stdout
+    return [line for line in ps.splitlines() if line.strip() and not line.strip().startswith("Z")]
+
+
+def started(out: str) -> list[str]:
+    return re.findall(r"\] (\w+): start \(\S+, key (\w+)\)", out)
+
+
+# --------------------------------------------------------------------------- the grid file
+
+def test_grid_points_share_stages_and_are_named_by_their_values():
+    pts = grid.points(SMALL)
+    assert len(pts) == 8 and len({p.name for p in pts}) == 8
+    assert pts[0].name == "method=l1_unstructured,amount=0.5,seed=0"
+    plan = grid.plan(pts)
+    assert {k: len(v) for k, v in plan.items()} == {"data": 1, "train": 2, "control": 2, "prune": 8, "retrain": 8,
+                                                    "analysis": 8}
+    # a point's keys are those of the same study run alone: a later `prunestudy run` reuses them
+    alone = config.load(ROOT / "params" / "smoke.yaml", ["prune.method=random_unstructured", "prune.amount=0.8",
+                                                          "seed=1", "prune.amounts=null"])
+    point = next(p for p in pts if p.values == {"prune.method": "random_unstructured", "prune.amount": 0.8, "seed": 1})
+    assert pipeline.stage_keys(point.cfg, Path("."))["train"] == pipeline.stage_keys(alone, Path("."))["train"]
+
+
+def test_every_bad_point_is_listed_before_any_work(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {epochs: 1}\ngrid:\n  prune.amount: [0.5, 1.5, -1]\n"
+                   "  prune.method: [l1_unstructured, nope]\n  trian.lr: [0.1]\n")
+    with pytest.raises(config.ParamsError) as err:
+        grid.points(bad)
+    assert "grid key 'trian.lr' is not a parameter" in str(err.value)
+    bad.write_text("grid:\n  prune.amount: [0.5, 1.5]\n  prune.method: [l1_unstructured, nope]\n")
+    with pytest.raises(config.ParamsError) as err:
+        grid.points(bad)
+    text = str(err.value)
+    assert "point prune.amount=1.5, prune.method=l1_unstructured: prune.amount must be in [0, 1)" in text
+    assert "point prune.amount=0.5, prune.method=nope: prune.method must be one of" in text
+    assert cli.main(["sweep", "-f", str(bad), "--sweep-dir", str(tmp_path / "s")]) == 2
+    assert not (tmp_path / "s").exists()
+    seeds = tmp_path / "seeds.yaml"
+    seeds.write_text("seeds: [0, 1]\ngrid:\n  prune.amount: [0.5]\n")
+    with pytest.raises(config.ParamsError, match=r"seeds is the one-run shorthand of a grid: .*grid: \{seed"):
+        grid.points(seeds)
+
+
+def test_grid_overrides_and_a_1000_point_dry_run(tmp_path, capsys):
+    pts = grid.points(SMALL, ["train.epochs=2"], ["prune.amount=0.1,0.2,0.3"])
+    assert len(pts) == 12 and all(p.cfg["train"]["epochs"] == 2 for p in pts)
+    big = tmp_path / "big.yaml"
+    amounts = [round(0.05 * i, 2) for i in range(1, 19)] + [0.91, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995]
+    big.write_text("grid:\n  prune.method: [l1_unstructured, global_magnitude, random_unstructured, ln_structured]\n"
+                   f"  prune.amount: {amounts}\n  seed: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]\n")
+    assert cli.main(["sweep", "-f", str(big), "--dry-run", "--sweep-dir", str(tmp_path / "big")]) == 0
+    out = capsys.readouterr().out
+    assert "1000 points" in out and re.search(r"train\s+10 unique", out) and re.search(r"prune\s+1000 unique", out)
+    assert re.search(r"data\s+1 unique", out)   # seeds share the data (no subset is drawn)
+    assert not (tmp_path / "big").exists()      # a dry run writes nothing
+
+
+# --------------------------------------------------------------------------- the local engine
+
+@pytest.fixture(scope="module")
+def local_sweep(tmp_path_factory):
+    """The small grid on the local engine with 2 jobs, then the same command again."""
+    base = tmp_path_factory.mktemp("sweep")
+    first = run_sweep("--sweep-dir", str(base / "grid"), "--jobs", "2")
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-3000:]
+    again = run_sweep("--sweep-dir", str(base / "grid"), "--jobs", "2")
+    return base, first, again
+
+
+@pytest.mark.e2e
+def test_each_unique_stage_runs_once_and_the_rerun_runs_nothing(local_sweep):
+    base, first, again = local_sweep
+    kinds = [s for s, _ in started(first.stdout)]
+    assert kinds.count("train") == 2 and kinds.count("data") == 1   # not 8
+    assert kinds.count("prune") == kinds.count("retrain") == kinds.count("analysis") == 8
+    controls = [e for e in (base / ".store" / "control").iterdir() if e.is_dir()]
+    assert len(controls) == 2 and all(records.read(e)["key"] == e.name for e in controls)
+    assert "computed 1 data, 2 train, 8 prune, 8 retrain, 8 analysis" in first.stdout
+    assert again.returncode == 0 and started(again.stdout) == []
+    assert "computed nothing (every stage was done)" in again.stdout
+    table = json.loads((base / "grid" / "sweep.json").read_text())["points"]
+    assert len(table) == 8 and all(r["finished"] and r["accuracy_after"] is not None for r in table)
+    assert all(0 <= r["balanced_accuracy_after"] <= 1 for r in table)
+    for r in table:   # every point has its own report, its stages linked into the store
+        point = base / "grid" / "points" / r["point"]
+        assert (point / "report.html").is_file() and (point / "train").is_symlink()
+    assert (base / "grid" / "sweep.csv").read_text().count("\n") == 9
+
+
+@pytest.mark.e2e
+def test_a_later_run_reuses_the_sweeps_stages(local_sweep):
+    base, _, _ = local_sweep
+    proc = subprocess.run([*CLI, "run", "-f", "params/smoke.yaml", "-p", "prune.amounts=null", "-p",
+                           "prune.method=random_unstructured", "-p", "prune.amount=0.8", "-p", "seed=1",
+                           "--run-dir", str(base / "alone"), "--store", str(base / ".store")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert [s for s, _ in started(proc.stdout)] == ["analysis"], proc.stdout   # data .. retrain: linked
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(browser.chromium_path() is None, reason="no Chromium: `make setup` installs it (as root)")
+def test_the_grid_report_opens_cleanly_offline(local_sweep):
+    base, _, _ = local_sweep
+    found = browser.inspect(base / "grid" / "sweep.html", first_screen="table")
+    assert found["console_errors"] == [] and found["page_errors"] == [] and found["dialogs"] == []
+    assert found["failed_requests"] == [] and found["external_requests"] == []
+    assert len(found["images"]) >= 1 and found["broken_images"] == []
+    assert "8 points" in found["text"] and "random_unstructured" in found["text"]
+
+
+def seeded_store(base: Path, store: Path, stages=("data", "train", "control")) -> Path:
+    """A new store holding copies of the fixture's entries of `stages` (the shared, slow part of
+    the grid), so a test computes only the stages it is about."""
+    for stage in stages:
+        for entry in (base / ".store" / stage).iterdir():
+            if entry.is_dir() and records.read(entry):
+                shutil.copytree(entry, store / stage / entry.name, symlinks=True)
+    return store
+
+
+@pytest.mark.e2e
+def test_a_failing_stage_and_a_killed_worker(local_sweep, tmp_path):
+    """One point's pruning raises (injected); a worker is SIGKILLed mid-stage. The killed stage is
+    retried, every independent point finishes with the uninterrupted sweep's accuracies, the sweep
+    exits 1 naming the failed point; the rerun computes only that point. (The seed-0 half of the
+    grid, on a store that already holds its data and training: the pruning stages are the test.)"""
+    base, _, _ = local_sweep
+    store = seeded_store(base, tmp_path / "store")
+    args = ["--sweep-dir", str(tmp_path / "grid"), "--store", str(store), "--jobs", "2", "-g", "seed=0"]
+    target = next(p for p in grid.points(SMALL, [], ["seed=0"]) if p.values["prune.method"] == "random_unstructured")
+    prune_key = grid.point_keys(target.cfg)["prune"]
+    env = {**os.environ, "PRUNESTUDY_INJECT_FAULT": f"prune:{prune_key}"}
+    proc = subprocess.Popen([*CLI, "sweep", "-f", str(SMALL), *args],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    killed = None
+    deadline = time.time() + 600
+    while killed is None and time.time() < deadline and proc.poll() is None:
+        for claim in (store / "retrain").glob("*.claim"):
+            pid = claim.read_text().strip()
+            if pid and stagestore.held(claim):
+                time.sleep(3)   # inside the stage
+                os.kill(int(pid), signal.SIGKILL)
+                killed = pid
+                break
+        time.sleep(0.5)
+    out, _ = proc.communicate(timeout=1500)
+    assert killed, out[-3000:]
+    assert proc.returncode == 1, out[-4000:]
+    assert "its worker process died; trying again" in out
+    assert f"prune:{prune_key} (point {target.name}): injected fault" in out
+    ours, uninterrupted = accuracies(tmp_path / "grid"), accuracies(base / "grid")
+    assert len(ours) == 4 and ours[target.name][1] is None
+    assert {k: v for k, v in ours.items() if k != target.name} == \
+        {k: v for k, v in uninterrupted.items() if k in ours and k != target.name}
+    rerun = run_sweep(*args)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-2000:]
+    assert sorted(s for s, _ in started(rerun.stdout)) == ["analysis", "prune", "retrain"]
+    assert accuracies(tmp_path / "grid") == {k: v for k, v in uninterrupted.items() if k in ours}
+
+
+# --------------------------------------------------------------------------- Ray
+
+@pytest.mark.e2e
+def test_ray_engine_with_fake_gpus(local_sweep, tmp_path):
+    """A local Ray cluster of 2 CPUs and 2 (fake) GPUs, over the grid's 4 points at amount 0.5 (2
+    methods x 2 seeds) on a store that holds only the data: 2 trainings, not 4; each GPU stage on
+    its own CUDA_VISIBLE_DEVICES; never more tasks at once than resources; the same accuracies as
+    the local engine's."""
+    pytest.importorskip("ray")
+    base, _, _ = local_sweep
+    pts = grid.points(SMALL, [], ["prune.amount=0.5"])
+    summary = sweep.run(pts, tmp_path / "grid", engine="ray", log=lambda m: None,
+                        store_root=seeded_store(base, tmp_path / "store", ("data",)),
+                        ray_init={"num_cpus": 2, "num_gpus": 2})
+    assert summary["failed"] == [] and summary["ran"]["train"] == 2 and summary["ran"]["prune"] == 4
+    results = [r for r in summary["results"].values() if r["status"] == "ran"]
+    gpu = [r for r in results if r["stage"] in sweep.GPU_STAGES]
+    assert gpu and all(r["cuda_visible_devices"] in ("0", "1") for r in gpu)
+    for a in gpu:   # two GPU tasks that overlap in time never share a device
+        for b in gpu:
+            if a is not b and a["start"] < b["end"] and b["start"] < a["end"]:
+                assert a["cuda_visible_devices"] != b["cuda_visible_devices"]
+    events = sorted([(r["start"], 1) for r in results] + [(r["end"], -1) for r in results])
+    running = peak = 0
+    for _, step in events:
+        running += step
+        peak = max(peak, running)
+    assert peak <= 2
+    assert all(r["cuda_visible_devices"] in (None, "") for r in results if r["stage"] not in sweep.GPU_STAGES)
+    assert (tmp_path / "grid" / "sweep.html").is_file()
+    local = accuracies(base / "grid")
+    assert accuracies(tmp_path / "grid") == {p.name: local[p.name] for p in pts}
+
+
+# --------------------------------------------------------------------------- two sweeps at once
+
+@pytest.mark.e2e
+def test_two_sweeps_over_overlapping_stages_compute_each_once(local_sweep, tmp_path):
+    """Two sweeps started together on one store (1 point and 2 points, sharing one): each stage
+    is computed by one of them, the other waits for it and links it."""
+    base, _, _ = local_sweep
+    store = seeded_store(base, tmp_path / "store")
+    common = ["-g", "prune.amount=0.5", "-g", "seed=0", "--store", str(store), "--jobs", "2"]
+    methods = {"a": "l1_unstructured", "b": "l1_unstructured,random_unstructured"}
+    procs = [subprocess.Popen([*CLI, "sweep", "-f", str(SMALL), "--sweep-dir", str(tmp_path / name),
+                               "-g", f"prune.method={methods[name]}", *common],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for name in ("a", "b")]
+    outs = [p.communicate(timeout=1500)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    computed = [(s, k) for out in outs for s, k in re.findall(r"==> done (\w+):(\w+) ", out) if s != "analysis"]
+    assert sorted(s for s, _ in computed) == ["prune", "prune", "retrain", "retrain"], outs   # l1's and random's
+    assert len(set(computed)) == 4
+    waited = sum(out.count("completed meanwhile by another process") for out in outs)
+    assert waited == sum(1 for out in outs for s, _ in started(out) if s != "analysis") - 4   # the rest: linked
+    local = accuracies(base / "grid")
+    for name in ("a", "b"):
+        assert all(v == local[k] for k, v in accuracies(tmp_path / name).items())
+
+
+# --------------------------------------------------------------------------- Ctrl-C
+
+@pytest.mark.e2e
+def test_ctrl_c_cancels_the_sweep_cleanly_and_keeps_what_finished(local_sweep, tmp_path):
+    """SIGINT to the sweep's process group (a terminal's Ctrl-C) while pruning stages run: exit 130
+    with the message, no claim left held, no process left behind, and the stages finished
+    before it still counted as done by the next plan."""
+    base, _, _ = local_sweep
+    store = seeded_store(base, tmp_path / "store")
+    args = ["--sweep-dir", str(tmp_path / "grid"), "--store", str(store), "--jobs", "2", "-g", "seed=0"]
+    proc = subprocess.Popen([*CLI, "sweep", "-f", str(SMALL), *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and \
+            not any(stagestore.held(c) for c in (store / "prune").glob("*.claim")):
+        time.sleep(0.3)
+    time.sleep(2)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-3000:]
+    assert "interrupted; finished stages are kept in the store" in out
+    assert "Traceback" not in out, out[-3000:]
+    assert not any(stagestore.held(c) for c in store.rglob("*.claim"))
+    deadline = time.time() + 15
+    while time.time() < deadline and living(proc.pid):
+        time.sleep(0.5)
+    assert living(proc.pid) == []   # no worker or kernel left running
+    assert out.count(": start (") <= 2, out   # 2 jobs: no stage queued before the Ctrl-C started after it
+    plan = subprocess.run([*CLI, "sweep", "-f", str(SMALL), *args, "--dry-run"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert re.search(r"train\s+1 unique,\s+1 done", plan.stdout), plan.stdout
+    assert re.search(r"prune\s+4 unique,\s+\d done", plan.stdout), plan.stdout
+
+
+# --------------------------------------------------------------------------- the grid report at scale
+
+def test_the_grid_report_stays_readable_with_60_points():
+    """72 points (3 methods x 6 amounts x 4 seeds): 18 operating rows with mean ± SD over the 4
+    seeds, one solid and one dashed curve per method and panel (not one per point), a link per point."""
+    import matplotlib.pyplot as plt
+    from scipy import stats
+
+    from prunestudy import report
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for method in ("l1_unstructured", "global_magnitude", "random_unstructured"):
+        for amount in (0.2, 0.4, 0.6, 0.8, 0.9, 0.95):
+            for seed in range(4):
+                dense, after = 0.6 + 0.01 * rng.standard_normal(), 0.6 - amount * 0.3 + 0.01 * rng.standard_normal()
+                name = f"method={method},amount={amount},seed={seed}"
+                rows.append({"point": name, "method": method, "amount": amount, "seed": seed, "sparsity": amount,
+                             "compression_ratio": 1 / (1 - amount), "theoretical_speedup": 1 / (1 - amount),
+                             "measured_speedup": 1.0, "dense_accuracy": dense, "accuracy_before": after - 0.1,
+                             "accuracy_after": after, "balanced_accuracy_after": after - 0.02,
+                             "control_accuracy": dense + 0.01, "change_vs_dense": after - dense,
+                             "change_vs_control": after - dense - 0.01, "finished": True,
+                             "report": f"points/{name}/report.html", "prune.method": method, "prune.amount": amount})
+    table = pd.DataFrame(rows)
+    ops = report.operating_points(table)
+    assert len(ops) == 18 and (ops["seeds"] == 4).all()
+    one = table[(table["prune.method"] == "l1_unstructured") & (table["prune.amount"] == 0.9)]["accuracy_after"]
+    row = ops[(ops["prune.method"] == "l1_unstructured") & (ops["prune.amount"] == 0.9)].iloc[0]
+    half = stats.t.ppf(0.975, 3) * one.std(ddof=1) / 2
+    assert row["accuracy_after"] == pytest.approx(one.mean()) and row["accuracy_after_sd"] == pytest.approx(one.std())
+    assert row["accuracy_after_hi"] - row["accuracy_after"] == pytest.approx(half)
+    html = report.grid_operating_styler(table).to_html()
+    assert html.count("<tr>") == 19 and "±" in html
+    fig = report.plot_grid_tradeoff(table)
+    for ax in fig.axes[:3]:
+        method_lines = [ln for ln in ax.get_lines() if "(after)" in ln.get_label() or "(before)" in ln.get_label()]
+        assert len(method_lines) == 6 and all(len(ln.get_xdata()) == 6 for ln in method_lines)
+    plt.close(fig)
+    links = report.grid_points_markdown(table)
+    assert links.count("](points/") == 72
