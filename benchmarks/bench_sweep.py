@@ -58,12 +58,17 @@ def timed(cmd: list[str], **kw) -> tuple[float, subprocess.CompletedProcess]:
 
 def accuracies_of_run(run_dir: Path) -> tuple:
     r = json.loads((run_dir / "results.json").read_text())
-    return r["prune"]["test_accuracy"], r["retrain"]["test_accuracy"], r["control"]["test_accuracy"]
+    return _rounded(r["prune"]["test_accuracy"], r["retrain"]["test_accuracy"], r["control"]["test_accuracy"])
 
 
 def accuracies_of_sweep(sweep_dir: Path) -> dict:
     rows = json.loads((sweep_dir / "sweep.json").read_text())["points"]
-    return {r["point"]: (r["accuracy_before"], r["accuracy_after"], r["control_accuracy"]) for r in rows}
+    return {r["point"]: _rounded(r["accuracy_before"], r["accuracy_after"], r["control_accuracy"]) for r in rows}
+
+
+def _rounded(*values: float) -> tuple:
+    """To 9 digits: sweep.json keeps 10 (pandas' to_json), results.json all 17."""
+    return tuple(round(v, 9) for v in values)
 
 
 def main() -> None:
@@ -110,7 +115,9 @@ def main() -> None:
     figures["identical_local_and_ray"] = None if acc_ray is None else acc_ray == acc_local
     figures["identical_separate_and_local"] = acc_separate == acc_local
     diffs = [abs(a - b) for name in acc_local for a, b in zip(acc_separate[name], acc_local[name])]
-    figures["points_differing_separate_vs_local"] = sum(acc_separate[n] != acc_local[n] for n in acc_local)
+    figures["points_differing_separate_vs_local"] = {
+        what: sum(acc_separate[n][i] != acc_local[n][i] for n in acc_local)
+        for i, what in enumerate(("before retraining", "after retraining", "dense control"))}
     figures["max_accuracy_difference_separate_vs_local"] = max(diffs)
     figures["threads"] = {"separate runs": "all cores", "sweep local": f"{sweep.task_threads('local', 2)} per job",
                           "sweep ray": sweep.task_threads("ray", 1)}
@@ -127,7 +134,7 @@ def main() -> None:
     print(f"speedup of the sweep (local, 2 jobs) over 12 separate runs: {figures['speedup_local']}x "
           f"(goal: at least 4x); per-point accuracies identical, local and Ray: {figures['identical_local_and_ray']}; "
           f"separate runs and local sweep: {figures['identical_separate_and_local']} "
-          f"({figures['points_differing_separate_vs_local']} points differ, by at most "
+          f"(points that differ: {figures['points_differing_separate_vs_local']}, by at most "
           f"{figures['max_accuracy_difference_separate_vs_local']:.4f}: threads differ, see docs/sweeps.md)")
     (out / "bench_sweep.json").write_text(json.dumps(figures, indent=2))
 
