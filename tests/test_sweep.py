@@ -127,6 +127,9 @@ def test_each_unique_stage_runs_once_and_the_rerun_runs_nothing(local_sweep):
         point = base / "grid" / "points" / r["point"]
         assert (point / "report.html").is_file() and (point / "train").is_symlink()
     assert (base / "grid" / "sweep.csv").read_text().count("\n") == 9
+    # the plan of a grid with new amounts: every stage kind measured (the analyses in the points)
+    plan = grid.dry_run_text(grid.points(SMALL, [], ["prune.amount=0.3"]), base / "other", base / ".store")
+    assert re.search(r"prune\s+4 unique,\s+0 done", plan) and "about" in plan and "no measurement" not in plan, plan
 
 
 @pytest.mark.e2e

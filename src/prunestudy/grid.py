@@ -214,17 +214,22 @@ def dry_run_text(pts: list[Point], sweep_dir: Path, store_root: Path) -> str:
     return "\n".join(lines)
 
 
-def measured_seconds(store_root: Path) -> dict[str, float]:
-    """Median wall time per kind of stage over the store's records."""
+def measured_seconds(store_root: Path, most: int = 500) -> dict[str, float]:
+    """Median wall time per kind of stage over the store's records; for the analysis (kept in run
+    folders, not in the store) over the runs and sweep points beside the store (at most `most`)."""
+    root = Path(store_root)
     out = {}
     for stage in STAGES:
+        if stage == "analysis":
+            folders = itertools.islice(itertools.chain(root.parent.glob(f"*/{paths.SWEEP_POINTS}/*/{stage}"),
+                                                       root.parent.glob(f"*/{stage}")), most)
+        else:
+            folders = (root / stage).iterdir() if (root / stage).is_dir() else ()
         times = []
-        folder = Path(store_root) / stage
-        if folder.is_dir():
-            for entry in folder.iterdir():
-                rec = records.read(entry) if entry.is_dir() else None
-                if rec and (rec.get("wall_seconds") or rec.get("seconds")):
-                    times.append(float(rec.get("wall_seconds") or rec["seconds"]))
+        for folder in folders:
+            rec = records.read(folder) if folder.is_dir() else None
+            if rec and (rec.get("wall_seconds") or rec.get("seconds")):
+                times.append(float(rec.get("wall_seconds") or rec["seconds"]))
         if times:
             times.sort()
             out[stage] = times[len(times) // 2]

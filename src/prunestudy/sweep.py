@@ -164,6 +164,27 @@ def task_threads(engine: str, jobs: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(jobs, 1)) if engine == "local" else 1
 
 
+@contextlib.contextmanager
+def _sigint_blocked():
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _worker_init() -> None:
+    """A pool worker starts with SIGINT blocked (a Ctrl-C while it imports would print a traceback):
+    one that came meanwhile only marks it interrupted; from here on Ctrl-C stops its stage."""
+    def note(*_):
+        global _interrupted
+        _interrupted = True
+
+    signal.signal(signal.SIGINT, note)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})   # delivers a pending one, to `note`
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def run_local(todo: dict[str, Task], specs: dict[str, dict], jobs: int, log: Callable[[str], None]) -> dict:
     """A process pool of `jobs` workers; a task is submitted once its inputs are done. A worker
     that dies (BrokenProcessPool) takes its tasks with it: they are submitted again."""
@@ -171,14 +192,15 @@ def run_local(todo: dict[str, Task], specs: dict[str, dict], jobs: int, log: Cal
     attempts = dict.fromkeys(todo, 0)
     pending = dict(todo)
     while pending:
-        pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"))
+        pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=_worker_init)
         running = {}
         try:
             while pending or running:
                 for tid, task in list(pending.items()):
                     if all(d in results for d in task.deps):
                         upstream = [results[d] for d in task.deps]
-                        running[pool.submit(run_task, specs[tid], *upstream)] = tid
+                        with _sigint_blocked():   # a worker it starts is born with SIGINT blocked
+                            running[pool.submit(run_task, specs[tid], *upstream)] = tid
                         attempts[tid] += 1
                         del pending[tid]
                 if not running:
