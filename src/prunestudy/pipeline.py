@@ -309,8 +309,6 @@ def execute_stage(cfg: dict, run_dir: Path, stage: str, key: str, *, kernel: str
                 # recorded its outputs before a later cell failed or Ctrl-C stopped it
                 records.clear(paths.stage_dir(run_dir, stage))
                 raise
-            if stored:
-                stagestore.link(paths.executed_notebook(run_dir, stage), out)
             seconds = round(time.perf_counter() - start, 2)
             folder = paths.stage_dir(run_dir, stage)
             if stage == "analysis":   # the one stage the runner records: the report is rendered here

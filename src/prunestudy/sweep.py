@@ -111,7 +111,7 @@ def run_task(spec: dict, *upstream: dict) -> dict:
         return {**info, "status": "failed", "error": "injected fault", "end": time.time(), "notebook": None}
     cfg, folder, stage, key = spec["cfg"], Path(spec["point_dir"]), spec["stage"], spec["key"]
     st = stagestore.Store(spec["store"])
-    log = _prefixed(spec["point"])
+    log = _print   # the tags name the point
     try:
         with records.RunLock(folder, f"prunestudy sweep (pid {os.getpid()})") as lock:
             os.environ[records.TOKEN_ENV] = lock.token
@@ -143,8 +143,8 @@ def _complete(cfg: dict, folder: Path, stage: str, key: str, st: stagestore.Stor
     return stage in stagestore.STORED and pipeline.reuse(st, cfg, folder, stage, key)
 
 
-def _prefixed(point: str) -> Callable[[str], None]:
-    return lambda m: print(m, flush=True)
+def _print(message: str) -> None:
+    print(message, flush=True)
 
 
 # --- engines ---------------------------------------------------------------------------------------
