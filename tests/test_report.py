@@ -740,6 +740,21 @@ def test_per_class_accuracy_and_paired_change(run):
     assert "too few for any verdict" in md or "too few changes" in md   # at most 6 crops moved per class
 
 
+def test_per_class_table_with_no_change_renders_without_warnings(run):
+    """Pruning and retraining that change no prediction (a model at the floor often does): the
+    change columns are all zero, and the table renders without a RuntimeWarning in the report."""
+    import warnings
+
+    for stage in ("prune", "retrain"):
+        np.save(run["dir"] / stage / "predictions.npy", run["preds"]["train"])
+    df = report.per_class_table(run["dir"])
+    assert (df["pruned − trained (points)"] == 0).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        html = report.per_class_styler(run["dir"]).to_html()
+    assert "0.0" in html
+
+
 def test_per_class_table_escapes_class_names_in_html(run):
     html = report.per_class_styler(run["dir"]).to_html()
     assert "&lt;b&gt;dog&lt;/b&gt;" in html and "<b>dog</b>" not in html

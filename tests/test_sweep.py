@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from prunestudy import browser, cli, config, grid, pipeline, records, stagestore, sweep
+from prunestudy import browser, cli, config, grid, metrics, pipeline, records, stagestore, sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ROOT / "params" / "grid-small.yaml"
@@ -127,6 +127,14 @@ def test_each_unique_stage_runs_once_and_the_rerun_runs_nothing(local_sweep):
         point = base / "grid" / "points" / r["point"]
         assert (point / "report.html").is_file() and (point / "train").is_symlink()
     assert (base / "grid" / "sweep.csv").read_text().count("\n") == 9
+    flagged = 0   # each point's floor flags are its own report's (smoke-sized training: often at the floor)
+    for r in table:
+        res = json.loads((base / "grid" / "points" / r["point"] / "results.json").read_text())
+        own = metrics.flagged(res["floor"])
+        assert (r["dense_at_floor"], r["after_at_floor"]) == ("trained" in own, "retrained" in own)
+        flagged += r["dense_at_floor"] or r["after_at_floor"]
+    page = (base / "grid" / "sweep.html").read_text()
+    assert ("Warning: majority-class floor" in page) == bool(flagged)
     # the plan of a grid with new amounts: every stage kind measured (the analyses in the points)
     plan = grid.dry_run_text(grid.points(SMALL, [], ["prune.amount=0.3"]), base / "other", base / ".store")
     assert re.search(r"prune\s+4 unique,\s+0 done", plan) and "about" in plan and "no measurement" not in plan, plan
@@ -208,18 +216,22 @@ def test_a_failing_stage_and_a_killed_worker(local_sweep, tmp_path):
 
 @pytest.mark.e2e
 def test_ray_engine_with_fake_gpus(local_sweep, tmp_path):
-    """A local Ray cluster of 2 CPUs and 2 (fake) GPUs, over the grid's 4 points at amount 0.5 (2
-    methods x 2 seeds) on a store that holds only the data: 2 trainings, not 4; each GPU stage on
-    its own CUDA_VISIBLE_DEVICES; never more tasks at once than resources; the same accuracies as
-    the local engine's."""
+    """A local Ray cluster of 2 CPUs and 2 (fake) GPUs, over the whole 2 x 2 x 2 grid on a store
+    that holds only the data: 2 trainings, not 8; each GPU stage on its own CUDA_VISIBLE_DEVICES;
+    never more tasks at once than resources; Ray's workers reuse their kernels; the same accuracies
+    as the local engine's."""
     pytest.importorskip("ray")
     base, _, _ = local_sweep
-    pts = grid.points(SMALL, [], ["prune.amount=0.5"])
+    pts = grid.points(SMALL)
     summary = sweep.run(pts, tmp_path / "grid", engine="ray", log=lambda m: None,
                         store_root=seeded_store(base, tmp_path / "store", ("data",)),
                         ray_init={"num_cpus": 2, "num_gpus": 2})
-    assert summary["failed"] == [] and summary["ran"]["train"] == 2 and summary["ran"]["prune"] == 4
+    assert summary["failed"] == [] and summary["ran"]["train"] == 2 and summary["ran"]["prune"] == 8
     results = [r for r in summary["results"].values() if r["status"] == "ran"]
+    starts = {}   # kernels started per worker process (a count that only grows)
+    for r in results:
+        starts[r["pid"]] = max(starts.get(r["pid"], 0), r["kernel_starts"])
+    assert sum(starts.values()) < len(results), (starts, len(results))
     gpu = [r for r in results if r["stage"] in sweep.GPU_STAGES]
     assert gpu and all(r["cuda_visible_devices"] in ("0", "1") for r in gpu)
     for a in gpu:   # two GPU tasks that overlap in time never share a device
@@ -321,7 +333,9 @@ def test_the_grid_report_stays_readable_with_60_points():
                              "accuracy_after": after, "balanced_accuracy_after": after - 0.02,
                              "control_accuracy": dense + 0.01, "change_vs_dense": after - dense,
                              "change_vs_control": after - dense - 0.01, "finished": True,
-                             "report": f"points/{name}/report.html", "prune.method": method, "prune.amount": amount})
+                             "report": f"points/{name}/report.html", "prune.method": method, "prune.amount": amount,
+                             "floor_share": 0.3, "floor_class": "person", "dense_at_floor": False,
+                             "before_at_floor": False, "after_at_floor": False})
     table = pd.DataFrame(rows)
     ops = report.operating_points(table)
     assert len(ops) == 18 and (ops["seeds"] == 4).all()
@@ -338,4 +352,49 @@ def test_the_grid_report_stays_readable_with_60_points():
         assert len(method_lines) == 6 and all(len(ln.get_xdata()) == 6 for ln in method_lines)
     plt.close(fig)
     links = report.grid_points_markdown(table)
-    assert links.count("](points/") == 72
+    assert links.count("](points/") == 72 and "majority-class floor" not in links
+    assert report.floor_markdown(table) == ""   # no point flagged: no warning
+
+    # random pruning at 0.9 and 0.95 leaves models at the majority-class floor (8 points, 4 seeds each)
+    hit = (table["prune.method"] == "random_unstructured") & (table["prune.amount"] >= 0.9)
+    table.loc[hit, "after_at_floor"] = True
+    table.loc[hit & (table["seed"] == 0), "dense_at_floor"] = True
+    warning = report.floor_markdown(table)
+    assert "In 2 of 72 finished points the dense model and in 8 of 72 the retrained model" in warning
+    assert "30.0% of the test set, always answering 'person'" in warning
+    ops = report.grid_operating_styler(table).data
+    cells = dict(zip(zip(ops["prune.method"], ops["prune.amount"]), ops["at the majority floor"]))
+    assert cells[("random_unstructured", "0.9")] == "dense 1 of 4, retrained 4 of 4"
+    assert cells[("l1_unstructured", "0.9")] == "—"
+    assert report.grid_points_markdown(table).count("model at the majority-class floor") == 6
+    assert report.grid_points_markdown(table).count("models at the majority-class floor") == 2
+    fig = report.plot_grid_tradeoff(table)
+    floor_lines = [ln for ln in fig.axes[0].get_lines() if ln.get_label() == "majority-class floor"]
+    assert len(floor_lines) == 1 and floor_lines[0].get_ydata()[0] == pytest.approx(30.0)
+    plt.close(fig)
+
+
+@pytest.mark.e2e
+def test_the_grid_report_flags_a_real_coco_point_at_the_floor(coco_run, tmp_path):
+    """A grid of one point: the one-epoch study on ../shared/coco-sample (every model answers
+    'person'). The grid report warns first, with the floor its own report found."""
+    from prunestudy import metrics, report, store
+
+    run_dir, _, _ = coco_run
+    sweep_dir = tmp_path / "grid"
+    (sweep_dir / "points").mkdir(parents=True)
+    (sweep_dir / "points" / "seed=0").symlink_to(run_dir, target_is_directory=True)
+    store.write_json(sweep_dir / "grid.json", {"points": [{"name": "seed=0", "values": {"seed": 0}}]})
+    table = report.grid_table(sweep_dir)
+    res = json.loads((run_dir / "results.json").read_text())
+    flagged = metrics.flagged(res["floor"])
+    assert "trained" in flagged   # what the point's own report says
+    row = table.iloc[0]
+    assert row["dense_at_floor"] and row["floor_class"] == "person"
+    assert bool(row["after_at_floor"]) == ("retrained" in flagged)
+    heading = report.grid_heading(sweep_dir, table)
+    assert "**Warning: majority-class floor.** In 1 of 1 finished points the dense model" in heading
+    assert f"{100 * res['floor']['share']:.1f}% of the test set, always answering 'person'" in heading
+    report.save_grid_tables(sweep_dir, table)
+    saved = json.loads((sweep_dir / "sweep.json").read_text())["points"][0]
+    assert saved["dense_at_floor"] is True and saved["floor_share"] == pytest.approx(res["floor"]["share"])

@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--store", metavar="DIR",
                      help="the stage store shared by runs and sweeps (default: .store beside the run folder, "
                           "or $PRUNESTUDY_STORE; 'none': every stage computed in the run folder)")
+    run.add_argument("--fresh-kernels", action="store_true",
+                     help="a new Jupyter kernel for every notebook (default: one kernel, reset between notebooks)")
     run.add_argument("--force", metavar="STAGE", choices=pipeline.STAGES,
                      help=f"rerun from this stage on even if up to date ({', '.join(pipeline.STAGES)})")
     show = sub.add_parser("params", help="print the effective parameters (defaults, file, overrides)")
@@ -60,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
                else pipeline.default_run_dir(args.file, args.param, cfg))
     print(f"prunestudy: run folder {run_dir} (params hash {config.stage_hash(cfg)})", flush=True)
     try:
-        res = pipeline.run(cfg, run_dir, force=args.force, log=lambda m: print(m, flush=True), store_root=args.store)
+        res = pipeline.run(cfg, run_dir, force=args.force, log=lambda m: print(m, flush=True), store_root=args.store,
+                           fresh_kernels=args.fresh_kernels)
     except (FileNotFoundError, pipeline.PreflightError, records.LockedError) as e:
         print(f"prunestudy: {e}", file=sys.stderr)
         return 2

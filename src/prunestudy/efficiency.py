@@ -228,12 +228,17 @@ def latency(model: nn.Module, batch_sizes=(1, 64), repeats: int = 20, device: st
 # --- summary ---------------------------------------------------------------------------------
 def summary(model: nn.Module, dense_model: nn.Module, batch_sizes=(1, 64), repeats: int = 20,
             threads: int | None = None, devices: tuple[str, ...] | None = None,
-            input_size: tuple[int, ...] = INPUT_SIZE, warmup: int = 3) -> dict:
+            input_size: tuple[int, ...] = INPUT_SIZE, warmup: int = 3, same_as: dict | None = None) -> dict:
     """Parameters, FLOPs, sizes and measured latency of `model` against `dense_model`, as plain
     JSON data. Latency is measured on the CPU (and CUDA when available, unless `devices` says
     otherwise) with masks folded (`deployable`). `saves_time` is judged on the CPU (else the first
     device) at the largest batch size: true only when the CONFIDENCE interval of the speedup lies
-    above 1; `remark` says why, with the speedup and its interval at every batch size."""
+    above 1; `remark` says why, with the speedup and its interval at every batch size.
+
+    `same_as`: the summary of a model that runs the same computation (the pruned model, for the
+    model retrained from it with its masks held): its latency is taken over, not measured again,
+    when its MACs, nonzero weights, parameter count and latency settings are this model's: the
+    dense kernels' time does not depend on the weights' values. `latency_from` says which."""
     devices = devices or (("cpu", "cuda") if torch.cuda.is_available() else ("cpu",))
     f, fd = flops(model, input_size), flops(dense_model, input_size)
     out = {**parameters(model, dense_model), "macs": f["macs"], "effective_macs": f["effective_macs"],
@@ -241,9 +246,15 @@ def summary(model: nn.Module, dense_model: nn.Module, batch_sizes=(1, 64), repea
            "layer_macs": {n: {"macs": v["macs"], "effective_macs": v["effective_macs"]}
                           for n, v in f["layers"].items()},
            **sizes(model), "dense_state_dict_bytes": _saved_bytes(prune.export(dense_model)[0]), "latency": {}}
+    if _same_computation(out, same_as, batch_sizes, repeats, devices):
+        for field in ("latency", "measured_speedup", "speedup_ci", "verdict_batch", "saves_time", "remark"):
+            out[field] = same_as[field]
+        out["latency_from"] = same_as.get("latency_from") or "the pruned model (same MACs and nonzero weights)"
+        return out
     pair = {"dense": deployable(dense_model), "pruned": deployable(model)}
     for dev in devices:
         out["latency"][dev] = latency_table(pair, batch_sizes, repeats, dev, threads, warmup, input_size=input_size)
+    out["latency_from"] = None   # measured here
     table = out["latency"]["cpu" if "cpu" in devices else devices[0]]
     rows = {r["batch"]: r for r in table["rows"] if r["model"] == "pruned"}
     largest = max(batch_sizes)
@@ -254,6 +265,18 @@ def summary(model: nn.Module, dense_model: nn.Module, batch_sizes=(1, 64), repea
     out["saves_time"], out["remark"] = _verdict(rows, largest, out["theoretical_speedup"], same_shape,
                                                 f"{table['repeats']} paired runs in random order on {table['device']}")
     return out
+
+
+def _same_computation(out: dict, other: dict | None, batch_sizes, repeats: int, devices) -> bool:
+    """Whether `other` (an efficiency summary) measured a model with `out`'s computation, with these
+    latency settings."""
+    if not other or not other.get("latency"):
+        return False
+    same = ("macs", "effective_macs", "dense_macs", "params_total", "params_nonzero", "layer_macs")
+    if any(other.get(k) != out.get(k) for k in same) or set(other["latency"]) != set(devices):
+        return False
+    return all(t.get("repeats") == repeats and sorted({r["batch"] for r in t["rows"]}) == sorted(batch_sizes)
+               for t in other["latency"].values())
 
 
 def _ratio_text(row: dict) -> str:

@@ -1,5 +1,6 @@
-"""The runner: executes the five notebooks with papermill, in order, in the project's own kernel,
-then renders the HTML report with nbconvert."""
+"""The runner: executes the five notebooks with papermill, in order, in the project's own kernel
+(one kernel, reset between notebooks: prunestudy.kernels), then renders the HTML report with
+nbconvert."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
-from . import config, paths, progress, records, stages, stagestore, store
+from . import config, kernels, paths, progress, records, stages, stagestore, store
 
 STAGES = paths.STAGES
 KERNEL_NAME = "prunestudy"
@@ -127,11 +128,12 @@ def problem(cfg: dict, run_dir: Path, stage: str, key: str) -> str | None:
 
 
 def run(cfg: dict, run_dir: str | Path, *, force: str | None = None, log: Callable[[str], None] = print,
-        store_root: str | Path | None = None) -> dict:
+        store_root: str | Path | None = None, fresh_kernels: bool = False) -> dict:
     """Run the study into run_dir, skipping every stage already complete with the same key (in the
     run folder, or in the stage store: then it is linked, not recomputed); `force` reruns from
     that stage on. `store_root`: the stage store (None: stagestore.default_root; "none": no store,
-    every stage computed in the run folder). Holds the run folder's lock throughout (a second
+    every stage computed in the run folder). `fresh_kernels`: a new kernel per notebook, rather
+    than one kernel reset between them (prunestudy.kernels). Holds the run folder's lock throughout (a second
     writer is refused: records.LockedError). Returns results.json's content."""
     import papermill  # noqa: F401  (fail here, before any work, if it is missing)
 
@@ -142,7 +144,7 @@ def run(cfg: dict, run_dir: str | Path, *, force: str | None = None, log: Callab
     with records.RunLock(run_dir, f"prunestudy run (pid {os.getpid()})") as lock:
         os.environ[records.TOKEN_ENV] = lock.token   # the kernels it starts inherit it: they may write
         try:
-            return _run(cfg, run_dir, force, log, _store(run_dir, store_root))
+            return _run(cfg, run_dir, force, log, _store(run_dir, store_root), fresh_kernels)
         finally:
             os.environ.pop(records.TOKEN_ENV, None)
 
@@ -154,7 +156,7 @@ def _store(run_dir: Path, root: str | Path | None) -> stagestore.Store | None:
 
 
 def _run(cfg: dict, run_dir: Path, force: str | None, log: Callable[[str], None],
-         stage_store: stagestore.Store | None) -> dict:
+         stage_store: stagestore.Store | None, fresh_kernels: bool = False) -> dict:
     paths.notebooks_dir(run_dir).mkdir(parents=True, exist_ok=True)
     store.write_json(run_dir / paths.PARAMS, cfg)
     kernel = ensure_kernel()
@@ -162,7 +164,8 @@ def _run(cfg: dict, run_dir: Path, force: str | None, log: Callable[[str], None]
     keys = stage_keys(cfg, run_dir)
     forced = STAGES[STAGES.index(force):] if force else ()
     timings: dict[str, float] = {}
-    chain = _Chain(kernel, forced, log, invalidate=paths.stage_record(run_dir, "analysis"), store=stage_store)
+    chain = _Chain(kernel, forced, log, invalidate=paths.stage_record(run_dir, "analysis"), store=stage_store,
+                   fresh_kernels=fresh_kernels)
     ran = chain.run(cfg, run_dir, STAGES[:-1], keys, timings, lambda: _finish(run_dir, cfg, timings, keys))
     seeds = config.repeat_seeds(cfg)
     for n, seed in enumerate(seeds, 1):   # the same study with other seeds, on the same data
@@ -198,8 +201,9 @@ class _Chain:
     same key until one runs; from there on every later stage reruns (its inputs changed)."""
 
     def __init__(self, kernel: str, forced: tuple[str, ...], log: Callable[[str], None], invalidate: Path,
-                 store: stagestore.Store | None = None):
+                 store: stagestore.Store | None = None, fresh_kernels: bool = False):
         self.kernel, self.forced, self.log, self.label = kernel, forced, log, ""
+        self.fresh_kernels = fresh_kernels
         self.invalidate = invalidate   # the analysis' record: outdated as soon as any stage reruns
         self.store = store
 
@@ -238,7 +242,7 @@ class _Chain:
             changed = True
             seconds = execute_stage(cfg, run_dir, stage, keys[stage], kernel=self.kernel, stage_store=self.store,
                                     log=self.log, tag=tag, refresh=stage == "data" and stage in self.forced,
-                                    recheck=recheck, on_failure=finish)
+                                    recheck=recheck, on_failure=finish, fresh_kernel=self.fresh_kernels)
             if seconds is None:   # found complete in the store once claimed: nothing after it must rerun
                 rec = records.read(paths.stage_dir(run_dir, stage)) or {}
                 timings[stage] = rec.get("wall_seconds", rec.get("seconds", 0.0))
@@ -267,13 +271,14 @@ def reuse(st: stagestore.Store, cfg: dict, run_dir: Path, stage: str, key: str) 
 
 def execute_stage(cfg: dict, run_dir: Path, stage: str, key: str, *, kernel: str, stage_store: stagestore.Store | None,
                   log: Callable[[str], None], tag: str, refresh: bool = False, recheck: bool = True,
-                  on_failure: Callable[[], object] = lambda: None) -> float | None:
+                  on_failure: Callable[[], object] = lambda: None, fresh_kernel: bool = False) -> float | None:
     """Run one stage's notebook for run_dir under papermill, in the project's kernel: in its store
     entry (claimed: computed once, whoever asks) when the stage is stored, else in the run folder;
     check the record it wrote; returns its wall time. With `recheck`, a stored stage that another
     process completed while this one waited for its claim is linked, not recomputed: returns None.
     Raises StageFailed (the stage, the error's last line, the executed notebook) or
-    KeyboardInterrupt; `on_failure` runs first."""
+    KeyboardInterrupt; `on_failure` runs first. The notebook runs in this process's kernel, reset
+    for it (prunestudy.kernels), or with `fresh_kernel` in a kernel of its own."""
     import papermill as pm
 
     src = notebooks_dir() / paths.NOTEBOOK_OF[stage]
@@ -301,13 +306,18 @@ def execute_stage(cfg: dict, run_dir: Path, stage: str, key: str, *, kernel: str
                     control.mkdir(parents=True, exist_ok=True)
                     stagestore.link(stage_store.entry(stage, key) / paths.CONTROL, control)
             try:
-                pm.execute_notebook(str(src), str(out), parameters=parameters, kernel_name=kernel,
-                                    cwd=str(src.parent), progress_bar=False, stdout_file=sys.stdout,
-                                    stderr_file=sys.stderr)
-            except BaseException:
+                with kernels.watch_sigint():
+                    km = {} if fresh_kernel else {"km": kernels.manager(kernel, str(src.parent))}
+                    pm.execute_notebook(str(src), str(out), parameters=parameters, kernel_name=kernel,
+                                        cwd=str(src.parent), progress_bar=False, stdout_file=sys.stdout,
+                                        stderr_file=sys.stderr, **km)
+                    kernels.check_interrupted()
+            except BaseException as e:
                 # a stage is done only once its whole notebook ran: the stage function may have
                 # recorded its outputs before a later cell failed or Ctrl-C stopped it
                 records.clear(paths.stage_dir(run_dir, stage))
+                if isinstance(e, KeyboardInterrupt) or getattr(e, "ename", None) == "KeyboardInterrupt":
+                    kernels.shutdown()   # a reused kernel may still be computing the stage: stopped now
                 raise
             seconds = round(time.perf_counter() - start, 2)
             folder = paths.stage_dir(run_dir, stage)

@@ -402,7 +402,8 @@ def run_retrain(run_dir=None, *, epochs=default("retrain.epochs"), lr=default("r
     sp = _sparsity_fields(net, dense, pm["targets"])
     eff = export = None
     if main:  # under torchrun the other ranks go on to the control's fine-tuning and wait for rank 0 there
-        eff = _efficiency(net, dense, {**LATENCY, "repeats": latency_repeats}, testset)
+        eff = _efficiency(net, dense, {**LATENCY, "repeats": latency_repeats}, testset,
+                          same_as=pm.get("efficiency"))
         artifacts.save_model(out, net, arch, len(classes))
         export = artifacts.export(out, net, arch, classes, pm, ev)
         artifacts.save_predictions(out, ev["predictions"])
@@ -594,9 +595,11 @@ def _rewind_state(model_dir: Path, step: int, method: str) -> dict:
     return store.load_tensors(model_dir / paths.REWIND)
 
 
-def _efficiency(net, dense, settings: dict, testset) -> dict:
-    """efficiency.summary of `net` against `dense` for inputs of the test images' shape."""
+def _efficiency(net, dense, settings: dict, testset, same_as: dict | None = None) -> dict:
+    """efficiency.summary of `net` against `dense` for inputs of the test images' shape; `same_as`:
+    the summary of a model with the same computation, whose latency is taken over (see there)."""
     return efficiency.summary(net, dense, batch_sizes=tuple(settings["batch_sizes"]), repeats=settings["repeats"],
+                              same_as=same_as,
                               warmup=settings["warmup"], devices=settings.get("devices"),
                               input_size=tuple(testset[0].shape[1:]))
 

@@ -11,8 +11,9 @@ training stages on CUDA).
       sweep.html                the grid report (notebooks/06_sweep.ipynb, code hidden)
       notebooks/06_sweep.ipynb  the executed sweep notebook
 
-Each stage runs as its stage notebook under papermill in its own kernel (in a worker process), so
-every stage keeps its executed notebook and HTML page. A stage whose process dies (SIGKILL, a lost
+Each stage runs as its stage notebook under papermill, in its worker process's kernel (reset
+between notebooks, prunestudy.kernels; `--fresh-kernels`: a kernel per notebook), so every stage
+keeps its executed notebook and HTML page. A stage whose process dies (SIGKILL, a lost
 Ray worker) is retried; a stage that raises is not: it is reported with its point, notebook and
 last error line, the points that do not depend on it still finish, and the sweep exits 1. A rerun
 does only what is missing or failed. Two sweeps over overlapping stages compute each stage once:
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
-from . import config, grid, paths, pipeline, progress, records, stagestore, store
+from . import config, grid, kernels, paths, pipeline, progress, records, stagestore, store
 
 ORDER = ("data", "train", "prune", "retrain", "analysis")
 UPSTREAM = {"train": "data", "prune": "train", "retrain": "prune", "analysis": "retrain"}
@@ -94,6 +95,15 @@ def run_task(spec: dict, *upstream: dict) -> dict:
     """Compute one stage for its point (a worker process of the pool, or a Ray task): skip it
     when it is complete (here or in the store), else run its notebook. Never raises for a stage
     that fails: returns its failure, so that the driver reports it and does not retry it."""
+    global _busy
+    _busy = True
+    try:
+        return _run_task(spec, *upstream)
+    finally:
+        _busy = False
+
+
+def _run_task(spec: dict, *upstream: dict) -> dict:
     global _interrupted
     started = time.time()
     info = {"id": spec["id"], "stage": spec["stage"], "point": spec["point"], "pid": os.getpid(),
@@ -120,7 +130,8 @@ def run_task(spec: dict, *upstream: dict) -> dict:
             if stage == "analysis":
                 pipeline._finish(folder, cfg, {}, pipeline.stage_keys(cfg, folder))
             seconds = pipeline.execute_stage(cfg, folder, stage, key, kernel=pipeline.ensure_kernel(), stage_store=st,
-                                             log=log, tag=f"==> [{spec['point']}] {stage}")
+                                             log=log, tag=f"==> [{spec['point']}] {stage}",
+                                             fresh_kernel=spec.get("fresh_kernels", False))
             if seconds is None:   # another sweep or run computed it while this one waited for its claim
                 return {**info, "status": "done earlier", "end": time.time()}
             if stage == "analysis":
@@ -134,7 +145,7 @@ def run_task(spec: dict, *upstream: dict) -> dict:
         _interrupted = True
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         raise
-    return {**info, "status": "ran", "seconds": seconds, "end": time.time()}
+    return {**info, "status": "ran", "seconds": seconds, "end": time.time(), "kernel_starts": kernels.starts}
 
 
 def _complete(cfg: dict, folder: Path, stage: str, key: str, st: stagestore.Store) -> bool:
@@ -149,9 +160,9 @@ def _print(message: str) -> None:
 
 # --- engines ---------------------------------------------------------------------------------------
 def _spec(task: Task, pts: dict[str, grid.Point], sweep_dir: Path, st: stagestore.Store, env: dict,
-          threads: int) -> dict:
+          threads: int, fresh_kernels: bool = False) -> dict:
     return {"id": task.id, "stage": task.stage, "key": task.key, "point": task.point, "cfg": pts[task.point].cfg,
-            "threads": threads,
+            "threads": threads, "fresh_kernels": fresh_kernels,
             "point_dir": str(paths.point_dir(sweep_dir, task.point)), "store": str(st.root), "env": env,
             "inject": os.environ.get("PRUNESTUDY_INJECT_FAULT")}
 
@@ -173,16 +184,23 @@ def _sigint_blocked():
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def _worker_init() -> None:
-    """A pool worker starts with SIGINT blocked (a Ctrl-C while it imports would print a traceback):
-    one that came meanwhile only marks it interrupted; from here on Ctrl-C stops its stage."""
-    def note(*_):
-        global _interrupted
-        _interrupted = True
+_busy = False   # in a worker process: a task runs
 
-    signal.signal(signal.SIGINT, note)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})   # delivers a pending one, to `note`
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+def _worker_sigint(*_) -> None:
+    """A pool worker's Ctrl-C: it stops the task that runs (KeyboardInterrupt); an idle worker (or
+    one still starting) only notes it, quietly: the tasks queued to it do not start."""
+    global _interrupted
+    _interrupted = True
+    if _busy:
+        raise KeyboardInterrupt
+
+
+def _worker_init() -> None:
+    """A pool worker starts with SIGINT blocked (a Ctrl-C while it imports would print a traceback);
+    from here on `_worker_sigint` takes it (one that came meanwhile is delivered to it now)."""
+    signal.signal(signal.SIGINT, _worker_sigint)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def run_local(todo: dict[str, Task], specs: dict[str, dict], jobs: int, log: Callable[[str], None]) -> dict:
@@ -292,8 +310,10 @@ def _log_result(r: dict, log: Callable[[str], None]) -> None:
 # --- the sweep -------------------------------------------------------------------------------------
 def run(pts: list[grid.Point], sweep_dir: str | Path, *, engine: str = "local", jobs: int = 2,
         address: str | None = None, store_root: str | Path | None = None, log: Callable[[str], None] = print,
-        ray_init: dict | None = None) -> dict:
+        ray_init: dict | None = None, fresh_kernels: bool = False) -> dict:
     """Run every point of the grid into sweep_dir, each unique stage once; then the grid report.
+    Each worker runs its stages' notebooks in one kernel, reset between them (prunestudy.kernels);
+    `fresh_kernels`: a kernel per notebook.
     Returns {"results": {task id: result}, "failed": [...], "ran": {stage: count}}."""
     sweep_dir = config.resolve_path(sweep_dir)
     for p in pts:
@@ -307,7 +327,7 @@ def run(pts: list[grid.Point], sweep_dir: str | Path, *, engine: str = "local", 
                "JUPYTER_PATH": os.environ.get("JUPYTER_PATH", "")}
         by_name = {p.name: p for p in pts}
         threads = task_threads(engine, jobs)
-        specs = {tid: _spec(t, by_name, sweep_dir, st, env, threads) for tid, t in todo.items()}
+        specs = {tid: _spec(t, by_name, sweep_dir, st, env, threads, fresh_kernels) for tid, t in todo.items()}
         log(f"==> sweep: {len(pts)} points, {len(todo)} unique stages, engine {engine}"
             + (f" ({jobs} jobs)" if engine == "local" else f" ({address or 'a local Ray'})"))
         if engine == "ray":
@@ -317,11 +337,11 @@ def run(pts: list[grid.Point], sweep_dir: str | Path, *, engine: str = "local", 
         failed = [r for r in results.values() if r["status"] == "failed"]
         ran = {s: sum(1 for r in results.values() if r["status"] == "ran" and r["stage"] == s) for s in ORDER}
         summary = {"results": results, "failed": failed, "ran": ran, "points": len(pts), "unique": len(todo)}
-        report(sweep_dir, log)
+        report(sweep_dir, log, fresh_kernels)
     return summary
 
 
-def report(sweep_dir: Path, log: Callable[[str], None] = print) -> Path:
+def report(sweep_dir: Path, log: Callable[[str], None] = print, fresh_kernel: bool = False) -> Path:
     """Run notebooks/06_sweep.ipynb on the sweep (tables, curves, sweep.csv and sweep.json), render
     sweep.html with the code hidden."""
     import papermill as pm
@@ -329,9 +349,13 @@ def report(sweep_dir: Path, log: Callable[[str], None] = print) -> Path:
     src = pipeline.notebooks_dir() / paths.SWEEP_NOTEBOOK
     out = paths.notebooks_dir(sweep_dir) / paths.SWEEP_NOTEBOOK
     out.parent.mkdir(parents=True, exist_ok=True)
-    pm.execute_notebook(str(src), str(out), parameters={"sweep_dir": str(sweep_dir)},
-                        kernel_name=pipeline.ensure_kernel(), cwd=str(src.parent), progress_bar=False,
-                        stdout_file=sys.stdout, stderr_file=sys.stderr)
+    kernel = pipeline.ensure_kernel()
+    with kernels.watch_sigint():
+        km = {} if fresh_kernel else {"km": kernels.manager(kernel, str(src.parent))}
+        pm.execute_notebook(str(src), str(out), parameters={"sweep_dir": str(sweep_dir)}, kernel_name=kernel,
+                            cwd=str(src.parent), progress_bar=False, stdout_file=sys.stdout, stderr_file=sys.stderr,
+                            **km)
+        kernels.check_interrupted()
     page = pipeline.render_html(out, Path(sweep_dir) / paths.SWEEP_REPORT, hide_code=True,
                                 title=f"prunestudy sweep: {Path(sweep_dir).name}")
     log(f"==> sweep report: {page}")
@@ -353,6 +377,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--address", help="ray engine: the cluster (auto, ray://host:port); default a local Ray")
     p.add_argument("--store", metavar="DIR", help="the stage store (default: .store beside the sweep folder, or "
                                                   "$PRUNESTUDY_STORE; on a shared file system for several machines)")
+    p.add_argument("--fresh-kernels", action="store_true",
+                   help="a new Jupyter kernel for every notebook (default: one per worker, reset between notebooks)")
     p.set_defaults(handler=_cli)
 
 
@@ -376,7 +402,7 @@ def _cli(args) -> int:
     print(f"prunestudy: sweep folder {sweep_dir} ({len(pts)} points), stage store {root}", flush=True)
     try:
         summary = run(pts, sweep_dir, engine=args.engine, jobs=args.jobs, address=args.address, store_root=root,
-                      log=lambda m: print(m, flush=True))
+                      log=lambda m: print(m, flush=True), fresh_kernels=args.fresh_kernels)
     except (FileNotFoundError, pipeline.PreflightError, records.LockedError) as e:
         print(f"prunestudy: {e}", file=sys.stderr)
         return 2

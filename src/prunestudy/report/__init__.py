@@ -38,6 +38,7 @@ from .data import data_markdown, plot_class_counts, plot_samples, sample_mosaic
 from .efficiency import efficiency_markdown, efficiency_styler, efficiency_table
 from .findings import amount_phrase, control_markdown, findings, findings_markdown
 from .grid import (
+    floor_markdown,
     grid_heading,
     grid_operating_styler,
     grid_points_markdown,
@@ -94,7 +95,7 @@ __all__ = [
     "ACC", "BALANCED", "CONFIDENCE", "MACRO_F1", "CONTROL_LABEL", "DPI", "FIGSIZE", "LATENCY", "LOSS", "NONZERO",
     "SEED_EDGE", "SEED_HATCH",
     "SEED_REPORT_FILE", "SIZE", "SPARSITY", "SUMMARY_COLUMNS", "TOTAL",
-    "grid_heading", "grid_operating_styler", "grid_points_markdown", "grid_table", "operating_points",
+    "floor_markdown", "grid_heading", "grid_operating_styler", "grid_points_markdown", "grid_table", "operating_points",
     "plot_grid_tradeoff", "save_grid_tables",
     "amount_phrase", "binomial_se", "dead_units", "min_test", "confusion_matrix", "control_markdown", "cut_threshold",
     "data_markdown",

@@ -98,8 +98,11 @@ def efficiency_markdown(results: dict) -> str:
         eff = states.metrics(results, s.key).get("efficiency")
         if not eff:
             continue
-        lines.append(f"- **{s.label}**: {md_escape(remark(eff))} On disk: {eff['state_dict_bytes'] / MB:.2f} MB as "
-                     f"a plain state_dict (dense model {eff['dense_state_dict_bytes'] / MB:.2f} MB), "
+        timed = (f" Not timed again: retraining held the masks, so it runs the same computation as "
+                 f"{md_escape(eff['latency_from'])}; its latency is that one's." if eff.get("latency_from") else "")
+        lines.append(f"- **{s.label}**: {md_escape(remark(eff))}{timed} On disk: "
+                     f"{eff['state_dict_bytes'] / MB:.2f} MB as a plain state_dict "
+                     f"(dense model {eff['dense_state_dict_bytes'] / MB:.2f} MB), "
                      f"{eff['sparse_compressed_bytes'] / MB:.2f} MB stored sparse and compressed.")
     return "\n".join(lines) or "No efficiency figures: the prune stage has not run in this run folder."
 

@@ -13,13 +13,16 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .. import paths, states, store
+from .. import metrics, paths, states, store
 from .seeds import t_interval
 from .style import figure, floor_method, label, legend_outside, literal, md_escape, method_style, placeholder
 
 POINT_COLUMNS = ["point", "method", "amount", "seed", "sparsity", "compression_ratio", "theoretical_speedup",
                  "measured_speedup", "dense_accuracy", "accuracy_before", "accuracy_after", "balanced_accuracy_after",
-                 "control_accuracy", "change_vs_dense", "change_vs_control", "finished", "report"]
+                 "control_accuracy", "change_vs_dense", "change_vs_control", "floor_share", "floor_class",
+                 "dense_at_floor", "before_at_floor", "after_at_floor", "finished", "report"]
+# a state flagged by metrics.floor (not above the majority-class floor, or answering one class)
+FLAGS = {"dense_at_floor": "trained", "before_at_floor": "pruned", "after_at_floor": "retrained"}
 # the operating point's figures averaged over seeds (per method and amount, and any other grid key)
 MEASURES = {"sparsity": "sparsity (%)", "compression_ratio": "compression ratio (x)",
             "theoretical_speedup": "theoretical speedup (x)", "measured_speedup": "measured speedup (x)",
@@ -55,6 +58,9 @@ def point_row(sweep_dir: Path, row: dict) -> dict:
     dense, after = tr.get("test_accuracy"), re_.get("test_accuracy")
     finished = (folder / paths.REPORT).is_file() and paths.stage_record(folder, "analysis").is_file()
     params = res.get("params") or {}
+    floor = res.get("floor") or {}
+    flagged = metrics.flagged(floor)
+    flags = {col: (state in flagged) if state in (floor.get("states") or {}) else None for col, state in FLAGS.items()}
     return {"point": row["name"], "method": _get(params, "prune", "method"), "amount": _get(params, "prune", "amount"),
             "seed": params.get("seed"), "values": row["values"],
             "sparsity": pr.get("global_sparsity"), "compression_ratio": eff.get("compression_ratio"),
@@ -64,6 +70,7 @@ def point_row(sweep_dir: Path, row: dict) -> dict:
             "control_accuracy": ctl.get("test_accuracy"),
             "change_vs_dense": None if None in (after, dense) else after - dense,
             "change_vs_control": None if None in (after, ctl.get("test_accuracy")) else after - ctl["test_accuracy"],
+            "floor_share": floor.get("share"), "floor_class": floor.get("class"), **flags,
             "finished": finished, "report": f"{paths.SWEEP_POINTS}/{row['name']}/{paths.REPORT}" if finished else None}
 
 
@@ -95,6 +102,8 @@ def operating_points(table: pd.DataFrame) -> pd.DataFrame:
         values = values if isinstance(values, tuple) else (values,)
         row = dict(zip(keys, values))
         row["seeds"] = len(group)
+        for col in ("dense_at_floor", "after_at_floor"):
+            row[col] = int((group[col] == True).sum()) if col in group else 0   # noqa: E712 (None: unknown)
         for m in MEASURES:
             x = pd.to_numeric(group[m], errors="coerce").dropna().to_numpy(float)
             if not len(x):
@@ -121,11 +130,44 @@ def grid_operating_styler(table: pd.DataFrame):
         digits = 1 if m in PERCENT else 2
         shown[name] = [("—" if pd.isna(v) else f"{scale * v:.{digits}f}"
                         + ("" if pd.isna(s) else f" ± {scale * s:.{digits}f}")) for v, s in zip(ops[m], ops[f"{m}_sd"])]
+    shown["at the majority floor"] = [_floor_cell(d, a, n) for d, a, n in
+                                      zip(ops["dense_at_floor"], ops["after_at_floor"], ops["seeds"])]
     shown.columns = [literal(c) for c in shown.columns]
     return shown.style.hide(axis="index").set_caption(
         "Mean ± SD over seeds per operating point (points whose retraining finished). Accuracy in %, changes "
         "in percentage points (the point's retrained model against its own dense model and dense control, "
-        "paired by seed). Compression ratio: dense parameters / nonzero parameters.")
+        "paired by seed). Compression ratio: dense parameters / nonzero parameters. At the majority floor: "
+        "seeds whose dense or retrained model is not above the majority-class floor or answers one class "
+        "(each point's report says which); nothing about pruning can be read from those seeds.")
+
+
+def _floor_cell(dense: int, after: int, seeds: int) -> str:
+    if not dense and not after:
+        return "—"
+    return ", ".join(f"{what} {n} of {seeds}" for what, n in (("dense", dense), ("retrained", after)) if n)
+
+
+def floor_markdown(table: pd.DataFrame) -> str:
+    """The first warning of the grid report: finished points whose dense or retrained model sits at
+    the majority-class floor (or answers one class): their accuracies say nothing about pruning."""
+    done = table[table["finished"]] if len(table) else table
+    if not len(done) or "dense_at_floor" not in done:
+        return ""
+    dense, after = int((done["dense_at_floor"] == True).sum()), int((done["after_at_floor"] == True).sum())  # noqa: E712
+    if not dense and not after:
+        return ""
+    shares = done["floor_share"].dropna()
+    classes = sorted({str(c) for c in done["floor_class"].dropna()})
+    share = (f"{100 * shares.min():.1f}%" if shares.min() == shares.max()
+             else f"{100 * shares.min():.1f}–{100 * shares.max():.1f}%") if len(shares) else "?"
+    parts = [f"in {n} of {len(done)}{' finished points' * (i == 0)} the {what} model"
+             for i, (what, n) in enumerate((w, n) for w, n in (("dense", dense), ("retrained", after)) if n)]
+    return (f"**Warning: majority-class floor.** {' and '.join(parts).capitalize()} is not significantly above "
+            f"the majority-class floor ({share} of the test set, always answering "
+            f"{' or '.join(repr(c) for c in classes)}) or answers one class. Nothing about pruning can be concluded "
+            "from those points: a model that has learnt no more than the commonest class has nothing for pruning "
+            "to take away. Train longer (`train.epochs`) or on more data before reading this grid; the column "
+            "*at the majority floor* and each point's report say which seeds.")
 
 
 def grid_heading(sweep_dir, table: pd.DataFrame) -> str:
@@ -141,7 +183,8 @@ def grid_heading(sweep_dir, table: pd.DataFrame) -> str:
         s += (f" **{len(missing)} did not finish** ({', '.join(md_escape(m) for m in missing[:10])}"
               + (", ..." if len(missing) > 10 else "") + "): they are left out of the means and curves; rerun "
               "the same `prunestudy sweep` to compute only what is missing.")
-    return s
+    warning = floor_markdown(table)
+    return s + (f"\n\n{warning}" if warning else "")
 
 
 def plot_grid_tradeoff(table: pd.DataFrame) -> Figure:
@@ -167,6 +210,9 @@ def plot_grid_tradeoff(table: pd.DataFrame) -> Figure:
             if "accuracy_before" in group:
                 ax.plot(xs, 100 * group["accuracy_before"], color=colour, marker=marker, ls="--", alpha=0.7,
                         label=literal(f"{method} (before)"))
+        if "floor_share" in table and table["floor_share"].notna().any():
+            ax.axhline(100 * table["floor_share"].mean(), color="dimgray", ls="-.", lw=1.2,
+                       label="majority-class floor")
         for ref, colour, name in (("dense_accuracy", states.TRAINED.color, "dense (trained)"),
                                   ("control_accuracy", states.CONTROL.color, states.CONTROL.label)):
             if table[ref].notna().any():
@@ -184,6 +230,8 @@ def grid_points_markdown(table: pd.DataFrame) -> str:
     lines = []
     for row in table.itertuples():
         acc = "" if pd.isna(row.accuracy_after) else f": {100 * row.accuracy_after:.1f}% after retraining"
+        at = [w for w, flag in (("dense", row.dense_at_floor), ("retrained", row.after_at_floor)) if flag is True]
+        acc += f" (**{' and '.join(at)} model{'s' * (len(at) > 1)} at the majority-class floor**)" if at else ""
         link = f"[{md_escape(row.point)}]({row.report})" if row.report else f"{md_escape(row.point)} (not finished)"
         lines.append(f"- {link}{acc}")
     return "\n".join(lines)

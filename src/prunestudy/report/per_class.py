@@ -116,7 +116,8 @@ def per_class_styler(run_dir):
         return df
     fmt = {c: "{:.1f}" for c in df.columns if df[c].dtype.kind == "f"}
     fmt.update({c: "{:.3f}" for c in df.columns if c.endswith(": p") or c.endswith("(Holm)")})
-    change = [c for c in df.columns if c.endswith("(points)")]
+    # bars only where a change is not zero everywhere (pandas divides by the column's range)
+    change = [c for c in df.columns if c.endswith("(points)") and df[c].abs().max() > 0]
     return (df.style.format(fmt, na_rep="—").format_index(escape="html")   # class names are untrusted text
             .bar(subset=change, align="zero", color=[states.PRUNED.color, states.RETRAINED.color])
             .set_caption("Per-class test accuracy (%). Changes are paired (the same test crops before and after), "

@@ -1,0 +1,161 @@
+"""The Jupyter kernel a process runs its stage notebooks in.
+
+By default a process (`prunestudy run`, a sweep's pool worker, a Ray worker) keeps one kernel of the
+project's kernelspec and runs its stage notebooks in it one after another: starting a kernel and
+importing PyTorch, pandas, seaborn and the package costs about 3.5 s per notebook on this machine
+(more than the training of a smoke-sized stage), and a sweep runs hundreds of notebooks. Before
+each notebook the kernel is reset to the state a fresh kernel would show the notebook:
+
+- its namespace and history are emptied (IPython's reset, new session): a notebook sees no variable
+  of the one before, so one that reads a name it did not define fails here as it would in
+  JupyterLab, and its cells are numbered from 1;
+- open figures are closed;
+- the PRUNESTUDY_* environment variables (the run lock's token, the store, the progress style,
+  PRUNESTUDY_HOME) are set to the runner's current ones.
+
+What a reset cannot undo is read once, when a kernel starts: the environment's other variables
+(CUDA_VISIBLE_DEVICES, which Ray sets per task; OMP_NUM_THREADS, MKL_NUM_THREADS), the kernelspec
+and the working folder. A kernel is therefore reused only while all of them are what it was
+started with; otherwise, or when it died, a new one is started. Imported modules stay imported;
+the stage functions set every seed and setting they depend on (the tests compare a reused kernel's
+results with fresh kernels' bit for bit, tests/test_kernels.py).
+
+`fresh=True` (`prunestudy run --fresh-kernels`, `prunestudy sweep --fresh-kernels`) starts a
+kernel per notebook, as papermill does on its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import threading
+
+OWN_PREFIX = "PRUNESTUDY_"   # read by the stage functions when they run: set before each notebook
+_IGNORED = ("JPY_",)         # set by Jupyter for the kernel itself
+
+_km = None            # this process's kernel manager
+_fingerprint = None   # what its kernel was started with
+starts = 0            # kernels started by this process (the tests count them)
+_sigint = False       # a Ctrl-C reached this process while a notebook ran (see watch_sigint)
+
+
+def fingerprint(kernel_name: str, cwd: str) -> str:
+    """What a kernel reads once, at its start: its kernelspec, working folder and the environment
+    (but the variables reset before each notebook)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith((OWN_PREFIX, *_IGNORED))}
+    blob = json.dumps([kernel_name, str(cwd), sorted(env.items())])
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def manager(kernel_name: str, cwd: str):
+    """This process's kernel manager for `kernel_name` started in `cwd`, reset for the next notebook
+    (papermill starts its kernel on first use when it has none). A new one replaces a kernel that
+    died or that was started with another environment."""
+    global _km, _fingerprint, starts
+    from jupyter_client.manager import AsyncKernelManager
+    from nbclient.util import run_sync
+
+    fp = fingerprint(kernel_name, cwd)
+    if _km is not None and _km.has_kernel and fp == _fingerprint and run_sync(_km.is_alive)():
+        try:
+            _reset(_km)
+            return _km
+        except (RuntimeError, TimeoutError):   # it died meanwhile (or hangs): a new one
+            pass
+    shutdown()
+    _km, _fingerprint = AsyncKernelManager(kernel_name=kernel_name), fp
+    starts += 1
+    _register_shutdown()
+    return _km
+
+
+def _reset(km) -> None:
+    """Run the reset (see the module's text) in the kernel, outside any executed notebook and its
+    history: IPython's reset with a new history session numbers the next cell 1."""
+    from nbclient.util import run_sync
+
+    own = {k: v for k, v in os.environ.items() if k.startswith(OWN_PREFIX)}
+    code = "\n".join([
+        "import os as _o, sys as _s",
+        f"[_o.environ.pop(_k) for _k in [_k for _k in _o.environ if _k.startswith({OWN_PREFIX!r})]]",
+        f"_o.environ.update({own!r})",
+        "if 'matplotlib.pyplot' in _s.modules: _s.modules['matplotlib.pyplot'].close('all')",
+        "get_ipython().reset(new_session=True)",
+    ])
+    kc = km.client()
+    kc.start_channels()
+    try:
+        run_sync(kc.wait_for_ready)(timeout=60)
+        reply = run_sync(kc.execute_interactive)(code, store_history=False, timeout=120, output_hook=lambda m: None)
+    finally:
+        kc.stop_channels()
+    if reply["content"]["status"] != "ok":
+        raise RuntimeError(f"resetting the kernel failed: {reply['content'].get('evalue')}")
+
+
+def shutdown() -> None:
+    """Stop this process's kernel, if it has one."""
+    global _km, _fingerprint
+    km, _km, _fingerprint = _km, None, None
+    if km is None or not km.has_kernel:
+        return
+    from nbclient.util import run_sync
+
+    try:
+        run_sync(km.shutdown_kernel)(now=True)
+    except Exception:   # already gone: nothing to stop
+        pass
+
+
+_registered = False
+
+
+def _register_shutdown() -> None:
+    """Stop the kernel when this process ends: atexit for a plain process; a multiprocessing
+    finaliser for a pool worker (whose exit skips atexit). A process killed outright leaves its
+    kernel to ipykernel's parent poller, which ends a kernel whose parent is gone."""
+    global _registered
+    if _registered:
+        return
+    import atexit
+    from multiprocessing import util
+
+    atexit.register(shutdown)
+    util.Finalize(None, shutdown, exitpriority=10)
+    _registered = True
+
+
+@contextlib.contextmanager
+def watch_sigint():
+    """While a notebook runs: Ctrl-C (SIGINT) raises KeyboardInterrupt as before and is also
+    remembered, so that a library on the way that swallows the exception (a callback, a retry)
+    cannot lose it: `check_interrupted` raises it again once the notebook returns."""
+    global _sigint
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _sigint = False
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        global _sigint
+        _sigint = True
+        if callable(previous):
+            previous(signum, frame)
+        else:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def check_interrupted() -> None:
+    """Raise KeyboardInterrupt if a Ctrl-C reached this process during `watch_sigint`."""
+    if _sigint:
+        raise KeyboardInterrupt
