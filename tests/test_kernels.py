@@ -42,6 +42,7 @@ def test_a_reused_kernel_shows_each_notebook_a_fresh_namespace(tmp_path, monkeyp
     before = kernels.starts
     try:
         a = _notebook(tmp_path / "a.ipynb", "import os, matplotlib.pyplot as plt\nleft_behind = 41\nfig = plt.figure()",
+                      "import sys, weakref\nclass Held: pass\nheld = Held()\nsys.probe = weakref.ref(held)\nheld",
                       "print(os.environ['PRUNESTUDY_PROBE'], os.getpid())")
         first = _execute(a, tmp_path / "a.out.ipynb")
         pid = _output(first).split()[1]
@@ -49,11 +50,12 @@ def test_a_reused_kernel_shows_each_notebook_a_fresh_namespace(tmp_path, monkeyp
         monkeypatch.setenv("PRUNESTUDY_PROBE", "second")   # read at call time: set before each notebook
         b = _notebook(tmp_path / "b.ipynb", "import os, matplotlib.pyplot as plt",
                       "print(os.environ['PRUNESTUDY_PROBE'], os.getpid(), len(plt.get_fignums()))",
-                      "print('left_behind' in dir())")
+                      "print('left_behind' in dir())", "import sys\nprint(sys.probe() is None)")
         second = _execute(b, tmp_path / "b.out.ipynb")
         assert _output(second, 1).split() == ["second", pid, "0"]   # the same process; no figure left open
         assert _output(second, 2).strip() == "False"                 # no name of the notebook before
-        assert [c.execution_count for c in second.cells] == [1, 2, 3]   # numbered as in a fresh kernel
+        assert _output(second, 3).strip() == "True"                  # what it held (its output too) is freed
+        assert [c.execution_count for c in second.cells] == [1, 2, 3, 4]   # numbered as in a fresh kernel
         assert kernels.starts == before + 1
         monkeypatch.delenv("PRUNESTUDY_PROBE")
         c = _notebook(tmp_path / "c.ipynb", "import os\nprint('PRUNESTUDY_PROBE' in os.environ)")

@@ -9,7 +9,8 @@ each notebook the kernel is reset to the state a fresh kernel would show the not
 - its namespace and history are emptied (IPython's reset, new session): a notebook sees no variable
   of the one before, so one that reads a name it did not define fails here as it would in
   JupyterLab, and its cells are numbered from 1;
-- open figures are closed;
+- open figures are closed, and what the notebook before held is freed (garbage collected, CUDA's
+  cached memory given back);
 - the PRUNESTUDY_* environment variables (the run lock's token, the store, the progress style,
   PRUNESTUDY_HOME) are set to the runner's current ones.
 
@@ -84,6 +85,10 @@ def _reset(km) -> None:
         f"_o.environ.update({own!r})",
         "if 'matplotlib.pyplot' in _s.modules: _s.modules['matplotlib.pyplot'].close('all')",
         "get_ipython().reset(new_session=True)",
+        # what the notebook before held is freed now (and CUDA's cached blocks given back), not later
+        "__import__('gc').collect()",
+        "(lambda t: t.cuda.empty_cache() if t and t.cuda.is_initialized() else None)"
+        "(__import__('sys').modules.get('torch'))",
     ])
     kc = km.client()
     kc.start_channels()
