@@ -93,6 +93,36 @@ def test_summary_is_plain_json_and_says_whether_time_is_saved():
     assert [r["model"] for r in s["latency"]["cpu"]["rows"]] == ["dense", "dense", "pruned", "pruned"]
 
 
+def test_a_retrained_model_takes_over_the_latency_of_the_same_computation(monkeypatch):
+    """The retrained model (masks held: the pruned model's zeros, other values) is not timed again:
+    its latency is the pruned model's. A model with another zero pattern, or other latency settings,
+    is timed."""
+    dense, pruned = _net(), _net()
+    prune.apply(pruned, "l1_unstructured", 0.5)
+    first = efficiency.summary(pruned, dense, batch_sizes=(1, 2), repeats=2, devices=("cpu",))
+    assert first["latency_from"] is None
+    retrained = copy.deepcopy(pruned)
+    with torch.no_grad():   # new values where the mask keeps weights, zeros where it does not
+        for module in retrained.modules():
+            if hasattr(module, "weight_orig"):
+                module.weight_orig.mul_(1.5)
+    timed = []
+    real = efficiency.latency_table
+    monkeypatch.setattr(efficiency, "latency_table", lambda *a, **k: timed.append(1) or real(*a, **k))
+    again = efficiency.summary(retrained, dense, batch_sizes=(1, 2), repeats=2, devices=("cpu",), same_as=first)
+    assert timed == [] and "pruned model" in again["latency_from"]
+    for field in ("latency", "measured_speedup", "speedup_ci", "saves_time", "remark"):
+        assert again[field] == first[field]
+    assert again["state_dict_bytes"] == first["state_dict_bytes"]   # sizes measured on this model
+    assert again["sparse_compressed_bytes"] != first["sparse_compressed_bytes"]
+    more = copy.deepcopy(pruned)
+    prune.apply(more, "l1_unstructured", 0.5)   # more zeros: another computation
+    other = efficiency.summary(more, dense, batch_sizes=(1, 2), repeats=2, devices=("cpu",), same_as=first)
+    assert timed == [1] and other["latency_from"] is None
+    efficiency.summary(retrained, dense, batch_sizes=(1, 2), repeats=3, devices=("cpu",), same_as=first)
+    assert timed == [1, 1]   # other repeats: timed
+
+
 def test_speed_ratio_is_the_t_interval_of_paired_log_ratios():
     from scipy import stats
 
