@@ -26,10 +26,8 @@ def _notebook(path: Path, *sources: str) -> Path:
 
 
 def _execute(src: Path, out: Path, **kw):
-    kernel = pipeline.ensure_kernel()
-    km = kernels.manager(kernel, str(src.parent))
-    return pm.execute_notebook(str(src), str(out), kernel_name=kernel, cwd=str(src.parent), progress_bar=False,
-                               km=km, **kw)
+    kernels.execute_notebook(src, out, kernel_name=pipeline.ensure_kernel(), **kw)
+    return nbformat.read(out, as_version=4)
 
 
 def _output(nb, i: int = -1) -> str:

@@ -33,6 +33,7 @@ import json
 import os
 import signal
 import threading
+from pathlib import Path
 
 OWN_PREFIX = "PRUNESTUDY_"   # read by the stage functions when they run: set before each notebook
 _IGNORED = ("JPY_",)         # set by Jupyter for the kernel itself
@@ -49,6 +50,26 @@ def fingerprint(kernel_name: str, cwd: str) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith((OWN_PREFIX, *_IGNORED))}
     blob = json.dumps([kernel_name, str(cwd), sorted(env.items())])
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def execute_notebook(src: str | os.PathLike, out: str | os.PathLike, *, kernel_name: str, fresh: bool = False,
+                     **kw):
+    """papermill's execute_notebook of `src` into `out`, in this process's kernel (reset for it) or,
+    with `fresh`, in a kernel of its own; the working folder is the notebook's. A Ctrl-C stops it
+    even if a library on the way swallowed it (watch_sigint), and stops a reused kernel that may
+    still compute. `kw`: papermill's (parameters, stdout_file, ...)."""
+    import papermill as pm
+
+    cwd = str(Path(src).parent)
+    try:
+        with watch_sigint():
+            km = {} if fresh else {"km": manager(kernel_name, cwd)}
+            pm.execute_notebook(str(src), str(out), kernel_name=kernel_name, cwd=cwd, progress_bar=False, **km, **kw)
+            check_interrupted()
+    except BaseException as e:
+        if isinstance(e, KeyboardInterrupt) or getattr(e, "ename", None) == "KeyboardInterrupt":
+            shutdown()
+        raise
 
 
 def manager(kernel_name: str, cwd: str):

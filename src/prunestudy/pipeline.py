@@ -306,18 +306,12 @@ def execute_stage(cfg: dict, run_dir: Path, stage: str, key: str, *, kernel: str
                     control.mkdir(parents=True, exist_ok=True)
                     stagestore.link(stage_store.entry(stage, key) / paths.CONTROL, control)
             try:
-                with kernels.watch_sigint():
-                    km = {} if fresh_kernel else {"km": kernels.manager(kernel, str(src.parent))}
-                    pm.execute_notebook(str(src), str(out), parameters=parameters, kernel_name=kernel,
-                                        cwd=str(src.parent), progress_bar=False, stdout_file=sys.stdout,
-                                        stderr_file=sys.stderr, **km)
-                    kernels.check_interrupted()
-            except BaseException as e:
+                kernels.execute_notebook(src, out, kernel_name=kernel, fresh=fresh_kernel, parameters=parameters,
+                                         stdout_file=sys.stdout, stderr_file=sys.stderr)
+            except BaseException:
                 # a stage is done only once its whole notebook ran: the stage function may have
                 # recorded its outputs before a later cell failed or Ctrl-C stopped it
                 records.clear(paths.stage_dir(run_dir, stage))
-                if isinstance(e, KeyboardInterrupt) or getattr(e, "ename", None) == "KeyboardInterrupt":
-                    kernels.shutdown()   # a reused kernel may still be computing the stage: stopped now
                 raise
             seconds = round(time.perf_counter() - start, 2)
             folder = paths.stage_dir(run_dir, stage)

@@ -344,18 +344,11 @@ def run(pts: list[grid.Point], sweep_dir: str | Path, *, engine: str = "local", 
 def report(sweep_dir: Path, log: Callable[[str], None] = print, fresh_kernel: bool = False) -> Path:
     """Run notebooks/06_sweep.ipynb on the sweep (tables, curves, sweep.csv and sweep.json), render
     sweep.html with the code hidden."""
-    import papermill as pm
-
     src = pipeline.notebooks_dir() / paths.SWEEP_NOTEBOOK
     out = paths.notebooks_dir(sweep_dir) / paths.SWEEP_NOTEBOOK
     out.parent.mkdir(parents=True, exist_ok=True)
-    kernel = pipeline.ensure_kernel()
-    with kernels.watch_sigint():
-        km = {} if fresh_kernel else {"km": kernels.manager(kernel, str(src.parent))}
-        pm.execute_notebook(str(src), str(out), parameters={"sweep_dir": str(sweep_dir)}, kernel_name=kernel,
-                            cwd=str(src.parent), progress_bar=False, stdout_file=sys.stdout, stderr_file=sys.stderr,
-                            **km)
-        kernels.check_interrupted()
+    kernels.execute_notebook(src, out, kernel_name=pipeline.ensure_kernel(), fresh=fresh_kernel,
+                             parameters={"sweep_dir": str(sweep_dir)}, stdout_file=sys.stdout, stderr_file=sys.stderr)
     page = pipeline.render_html(out, Path(sweep_dir) / paths.SWEEP_REPORT, hide_code=True,
                                 title=f"prunestudy sweep: {Path(sweep_dir).name}")
     log(f"==> sweep report: {page}")
