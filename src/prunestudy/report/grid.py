@@ -103,7 +103,7 @@ def operating_points(table: pd.DataFrame) -> pd.DataFrame:
         row = dict(zip(keys, values))
         row["seeds"] = len(group)
         for col in ("dense_at_floor", "after_at_floor"):
-            row[col] = int((group[col] == True).sum()) if col in group else 0   # noqa: E712 (None: unknown)
+            row[col] = _flagged(group, col)
         for m in MEASURES:
             x = pd.to_numeric(group[m], errors="coerce").dropna().to_numpy(float)
             if not len(x):
@@ -141,6 +141,11 @@ def grid_operating_styler(table: pd.DataFrame):
         "(each point's report says which); nothing about pruning can be read from those seeds.")
 
 
+def _flagged(rows: pd.DataFrame, col: str) -> int:
+    """How many rows have `col` True (None: the point's floor is unknown, not counted)."""
+    return int((rows[col] == True).sum()) if col in rows else 0   # noqa: E712
+
+
 def _floor_cell(dense: int, after: int, seeds: int) -> str:
     if not dense and not after:
         return "—"
@@ -153,7 +158,7 @@ def floor_markdown(table: pd.DataFrame) -> str:
     done = table[table["finished"]] if len(table) else table
     if not len(done) or "dense_at_floor" not in done:
         return ""
-    dense, after = int((done["dense_at_floor"] == True).sum()), int((done["after_at_floor"] == True).sum())  # noqa: E712
+    dense, after = _flagged(done, "dense_at_floor"), _flagged(done, "after_at_floor")
     if not dense and not after:
         return ""
     shares = done["floor_share"].dropna()
