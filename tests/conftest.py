@@ -1,14 +1,27 @@
+import contextlib
+import fcntl
 import json
 import os
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 COCO_SAMPLE = ROOT.parent / "shared" / "coco-sample"
+
+# `make test` runs the suite on two pytest-xdist workers, a file per worker at a time (--dist loadfile:
+# a module's fixtures are built once). The longest files go first, so that neither worker is left
+# with a long file at the end: the 8-point sweeps, then the stage records and the killed runs.
+LONGEST_FIRST = ("test_sweep.py", "test_records.py", "test_reruns.py", "test_bad_input.py", "test_kernels.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: each file's own order kept
 
 
 @pytest.fixture(autouse=True)
@@ -25,17 +38,44 @@ def coco_sample() -> Path:
     return COCO_SAMPLE
 
 
+@contextlib.contextmanager
+def built_once(tmp_path_factory, name: str):
+    """A session fixture's folder, built once for the whole test run: with pytest-xdist each worker asks,
+    the first builds it under a lock in the run's shared temp folder (pytest-xdist's own recipe) and the
+    others wait, then reuse it. Yields (folder, box): box.result is the saved result (JSON) of the build,
+    or None, and then the caller builds into folder and sets box.result, which is saved for the others."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    folder, record = shared / name, shared / f"{name}.json"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)   # released when the file closes, also if this worker dies
+        box = types.SimpleNamespace(result=json.loads(record.read_text()) if record.is_file() else None)
+        yield folder, box
+        if not record.is_file() and box.result is not None:
+            record.write_text(json.dumps(box.result))
+
+
+def _cli_run(args: list[str]) -> dict:
+    env = {**os.environ, "PRUNESTUDY_HOME": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "prunestudy.cli", "run", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {"args": proc.args, "returncode": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}
+
+
+def _completed(result: dict) -> subprocess.CompletedProcess:
+    return subprocess.CompletedProcess(result["args"], result["returncode"], result["stdout"], result["stderr"])
+
+
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory):
     """One complete `prunestudy run -f params/smoke.yaml` through the real command line, shared by
     the tests that read a finished run (they must not change it: copy it first)."""
-    run_dir = tmp_path_factory.mktemp("smoke") / "run"
-    env = {**os.environ, "PRUNESTUDY_HOME": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "prunestudy.cli", "run", "-f", "params/smoke.yaml",
-                           "--run-dir", str(run_dir)], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return run_dir, proc
+    with built_once(tmp_path_factory, "smoke") as (base, box):
+        if box.result is None:
+            box.result = _cli_run(["-f", "params/smoke.yaml", "--run-dir", str(base / "run")])
+    return base / "run", _completed(box.result)
 
 
 HOSTILE = {"car": "<script>alert(1)</script>", "bottle": "<img src=x onerror=alert(2)>"}
@@ -47,21 +87,18 @@ def coco_run(tmp_path_factory):
     where two categories are renamed to HTML/script and the run folder's name holds HTML too."""
     if not (COCO_SAMPLE / "annotations" / "instances_train2017.json").is_file():
         pytest.skip(f"real COCO sample not found at {COCO_SAMPLE} (CI provides ../shared/coco-sample)")
-    base = tmp_path_factory.mktemp("coco")
-    root = base / "coco"
-    shutil.copytree(COCO_SAMPLE, root, copy_function=lambda s, d: Path(d).symlink_to(s))
-    for split in ("train2017", "val2017"):
-        path = root / "annotations" / f"instances_{split}.json"
-        d = json.loads(path.read_text())
-        for c in d["categories"]:
-            c["name"] = HOSTILE.get(c["name"], c["name"])
-        path.unlink()
-        path.write_text(json.dumps(d))
-    run_dir = base / "run<img src=x onerror=alert(3)>"
-    env = {**os.environ, "PRUNESTUDY_HOME": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "prunestudy.cli", "run", "-f", "params/coco2017.yaml",
-                           "--run-dir", str(run_dir), "-p", f"data.root={root}", "-p", "train.epochs=1",
-                           "-p", "retrain.epochs=1", "-p", "data.min_per_class=1"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return run_dir, root, proc
+    with built_once(tmp_path_factory, "coco") as (base, box):
+        root, run_dir = base / "coco", base / "run<img src=x onerror=alert(3)>"
+        if box.result is None:
+            shutil.rmtree(base, ignore_errors=True)   # a build that failed half-way in another worker
+            shutil.copytree(COCO_SAMPLE, root, copy_function=lambda s, d: Path(d).symlink_to(s))
+            for split in ("train2017", "val2017"):
+                path = root / "annotations" / f"instances_{split}.json"
+                d = json.loads(path.read_text())
+                for c in d["categories"]:
+                    c["name"] = HOSTILE.get(c["name"], c["name"])
+                path.unlink()
+                path.write_text(json.dumps(d))
+            box.result = _cli_run(["-f", "params/coco2017.yaml", "--run-dir", str(run_dir), "-p", f"data.root={root}",
+                                   "-p", "train.epochs=1", "-p", "retrain.epochs=1", "-p", "data.min_per_class=1"])
+    return run_dir, root, _completed(box.result)

@@ -8,6 +8,7 @@ import ast
 import json
 import re
 import sys
+import sysconfig
 import tomllib
 from importlib import metadata
 from pathlib import Path
@@ -128,7 +129,10 @@ def test_installed_packages_are_the_lock():
     if (Path(sys.prefix) / "conda-meta").is_dir():
         pytest.skip("a conda environment: environment.yml pins the direct dependencies only")
     pins = _pins()
-    installed = {_canon(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    # the venv's site-packages, as pip freeze reads them: not sys.path, where an imported package may have
+    # put its own vendored copies (ray adds ray/thirdparty_files, with a colorama, once a test imported it)
+    site = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    installed = {_canon(d.metadata["Name"]): d.version for d in metadata.distributions(path=site)}
     wrong = {name: (installed.get(name), version) for name, version in pins.items() if installed.get(name) != version}
     assert not wrong, f"installed != locked (name: (installed, locked)); run `make setup`: {wrong}"
     extra = sorted(set(installed) - set(pins) - NOT_FROZEN)

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from matplotlib.colors import to_hex, to_rgb  # noqa: E402
 from matplotlib.container import BarContainer  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
+from matplotlib.patches import Rectangle, StepPatch  # noqa: E402
 
 from prunestudy import methods, report, results, stages, states  # noqa: E402
 from prunestudy.report import reference  # noqa: E402
@@ -473,8 +473,10 @@ def test_plot_weight_histograms_threshold(run):
         vlines = [l for l in ax.get_lines() if l.get_label() == "cut threshold"]
         assert len(vlines) == 1 and vlines[0].get_xdata()[0] == pytest.approx(cut, rel=1e-6)
         # the filled 'before' histogram counts every weight, the 'after' outline only the nonzero ones
-        filled = [p for p in ax.patches if isinstance(p, Rectangle)]
-        assert sum(p.get_height() for p in filled) == dense.numel()
+        filled = [p for p in ax.patches if isinstance(p, StepPatch) and p.get_fill()]
+        outlines = [p for p in ax.patches if isinstance(p, StepPatch) and not p.get_fill()]
+        assert len(filled) == 1 and filled[0].get_data().values.sum() == dense.numel()
+        assert outlines[0].get_data().values.sum() == (pruned != 0).sum().item()
     assert fig.legends
 
 
