@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from prunestudy import browser, config, pipeline
+from prunestudy import browser, config, paths, pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "prunestudy.cli"]
@@ -130,3 +130,31 @@ def test_seeds_parameter_is_checked_before_any_work(tmp_path, capsys):
     assert cli.main(["run", "-f", "params/smoke.yaml", "--run-dir", rd, "-p", "seeds=[1, 1]"]) == 2
     assert "seeds lists a seed twice" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.e2e
+def test_jobs_computes_the_repeats_as_grid_points_in_parallel_then_links_them(tmp_path):
+    """`--jobs 2`: the repeats (and the main chain: no in-run sweep here) are points of one stage graph,
+    computed first by the sweep's local engine, 2 at a time, into the store; the run links them all."""
+    run_dir = tmp_path / "run"
+    proc = run_cli("run", "-f", "params/smoke.yaml", "-p", "prune.amounts=null", "-p", "seeds=[0, 1]",
+                   "--jobs", "2", "--run-dir", str(run_dir))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "==> --jobs 2: 2 chains of the seeds [0, 1] computed 2 stages at a time" in proc.stdout
+    ran = started(proc.stdout)
+    pool = sorted(what for what in ran if what[0].startswith("seed="))
+    assert pool == sorted([("seed=0", "data")] + [(f"seed={s}", stage) for s in (0, 1)
+                                                   for stage in ("train", "prune", "retrain")]), proc.stdout
+    assert [what for what in ran if not what[0].startswith("seed=")] == [("5/5", "analysis")], proc.stdout
+    linked = re.findall(r"\] (\w+): found in the stage store", proc.stdout)
+    assert linked == ["data", "train", "prune", "retrain"] + ["train", "prune", "retrain"], proc.stdout
+    threads = max(1, (os.cpu_count() or 1) // 2)   # each pool stage computed with the cores shared by 2 jobs
+    for folder in (run_dir, paths.repeat_dir(run_dir, 1)):
+        for stage in ("train", "prune", "retrain"):
+            assert (folder / stage).is_symlink(), f"{folder / stage} is not linked into the store"
+            assert json.loads((folder / stage / "metrics.json").read_text())["torch_threads"] == threads
+    assert not (run_dir / paths.PARALLEL_REPEATS).exists()   # the pool's own folder: gone once all is stored
+    res = json.loads((run_dir / "results.json").read_text())
+    assert [r["seed"] for r in res["repeats"]] == [1]
+    assert all(r["retrained"]["test_accuracy"] is not None for r in res["repeats"]), res["repeats"]
+    assert (run_dir / "report.html").is_file()

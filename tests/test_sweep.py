@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from prunestudy import browser, cli, config, grid, metrics, pipeline, records, stagestore, sweep
+from prunestudy import browser, cli, config, grid, metrics, paths, pipeline, records, stagestore, sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ROOT / "params" / "grid-small.yaml"
@@ -149,6 +149,20 @@ def test_a_later_run_reuses_the_sweeps_stages(local_sweep):
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert [s for s, _ in started(proc.stdout)] == ["analysis"], proc.stdout   # data .. retrain: linked
+    # a run's `seeds` repeats are points of the same stage graph: each repeat's training, pruning and
+    # retraining is the grid point with that seed, found in the store
+    proc = subprocess.run([*CLI, "run", "-f", "params/smoke.yaml", "-p", "prune.amounts=null", "-p",
+                           "prune.method=l1_unstructured", "-p", "prune.amount=0.5", "-p", "seeds=[0,1]",
+                           "--run-dir", str(base / "repeats"), "--store", str(base / ".store")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert [s for s, _ in started(proc.stdout)] == ["analysis"], proc.stdout
+    linked = re.findall(r"\[seed 1: repeat 1/1\] (\w+): found in the stage store", proc.stdout)
+    assert linked == ["train", "prune", "retrain"], proc.stdout
+    point = base / "grid" / "points" / "method=l1_unstructured,amount=0.5,seed=1"
+    repeat = paths.repeat_dir(base / "repeats", 1)
+    for stage in ("train", "prune", "retrain"):   # the same store entries, so the same results
+        assert (repeat / stage).resolve() == (point / stage).resolve()
 
 
 @pytest.mark.e2e

@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
                           "or $PRUNESTUDY_STORE; 'none': every stage computed in the run folder)")
     run.add_argument("--fresh-kernels", action="store_true",
                      help="a new Jupyter kernel for every notebook (default: one kernel, reset between notebooks)")
+    run.add_argument("--jobs", type=int, default=1, metavar="N",
+                     help="with `seeds`: compute the repeats N stages at a time first (the sweep's local engine, "
+                          "cores/N threads each), then link them (default 1: one after another)")
     run.add_argument("--force", metavar="STAGE", choices=pipeline.STAGES,
                      help=f"rerun from this stage on even if up to date ({', '.join(pipeline.STAGES)})")
     show = sub.add_parser("params", help="print the effective parameters (defaults, file, overrides)")
@@ -58,12 +61,15 @@ def main(argv: list[str] | None = None) -> int:
         print(config.describe(cfg) if args.show else yaml.safe_dump(cfg, sort_keys=False), end="")
         print(f"# params hash: {config.stage_hash(cfg)}")
         return 0
+    if args.jobs < 1:
+        print(f"prunestudy: --jobs must be at least 1, got {args.jobs}", file=sys.stderr)
+        return 2
     run_dir = (config.resolve_path(args.run_dir) if args.run_dir
                else pipeline.default_run_dir(args.file, args.param, cfg))
     print(f"prunestudy: run folder {run_dir} (params hash {config.stage_hash(cfg)})", flush=True)
     try:
         res = pipeline.run(cfg, run_dir, force=args.force, log=lambda m: print(m, flush=True), store_root=args.store,
-                           fresh_kernels=args.fresh_kernels)
+                           fresh_kernels=args.fresh_kernels, jobs=args.jobs)
     except (FileNotFoundError, pipeline.PreflightError, records.LockedError) as e:
         print(f"prunestudy: {e}", file=sys.stderr)
         return 2

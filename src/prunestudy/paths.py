@@ -36,6 +36,7 @@ RESULTS = "results.json"
 REPORT = "report.html"
 NOTEBOOKS = "notebooks"
 REPEATS = "repeats"
+PARALLEL_REPEATS = ".parallel-repeats"   # `prunestudy run --jobs N`: the repeats as a sweep of their own
 LOCK = "run.lock"                  # held by the process writing the run folder (records.RunLock)
 STORE = ".store"                   # beside the run folders: the stage store (stagestore.py)
 ENTRY_NOTEBOOK = ".executed.ipynb"  # a store entry's executed notebook (run/notebooks/ links to it)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -128,13 +129,14 @@ def problem(cfg: dict, run_dir: Path, stage: str, key: str) -> str | None:
 
 
 def run(cfg: dict, run_dir: str | Path, *, force: str | None = None, log: Callable[[str], None] = print,
-        store_root: str | Path | None = None, fresh_kernels: bool = False) -> dict:
+        store_root: str | Path | None = None, fresh_kernels: bool = False, jobs: int = 1) -> dict:
     """Run the study into run_dir, skipping every stage already complete with the same key (in the
     run folder, or in the stage store: then it is linked, not recomputed); `force` reruns from
     that stage on. `store_root`: the stage store (None: stagestore.default_root; "none": no store,
     every stage computed in the run folder). `fresh_kernels`: a new kernel per notebook, rather
-    than one kernel reset between them (prunestudy.kernels). Holds the run folder's lock throughout (a second
-    writer is refused: records.LockedError). Returns results.json's content."""
+    than one kernel reset between them (prunestudy.kernels). `jobs` > 1: the `seeds` repeats are
+    computed first, `jobs` at a time (`parallel_repeats`). Holds the run folder's lock throughout (a
+    second writer is refused: records.LockedError). Returns results.json's content."""
     import papermill  # noqa: F401  (fail here, before any work, if it is missing)
 
     run_dir = config.resolve_path(run_dir)
@@ -144,9 +146,44 @@ def run(cfg: dict, run_dir: str | Path, *, force: str | None = None, log: Callab
     with records.RunLock(run_dir, f"prunestudy run (pid {os.getpid()})") as lock:
         os.environ[records.TOKEN_ENV] = lock.token   # the kernels it starts inherit it: they may write
         try:
-            return _run(cfg, run_dir, force, log, _store(run_dir, store_root), fresh_kernels)
+            stage_store = _store(run_dir, store_root)
+            if jobs > 1:
+                parallel_repeats(cfg, run_dir, stage_store, jobs, log, fresh_kernels, force)
+            return _run(cfg, run_dir, force, log, stage_store, fresh_kernels)
         finally:
             os.environ.pop(records.TOKEN_ENV, None)
+
+
+def parallel_repeats(cfg: dict, run_dir: Path, stage_store: stagestore.Store | None, jobs: int,
+                     log: Callable[[str], None], fresh_kernels: bool = False, force: str | None = None) -> None:
+    """The `seeds` repeats are points of the same stage graph as a sweep's: each repeat's training,
+    pruning and retraining has the key of the grid point with that seed. With `--jobs N` they are
+    computed first, N stages at a time, by the sweep's local engine (prunestudy.sweep) into the stage
+    store, and the run then links them like any stored stage (the main chain too, when it is such a
+    point: no in-run `prune.amounts` sweep). Each of those stages computes with cores/N threads, so
+    its figures may differ in the last digits from a run with --jobs 1 (sweep.task_threads). A stage
+    that fails there runs again in the chain, which reports it as usual."""
+    seeds = config.repeat_seeds(cfg)
+    if not seeds:
+        return
+    if stage_store is None or force is not None:
+        log(f"==> --jobs {jobs}: the repeats run one after another ("
+            + ("no stage store: --store none" if stage_store is None else f"--force {force} reruns them") + ")")
+        return
+    from . import grid, sweep  # sweep imports this module
+
+    pts = [grid.Point(f"seed={s}", {"seed": s}, config.repeat_config(cfg, s)) for s in seeds]
+    main = config.repeat_config(cfg, cfg["seed"])
+    if main == {**cfg, "seeds": None}:   # no in-run sweep: the main chain is the point of its seed
+        pts.insert(0, grid.Point(f"seed={cfg['seed']}", {"seed": cfg["seed"]}, main))
+    log(f"==> --jobs {jobs}: {len(pts)} chains of the seeds {[p.values['seed'] for p in pts]} computed "
+        f"{jobs} stages at a time (the sweep's local engine), then linked")
+    summary = sweep.run(pts, run_dir / paths.PARALLEL_REPEATS, jobs=jobs, store_root=stage_store.root, log=log,
+                        fresh_kernels=fresh_kernels, kinds=("data", *REPEAT_STAGES))
+    if summary["failed"]:
+        log(f"==> --jobs {jobs}: {len(summary['failed'])} stage(s) failed; they run again below, one at a time")
+    else:
+        shutil.rmtree(run_dir / paths.PARALLEL_REPEATS, ignore_errors=True)   # its stages are in the store
 
 
 def _store(run_dir: Path, root: str | Path | None) -> stagestore.Store | None:
@@ -171,7 +208,8 @@ def _run(cfg: dict, run_dir: Path, force: str | None, log: Callable[[str], None]
     for n, seed in enumerate(seeds, 1):   # the same study with other seeds, on the same data
         rcfg, rdir = config.repeat_config(cfg, seed), paths.repeat_dir(run_dir, seed)
         rkeys, rtimes = repeat_keys(cfg, run_dir, seed, keys["data"]), {}
-        relinked = link_data(paths.stage_dir(run_dir, "data"), paths.stage_dir(rdir, "data"))
+        new = not paths.stage_dir(rdir, "data").exists()   # a new repeat: its stages may be in the store
+        relinked = link_data(paths.stage_dir(run_dir, "data"), paths.stage_dir(rdir, "data")) and not new
         chain.label = f"seed {seed}: repeat {n}/{len(seeds)}"
         ran |= chain.run(rcfg, rdir, REPEAT_STAGES, rkeys, rtimes,
                          lambda d=rdir, c=rcfg, t=rtimes, k=rkeys: _finish(d, c, t, k),

@@ -54,13 +54,14 @@ class Task:
     points: tuple[str, ...]  # every point that uses it
 
 
-def tasks(pts: list[grid.Point]) -> dict[str, Task]:
-    """The unique stages of the grid, in an order where every task comes after its inputs."""
+def tasks(pts: list[grid.Point], kinds: tuple[str, ...] = ORDER) -> dict[str, Task]:
+    """The unique stages of the grid, in an order where every task comes after its inputs; `kinds`:
+    the stage kinds to compute (a prefix of ORDER)."""
     users: dict[str, list[str]] = {}
     first: dict[str, tuple[str, str, str, tuple[str, ...]]] = {}
     for p in pts:
         keys = pipeline.stage_keys(p.cfg, Path("."))
-        for stage in ORDER:
+        for stage in kinds:
             tid = f"{stage}:{keys[stage]}"
             users.setdefault(tid, []).append(p.name)
             deps = (f"{UPSTREAM[stage]}:{keys[UPSTREAM[stage]]}",) if stage in UPSTREAM else ()
@@ -310,10 +311,11 @@ def _log_result(r: dict, log: Callable[[str], None]) -> None:
 # --- the sweep -------------------------------------------------------------------------------------
 def run(pts: list[grid.Point], sweep_dir: str | Path, *, engine: str = "local", jobs: int = 2,
         address: str | None = None, store_root: str | Path | None = None, log: Callable[[str], None] = print,
-        ray_init: dict | None = None, fresh_kernels: bool = False) -> dict:
+        ray_init: dict | None = None, fresh_kernels: bool = False, kinds: tuple[str, ...] = ORDER) -> dict:
     """Run every point of the grid into sweep_dir, each unique stage once; then the grid report.
     Each worker runs its stages' notebooks in one kernel, reset between them (prunestudy.kernels);
-    `fresh_kernels`: a kernel per notebook.
+    `fresh_kernels`: a kernel per notebook. `kinds`: only these stage kinds (a prefix of ORDER; without
+    the analysis there is no grid report: `prunestudy run --jobs` computes its repeats so).
     Returns {"results": {task id: result}, "failed": [...], "ran": {stage: count}}."""
     sweep_dir = config.resolve_path(sweep_dir)
     for p in pts:
@@ -322,7 +324,7 @@ def run(pts: list[grid.Point], sweep_dir: str | Path, *, engine: str = "local", 
     pipeline.ensure_kernel()
     with records.RunLock(sweep_dir, f"prunestudy sweep (pid {os.getpid()})"):
         prepare(pts, sweep_dir, st)
-        todo = tasks(pts)
+        todo = tasks(pts, kinds)
         env = {"PRUNESTUDY_HOME": str(config.project_root()), progress.ENV: "log",
                "JUPYTER_PATH": os.environ.get("JUPYTER_PATH", "")}
         by_name = {p.name: p for p in pts}
@@ -337,7 +339,8 @@ def run(pts: list[grid.Point], sweep_dir: str | Path, *, engine: str = "local", 
         failed = [r for r in results.values() if r["status"] == "failed"]
         ran = {s: sum(1 for r in results.values() if r["status"] == "ran" and r["stage"] == s) for s in ORDER}
         summary = {"results": results, "failed": failed, "ran": ran, "points": len(pts), "unique": len(todo)}
-        report(sweep_dir, log, fresh_kernels)
+        if "analysis" in kinds:
+            report(sweep_dir, log, fresh_kernels)
     return summary
 
 
