@@ -74,17 +74,18 @@ study: $(STAMP)
 smoke: $(STAMP)
 	$(VENV)/bin/prunestudy run -f params/smoke.yaml --run-dir runs/smoke
 
-# The tests run on TEST_JOBS pytest-xdist workers (a file per worker at a time; tests/conftest.py puts the
-# longest files first). Most of the suite is whole runs whose notebooks keep one core busy, so 2 workers
-# on this machine's 2 cores nearly halve it. `make test TEST_JOBS=0` runs it in one process.
-TEST_JOBS ?= 2
+# The tests run on TEST_JOBS pytest-xdist workers, a group of tests per worker at a time (a group is a
+# file, or a part of one: tests/conftest.py, which also puts the longest first). Most of the suite is
+# whole runs and sweeps that spend part of their time waiting on kernels and subprocesses: 3 workers
+# keep this machine's 2 cores busiest (docs/timings.md). `make test TEST_JOBS=0` runs it in one process.
+TEST_JOBS ?= 3
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadgroup
 
 # Everything but the end-to-end tests (marked e2e: whole runs, killed subprocesses, Chromium, torchrun).
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile -m "not e2e"
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadgroup -m "not e2e"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

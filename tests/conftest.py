@@ -13,15 +13,20 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 COCO_SAMPLE = ROOT.parent / "shared" / "coco-sample"
 
-# `make test` runs the suite on two pytest-xdist workers, a file per worker at a time (--dist loadfile:
-# a module's fixtures are built once). The longest files go first, so that neither worker is left
-# with a long file at the end: the 8-point sweeps, then the stage records and the killed runs.
-LONGEST_FIRST = ("test_sweep.py", "test_records.py", "test_reruns.py", "test_bad_input.py", "test_kernels.py")
+# `make test` runs the suite on pytest-xdist workers (--dist loadgroup): each file is a group, so a
+# module's fixtures are built once, unless its tests name another group (test_sweep.py splits in
+# two; the session fixtures it and others share are built once for all workers: built_once). The
+# longest files go first, so that no worker is left with a long one at the end.
+LONGEST_FIRST = ("test_sweep.py", "test_records.py", "test_reruns.py", "test_seeds.py", "test_bad_input.py",
+                 "test_kernels.py", "test_claims.py")
 
 
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: each file's own order kept
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
 
 
 @pytest.fixture(autouse=True)
@@ -56,16 +61,21 @@ def built_once(tmp_path_factory, name: str):
             record.write_text(json.dumps(box.result))
 
 
+def saved(proc: subprocess.CompletedProcess) -> dict:
+    """A finished process as JSON, for built_once."""
+    return {"args": proc.args, "returncode": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}
+
+
+def completed(result: dict) -> subprocess.CompletedProcess:
+    return subprocess.CompletedProcess(result["args"], result["returncode"], result["stdout"], result["stderr"])
+
+
 def _cli_run(args: list[str]) -> dict:
     env = {**os.environ, "PRUNESTUDY_HOME": str(ROOT)}
     proc = subprocess.run([sys.executable, "-m", "prunestudy.cli", "run", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return {"args": proc.args, "returncode": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}
-
-
-def _completed(result: dict) -> subprocess.CompletedProcess:
-    return subprocess.CompletedProcess(result["args"], result["returncode"], result["stdout"], result["stderr"])
+    return saved(proc)
 
 
 @pytest.fixture(scope="session")
@@ -75,7 +85,7 @@ def smoke_run(tmp_path_factory):
     with built_once(tmp_path_factory, "smoke") as (base, box):
         if box.result is None:
             box.result = _cli_run(["-f", "params/smoke.yaml", "--run-dir", str(base / "run")])
-    return base / "run", _completed(box.result)
+    return base / "run", completed(box.result)
 
 
 HOSTILE = {"car": "<script>alert(1)</script>", "bottle": "<img src=x onerror=alert(2)>"}
@@ -101,4 +111,4 @@ def coco_run(tmp_path_factory):
                 path.write_text(json.dumps(d))
             box.result = _cli_run(["-f", "params/coco2017.yaml", "--run-dir", str(run_dir), "-p", f"data.root={root}",
                                    "-p", "train.epochs=1", "-p", "retrain.epochs=1", "-p", "data.min_per_class=1"])
-    return run_dir, root, _completed(box.result)
+    return run_dir, root, completed(box.result)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import built_once, completed, saved
 
 from prunestudy import browser, cli, config, grid, metrics, paths, pipeline, records, stagestore, sweep
 
@@ -99,14 +100,22 @@ def test_grid_overrides_and_a_1000_point_dry_run(tmp_path, capsys):
 
 # --------------------------------------------------------------------------- the local engine
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def local_sweep(tmp_path_factory):
-    """The small grid on the local engine with 2 jobs, then the same command again."""
-    base = tmp_path_factory.mktemp("sweep")
-    first = run_sweep("--sweep-dir", str(base / "grid"), "--jobs", "2")
-    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-3000:]
-    again = run_sweep("--sweep-dir", str(base / "grid"), "--jobs", "2")
-    return base, first, again
+    """The small grid on the local engine with 2 jobs, then the same command again: built once for all
+    pytest-xdist workers (the tests that read it run in two groups). Tests must not change it."""
+    with built_once(tmp_path_factory, "sweep") as (base, box):
+        if box.result is None:
+            shutil.rmtree(base, ignore_errors=True)   # a build that failed half-way in another worker
+            first = run_sweep("--sweep-dir", str(base / "grid"), "--jobs", "2")
+            assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-3000:]
+            again = run_sweep("--sweep-dir", str(base / "grid"), "--jobs", "2")
+            box.result = {"first": saved(first), "again": saved(again)}
+    return base, completed(box.result["first"]), completed(box.result["again"])
+
+
+# the tests that run sweeps of their own on copies of its store: a second pytest-xdist group
+FAULTS = pytest.mark.xdist_group("test_sweep.py: faults")
 
 
 @pytest.mark.e2e
@@ -186,6 +195,7 @@ def seeded_store(base: Path, store: Path, stages=("data", "train", "control")) -
     return store
 
 
+@FAULTS
 @pytest.mark.e2e
 def test_a_failing_stage_and_a_killed_worker(local_sweep, tmp_path):
     """One point's pruning raises (injected); a worker is SIGKILLed mid-stage. The killed stage is
@@ -266,6 +276,7 @@ def test_ray_engine_with_fake_gpus(local_sweep, tmp_path):
 
 # --------------------------------------------------------------------------- two sweeps at once
 
+@FAULTS
 @pytest.mark.e2e
 def test_two_sweeps_over_overlapping_stages_compute_each_once(local_sweep, tmp_path):
     """Two sweeps started together on one store (1 point and 2 points, sharing one): each stage
@@ -292,6 +303,7 @@ def test_two_sweeps_over_overlapping_stages_compute_each_once(local_sweep, tmp_p
 
 # --------------------------------------------------------------------------- Ctrl-C
 
+@FAULTS
 @pytest.mark.e2e
 def test_ctrl_c_cancels_the_sweep_cleanly_and_keeps_what_finished(local_sweep, tmp_path):
     """SIGINT to the sweep's process group (a terminal's Ctrl-C) while pruning stages run: exit 130
