@@ -112,8 +112,8 @@ def test_global_magnitude_one_threshold_over_all_layers():
 
 
 def test_random_is_seeded_reproducible_and_unlike_magnitude():
-    state = torch.random.get_rng_state()
     a, b, c, l1 = _model(), _model(), _model(), _model()
+    state = torch.random.get_rng_state()   # after the models' own seeded initialisation
     prune.apply(a, "random_unstructured", 0.5, seed=3)
     prune.apply(b, "random_unstructured", 0.5, seed=3)
     prune.apply(c, "random_unstructured", 0.5, seed=4)

@@ -255,13 +255,12 @@ class _Chain:
             stored = self.store is not None and stage in stagestore.STORED
             if not changed and stage not in self.forced:
                 why = problem(cfg, run_dir, stage, keys[stage])
-                if why is not None and stored and reuse(self.store, cfg, run_dir, stage, keys[stage]):
-                    why = None
-                    self.log(f"{tag}: found in the stage store (key {keys[stage]}), linked")
-                if why is None:
+                linked = why is not None and stored and reuse(self.store, cfg, run_dir, stage, keys[stage])
+                if why is None or linked:   # one line each: linked from the store, or up to date here
                     rec = records.read(paths.stage_dir(run_dir, stage)) or {}
                     timings[stage] = rec.get("wall_seconds", rec.get("seconds", 0.0))
-                    self.log(f"{tag}: up to date (key {keys[stage]}), skipped")
+                    self.log(f"{tag}: found in the stage store (key {keys[stage]}), linked" if linked
+                             else f"{tag}: up to date (key {keys[stage]}), skipped")
                     continue
                 if records.read(paths.stage_dir(run_dir, stage)) is not None or \
                         paths.completion_marker(run_dir, stage).is_file():
