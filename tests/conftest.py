@@ -56,6 +56,8 @@ def built_once(tmp_path_factory, name: str):
     with open(shared / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)   # released when the file closes, also if this worker dies
         box = types.SimpleNamespace(result=json.loads(record.read_text()) if record.is_file() else None)
+        if box.result is None:
+            shutil.rmtree(folder, ignore_errors=True)   # a build that failed half-way in another worker
         yield folder, box
         if not record.is_file() and box.result is not None:
             record.write_text(json.dumps(box.result))
@@ -100,7 +102,6 @@ def coco_run(tmp_path_factory):
     with built_once(tmp_path_factory, "coco") as (base, box):
         root, run_dir = base / "coco", base / "run<img src=x onerror=alert(3)>"
         if box.result is None:
-            shutil.rmtree(base, ignore_errors=True)   # a build that failed half-way in another worker
             shutil.copytree(COCO_SAMPLE, root, copy_function=lambda s, d: Path(d).symlink_to(s))
             for split in ("train2017", "val2017"):
                 path = root / "annotations" / f"instances_{split}.json"
