@@ -104,8 +104,17 @@ def test_pruning_study_parameters_are_checked_all_at_once():
                            "prune.methods=[l1_unstructured, ln_structured]"])
     with pytest.raises(config.ParamsError, match="rewind_step cannot be used with prune.method=channel"):
         config.load(None, ["prune.method=channel", "prune.rewind_step=10"])
-    ok = config.load("params/sweep.yaml", ["retrain.control=false", "prune.rounds=3", "prune.rewind_step=0"])
+    # every sweep point prunes, rewinds and retrains as the study does: a structural method among
+    # prune.methods cannot rewind
+    with pytest.raises(config.ParamsError, match=r"holds the structural method\(s\) channel, and prune.rewind_step=0"):
+        config.load("params/sweep.yaml", ["prune.rewind_step=0"])
+    ok = config.load("params/sweep.yaml", ["retrain.control=false", "prune.rounds=3"])
     assert ok["retrain"]["control"] is False and ok["prune"]["amounts"] == [0.2, 0.5, 0.8, 0.9]
+    points = config.sweep_points(ok)
+    assert [(p["prune"]["method"], p["prune"]["amount"]) for p in points[:2]] == [("l1_unstructured", 0.2),
+                                                                                 ("l1_unstructured", 0.5)]
+    assert len(points) == 16 and all(p["prune"]["rounds"] == 3 and p["prune"]["amounts"] is None
+                                     and p["prune"]["methods"] is None and p["seeds"] is None for p in points)
     assert config.sweep_methods({"method": "channel", "methods": None}) == ["channel", "random_unstructured"]
     assert config.sweep_methods({"method": "random_unstructured", "methods": None}) == ["random_unstructured"]
 

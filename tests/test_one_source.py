@@ -13,6 +13,7 @@ import torch
 import yaml
 from matplotlib.colors import to_hex
 
+from conftest import sweep_by_hand
 from prunestudy import config, data, efficiency, methods, paths, pipeline, prune, report, stages, synth
 
 matplotlib.use("Agg")
@@ -160,8 +161,8 @@ def test_a_method_added_through_the_registry_alone_runs_through_prune_efficiency
     root = synth.ensure(tmp_path / "coco", seed=1, train_images=24, val_images=12, image_size=96)
     stages.run_data(tmp_path, root=str(root), min_box=8, min_per_class=1)
     stages.run_train(tmp_path, epochs=1, batch_size=16, lr=1e-3, log=lambda m: None)
-    pm = stages.run_prune(tmp_path, method="toy_first", amount=0.3, amounts=[0.5], methods=["toy_first"],
-                          log=lambda m: None)
+    pm = stages.run_prune(tmp_path, method="toy_first", amount=0.3, log=lambda m: None)
+    sweep_by_hand(tmp_path, ["toy_first"], [0.5], latency_repeats=5)
     assert pm["kind"] == "masked" and pm["global_sparsity"] == pytest.approx(0.3, abs=1e-3)
     results = stages.load_results(tmp_path)
     assert [p["method"] for p in results["sweep"]] == ["toy_first"]

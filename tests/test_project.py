@@ -55,6 +55,9 @@ def test_notebook_defaults_match_default_params_and_accept_every_runner_paramete
         f"runner passes parameters the notebook lacks: {set(injected) - set(defaults)}")
     section = cfg.get(stage, {})
     for key, value in section.items():
+        if f"{stage}.{key}" in config.RUNNER_KEYS:   # the runner's (a sweep's points), not the notebook's
+            assert key not in defaults, f"{stage}.{key} is the runner's: the notebook must not take it"
+            continue
         assert defaults[key] == value, f"{stage}.{key}: notebook default {defaults[key]!r} != default.yaml {value!r}"
 
 

@@ -47,7 +47,12 @@ def seeded_run(smoke_run, tmp_path_factory):
 @pytest.mark.e2e
 def test_changes_rerun_only_what_they_change_and_the_repeat(seeded_run):
     run_dir, proc = seeded_run
-    assert re.findall(r"\] (\w+): up to date", proc.stdout) == ["data", "train"]
+    # the sweep's random point does not depend on the study's amount: up to date; its l1 point at 0.5
+    # is now the study's own chain (linked to it, computed once)
+    assert re.findall(r"\[([^\]]+)\] (\w+): up to date", proc.stdout) == [
+        ("1/5", "data"), ("2/5", "train"), ("sweep random_unstructured-0.5: point 2/2", "prune"),
+        ("sweep random_unstructured-0.5: point 2/2", "retrain")]
+    assert "[sweep l1_unstructured-0.5: point 1/2]: the study's own method and amount" in proc.stdout
     assert started(proc.stdout) == [("3/5", "prune"), ("4/5", "retrain"), ("seed 1: repeat 1/1", "train"),
                                      ("seed 1: repeat 1/1", "prune"), ("seed 1: repeat 1/1", "retrain"),
                                      ("5/5", "analysis")]
@@ -62,7 +67,7 @@ def test_changes_rerun_only_what_they_change_and_the_repeat(seeded_run):
     # the repeat trains on the run's own data files (hard links: the same bytes, not a second crop)
     for f in (run_dir / "data").glob("*.npy"):
         assert os.path.samefile(f, rep / "data" / f.name)
-    assert not (rep / "prune" / "sweep").exists()   # the sweep runs once, in the main run
+    assert not (rep / paths.SWEEP).exists() and (run_dir / paths.SWEEP).is_dir()   # the sweep runs once: the study's
 
 
 @pytest.mark.e2e
@@ -133,28 +138,35 @@ def test_seeds_parameter_is_checked_before_any_work(tmp_path, capsys):
 
 
 @pytest.mark.e2e
-def test_jobs_computes_the_repeats_as_grid_points_in_parallel_then_links_them(tmp_path):
-    """`--jobs 2`: the repeats (and the main chain: no in-run sweep here) are points of one stage graph,
-    computed first by the sweep's local engine, 2 at a time, into the store; the run links them all."""
+def test_jobs_computes_the_chains_as_grid_points_in_parallel_then_links_them(tmp_path):
+    """`--jobs 2`: the study's chain, its sweep point and its repeat are points of one stage graph,
+    computed first by the sweep's local engine, 2 stages at a time, into the store; the run links
+    them all."""
     run_dir = tmp_path / "run"
-    proc = run_cli("run", "-f", "params/smoke.yaml", "-p", "prune.amounts=null", "-p", "seeds=[0, 1]",
-                   "--jobs", "2", "--run-dir", str(run_dir))
+    proc = run_cli("run", "-f", "params/smoke.yaml", "-p", "prune.amounts=[0.5]", "-p",
+                   "prune.methods=[random_unstructured]", "-p", "seeds=[0, 1]", "--jobs", "2", "--run-dir", str(run_dir))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "==> --jobs 2: 2 chains of the seeds [0, 1] computed 2 stages at a time" in proc.stdout
+    assert ("==> --jobs 2: 3 chains (the study, 1 sweep point(s), 1 repeat(s)) computed 2 stages at a time"
+            in proc.stdout)
     ran = started(proc.stdout)
-    pool = sorted(what for what in ran if what[0].startswith("seed="))
-    assert pool == sorted([("seed=0", "data")] + [(f"seed={s}", stage) for s in (0, 1)
-                                                   for stage in ("train", "prune", "retrain")]), proc.stdout
-    assert [what for what in ran if not what[0].startswith("seed=")] == [("5/5", "analysis")], proc.stdout
+    pool_names = {"seed=0", "seed=1", "random_unstructured-0.5"}
+    pool = [stage for where, stage in ran if where in pool_names]
+    # one data stage; the sweep point trains as the study does: 2 trainings for 3 chains
+    assert sorted(pool) == sorted(["data"] + ["train"] * 2 + ["prune"] * 3 + ["retrain"] * 3), proc.stdout
+    assert [what for what in ran if what[0] not in pool_names] == [("5/5", "analysis")], proc.stdout
     linked = re.findall(r"\] (\w+): found in the stage store", proc.stdout)
-    assert linked == ["data", "train", "prune", "retrain"] + ["train", "prune", "retrain"], proc.stdout
+    assert linked == ["data", "train", "prune", "retrain"] + ["prune", "retrain"] + ["train", "prune", "retrain"], \
+        proc.stdout
     threads = max(1, (os.cpu_count() or 1) // 2)   # each pool stage computed with the cores shared by 2 jobs
-    for folder in (run_dir, paths.repeat_dir(run_dir, 1)):
+    point = paths.sweep_point_dir(run_dir, "random_unstructured-0.5")
+    for folder in (run_dir, paths.repeat_dir(run_dir, 1), point):
         for stage in ("train", "prune", "retrain"):
             assert (folder / stage).is_symlink(), f"{folder / stage} is not linked into the store"
             assert json.loads((folder / stage / "metrics.json").read_text())["torch_threads"] == threads
-    assert not (run_dir / paths.PARALLEL_REPEATS).exists()   # the pool's own folder: gone once all is stored
+    assert not (run_dir / paths.PARALLEL).exists()   # the pool's own folder: gone once all is stored
     res = json.loads((run_dir / "results.json").read_text())
     assert [r["seed"] for r in res["repeats"]] == [1]
     assert all(r["retrained"]["test_accuracy"] is not None for r in res["repeats"]), res["repeats"]
+    assert [(e["name"], e["test_accuracy_after"] is not None) for e in res["sweep"]] == [("random_unstructured-0.5",
+                                                                                          True)]
     assert (run_dir / "report.html").is_file()

@@ -1,6 +1,6 @@
 """The pruning study through the stage functions, on a tiny embedded dataset (1 training epoch):
 every method through prune + retrain + export, iterative rounds, rewinding, the dense control,
-the sweep and its resumption, and what results.json holds."""
+the sweep's points, and what results.json holds."""
 
 import json
 import shutil
@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 
+from conftest import sweep_by_hand
 from prunestudy import data, methods, models, paths, prune, report, stages, store, synth, train
 
 pytestmark = pytest.mark.e2e   # the whole pruning study through the stage functions
@@ -25,7 +26,6 @@ def quiet(*_):
 def _fast_latency(monkeypatch):
     """Latency is measured for real, but once, at a small batch: the figures' plumbing is under test."""
     monkeypatch.setattr(stages, "LATENCY", {"batch_sizes": (1, 4), "repeats": 1, "warmup": 0, "devices": ("cpu",)})
-    monkeypatch.setattr(stages, "SWEEP_LATENCY", {"batch_sizes": (4,), "repeats": 1, "warmup": 0, "devices": ("cpu",)})
 
 
 def _make_run(rd, model="seed_cnn"):
@@ -190,36 +190,33 @@ def test_rewind_resets_surviving_weights_to_the_saved_step_and_keeps_masks(train
         stages.run_prune(trained, rewind_step=REWIND_STEP + 1, out_dir=tmp_path / "other", log=quiet)
 
 
-def test_sweep_writes_every_point_resumes_and_fills_results(fresh):
+def test_sweep_points_fill_results_before_and_after_retraining(fresh):
+    """Sweep points laid out as the runner lays them out (sweep/<point>/, each a run folder of its
+    own with the study's data and training): results.json holds one entry per point, before
+    retraining as soon as it is pruned, after retraining only from that very pruning."""
     amounts, methods = [0.3, 0.7], ["l1_unstructured", "channel"]
-    kw = dict(method="l1_unstructured", amount=0.2, amounts=amounts, methods=methods)
-    log = []
-    p = stages.run_prune(fresh, **kw, log=log.append)
-    names = [paths.point_name(m, a) for m in methods for a in amounts]
-    assert p["sweep"] == names == ["l1_unstructured-0.3", "l1_unstructured-0.7", "channel-0.3", "channel-0.7"]
-    retrain_kw = dict(epochs=1, batch_size=BATCH, lr=1e-3, control=True)
-    stages.run_retrain(fresh, **retrain_kw, log=log.append)
-    points = {stage: {n: fresh / stage / "sweep" / n / "metrics.json" for n in names} for stage in ("prune", "retrain")}
-    assert all(path.is_file() for paths in points.values() for path in paths.values())
-    assert not any("skipped" in line for line in log)
-
-    # an interrupted sweep: one pruned point and one retrained point never finished
-    points["prune"]["channel-0.7"].unlink()
-    points["retrain"]["l1_unstructured-0.3"].unlink()
-    before = {(s, n): path.stat().st_mtime_ns for s, paths in points.items() for n, path in paths.items()
-              if path.is_file()}
-    log.clear()
-    stages.run_prune(fresh, **kw, log=log.append)
-    stages.run_retrain(fresh, **retrain_kw, log=log.append)
-    assert sum("skipped" in line for line in log) == len(before)
-    for (stage, name), mtime in before.items():
-        assert points[stage][name].stat().st_mtime_ns == mtime, (stage, name)  # finished points untouched
-    assert points["prune"]["channel-0.7"].is_file() and points["retrain"]["l1_unstructured-0.3"].is_file()
+    stages.run_prune(fresh, method="l1_unstructured", amount=0.2, log=quiet)
+    stages.run_retrain(fresh, epochs=1, batch_size=BATCH, lr=1e-3, control=True, log=quiet)
+    names = sweep_by_hand(fresh, methods, amounts, latency_repeats=5)
+    assert names == ["l1_unstructured-0.3", "l1_unstructured-0.7", "channel-0.3", "channel-0.7"]
+    res = stages.collect_results(fresh)
+    assert [e["name"] for e in res["sweep"]] == sorted(names) and all(e["test_accuracy_after"] is None
+                                                                      for e in res["sweep"])
+    retrain = dict(epochs=1, batch_size=BATCH, lr=1e-3, control=False)
+    sweep_by_hand(fresh, methods, amounts, retrain=retrain, latency_repeats=5)
+    # a point pruned again after its retraining: its retrained figures are not this pruning's
+    stale = paths.sweep_point_dir(fresh, "channel-0.7")
+    stages.run_prune(stale, method="channel", amount=0.7, seed=1, latency_repeats=5, data_dir=fresh / "data",
+                     model_dir=fresh / "train", log=quiet)
+    res = stages.collect_results(fresh)
+    after = {e["name"]: e["test_accuracy_after"] for e in res["sweep"]}
+    assert after["channel-0.7"] is None and all(v is not None for n, v in after.items() if n != "channel-0.7")
+    stages.run_retrain(stale, **retrain, data_dir=fresh / "data", model_dir=fresh / "train", log=quiet)
 
     res = stages.collect_results(fresh)
     json.dumps(res)  # plain JSON
     assert res["control"]["global_sparsity"] == 0
-    assert [(e["method"], e["amount"]) for e in res["sweep"]] == [(m, a) for m in methods for a in amounts]
+    assert {(e["method"], e["amount"]) for e in res["sweep"]} == {(m, a) for m in methods for a in amounts}
     for e in res["sweep"]:
         assert 0 <= e["test_accuracy_before"] <= 1 and 0 <= e["test_accuracy_after"] <= 1
         assert e["retrain_epochs"] == 1 and e["speedup_measured"] > 0 and e["speedup_theoretical"] >= 1

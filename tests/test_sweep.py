@@ -157,9 +157,10 @@ def test_a_later_run_reuses_the_sweeps_stages(local_sweep):
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert [s for s, _ in started(proc.stdout)] == ["analysis"], proc.stdout   # data .. retrain: linked
-    # a run's `seeds` repeats are points of the same stage graph: each repeat's training, pruning and
-    # retraining is the grid point with that seed, found in the store
-    proc = subprocess.run([*CLI, "run", "-f", "params/smoke.yaml", "-p", "prune.amounts=null", "-p",
+    # a run's `seeds` repeats and its `prune.amounts` sweep are points of the same stage graph: each
+    # repeat's training, pruning and retraining is the grid point with that seed, each sweep point's
+    # pruning and retraining the grid point with that method and amount; all found in the store
+    proc = subprocess.run([*CLI, "run", "-f", "params/smoke.yaml", "-p", "prune.amounts=[0.5, 0.8]", "-p",
                            "prune.method=l1_unstructured", "-p", "prune.amount=0.5", "-p", "seeds=[0,1]",
                            "--run-dir", str(base / "repeats"), "--store", str(base / ".store")],
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -171,6 +172,17 @@ def test_a_later_run_reuses_the_sweeps_stages(local_sweep):
     repeat = paths.repeat_dir(base / "repeats", 1)
     for stage in ("train", "prune", "retrain"):   # the same store entries, so the same results
         assert (repeat / stage).resolve() == (point / stage).resolve()
+    assert "[sweep l1_unstructured-0.5: point 1/4]: the study's own method and amount" in proc.stdout
+    res = json.loads((base / "repeats" / "results.json").read_text())
+    assert [e["name"] for e in res["sweep"]] == ["l1_unstructured-0.5", "l1_unstructured-0.8",
+                                                 "random_unstructured-0.5", "random_unstructured-0.8"]
+    grid_rows = {(r["method"], r["amount"]): r for r in json.loads((base / "grid" / "sweep.json").read_text())["points"]
+                 if r["seed"] == 0}
+    for e in res["sweep"]:
+        point = base / "grid" / "points" / f"method={e['method']},amount={e['amount']},seed=0"
+        for stage in ("prune", "retrain"):
+            assert paths.sweep_point(base / "repeats", stage, e["name"]).resolve() == (point / stage).resolve()
+        assert e["test_accuracy_after"] == pytest.approx(grid_rows[(e["method"], e["amount"])]["accuracy_after"])
 
 
 @pytest.mark.e2e

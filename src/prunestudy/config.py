@@ -76,12 +76,13 @@ SCHEMA: dict[str, tuple[Any, tuple[type, ...], str]] = {
     "prune.rewind_step": (None, (int, type(None)), "lottery-ticket rewinding: before the final retraining, the "
                           "surviving weights restart from their values after this training step (0 = the "
                           "initialisation; masks kept); null = off; masked methods only"),
-    "prune.amounts": (None, (list, type(None)), "a sweep: amounts in [0, 1) at which each of prune.methods prunes "
-                      "the trained model (one shot), evaluated before and after retrain.epochs; null = no sweep"),
+    "prune.amounts": (None, (list, type(None)), "a sweep: amounts in [0, 1); each (method of prune.methods, amount) is "
+                      "a point with pruning and retraining stages of its own (sweep/<method>-<amount>/), every other "
+                      "parameter as the study's (rounds, rewinding, the control), shared through the stage store "
+                      "with `prunestudy sweep` grid points; null = no sweep"),
     "prune.latency_repeats": (20, (int,), "paired latency measurements per batch size (the dense and the pruned "
                               "model, in random order) in the prune and retrain stages: the measured speedup and its "
-                              "95% interval rest on them; at least 2 (each sweep point of prune.amounts takes at most "
-                              "10)"),
+                              "95% interval rest on them; at least 2"),
     "prune.methods": (None, (list, type(None)), f"methods of the sweep (null = [prune.method, {methods.floor()}]); "
                       "used only with prune.amounts"),
     "retrain.epochs": (2, (int,), "fine-tuning epochs after pruning, masks held"),
@@ -92,6 +93,10 @@ SCHEMA: dict[str, tuple[Any, tuple[type, ...], str]] = {
     "retrain.control": (True, (bool,), "also fine-tune the unpruned trained model for as many epochs with the same "
                         "settings (the dense control: the gain of extra training, without pruning)"),
 }
+
+# Parameters of the runner, not of any stage: how many chains it runs (the `seeds` repeats, the
+# `prune.amounts` x `prune.methods` sweep points), each chain a point of the same stage graph.
+RUNNER_KEYS = ("seeds", "prune.amounts", "prune.methods")
 
 # Which schema key each parameter of a stage function (and of its notebook's parameters cell)
 # stands for: the stage's own section, plus these keys from other sections.
@@ -132,7 +137,7 @@ def stage_parameters(stage: str) -> dict[str, str]:
     """Parameter name of `stage`'s function and notebook -> the schema key it stands for."""
     if stage not in STAGE_EXTRAS:
         raise ValueError(f"unknown stage {stage!r}: one of {', '.join(STAGE_EXTRAS)}")
-    own = {key.split(".", 1)[1]: key for key in SCHEMA if key.startswith(stage + ".")}
+    own = {key.split(".", 1)[1]: key for key in SCHEMA if key.startswith(stage + ".") and key not in RUNNER_KEYS}
     return {**own, **STAGE_EXTRAS[stage]}
 
 
@@ -360,6 +365,21 @@ def _seeds_problems(flat: dict, ok) -> list[str]:
     return problems
 
 
+def sweep_points(cfg: dict) -> list[dict]:
+    """The parameters of the in-run sweep's points, in order (methods, then amounts). A point is the study with that prune.method and prune.amount, on the main seed, without repeats
+    or a sweep of its own: the same parameters as the grid point of `prunestudy sweep`, so the
+    same stage keys."""
+    amounts = cfg["prune"].get("amounts") or []
+    out = []
+    for method in (sweep_methods(cfg["prune"]) if amounts else []):
+        for amount in amounts:
+            point = copy.deepcopy(cfg)
+            point["seeds"] = None
+            point["prune"].update(method=method, amount=amount, amounts=None, methods=None)
+            out.append(point)
+    return out
+
+
 def sweep_methods(prune_cfg: dict) -> list[str]:
     """The methods of the sweep: prune.methods, or [prune.method, the floor method (random)]."""
     chosen = prune_cfg.get("methods")
@@ -419,6 +439,12 @@ def _prune_problems(flat: dict, ok) -> list[str]:
         prune_cfg = {"method": flat.get("prune.method"), "methods": swept}
         checks += [("prune.methods (the sweep): ", m) for m in sweep_methods(prune_cfg)
                    if m in methods.REGISTRY and not (m == flat.get("prune.method") and ("", m) in checks)]
+        structural = [m for m in sweep_methods(prune_cfg) if m in methods.REGISTRY and not methods.get(m).masked]
+        if ok("prune.rewind_step") and rewind is not None and structural:
+            problems.append(f"prune.methods (the sweep) holds the structural method(s) {', '.join(structural)}, "
+                            f"and prune.rewind_step={rewind}: every sweep point rewinds like the study, and a "
+                            "structural method has no earlier state of its smaller shape to rewind to; list "
+                            "masked methods only in prune.methods, or set prune.rewind_step=null")
     for prefix, method in checks:
         try:
             prune.check(method, 0.0, flat["prune.targets"], flat["train.model"])

@@ -8,14 +8,15 @@
       data/                       stage_dir(run, "data"): images(split), labels(split), manifest(split),
                                   rejects(split) for split in train / test, DATA_INFO
       train/                      MODEL, HISTORY, METRICS, PREDICTIONS, [REWIND], [CHECKPOINT]
-      prune/                      MODEL, MASKS, ARCHITECTURE, METRICS, PREDICTIONS, [HISTORY, REWOUND],
-                                  sweep/<method>-<amount>/ (sweep_point)
+      prune/                      MODEL, MASKS, ARCHITECTURE, METRICS, PREDICTIONS, [HISTORY, REWOUND]
       retrain/                    MODEL, MASKS, ARCHITECTURE, EXPORT, EXPORT_META, HISTORY, METRICS,
-                                  PREDICTIONS, [CHECKPOINT], control/ (control_dir), sweep/<point>/
+                                  PREDICTIONS, [CHECKPOINT], control/ (control_dir)
       analysis/figures/*.png      figures_dir(run)
       <stage>/stage.json          stage_record(run, stage): what the stage was computed from (records)
       run.lock                    lock_file(run): the lock of the process writing the folder
       repeats/seed-<s>/           repeat_dir(run, s): a run folder of its own (data/ linked)
+      sweep/<method>-<amount>/    sweep_point_dir(run, name): a sweep point's run folder (data/ and
+                                  train/ linked; its own prune/, retrain/ and notebooks/)
 
 Functions take the run folder and return paths; constants are bare file names.
 """
@@ -27,6 +28,8 @@ from pathlib import Path
 from . import config
 
 STAGES = ("data", "train", "prune", "retrain", "analysis")
+REPEAT_STAGES = ("train", "prune", "retrain")   # what a repeat with another seed has of its own (the data is shared)
+POINT_STAGES = ("prune", "retrain")   # what a sweep point has of its own (the data and the training are the study's)
 NOTEBOOK_OF = {"data": "01_data.ipynb", "train": "02_train.ipynb", "prune": "03_prune.ipynb",
                "retrain": "04_retrain.ipynb", "analysis": "05_analysis.ipynb"}
 
@@ -36,7 +39,8 @@ RESULTS = "results.json"
 REPORT = "report.html"
 NOTEBOOKS = "notebooks"
 REPEATS = "repeats"
-PARALLEL_REPEATS = ".parallel-repeats"   # `prunestudy run --jobs N`: the repeats as a sweep of their own
+SWEEP = "sweep"                    # sweep/<point>/: the in-run sweep's points (prune.amounts x prune.methods)
+PARALLEL = ".parallel"             # `prunestudy run --jobs N`: its chains computed as a sweep of their own
 LOCK = "run.lock"                  # held by the process writing the run folder (records.RunLock)
 STORE = ".store"                   # beside the run folders: the stage store (stagestore.py)
 ENTRY_NOTEBOOK = ".executed.ipynb"  # a store entry's executed notebook (run/notebooks/ links to it)
@@ -56,7 +60,6 @@ REWIND = "rewind.pt"               # train/: the weights after training step pru
 REWOUND = "rewound.pt"             # prune/: the surviving weights reset to that step
 CHECKPOINT = "checkpoint.pt"       # train/, retrain/: end-of-epoch state while a stage runs
 CONTROL = "control"                # retrain/control/: the dense control
-SWEEP = "sweep"                    # prune/sweep/, retrain/sweep/: one folder per sweep point
 FIGURES = Path("analysis") / "figures"
 
 SPLITS = ("train", "test")
@@ -130,12 +133,14 @@ def control_dir(run_dir: str | Path) -> Path:
     return stage_dir(run_dir, "retrain") / CONTROL
 
 
-def sweep_dir(run_dir: str | Path, stage: str) -> Path:
-    return stage_dir(run_dir, stage) / SWEEP
+def sweep_point_dir(run_dir: str | Path, name: str) -> Path:
+    """An in-run sweep point's own run folder."""
+    return Path(run_dir) / SWEEP / name
 
 
 def sweep_point(run_dir: str | Path, stage: str, name: str) -> Path:
-    return sweep_dir(run_dir, stage) / name
+    """A sweep point's stage folder (prune or retrain)."""
+    return stage_dir(sweep_point_dir(run_dir, name), stage)
 
 
 def point_name(method: str, amount: float) -> str:
@@ -161,9 +166,10 @@ def repeat_dir(run_dir: str | Path, seed: int) -> Path:
 
 
 def lock_file(run_dir: str | Path) -> Path:
-    """The run folder's lock (one writer at a time): a repeat shares the lock of its run."""
+    """The run folder's lock (one writer at a time): a repeat and a sweep point share the lock of
+    their run."""
     run_dir = Path(run_dir)
-    if run_dir.parent.name == REPEATS:
+    if run_dir.parent.name in (REPEATS, SWEEP) and (run_dir.parent.parent / PARAMS).is_file():
         run_dir = run_dir.parent.parent
     return run_dir / LOCK
 

@@ -83,21 +83,24 @@ class PreflightError(ValueError):
     """A problem found before any work starts (the runner exits 2)."""
 
 
-REPEAT_STAGES = ("train", "prune", "retrain")   # what a repeat with another seed reruns (the data is shared)
+REPEAT_STAGES, POINT_STAGES = paths.REPEAT_STAGES, paths.POINT_STAGES
 
 
 def stage_keys(cfg: dict, run_dir: Path, *, after: str | None = None,
                names: tuple[str, ...] = STAGES) -> dict[str, str]:
     """Each stage's key: the hash of its own parameters and of the key of the stage before it, so a
     change reruns the stage it belongs to and every stage after it, and nothing before it. The
-    analysis' key also holds the keys of the repeats' last stages (`seeds`)."""
+    analysis' key also holds the keys of the repeats' (`seeds`) and the sweep points' last stages."""
     keys, previous = {}, after
     for stage in names:
         params = {k: v for k, v in notebook_parameters(stage, cfg, run_dir).items() if k not in PATH_PARAMS}
         extra = {}
         if stage == "analysis" and config.repeat_seeds(cfg):
-            extra = {"repeats": {str(s): repeat_keys(cfg, run_dir, s, keys["data"])["retrain"]
-                                 for s in config.repeat_seeds(cfg)}}
+            extra["repeats"] = {str(s): repeat_keys(cfg, run_dir, s, keys["data"])["retrain"]
+                                for s in config.repeat_seeds(cfg)}
+        if stage == "analysis" and config.sweep_points(cfg):
+            extra["sweep"] = {name: point_keys(pcfg, run_dir, name, keys["data"])["retrain"]
+                              for name, pcfg in sweep_points(cfg)}
         keys[stage] = records.stage_key(stage, params, previous, **extra)
         previous = keys[stage]
     return keys
@@ -109,13 +112,26 @@ def repeat_keys(cfg: dict, run_dir: Path, seed: int, data_key: str) -> dict[str,
                       names=REPEAT_STAGES)
 
 
+def sweep_points(cfg: dict) -> list[tuple[str, dict]]:
+    """The in-run sweep's points (prune.amounts x prune.methods): (folder name, parameters)."""
+    return [(paths.point_name(p["prune"]["method"], p["prune"]["amount"]), p) for p in config.sweep_points(cfg)]
+
+
+def point_keys(pcfg: dict, run_dir: Path, name: str, data_key: str) -> dict[str, str]:
+    """Keys of a sweep point's stages: its parameters after the shared data (its training is the
+    study's: the same key)."""
+    return stage_keys(pcfg, paths.sweep_point_dir(run_dir, name), after=data_key, names=REPEAT_STAGES)
+
+
 def stage_inputs(cfg: dict, run_dir: Path, stage: str) -> dict[str, Path]:
     """The stage folders a stage reads (its record holds their keys and ids): for the analysis,
-    the repeats' last stages too."""
+    the repeats' and the sweep points' last stages too."""
     inputs = {up: paths.stage_dir(run_dir, up) for up in records.INPUTS[stage]}
     if stage == "analysis":
         inputs |= {f"seed-{s}/retrain": paths.stage_dir(paths.repeat_dir(run_dir, s), "retrain")
                    for s in config.repeat_seeds(cfg)}
+        inputs |= {f"{paths.SWEEP}/{name}/{stage}": paths.sweep_point(run_dir, stage, name)
+                   for name, _ in sweep_points(cfg) for stage in POINT_STAGES}
     return inputs
 
 
@@ -134,8 +150,9 @@ def run(cfg: dict, run_dir: str | Path, *, force: str | None = None, log: Callab
     run folder, or in the stage store: then it is linked, not recomputed); `force` reruns from
     that stage on. `store_root`: the stage store (None: stagestore.default_root; "none": no store,
     every stage computed in the run folder). `fresh_kernels`: a new kernel per notebook, rather
-    than one kernel reset between them (prunestudy.kernels). `jobs` > 1: the `seeds` repeats are
-    computed first, `jobs` at a time (`parallel_repeats`). Holds the run folder's lock throughout (a
+    than one kernel reset between them (prunestudy.kernels). `jobs` > 1: the chains (the study, its
+    sweep points and its `seeds` repeats) are computed first, `jobs` stages at a time
+    (`parallel_points`). Holds the run folder's lock throughout (a
     second writer is refused: records.LockedError). Returns results.json's content."""
     import papermill  # noqa: F401  (fail here, before any work, if it is missing)
 
@@ -148,42 +165,43 @@ def run(cfg: dict, run_dir: str | Path, *, force: str | None = None, log: Callab
         try:
             stage_store = _store(run_dir, store_root)
             if jobs > 1:
-                parallel_repeats(cfg, run_dir, stage_store, jobs, log, fresh_kernels, force)
+                parallel_points(cfg, run_dir, stage_store, jobs, log, fresh_kernels, force)
             return _run(cfg, run_dir, force, log, stage_store, fresh_kernels)
         finally:
             os.environ.pop(records.TOKEN_ENV, None)
 
 
-def parallel_repeats(cfg: dict, run_dir: Path, stage_store: stagestore.Store | None, jobs: int,
-                     log: Callable[[str], None], fresh_kernels: bool = False, force: str | None = None) -> None:
-    """The `seeds` repeats are points of the same stage graph as a sweep's: each repeat's training,
-    pruning and retraining has the key of the grid point with that seed. With `--jobs N` they are
-    computed first, N stages at a time, by the sweep's local engine (prunestudy.sweep) into the stage
-    store, and the run then links them like any stored stage (the main chain too, when it is such a
-    point: no in-run `prune.amounts` sweep). Each of those stages computes with cores/N threads, so
-    its figures may differ in the last digits from a run with --jobs 1 (sweep.task_threads). A stage
+def parallel_points(cfg: dict, run_dir: Path, stage_store: stagestore.Store | None, jobs: int,
+                    log: Callable[[str], None], fresh_kernels: bool = False, force: str | None = None) -> None:
+    """The study's chain, its sweep points and its `seeds` repeats are points of one stage graph,
+    with the keys of the grid points they equal. With `--jobs N` they are computed first, N stages
+    at a time, by the sweep's local engine (prunestudy.sweep) into the stage store, and the run then
+    links them like any stored stage. Each of those stages computes with cores/N threads, so its
+    figures may differ in the last digits from a run with --jobs 1 (sweep.task_threads). A stage
     that fails there runs again in the chain, which reports it as usual."""
-    seeds = config.repeat_seeds(cfg)
-    if not seeds:
+    seeds, points = config.repeat_seeds(cfg), sweep_points(cfg)
+    if not seeds and not points:
+        log(f"==> --jobs {jobs}: one chain (no seeds repeats, no sweep): its stages run one after another")
         return
     if stage_store is None or force is not None:
-        log(f"==> --jobs {jobs}: the repeats run one after another ("
+        log(f"==> --jobs {jobs}: the chains run one after another ("
             + ("no stage store: --store none" if stage_store is None else f"--force {force} reruns them") + ")")
         return
     from . import grid, sweep  # sweep imports this module
 
-    pts = [grid.Point(f"seed={s}", {"seed": s}, config.repeat_config(cfg, s)) for s in seeds]
-    main = config.repeat_config(cfg, cfg["seed"])
-    if main == {**cfg, "seeds": None}:   # no in-run sweep: the main chain is the point of its seed
-        pts.insert(0, grid.Point(f"seed={cfg['seed']}", {"seed": cfg["seed"]}, main))
-    log(f"==> --jobs {jobs}: {len(pts)} chains of the seeds {[p.values['seed'] for p in pts]} computed "
-        f"{jobs} stages at a time (the sweep's local engine), then linked")
-    summary = sweep.run(pts, run_dir / paths.PARALLEL_REPEATS, jobs=jobs, store_root=stage_store.root, log=log,
+    main = config.repeat_config(cfg, cfg["seed"])   # the study's own chain: the point of its seed
+    pts = [grid.Point(f"seed={cfg['seed']}", {"seed": cfg["seed"]}, main)]
+    pts += [grid.Point(name, {"prune.method": p["prune"]["method"], "prune.amount": p["prune"]["amount"]}, p)
+            for name, p in points]
+    pts += [grid.Point(f"seed={s}", {"seed": s}, config.repeat_config(cfg, s)) for s in seeds]
+    log(f"==> --jobs {jobs}: {len(pts)} chains (the study, {len(points)} sweep point(s), {len(seeds)} repeat(s)) "
+        f"computed {jobs} stages at a time (the sweep's local engine), then linked")
+    summary = sweep.run(pts, run_dir / paths.PARALLEL, jobs=jobs, store_root=stage_store.root, log=log,
                         fresh_kernels=fresh_kernels, kinds=("data", *REPEAT_STAGES))
     if summary["failed"]:
         log(f"==> --jobs {jobs}: {len(summary['failed'])} stage(s) failed; they run again below, one at a time")
     else:
-        shutil.rmtree(run_dir / paths.PARALLEL_REPEATS, ignore_errors=True)   # its stages are in the store
+        shutil.rmtree(run_dir / paths.PARALLEL, ignore_errors=True)   # its stages are in the store
 
 
 def _store(run_dir: Path, root: str | Path | None) -> stagestore.Store | None:
@@ -204,6 +222,11 @@ def _run(cfg: dict, run_dir: Path, force: str | None, log: Callable[[str], None]
     chain = _Chain(kernel, forced, log, invalidate=paths.stage_record(run_dir, "analysis"), store=stage_store,
                    fresh_kernels=fresh_kernels)
     ran = chain.run(cfg, run_dir, STAGES[:-1], keys, timings, lambda: _finish(run_dir, cfg, timings, keys))
+    points = sweep_points(cfg)
+    for n, (name, pcfg) in enumerate(points, 1):   # the sweep: other methods and amounts, the same training
+        pdir, pkeys = paths.sweep_point_dir(run_dir, name), point_keys(pcfg, run_dir, name, keys["data"])
+        chain.label = f"sweep {name}: point {n}/{len(points)}"
+        ran |= run_point(chain, pcfg, pdir, pkeys, run_dir, keys, lambda: _finish(run_dir, cfg, timings, keys))
     seeds = config.repeat_seeds(cfg)
     for n, seed in enumerate(seeds, 1):   # the same study with other seeds, on the same data
         rcfg, rdir = config.repeat_config(cfg, seed), paths.repeat_dir(run_dir, seed)
@@ -223,6 +246,33 @@ def _run(cfg: dict, run_dir: Path, force: str | None, log: Callable[[str], None]
     if not ran:
         log(f"==> nothing to do: every stage is up to date in {run_dir} (--force STAGE reruns from STAGE)")
     return store.read_json(saved)
+
+
+def run_point(chain: _Chain, pcfg: dict, pdir: Path, pkeys: dict, run_dir: Path, keys: dict,
+              finish: Callable[[], dict]) -> set[str]:
+    """One sweep point: its folder links the study's data (hard links) and training (a symlink), then
+    its pruning and retraining run as a chain of their own (linked from the stage store when
+    computed before, by this run, another or a grid). A point with the study's own method and
+    amount has the study's keys: its folders link the study's."""
+    assert pkeys["train"] == keys["train"], "a sweep point trains as the study does"
+    new = not paths.stage_dir(pdir, "data").exists()
+    relinked = link_data(paths.stage_dir(run_dir, "data"), paths.stage_dir(pdir, "data")) and not new
+    stagestore.link(paths.stage_dir(pdir, "train"), paths.stage_dir(run_dir, "train"))
+    if all(pkeys[s] == keys[s] for s in POINT_STAGES):
+        for stage in POINT_STAGES:
+            stagestore.link(paths.stage_dir(pdir, stage), paths.stage_dir(run_dir, stage))
+            nb = paths.executed_notebook(run_dir, stage)   # none where the stage was computed outside the runner
+            if nb.exists():
+                stagestore.link(paths.executed_notebook(pdir, stage), nb)
+            else:
+                paths.executed_notebook(pdir, stage).unlink(missing_ok=True)
+        chain.log(f"==> [{chain.label}]: the study's own method and amount: its prune and retrain folders linked")
+        return set()
+    for stage in POINT_STAGES:   # the study's notebook, linked while this was the study's point: never written through
+        nb = paths.executed_notebook(pdir, stage)
+        if nb.is_symlink() and nb.resolve() == paths.executed_notebook(run_dir, stage).resolve():
+            nb.unlink()
+    return chain.run(pcfg, pdir, POINT_STAGES, pkeys, {}, finish, after_change=relinked)   # finish: the study's results
 
 
 def _saved_params(path: Path) -> dict | None:
@@ -482,11 +532,14 @@ def render_html(notebook: Path, target: Path, *, hide_code: bool, title: str | N
 
 
 def render_report(run_dir: Path) -> Path:
-    """report.html from the analysis notebook (code hidden); every stage notebook (the repeats' too)
-    as HTML beside it."""
+    """report.html from the analysis notebook (code hidden); every stage notebook (the repeats' and
+    the sweep points' too) as HTML beside it."""
     nb_dir = paths.notebooks_dir(run_dir)
     repeats = Path(run_dir).glob(f"{paths.repeat_name('*')}/{paths.NOTEBOOKS}/0*.ipynb")
-    for nb in sorted([*nb_dir.glob("0*.ipynb"), *repeats]):
+    points = Path(run_dir).glob(f"{paths.SWEEP}/*/{paths.NOTEBOOKS}/0*.ipynb")
+    for nb in sorted([*nb_dir.glob("0*.ipynb"), *repeats, *points]):
+        if nb.is_symlink() and not nb.exists():   # the study's notebook, gone: its stage was computed outside the runner
+            continue
         if nb.is_symlink():   # a stage of the store: its page is rendered once, beside its notebook there
             target = nb.resolve()
             page = target.with_suffix(".html")

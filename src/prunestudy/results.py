@@ -29,8 +29,9 @@ def collect_results(run_dir, params: dict | None = None, timings: dict | None = 
         path = states.folder(run_dir, state.key) / paths.METRICS
         if path.is_file() and (state is not states.CONTROL or (res.get("retrain") or {}).get("control")):
             res[state.stage] = _scored(store.read_json(path), states.folder(run_dir, state.key), test)
-    if (res.get("prune") or {}).get("sweep"):
-        res["sweep"] = sweep_results(run_dir, res["prune"]["sweep"])
+    names = sweep_names(run_dir, params)
+    if names:
+        res["sweep"] = sweep_results(run_dir, names)
     if test is not None:
         res.update(comparisons(run_dir, res, *test))
     if params is not None:
@@ -60,25 +61,36 @@ def seed_results(run_dir, seed: int, where: str = ".") -> dict:
     return out
 
 
+def sweep_names(run_dir, params: dict | None) -> list[str]:
+    """The in-run sweep's points: from the parameters (methods, then amounts), or, without them
+    (stages called from Python), every point folder with a finished pruning, by method and amount."""
+    if params is not None:
+        return [paths.point_name(p["prune"]["method"], p["prune"]["amount"]) for p in config.sweep_points(params)]
+    found = [store.read_json(m) for m in Path(run_dir).glob(f"{paths.SWEEP}/*/prune/{paths.METRICS}")]
+    return [paths.point_name(m["method"], m["amount"]) for m in sorted(found, key=lambda m: (m["method"], m["amount"]))]
+
+
 def sweep_results(run_dir, names: list[str]) -> list[dict]:
-    """One entry per sweep point finished by the prune stage: method, amount, sparsity (of the
-    targeted weights, against the dense model), test accuracy / loss before and after retraining
-    (None until the retrain stage has run it), measured and theoretical speedup, sizes."""
+    """One entry per sweep point whose pruning finished (sweep/<point>/, its own run folder):
+    method, amount, sparsity (of the targeted weights, against the dense model), test accuracy /
+    loss before and after retraining (None until its retraining has run on this pruning), measured
+    and theoretical speedup, sizes."""
     run_dir, out = Path(run_dir), []
     for name in names:
-        path = paths.sweep_point(run_dir, "prune", name) / paths.METRICS
-        if not path.is_file():
+        pruned = paths.sweep_point(run_dir, "prune", name)
+        if not (pruned / paths.METRICS).is_file():
             continue
-        p = store.read_json(path)
-        r_path = paths.sweep_point(run_dir, "retrain", name) / paths.METRICS
-        r = store.read_json(r_path) if r_path.is_file() else None
-        if r is not None and r.get("pruned_key") != p.get("key"):
-            r = None  # retrained from another pruned model: stale
+        p = store.read_json(pruned / paths.METRICS)
+        retrained = paths.sweep_point(run_dir, "retrain", name)
+        r = None   # retrained from this very pruning (its record says so), or not yet
+        if (retrained / paths.METRICS).is_file() and records.problem(retrained, None, {"prune": pruned}) is None:
+            r = store.read_json(retrained / paths.METRICS)
         eff = p["efficiency"]
         table = eff["latency"].get("cpu") or next(iter(eff["latency"].values()))
         batch = max(row["batch"] for row in table["rows"])
         ms = {row["model"]: row["median_ms"] for row in table["rows"] if row["batch"] == batch}
-        out.append({"name": name, "method": p["method"], "amount": p["amount"], "kind": p["kind"],
+        out.append({"name": name, "dir": f"{paths.SWEEP}/{name}", "method": p["method"], "amount": p["amount"],
+                    "kind": p["kind"], "rounds": p.get("rounds", 1), "rewound": bool(p.get("rewind")),
                     "targets": p["targets"], "sparsity": p["global_sparsity"], "param_sparsity": p["param_sparsity"],
                     "params_total": p["params_total"], "params_nonzero": p["params_nonzero"],
                     "dense_params_total": p["dense_params_total"],

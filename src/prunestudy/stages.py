@@ -2,7 +2,7 @@
 these and displays of what it returns; each reads its inputs from, and writes its outputs to,
 a run folder laid out as `prunestudy.paths` says.
 
-metrics.json is written last, atomically: it marks a stage (or a sweep point) as complete.
+metrics.json is written last, atomically: it marks a stage as complete.
 Parameter defaults are those of `config.SCHEMA` (read with `config.default`), so a stage called
 from Python computes what its notebook and `prunestudy run` compute.
 """
@@ -10,7 +10,6 @@ from Python computes what its notebook and `prunestudy run` compute.
 from __future__ import annotations
 
 import functools
-import hashlib
 import inspect
 import json
 import time
@@ -226,8 +225,7 @@ def run_train(run_dir=None, *, model=default("train.model"), epochs=default("tra
 @_recorded("prune")
 def run_prune(run_dir=None, *, method=default("prune.method"), amount=default("prune.amount"),
               targets=default("prune.targets"), rounds=default("prune.rounds"),
-              rewind_step=default("prune.rewind_step"), amounts=default("prune.amounts"),
-              methods=default("prune.methods"), latency_repeats=default("prune.latency_repeats"),
+              rewind_step=default("prune.rewind_step"), latency_repeats=default("prune.latency_repeats"),
               epochs_per_round=default("retrain.epochs_per_round"),
               lr=default("retrain.lr"), batch_size=default("retrain.batch_size"), seed=default("seed"),
               device=default("train.device"), data_dir=None, model_dir=None, out_dir=None, log=print) -> dict:
@@ -237,18 +235,15 @@ def run_prune(run_dir=None, *, method=default("prune.method"), amount=default("p
     With `rewind_step`, the surviving weights are also reset to the training state saved at that
     step (train/rewind.pt; masks kept) and saved as rewound.pt: retraining starts from there.
     Efficiency figures (`efficiency.summary` against the dense model, latency measured in this
-    run) go into metrics.json. With `amounts`, a sweep: each of `methods` (None = [method,
-    random_unstructured]) prunes the trained model at each amount, one shot, into sweep/<point>/;
-    points already done with the same inputs are skipped, so an interrupted sweep resumes.
+    run) go into metrics.json. (A sweep over methods and amounts is the runner's: each of its
+    points runs this stage with its own method and amount, prunestudy.pipeline.)
     `epochs_per_round`, `lr`, `batch_size`, `seed`: fine-tuning between rounds (retrain.*)."""
     run_dir = paths.resolve_run_dir(run_dir)
     data_dir = paths.require("data", stage_dir(run_dir, "data", data_dir))
     model_dir = paths.require("train", stage_dir(run_dir, "train", model_dir))
     out = stage_dir(run_dir, "prune", out_dir)
     arch = store.read_json(model_dir / paths.METRICS)["model"]
-    sweep_methods = config.sweep_methods({"method": method, "methods": methods}) if amounts else []
-    for m in dict.fromkeys([method, *sweep_methods]):  # the same checks as the parameters, for notebook runs
-        prune.check(m, amount if m == method else 0.0, targets, arch)
+    prune.check(method, amount, targets, arch)   # the same checks as the parameters, for notebook runs
     rewind_state = _rewind_state(model_dir, rewind_step, method) if rewind_step is not None else None
     speed = _train_speed(model_dir)
     (out / paths.METRICS).unlink(missing_ok=True)  # complete again only once rewritten, last
@@ -293,60 +288,16 @@ def run_prune(run_dir=None, *, method=default("prune.method"), amount=default("p
         (out / paths.HISTORY).unlink(missing_ok=True)
     if rewind is None:
         (out / paths.REWOUND).unlink(missing_ok=True)
-    names = _prune_sweep(out, dense, testset, example, amounts=amounts or [], methods=sweep_methods, targets=targets,
-                         seed=seed, dense_key=_file_digest(model_dir / paths.MODEL), arch=arch,
-                         classes=classes, latency_repeats=min(SWEEP_LATENCY["repeats"], latency_repeats), log=log)
     metrics = {"method": method, "amount": amount, "targets": targets, "kind": pruning_methods.get(method).kind,
                "rounds": rounds, "round_amounts": schedule, "epochs_per_round": epochs_per_round if rounds > 1 else 0,
                "between_round_epochs": (rounds - 1) * epochs_per_round, "rounds_detail": rows,
                **_sparsity_fields(net, dense, targets), "test_accuracy": ev["accuracy"],
                **_scores(ev, testset, classes), "test_loss": ev["loss"], "dense_test_accuracy": before["accuracy"],
                "dense_test_loss": before["loss"], "rewind": rewind,
-               "efficiency": eff, "sweep": names, "seconds": time.perf_counter() - start,
+               "efficiency": eff, "seconds": time.perf_counter() - start,
                "params": {"seed": seed, "lr": lr, "batch_size": batch_size}, **results.environment(dev)}
     store.write_json(out / paths.METRICS, metrics)
     return metrics
-
-
-def _prune_sweep(out: Path, dense, testset, example, *, amounts, methods, targets, seed, dense_key, arch, classes,
-                 latency_repeats, log) -> list[str]:
-    """Every (method, amount) of the sweep: prune the trained model one shot, evaluate it (no
-    retraining), measure efficiency; out/sweep/<point>/ holds masks.pt (masked methods: the weights
-    are the trained ones) or model.pt + architecture.json (channel), the test predictions, and
-    metrics.json, written last.
-    A point whose metrics.json has the same key (method, amount, targets, seed, trained weights)
-    is skipped. Returns the point names in sweep order."""
-    names = []
-    for method in methods:
-        for amount in amounts:
-            name = paths.point_name(method, amount)
-            names.append(name)
-            where = out / paths.SWEEP / name
-            key = config.stage_hash({"method": method, "amount": amount, "targets": targets, "seed": seed,
-                                     "dense": dense_key})
-            if _point_done(where, key):
-                log(f"[sweep] {name}: done earlier with the same inputs, skipped")
-                continue
-            (where / paths.METRICS).unlink(missing_ok=True)
-            start = time.perf_counter()
-            net = prune.clone(dense)
-            prune.apply(net, method, amount, targets, example_input=example, seed=seed)
-            ev = train.evaluate(net, *testset)
-            eff = _efficiency(net, dense, {**SWEEP_LATENCY, "repeats": latency_repeats}, testset)
-            if not pruning_methods.get(method).masked:
-                artifacts.save_model(where, net, arch, len(classes))
-            else:
-                store.save_tensors(where / paths.MASKS, prune.masks(net))
-            artifacts.save_predictions(where, ev["predictions"])
-            sp = _sparsity_fields(net, dense, targets)
-            metrics = {"key": key, "name": name, "method": method, "amount": amount, "targets": targets,
-                       "kind": pruning_methods.get(method).kind, **sp, "test_accuracy": ev["accuracy"],
-                       **_scores(ev, testset, classes), "test_loss": ev["loss"], "efficiency": eff,
-                       "seconds": time.perf_counter() - start}
-            store.write_json(where / paths.METRICS, metrics)
-            log(f"[sweep] {name}: sparsity {sp['global_sparsity']:.2%}, test acc {ev['accuracy']:.1%} before "
-                f"retraining, measured speedup {eff['measured_speedup']:.2f}x ({metrics['seconds']:.1f} s)")
-    return names
 
 
 # --- stage 4 -----------------------------------------------------------------------------------
@@ -359,13 +310,12 @@ def run_retrain(run_dir=None, *, epochs=default("retrain.epochs"), lr=default("r
     """Fine-tune the pruned model (from its rewound weights when the prune stage rewound) with its
     masks held: pruned weights stay exactly zero. Then export it (export.pt + export.json); with
     `control`, fine-tune the unpruned trained model for as many epochs (the prune stage's
-    between-round epochs included) with the same settings, into control/; then retrain every
-    sweep point of the prune stage for `epochs` into sweep/<point>/ (finished points skipped).
+    between-round epochs included) with the same settings, into control/.
     `epochs_per_round` is the prune stage's (recorded there); a different value is reported.
 
     `launcher`: None = as the train stage ran (train.launcher and train.nproc_per_node, recorded in
     its metrics.json): under torchrun, this function reruns in that many processes and all its
-    fine-tuning (the control and the sweep points included) is data-parallel; only rank 0 measures
+    fine-tuning (the control included) is data-parallel; only rank 0 measures
     latency and writes. 'none' forces one process."""
     run_dir = paths.resolve_run_dir(run_dir)
     data_dir = paths.require("data", stage_dir(run_dir, "data", data_dir))
@@ -416,8 +366,6 @@ def run_retrain(run_dir=None, *, epochs=default("retrain.epochs"), lr=default("r
             if todo:
                 _control(out / paths.CONTROL, dense, trainset, testset, epochs=control_epochs, batch_size=batch_size,
                          lr=lr, seed=seed, log=log, speed=speed, classes=classes)
-    names = _retrain_sweep(pruned_dir, out, pm.get("sweep") or [], dense, trainset, testset, settings, log, speed,
-                           classes)
     if not main:
         return {}
     metrics = {"test_accuracy": ev["accuracy"], **_scores(ev, testset, classes), "test_loss": ev["loss"], **sp,
@@ -425,7 +373,7 @@ def run_retrain(run_dir=None, *, epochs=default("retrain.epochs"), lr=default("r
                          "test_loss": first["loss"]},
                "epochs": history["epochs"], "seconds": seconds, "params": settings, "efficiency": eff,
                "export": export, "control": bool(control), "control_epochs": control_epochs if control else None,
-               "sweep": names, "speed": history.get("speed"), "launcher": launcher,
+               "speed": history.get("speed"), "launcher": launcher,
                "world_size": history.get("world_size", 1), **results.environment(dev)}
     store.write_json(out / paths.METRICS, metrics)
     (out / paths.CHECKPOINT).unlink(missing_ok=True)
@@ -487,49 +435,10 @@ def _control(out: Path, dense, trainset, testset, *, epochs, batch_size, lr, see
     return metrics
 
 
-def _retrain_sweep(pruned_dir: Path, out: Path, names: list[str], dense, trainset, testset, settings: dict,
-                   log, speed: dict, classes: list[str]) -> list[str]:
-    """Retrain every sweep point for settings['epochs'] and evaluate it; out/sweep/<point>/metrics.json
-    and the test predictions (no weights kept). A point already retrained from the same pruned point
-    and settings is skipped."""
-    for name in names:
-        src = pruned_dir / paths.SWEEP / name
-        pm = store.read_json(src / paths.METRICS)
-        where = out / paths.SWEEP / name
-        key = config.stage_hash({"pruned": pm["key"], **settings})
-        if _point_done(where, key):
-            log(f"[sweep] {name}: retrained earlier with the same inputs, skipped")
-            continue
-        (where / paths.METRICS).unlink(missing_ok=True)
-        start = time.perf_counter()
-        if (src / paths.ARCHITECTURE).is_file():
-            net = artifacts.load_model(src, next(dense.parameters()).device)
-        else:
-            net = prune.clone(dense)
-            prune.restore(net, store.load_tensors(src / paths.MASKS))
-        history = _fit(net, trainset, testset, **settings, log=log, label=f"sweep {name}", speed=speed)
-        if not train.is_main_process():
-            continue
-        ev = train.evaluate(net, *testset)
-        sp = _sparsity_fields(net, dense, pm["targets"])
-        artifacts.save_predictions(where, ev["predictions"])
-        metrics = {"key": key, "pruned_key": pm["key"], "name": name, "method": pm["method"], "amount": pm["amount"],
-                   "test_accuracy": ev["accuracy"], **_scores(ev, testset, classes), "test_loss": ev["loss"],
-                   "global_sparsity": sp["global_sparsity"],
-                   "params_nonzero": sp["params_nonzero"], "epochs": history["epochs"], "params": settings,
-                   "seconds": time.perf_counter() - start}
-        store.write_json(where / paths.METRICS, metrics)
-        log(f"[sweep] {name}: test acc {pm['test_accuracy']:.1%} -> {ev['accuracy']:.1%} after "
-            f"{settings['epochs']} epoch{'s' * (settings['epochs'] != 1)} ({metrics['seconds']:.1f} s)")
-    return list(names)
-
-
 # --- shared ------------------------------------------------------------------------------------
-# Latency settings of efficiency.summary: the main model states, and each sweep point (kept small).
-# Every repeat gives one paired speed ratio: enough of them for an interval of the speedup.
-# The sweep points take at most SWEEP_LATENCY's repeats.
+# Latency settings of efficiency.summary. Every repeat gives one paired speed ratio: enough of them
+# for an interval of the speedup.
 LATENCY = {"batch_sizes": (1, 64), "warmup": 3, "devices": None}   # repeats: prune.latency_repeats
-SWEEP_LATENCY = {"batch_sizes": (64,), "repeats": 10, "warmup": 2, "devices": ("cpu",)}
 
 
 def _scores(ev: dict, testset, classes: list[str]) -> dict:
@@ -547,21 +456,6 @@ def _fit(net, trainset, testset, *, speed: dict, **kw) -> dict:
 def _train_speed(model_dir: Path) -> dict:
     """The speed options the train stage ran with (fine-tuning uses the same)."""
     return store.read_json(Path(model_dir) / paths.METRICS).get("speed_params") or {}
-
-
-def _point_done(where: Path, key: str) -> bool:
-    try:
-        return store.read_json(where / paths.METRICS).get("key") == key
-    except (OSError, ValueError):
-        return False
-
-
-def _file_digest(path: Path, length: int = 16) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:length]
 
 
 def _rewind_saver(out: Path, step: int | None, net: torch.nn.Module, steps: int):

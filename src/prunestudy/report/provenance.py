@@ -1,5 +1,5 @@
 """Provenance: what made this run (parameters, commit, platform, versions, seeds, data, timings)
-and links to every stage's executed notebook, the repeats' too."""
+and links to every stage's executed notebook, the repeats' and the sweep points' too."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ from pathlib import Path
 
 from .. import config, paths, states
 from .style import md_escape
-
-REPEAT_STAGES = ("train", "prune", "retrain")   # a repeat shares the data and the analysis
 
 
 def _pages(run_dir: str, stages: tuple[str, ...]) -> str:
@@ -21,7 +19,7 @@ def _pages(run_dir: str, stages: tuple[str, ...]) -> str:
 def provenance_markdown(results: dict) -> str:
     """Parameter hash, commit, platform, device, seeds, the data's manifest hash and class counts,
     versions, stage timings and keys, and every parameter, as a Markdown table; then links to
-    every stage's executed notebook (the repeats' too)."""
+    every stage's executed notebook (the repeats' and the sweep points' too)."""
     prov = results.get("provenance") or {}
     rows = [("parameters hash", results.get("params_hash")), ("git commit", prov.get("git_commit")),
             ("python", prov.get("python")), ("platform", prov.get("platform")),
@@ -45,5 +43,8 @@ def provenance_markdown(results: dict) -> str:
     for r in results.get("repeats") or []:
         seed = int(r["seed"])   # an int (config checks it): safe in a link
         folder = paths.repeat_name(seed)
-        lines.append(f"Repeat with seed {seed} (folder {folder}): {_pages(folder, REPEAT_STAGES)}.")
+        lines.append(f"Repeat with seed {seed} (folder {folder}): {_pages(folder, paths.REPEAT_STAGES)}.")
+    for e in results.get("sweep") or []:   # folder names from the method registry and a float: safe in a link
+        lines.append(f"Sweep point {md_escape(e['name'])} (folder {md_escape(e['dir'])}): "
+                     f"{_pages(e['dir'], paths.POINT_STAGES)}.")
     return "\n".join(lines)
