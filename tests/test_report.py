@@ -686,7 +686,11 @@ def test_sweep_table_and_finding(study):
     assert list(df["saves time"]) == ["NO", "NO", "NO", "NO", "yes", "yes"]   # intervals above 1: channel only
     s = _sentence(report.findings(study), "In the sweep")
     assert "Random pruning, the floor, scored 35.0% there" in s
-    assert "only channel saved time (speedup interval above 1)" in s
+    assert "; only channel saved time (speedup interval above 1.05×)" in s
+    for e in study["sweep"]:   # every method saved time: no "only"
+        e["saves_time"], e["speedup_ci"] = True, [1.2, 1.3]
+    s = _sentence(report.findings(study), "In the sweep")
+    assert "; l1_unstructured, random_unstructured, channel saved time (speedup interval above 1.05×)" in s
     assert "No sweep" in report.sweep_markdown(_only_train(study))
 
 

@@ -86,7 +86,7 @@ def efficiency_styler(results: dict):
             .set_caption("Latency: median of interleaved runs in random order on this machine (masks folded, as "
                          "deployed). Measured speedup: the geometric mean of the paired ratios dense time / pruned "
                          "time, one per run, with its 95% Student-t interval; 'saves time' only when that interval "
-                         "lies above 1. MMACs: multiply-accumulates of the "
+                         f"lies above {efficiency.MIN_SPEEDUP:.2f}×. MMACs: multiply-accumulates of the "
                          "conv and linear layers per image. Sizes in MB of 10^6 bytes; 'sparse + zlib' is a size "
                          "estimate (nonzero values + bitmask, zlib), not a format any runtime loads."))
 

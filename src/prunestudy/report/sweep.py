@@ -9,7 +9,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-from .. import states
+from .. import efficiency, states
 from .common import MB, pct, pvalue, signed
 from .style import figure, floor_method, label, literal, md_escape, method_style, placeholder
 
@@ -69,7 +69,8 @@ def sweep_styler(results: dict):
                          "same test crops, after retraining where the point was retrained; exact McNemar p-value "
                          "Holm-corrected over the sweep points, verdict at 5% ('too few changes': the crops that "
                          "changed answer could not reach 5% whichever way they went). Speedup: geometric mean of "
-                         "paired timing ratios with its 95% interval; 'saves time' only when it lies above 1."))
+                         f"paired timing ratios with its 95% interval; 'saves time' only when it lies above "
+                         f"{efficiency.MIN_SPEEDUP:.2f}×."))
 
 
 def _saves(e: dict) -> str:
@@ -116,8 +117,9 @@ def f_sweep(results: dict) -> str | None:
     saving = [m for m in methods if any(_saves(e) == "yes" for e in sweep if e["method"] == m)]
     s += (f". Measured speedup at batch {sweep[0]['latency_batch']}: "
           + ", ".join(f"{m} up to {v:.2f}×" for m, v in fast.items())
-          + ("; only " + ", ".join(saving) + " saved time (speedup interval above 1)" if saving else
-             "; no method was shown to save time"))
+          + ("; no method was shown to save time" if not saving else
+             f"; {'only ' * (len(saving) < len(methods))}{', '.join(saving)} saved time (speedup interval above "
+             f"{efficiency.MIN_SPEEDUP:.2f}×)"))
     return s + "."
 
 
