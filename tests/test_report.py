@@ -536,6 +536,21 @@ def test_save_figures(run, tmp_path):
         report.save_figures(run["dir"], {"../evil": figs["accuracy"]})
 
 
+def test_show_figure_writes_the_png_once_and_shows_those_bytes(run, tmp_path):
+    import matplotlib.pyplot as plt
+    from PIL import Image as PILImage
+
+    fig = report.plot_accuracy(run["results"])
+    shown = report.show_figure(tmp_path, "accuracy", fig)
+    saved = tmp_path / "analysis" / "figures" / "accuracy.png"
+    assert shown.data == saved.read_bytes()                # the file is what the notebook shows
+    assert not plt.fignum_exists(fig.number)               # closed: the inline backend draws it no second time
+    width = PILImage.open(saved).size[0]
+    assert width > 0 and shown.width == round(width * report.DPI / 150)   # shown at the notebook's size
+    with pytest.raises(ValueError):
+        report.show_figure(tmp_path, "../evil", report.plot_accuracy(run["results"]))
+
+
 def test_title_and_provenance(run):
     res = run["results"]
     assert "seed\\_cnn" in report.title_markdown(res) and "abc123" in report.title_markdown(res)

@@ -69,7 +69,7 @@ from .seeds import (
     t_interval,
 )
 from .stage import epoch_table, stage_markdown
-from .style import DPI, FIGSIZE, SEED_EDGE, SEED_HATCH, literal, md_escape, save_figures, setup_style
+from .style import DPI, FIGSIZE, SEED_EDGE, SEED_HATCH, literal, md_escape, save_figures, setup_style, show_figure
 from .summary import (
     ACC,
     BALANCED,
@@ -103,7 +103,7 @@ __all__ = [
     "latency_point", "literal", "md_escape", "paired_styler", "paired_table", "per_class_markdown",
     "per_class_styler", "per_class_table", "plot_accuracy", "plot_class_counts", "plot_confusion",
     "plot_epoch_metrics", "plot_layer_sparsity", "plot_samples", "plot_seeds", "plot_step_loss", "plot_tradeoff",
-    "plot_weight_histograms", "provenance_markdown", "row_normalised", "sample_mosaic", "save_figures",
+    "plot_weight_histograms", "provenance_markdown", "row_normalised", "sample_mosaic", "save_figures", "show_figure",
     "seed_report", "seed_runs", "seeds_markdown", "seeds_styler", "seeds_table", "setup_style", "stage_markdown",
     "summary_styler", "summary_table", "sweep_markdown", "sweep_styler", "sweep_table", "t_interval",
     "title_markdown", "usage_markdown", "usage_table",

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import io
 import re
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,8 @@ from matplotlib.figure import Figure
 from .. import methods, paths, store
 
 FIGSIZE = (10, 4)
-DPI = 100
+DPI = 100        # figures as the notebook shows them
+SAVE_DPI = 150   # figures as analysis/figures/*.png hold them (shown in the report scaled to DPI)
 SEED_HATCH = "///"          # the seed report's bars (states.SEED_REPORT_COLOR), hatched
 SEED_EDGE = "#707070"
 UNKNOWN_METHOD = ("black", "o")   # colour and marker of a method the registry does not know
@@ -23,7 +26,7 @@ UNKNOWN_METHOD = ("black", "o")   # colour and marker of a method the registry d
 def setup_style() -> None:
     """One clean theme for every figure of the report (call once, before plotting)."""
     sns.set_theme(style="whitegrid", context="notebook", palette="deep",
-                  rc={"figure.dpi": DPI, "savefig.dpi": 150, "axes.titlesize": 11, "axes.labelsize": 10,
+                  rc={"figure.dpi": DPI, "savefig.dpi": SAVE_DPI, "axes.titlesize": 11, "axes.labelsize": 10,
                       "legend.fontsize": 8, "xtick.labelsize": 9, "ytick.labelsize": 9,
                       "figure.max_open_warning": 0})
 
@@ -94,14 +97,28 @@ def legend_outside(ax, **kw) -> None:
 _FIG_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
-def save_figures(run_dir, figures: dict[str, Figure], dpi: int = 150) -> list[Path]:
+def save_figures(run_dir, figures: dict[str, Figure], dpi: int = SAVE_DPI) -> list[Path]:
     """Write each figure to the run's figures folder as <name>.png atomically (temp file + os.replace)."""
-    out = paths.figures_dir(run_dir)
-    saved = []
-    for name, fig in figures.items():
-        name = str(name).removesuffix(".png")
-        if not _FIG_NAME.fullmatch(name):
-            raise ValueError(f"figure name {name!r} is not a plain file name (letters, digits, '_', '-', '.')")
-        saved.append(store.atomic_write(out / f"{name}.png",
-                                        lambda f, fig=fig: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")))
-    return saved
+    return [_write_png(run_dir, name, fig, dpi)[0] for name, fig in figures.items()]
+
+
+def show_figure(run_dir, name: str, fig: Figure, dpi: int = SAVE_DPI):
+    """Write the figure as the run's analysis/figures/<name>.png and return that PNG for the
+    notebook to display, at the notebook's DPI: the figure is drawn once, not once for the file and
+    again by the inline backend (it is closed here, so the backend does not show it)."""
+    from IPython.display import Image
+
+    _, png = _write_png(run_dir, name, fig, dpi)
+    plt.close(fig)
+    width = struct.unpack(">I", png[16:20])[0]   # the PNG header's width, in pixels
+    return Image(data=png, format="png", width=round(width * DPI / dpi))
+
+
+def _write_png(run_dir, name: str, fig: Figure, dpi: int) -> tuple[Path, bytes]:
+    name = str(name).removesuffix(".png")
+    if not _FIG_NAME.fullmatch(name):
+        raise ValueError(f"figure name {name!r} is not a plain file name (letters, digits, '_', '-', '.')")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    png = buf.getvalue()
+    return store.write_bytes(paths.figures_dir(run_dir) / f"{name}.png", png), png
