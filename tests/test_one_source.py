@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import sweep_by_hand
 from matplotlib.colors import to_hex
 
-from conftest import sweep_by_hand
 from prunestudy import config, data, efficiency, methods, paths, pipeline, prune, report, stages, synth
 
 matplotlib.use("Agg")

@@ -144,7 +144,8 @@ def test_jobs_computes_the_chains_as_grid_points_in_parallel_then_links_them(tmp
     them all."""
     run_dir = tmp_path / "run"
     proc = run_cli("run", "-f", "params/smoke.yaml", "-p", "prune.amounts=[0.5]", "-p",
-                   "prune.methods=[random_unstructured]", "-p", "seeds=[0, 1]", "--jobs", "2", "--run-dir", str(run_dir))
+                   "prune.methods=[random_unstructured]", "-p", "seeds=[0, 1]", "--jobs", "2",
+                   "--run-dir", str(run_dir))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert ("==> --jobs 2: 3 chains (the study, 1 sweep point(s), 1 repeat(s)) computed 2 stages at a time"
             in proc.stdout)

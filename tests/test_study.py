@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import sweep_by_hand
+
 from prunestudy import data, methods, models, paths, prune, report, stages, store, synth, train
 
 pytestmark = pytest.mark.e2e   # the whole pruning study through the stage functions

@@ -366,9 +366,9 @@ def _seeds_problems(flat: dict, ok) -> list[str]:
 
 
 def sweep_points(cfg: dict) -> list[dict]:
-    """The parameters of the in-run sweep's points, in order (methods, then amounts). A point is the study with that prune.method and prune.amount, on the main seed, without repeats
-    or a sweep of its own: the same parameters as the grid point of `prunestudy sweep`, so the
-    same stage keys."""
+    """The parameters of the in-run sweep's points, in order (methods, then amounts). A point is
+    the study with that prune.method and prune.amount, on the main seed, without repeats or a sweep
+    of its own: the same parameters as the grid point of `prunestudy sweep`, so the same stage keys."""
     amounts = cfg["prune"].get("amounts") or []
     out = []
     for method in (sweep_methods(cfg["prune"]) if amounts else []):

@@ -403,7 +403,7 @@ def execute_stage(cfg: dict, run_dir: Path, stage: str, key: str, *, kernel: str
             seconds = round(time.perf_counter() - start, 2)
             folder = paths.stage_dir(run_dir, stage)
             if stage == "analysis":   # the one stage the runner records: the report is rendered here
-                log(f"==> report: {render_report(run_dir)}")
+                log(f"==> report: {render_report(run_dir, cfg)}")
                 records.write(folder, stage, key, {}, records.input_ids(stage_inputs(cfg, run_dir, stage)), seconds,
                               "prunestudy run")
             rec = records.read(folder)
@@ -531,14 +531,16 @@ def render_html(notebook: Path, target: Path, *, hide_code: bool, title: str | N
     return target
 
 
-def render_report(run_dir: Path) -> Path:
+def render_report(run_dir: Path, cfg: dict) -> Path:
     """report.html from the analysis notebook (code hidden); every stage notebook (the repeats' and
-    the sweep points' too) as HTML beside it."""
+    the sweep points' of these parameters too) as HTML beside it."""
     nb_dir = paths.notebooks_dir(run_dir)
-    repeats = Path(run_dir).glob(f"{paths.repeat_name('*')}/{paths.NOTEBOOKS}/0*.ipynb")
-    points = Path(run_dir).glob(f"{paths.SWEEP}/*/{paths.NOTEBOOKS}/0*.ipynb")
+    repeats = [nb for s in config.repeat_seeds(cfg) for nb in paths.notebooks_dir(paths.repeat_dir(run_dir, s))
+               .glob("0*.ipynb")]
+    points = [nb for name, _ in sweep_points(cfg) for nb in paths.notebooks_dir(paths.sweep_point_dir(run_dir, name))
+              .glob("0*.ipynb")]   # a folder of a point no longer asked for keeps its old pages
     for nb in sorted([*nb_dir.glob("0*.ipynb"), *repeats, *points]):
-        if nb.is_symlink() and not nb.exists():   # the study's notebook, gone: its stage was computed outside the runner
+        if nb.is_symlink() and not nb.exists():   # the study's notebook, gone: computed outside the runner
             continue
         if nb.is_symlink():   # a stage of the store: its page is rendered once, beside its notebook there
             target = nb.resolve()
