@@ -148,6 +148,11 @@ def point_name(method: str, amount: float) -> str:
     return f"{method}-{float(amount)!r}"
 
 
+def sweep_points(cfg: dict) -> list[tuple[str, dict]]:
+    """The in-run sweep's points (config.sweep_points): (folder name, parameters), in order."""
+    return [(point_name(p["prune"]["method"], p["prune"]["amount"]), p) for p in config.sweep_points(cfg)]
+
+
 def notebooks_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / NOTEBOOKS
 

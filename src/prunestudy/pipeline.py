@@ -84,6 +84,7 @@ class PreflightError(ValueError):
 
 
 REPEAT_STAGES, POINT_STAGES = paths.REPEAT_STAGES, paths.POINT_STAGES
+sweep_points = paths.sweep_points   # (folder name, parameters) of each in-run sweep point
 
 
 def stage_keys(cfg: dict, run_dir: Path, *, after: str | None = None,
@@ -110,11 +111,6 @@ def repeat_keys(cfg: dict, run_dir: Path, seed: int, data_key: str) -> dict[str,
     """Keys of a repeat's stages: its parameters (the study's, with `seed`) after the shared data."""
     return stage_keys(config.repeat_config(cfg, seed), paths.repeat_dir(run_dir, seed), after=data_key,
                       names=REPEAT_STAGES)
-
-
-def sweep_points(cfg: dict) -> list[tuple[str, dict]]:
-    """The in-run sweep's points (prune.amounts x prune.methods): (folder name, parameters)."""
-    return [(paths.point_name(p["prune"]["method"], p["prune"]["amount"]), p) for p in config.sweep_points(cfg)]
 
 
 def point_keys(pcfg: dict, run_dir: Path, name: str, data_key: str) -> dict[str, str]:

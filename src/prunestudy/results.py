@@ -65,7 +65,7 @@ def sweep_names(run_dir, params: dict | None) -> list[str]:
     """The in-run sweep's points: from the parameters (methods, then amounts), or, without them
     (stages called from Python), every point folder with a finished pruning, by method and amount."""
     if params is not None:
-        return [paths.point_name(p["prune"]["method"], p["prune"]["amount"]) for p in config.sweep_points(params)]
+        return [name for name, _ in paths.sweep_points(params)]
     found = [store.read_json(m) for m in Path(run_dir).glob(f"{paths.SWEEP}/*/prune/{paths.METRICS}")]
     return [paths.point_name(m["method"], m["amount"]) for m in sorted(found, key=lambda m: (m["method"], m["amount"]))]
 
