@@ -67,6 +67,24 @@ def test_rerunning_a_finished_run_does_nothing(smoke_run, tmp_path):
     assert changed == ["params.json", "run.lock"], changed
 
 
+@pytest.mark.e2e
+def test_a_run_without_the_store_never_writes_through_a_link_into_it(tmp_path):
+    """A stored run, then the same folder with --store none and --force prune: the stages are
+    computed in the run folder, and the store's entries (other runs use them), their executed
+    notebooks included, are left as they were."""
+    run_dir, args = tmp_path / "run", ("-f", "params/smoke.yaml", "-p", "prune.amounts=null")
+    assert run_cli("run", *args, "--run-dir", str(run_dir)).returncode == 0
+    entry = paths.executed_notebook(run_dir, "prune").resolve()
+    assert entry.is_relative_to(tmp_path / paths.STORE)
+    before = entry.read_bytes()
+    proc = run_cli("run", *args, "--run-dir", str(run_dir), "--store", "none", "--force", "prune")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert ran(proc.stdout) == ["prune", "retrain", "analysis"]
+    assert entry.read_bytes() == before
+    for stage in ("prune", "retrain"):
+        assert not paths.executed_notebook(run_dir, stage).is_symlink() and not (run_dir / stage).is_symlink()
+
+
 # --------------------------------------------------------------------------- interruptions
 
 def start_run(run_dir: Path, *extra: str) -> subprocess.Popen:

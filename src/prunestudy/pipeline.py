@@ -264,10 +264,6 @@ def run_point(chain: _Chain, pcfg: dict, pdir: Path, pkeys: dict, run_dir: Path,
                 paths.executed_notebook(pdir, stage).unlink(missing_ok=True)
         chain.log(f"==> [{chain.label}]: the study's own method and amount: its prune and retrain folders linked")
         return set()
-    for stage in POINT_STAGES:   # the study's notebook, linked while this was the study's point: never written through
-        nb = paths.executed_notebook(pdir, stage)
-        if nb.is_symlink() and nb.resolve() == paths.executed_notebook(run_dir, stage).resolve():
-            nb.unlink()
     return chain.run(pcfg, pdir, POINT_STAGES, pkeys, {}, finish, after_change=relinked)   # finish: the study's results
 
 
@@ -388,6 +384,8 @@ def execute_stage(cfg: dict, run_dir: Path, stage: str, key: str, *, kernel: str
                     control = stage_store.entry("control", point_keys(cfg)["control"])
                     control.mkdir(parents=True, exist_ok=True)
                     stagestore.link(stage_store.entry(stage, key) / paths.CONTROL, control)
+            elif shown.is_symlink():   # a link left by a stored run or a sweep point: never written through
+                shown.unlink()
             try:
                 kernels.execute_notebook(src, out, kernel_name=kernel, fresh=fresh_kernel, parameters=parameters,
                                          stdout_file=sys.stdout, stderr_file=sys.stderr)
