@@ -68,16 +68,18 @@ def test_rerunning_a_finished_run_does_nothing(smoke_run, tmp_path):
 
 
 @pytest.mark.e2e
-def test_a_run_without_the_store_never_writes_through_a_link_into_it(tmp_path):
-    """A stored run, then the same folder with --store none and --force prune: the stages are
-    computed in the run folder, and the store's entries (other runs use them), their executed
-    notebooks included, are left as they were."""
-    run_dir, args = tmp_path / "run", ("-f", "params/smoke.yaml", "-p", "prune.amounts=null")
-    assert run_cli("run", *args, "--run-dir", str(run_dir)).returncode == 0
+def test_a_run_without_the_store_never_writes_through_a_link_into_it(smoke_run, tmp_path):
+    """A stored run (a copy of the smoke run and its store, links kept), then the same folder with
+    --store none and --force prune: the stages are computed in the run folder, and the store's
+    entries (other runs use them), their executed notebooks included, are left as they were."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(smoke_run[0], run_dir, symlinks=True)
+    shutil.copytree(smoke_run[0].parent / paths.STORE, tmp_path / paths.STORE, symlinks=True)
     entry = paths.executed_notebook(run_dir, "prune").resolve()
     assert entry.is_relative_to(tmp_path / paths.STORE)
     before = entry.read_bytes()
-    proc = run_cli("run", *args, "--run-dir", str(run_dir), "--store", "none", "--force", "prune")
+    proc = run_cli("run", "-f", "params/smoke.yaml", "-p", "prune.amounts=null", "--run-dir", str(run_dir),
+                   "--store", "none", "--force", "prune")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert ran(proc.stdout) == ["prune", "retrain", "analysis"]
     assert entry.read_bytes() == before
@@ -112,12 +114,12 @@ KILLED = ("data", "train", "retrain")   # the stages that leave partial work: cr
 def test_sigkill_in_stages_with_partial_work_then_rerun_gives_the_same_results(smoke_run, tmp_path):
     """Kill the whole runner (kernels included) with SIGKILL inside the data, train and retrain
     stages in turn; each rerun resumes after the last complete stage, and the end result equals the
-    uninterrupted run's."""
-    run_dir = tmp_path / "killed"
+    uninterrupted run's. (Without the smoke run's sweep points, whose stages change none of this.)"""
+    run_dir, no_sweep = tmp_path / "killed", ("-p", "prune.amounts=null")
     for i, stage in enumerate(STAGES, 1):
         if stage not in KILLED:
             continue
-        proc = start_run(run_dir)
+        proc = start_run(run_dir, *no_sweep)
         wait_for(proc, rf"\[{i}/5\] {stage}: start")
         time.sleep(6)  # the kernel is up and the stage is working
         os.killpg(proc.pid, signal.SIGKILL)
@@ -125,7 +127,7 @@ def test_sigkill_in_stages_with_partial_work_then_rerun_gives_the_same_results(s
         keys, cfg = _keys(run_dir), config.load(ROOT / "params" / "smoke.yaml")
         for earlier in STAGES[: i - 1]:  # finished stages are kept as complete
             assert pipeline.problem(cfg, run_dir, earlier, keys[earlier]) is None, (stage, earlier)
-    proc = run_cli("run", "-f", "params/smoke.yaml", "--run-dir", str(run_dir))
+    proc = run_cli("run", "-f", "params/smoke.yaml", "--run-dir", str(run_dir), *no_sweep)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert scores(run_dir) == scores(smoke_run[0])
     assert (run_dir / "report.html").stat().st_size > 0
