@@ -707,6 +707,13 @@ def test_sweep_table_and_finding(study):
     s = _sentence(report.findings(study), "In the sweep")
     assert "; l1_unstructured, random_unstructured, channel saved time (speedup interval above 1.05×)" in s
     assert "No sweep" in report.sweep_markdown(_only_train(study))
+    # with `seeds` repeats the sweep section says the sweep was not repeated, and where the bands are
+    assert "repeats" not in report.sweep_markdown(study)
+    study["params"] = {**study.get("params", {}), "seed": 0}
+    study["repeats"] = [{"seed": 1}, {"seed": 2}]
+    text = report.sweep_markdown(study)
+    assert "The sweep ran on the study's seed (0) only: the repeats (seeds 1, 2) do not repeat it" in text
+    assert "`seed` as a grid key (`prunestudy sweep`" in text
 
 
 def test_compare_shows_balanced_accuracy_and_macro_f1_of_every_run(run, tmp_path):

@@ -53,6 +53,10 @@ def test_changes_rerun_only_what_they_change_and_the_repeat(seeded_run):
         ("1/5", "data"), ("2/5", "train"), ("sweep random_unstructured-0.5: point 2/2", "prune"),
         ("sweep random_unstructured-0.5: point 2/2", "retrain")]
     assert "[sweep l1_unstructured-0.5: point 1/2]: the study's own method and amount" in proc.stdout
+    # the sweep is not repeated over the seeds: the run and its report say so, and where the bands are
+    assert "==> note: the sweep (prune.amounts) runs on the study's seed (0) only" in proc.stdout
+    assert "The sweep ran on the study's seed (0) only: the repeats (seed 1) do not repeat it" in \
+        (run_dir / "report.html").read_text()
     assert started(proc.stdout) == [("3/5", "prune"), ("4/5", "retrain"), ("seed 1: repeat 1/1", "train"),
                                      ("seed 1: repeat 1/1", "prune"), ("seed 1: repeat 1/1", "retrain"),
                                      ("5/5", "analysis")]

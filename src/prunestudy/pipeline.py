@@ -156,6 +156,10 @@ def run(cfg: dict, run_dir: str | Path, *, force: str | None = None, log: Callab
     if force is not None and force not in STAGES:
         raise PreflightError(f"--force must name a stage ({', '.join(STAGES)}), got {force!r}")
     preflight(cfg, run_dir)
+    if sweep_points(cfg) and config.repeat_seeds(cfg):
+        log(f"==> note: the sweep (prune.amounts) runs on the study's seed ({cfg['seed']}) only, not on the repeats of "
+            "`seeds`: for bands over seeds, run its points as a grid with `seed` as a grid key (`prunestudy sweep`, "
+            "docs/sweeps.md), which reuses the stages this run computed")
     with records.RunLock(run_dir, f"prunestudy run (pid {os.getpid()})") as lock:
         os.environ[records.TOKEN_ENV] = lock.token   # the kernels it starts inherit it: they may write
         try:

@@ -133,7 +133,21 @@ def _short(c: dict) -> str:
 
 def sweep_markdown(results: dict) -> str:
     s = f_sweep(results)
-    return md_escape(s) if s else "No sweep in this run (prune.amounts is null), so there are no trade-off curves."
+    if not s:
+        return "No sweep in this run (prune.amounts is null), so there are no trade-off curves."
+    return md_escape(s) + one_seed_note(results)
+
+
+def one_seed_note(results: dict) -> str:
+    """What the sweep of a run with `seeds` repeats does not show: the repeats do not repeat it."""
+    others = [r["seed"] for r in results.get("repeats") or []]
+    if not others:
+        return ""
+    seed = (results.get("params") or {}).get("seed")
+    return (f"\n\nThe sweep ran on the study's seed ({md_escape(seed)}) only: the repeats (seed"
+            f"{'s' * (len(others) > 1)} {', '.join(md_escape(s) for s in others)}) do not repeat it, so its points "
+            "have no spread over seeds. For means and 95% bands over seeds, run the same points as a grid with "
+            "`seed` as a grid key (`prunestudy sweep`, docs/sweeps.md), which reuses the stages this run computed.")
 
 
 def _references(results: dict, axes, tops: list[float], key: str = "test_accuracy") -> None:
