@@ -97,6 +97,10 @@ SCHEMA: dict[str, tuple[Any, tuple[type, ...], str]] = {
 # Parameters of the runner, not of any stage: how many chains it runs (the `seeds` repeats, the
 # `prune.amounts` x `prune.methods` sweep points), each chain a point of the same stage graph.
 RUNNER_KEYS = ("seeds", "prune.amounts", "prune.methods")
+# Where a run's sweep gets bands over seeds (its `seeds` repeats do not repeat it): said by the runner
+# and under the report's sweep table.
+SWEEP_SEEDS_HINT = ("run its points as a grid with `seed` as a grid key (`prunestudy sweep`, docs/sweeps.md), "
+                    "which reuses the stages this run computed")
 
 # Which schema key each parameter of a stage function (and of its notebook's parameters cell)
 # stands for: the stage's own section, plus these keys from other sections.

@@ -158,8 +158,7 @@ def run(cfg: dict, run_dir: str | Path, *, force: str | None = None, log: Callab
     preflight(cfg, run_dir)
     if sweep_points(cfg) and config.repeat_seeds(cfg):
         log(f"==> note: the sweep (prune.amounts) runs on the study's seed ({cfg['seed']}) only, not on the repeats of "
-            "`seeds`: for bands over seeds, run its points as a grid with `seed` as a grid key (`prunestudy sweep`, "
-            "docs/sweeps.md), which reuses the stages this run computed")
+            f"`seeds`: for bands over seeds, {config.SWEEP_SEEDS_HINT}")
     with records.RunLock(run_dir, f"prunestudy run (pid {os.getpid()})") as lock:
         os.environ[records.TOKEN_ENV] = lock.token   # the kernels it starts inherit it: they may write
         try:

@@ -9,7 +9,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-from .. import efficiency, states
+from .. import config, efficiency, states
 from .common import MB, pct, pvalue, signed
 from .style import figure, floor_method, label, literal, md_escape, method_style, placeholder
 
@@ -146,8 +146,7 @@ def one_seed_note(results: dict) -> str:
     seed = (results.get("params") or {}).get("seed")
     return (f"\n\nThe sweep ran on the study's seed ({md_escape(seed)}) only: the repeats (seed"
             f"{'s' * (len(others) > 1)} {', '.join(md_escape(s) for s in others)}) do not repeat it, so its points "
-            "have no spread over seeds. For means and 95% bands over seeds, run the same points as a grid with "
-            "`seed` as a grid key (`prunestudy sweep`, docs/sweeps.md), which reuses the stages this run computed.")
+            f"have no spread over seeds. For means and 95% bands over seeds, {config.SWEEP_SEEDS_HINT}.")
 
 
 def _references(results: dict, axes, tops: list[float], key: str = "test_accuracy") -> None:
