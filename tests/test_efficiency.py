@@ -82,6 +82,32 @@ def test_latency_table_gives_positive_medians_and_ratios_to_dense():
         efficiency.latency(_net(), (1,), repeats=0)
 
 
+def test_latency_is_timed_channels_last_and_says_so(monkeypatch):
+    """Models and inputs are timed in the channels-last format CNNs are deployed in (NCHW max-pooling
+    is a slow path on the CPU); the table records the format; the caller's models are left as they
+    were; NCHW on request; an unknown format is refused, naming the ones there are."""
+    seen = []
+    real = efficiency._time_once
+
+    def spy(model, x, dev):
+        seen.append((x.is_contiguous(memory_format=torch.channels_last),
+                     model.conv2.weight.is_contiguous(memory_format=torch.channels_last)))
+        return real(model, x, dev)
+    monkeypatch.setattr(efficiency, "_time_once", spy)
+    dense = _net()
+    table = efficiency.latency_table({"dense": dense}, (2,), repeats=2, warmup=0)
+    assert table["memory_format"] == efficiency.MEMORY_FORMAT == "channels_last"
+    assert seen == [(True, True)] * 2
+    assert dense.conv2.weight.is_contiguous()   # not converted in place
+    seen.clear()
+    table = efficiency.latency_table({"dense": dense}, (2,), repeats=2, warmup=0, memory_format="contiguous")
+    assert table["memory_format"] == "contiguous" and seen == [(False, False)] * 2
+    with pytest.raises(ValueError, match="memory_format 'nhwc': choose one of channels_last, contiguous"):
+        efficiency.latency_table({"dense": dense}, (2,), repeats=1, memory_format="nhwc")
+    s = efficiency.summary(_net(1), dense, batch_sizes=(2,), repeats=2, devices=("cpu",))
+    assert s["latency"]["cpu"]["memory_format"] == "channels_last" and "channels last)" in s["remark"]
+
+
 def test_summary_is_plain_json_and_says_whether_time_is_saved():
     dense, m = _net(), _net()
     prune.apply(m, "channel", 0.5)
@@ -121,6 +147,14 @@ def test_a_retrained_model_takes_over_the_latency_of_the_same_computation(monkey
     assert timed == [1] and other["latency_from"] is None
     efficiency.summary(retrained, dense, batch_sizes=(1, 2), repeats=3, devices=("cpu",), same_as=first)
     assert timed == [1, 1]   # other repeats: timed
+    nchw = copy.deepcopy(first)   # a summary from before the format was recorded: timed NCHW
+    for table in nchw["latency"].values():
+        del table["memory_format"]
+    efficiency.summary(retrained, dense, batch_sizes=(1, 2), repeats=2, devices=("cpu",), same_as=nchw)
+    assert timed == [1, 1, 1]   # another format: timed
+    efficiency.summary(retrained, dense, batch_sizes=(1, 2), repeats=2, devices=("cpu",), same_as=nchw,
+                       memory_format="contiguous")
+    assert timed == [1, 1, 1]   # the same format: taken over
 
 
 def test_speed_ratio_is_the_t_interval_of_paired_log_ratios():

@@ -646,6 +646,13 @@ def test_efficiency_table_says_when_no_time_is_saved(study):
     assert any("saves no time" in s for s in report.findings(study))
     assert "random order" in report.efficiency_styler(study).caption and "1.1" not in report.efficiency_styler(
         study).caption
+    # the memory format the latencies were timed in: tables without one are from before it was recorded (NCHW)
+    assert "NCHW tensors" in report.efficiency_styler(study).caption
+    nhwc = copy.deepcopy(study)
+    for state in ("prune", "retrain"):
+        nhwc[state]["efficiency"]["latency"]["cpu"]["memory_format"] = "channels_last"
+    caption = report.efficiency_styler(nhwc).caption
+    assert "channels-last (NHWC) tensors" in caption and "NCHW" not in caption
     # a run measured before verdicts had an interval gets none
     old = copy.deepcopy(study)
     del old["prune"]["efficiency"]["speedup_ci"]

@@ -55,6 +55,11 @@ def _testset(rd):
     return train.to_device(*data.load_split(rd / "data", "test"), torch.device("cpu"))
 
 
+def _evaluate(net, rd) -> dict:
+    """The test set scored as the stages score it: in the training's memory format (auto: channels-last)."""
+    return train.evaluate(net, *_testset(rd), channels_last=True)
+
+
 def _weights(state):
     return {k: v for k, v in state.items() if k.endswith("weight") and v.ndim >= 2}
 
@@ -71,6 +76,7 @@ def test_every_method_prunes_retrains_and_exports(trained, method):
                 "sparse_compressed_bytes", "measured_speedup", "saves_time", "remark"):
         assert key in eff, key
     rows = eff["latency"]["cpu"]["rows"]
+    assert eff["latency"]["cpu"]["memory_format"] == "channels_last"   # the training's (train.channels_last auto)
     assert {(r["model"], r["batch"]) for r in rows} == {(m, b) for m in ("dense", "pruned") for b in (1, 4)}
     if kind == "masked":
         assert eff["params_total"] == eff["dense_params_total"] and eff["macs"] == eff["dense_macs"]
@@ -80,7 +86,7 @@ def test_every_method_prunes_retrains_and_exports(trained, method):
         assert eff["params_total"] < eff["dense_params_total"] and eff["macs"] < eff["dense_macs"]
         assert p["global_sparsity"] > 0.5  # removed weights count, inputs of the next layer included
     # what the prune stage saved loads back (channel: rebuilt from architecture.json) and scores the same
-    assert train.evaluate(stages.load_model(p_dir, masks=True), *_testset(trained))["accuracy"] == p["test_accuracy"]
+    assert _evaluate(stages.load_model(p_dir, masks=True), trained)["accuracy"] == p["test_accuracy"]
 
     r = stages.run_retrain(trained, epochs=1, batch_size=BATCH, lr=1e-3, control=False, pruned_dir=p_dir,
                            out_dir=r_dir, log=quiet)
@@ -96,10 +102,10 @@ def test_every_method_prunes_retrains_and_exports(trained, method):
         net = prune.rebuild(meta["model"], meta["num_classes"], meta["architecture"])
         assert models.count_parameters(net) < models.count_parameters(models.build_model("seed_cnn"))
     net.load_state_dict(state)
-    ev = train.evaluate(net, *_testset(trained))
+    ev = _evaluate(net, trained)
     assert ev["accuracy"] == r["test_accuracy"] == meta["test_accuracy"]
     assert ev["loss"] == pytest.approx(r["test_loss"], rel=1e-5)
-    assert train.evaluate(stages.load_export(r_dir), *_testset(trained))["accuracy"] == r["test_accuracy"]
+    assert _evaluate(stages.load_export(r_dir), trained)["accuracy"] == r["test_accuracy"]
 
 
 def test_channel_on_resnet18_prunes_retrains_and_exports(tmp_path):
@@ -109,8 +115,8 @@ def test_channel_on_resnet18_prunes_retrains_and_exports(tmp_path):
     r = stages.run_retrain(rd, epochs=1, batch_size=BATCH, lr=1e-3, control=False, log=quiet)
     net = stages.load_export(rd / "retrain")
     assert isinstance(net, type(models.build_model("resnet18")))
-    assert train.evaluate(net, *_testset(rd))["accuracy"] == r["test_accuracy"]
-    assert train.evaluate(stages.load_model(rd / "retrain"), *_testset(rd))["accuracy"] == r["test_accuracy"]
+    assert _evaluate(net, rd)["accuracy"] == r["test_accuracy"]
+    assert _evaluate(stages.load_model(rd / "retrain"), rd)["accuracy"] == r["test_accuracy"]
 
 
 def test_iterative_rounds_reach_the_target_and_the_control_matches_the_epochs(fresh):

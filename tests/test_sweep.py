@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 from conftest import built_once, completed, saved
 
-from prunestudy import browser, cli, config, grid, metrics, paths, pipeline, records, stagestore, sweep
+from prunestudy import browser, cli, config, grid, kernels, metrics, paths, pipeline, records, stagestore, sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ROOT / "params" / "grid-small.yaml"
@@ -96,6 +96,38 @@ def test_grid_overrides_and_a_1000_point_dry_run(tmp_path, capsys):
     assert "1000 points" in out and re.search(r"train\s+10 unique", out) and re.search(r"prune\s+1000 unique", out)
     assert re.search(r"data\s+1 unique", out)   # seeds share the data (no subset is drawn)
     assert not (tmp_path / "big").exists()      # a dry run writes nothing
+
+
+def test_a_pool_workers_warm_kernel_is_the_one_its_notebooks_run_in(tmp_path, monkeypatch):
+    """The local engine's workers start their kernel as they start (while the data stage runs
+    elsewhere) and the grid report runs in one of them. A kernel is reused only while its
+    kernelspec, folder and environment are those a notebook is run with (kernels.fingerprint): the
+    warm-up must set what each task sets, or every worker would silently start a second kernel."""
+    pts = grid.points(SMALL)
+    st = stagestore.Store(tmp_path / "store")
+    by_name = {p.name: p for p in pts}
+    pipeline.ensure_kernel()
+    specs = {tid: sweep._spec(t, by_name, tmp_path / "grid", st, sweep.task_env(), sweep.task_threads("local", 2))
+             for tid, t in sweep.tasks(pts).items()}
+    warm = sweep.warm_settings(specs)
+    assert warm and warm["threads"] == sweep.task_threads("local", 2)
+    for name, value in [*os.environ.items()]:   # a worker process starts with the driver's environment
+        monkeypatch.setenv(name, value)
+    sweep._apply_env(warm["env"], warm["threads"])   # what _worker_init does before kernels.warm
+    warmed = kernels.fingerprint(warm["kernel"], warm["cwd"])
+    notebooks = [pipeline.notebooks_dir() / paths.NOTEBOOK_OF[s] for s in sweep.ORDER]
+    for spec in specs.values():   # what run_task does before its notebook
+        sweep._apply_env(spec["env"], spec["threads"])
+        monkeypatch.setenv(records.TOKEN_ENV, "a run lock's token")   # PRUNESTUDY_*: reset, not fingerprinted
+        for nb in [*notebooks, pipeline.notebooks_dir() / paths.SWEEP_NOTEBOOK]:
+            assert kernels.fingerprint(pipeline.ensure_kernel(), kernels.notebook_cwd(nb)) == warmed, (spec["id"], nb)
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")   # another environment: another kernel
+    assert kernels.fingerprint(warm["kernel"], warm["cwd"]) != warmed
+    assert sweep.warm_settings({k: {**v, "fresh_kernels": True} for k, v in specs.items()}) is None
+    one = next(iter(specs))
+    assert sweep.warm_settings({**specs, one: {**specs[one], "threads": 5}}) is None   # tasks differ: no warm-up
+    # nothing done yet: every task is to run, so every worker is started and warmed at once
+    assert sweep._to_run(sweep.tasks(pts), tmp_path / "grid", st) == len(specs)
 
 
 # --------------------------------------------------------------------------- the local engine

@@ -198,6 +198,21 @@ def test_evaluate_reports_true_per_sample_mean_loss():
     assert ev["n"] == 70 and len(ev["predictions"]) == 70
     # about ln(10) for an untrained net, not a batch-mean divided by the batch size
     assert 1.5 < ev["loss"] < 3.5
+    # channels-last (the training's format, and the stages' when it trained so): the same figures
+    nhwc = train.evaluate(m, x, y, batch_size=32, channels_last=True)
+    assert nhwc["loss"] == pytest.approx(ev["loss"], rel=1e-5) and (nhwc["predictions"] == ev["predictions"]).all()
+
+
+def test_the_stages_evaluate_in_the_trainings_memory_format(monkeypatch):
+    from prunestudy import stages
+
+    formats = []
+    monkeypatch.setattr(train, "evaluate", lambda net, x, y, **kw: formats.append(kw["channels_last"]))
+    speeds = ({"channels_last": "auto"}, {"channels_last": True}, {"channels_last": False}, {})
+    for speed in speeds:
+        stages._evaluate(None, (None, None), speed)
+    assert formats == [True, True, False, False]   # {}: a training recorded before its options were
+    assert [stages._memory_format(s) for s in speeds] == ["channels_last"] * 2 + ["contiguous"] * 2   # latency
 
 
 # --- fit -----------------------------------------------------------------------------------------

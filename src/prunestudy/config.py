@@ -56,7 +56,8 @@ SCHEMA: dict[str, tuple[Any, tuple[type, ...], str]] = {
     "train.device": ("auto", (str,), "auto | cpu | cuda | cuda:N"),
     "train.precision": ("auto", (str,), "auto | fp32 | bf16 | fp16 (autocast; fp16 with a gradient scaler); "
                         "auto = fastest safe on the device (fp32 on CPU, bf16 on CUDA); also for retraining"),
-    "train.channels_last": ("auto", (str, bool), "auto | true | false: NHWC memory format (auto = on)"),
+    "train.channels_last": ("auto", (str, bool), "auto | true | false: NHWC memory format of training, evaluation "
+                                                  "and latency timing (auto = on)"),
     "train.compile": ("auto", (str, bool), "auto | true | false: torch.compile (CUDA graphs for small CUDA "
                       "batches); auto = off (slower on this CPU, unmeasured on GPU)"),
     "train.fused": ("auto", (str, bool), "auto | true | false: fused Adam kernel (auto = on); all four "

@@ -20,6 +20,13 @@ Definitions
   a fixed thread count that is recorded; models are timed interleaved (every repeat runs each
   model once per batch size, in an order drawn at random for each repeat and batch size, seeded),
   so a slow spell of a shared machine hits them all alike and no model is always timed first.
+  Models and inputs are in a given memory format, recorded in the table (`memory_format`): by
+  default MEMORY_FORMAT (channels_last, NHWC); the stages pass the training's (train.channels_last,
+  auto = channels_last), so a model is timed as it was trained and evaluated. The format matters
+  on the CPU: in NCHW this CPU's max-pool kernel alone took 49 ms of the seed CNN's 188 ms at
+  batch 64 (1 thread), against 4 ms in NHWC, so NCHW timed a slow pooling path more than the
+  convolutions that pruning shrinks; ResNet-18 (no pooling but its stem's) ran batch 64 about 15%
+  faster in NCHW (benchmarks/README.md, ## Pruning).
 * Speed ratio and "saves time?": each repeat gives one paired ratio, the dense model's time over
   the other model's, measured back to back. The speedup is the geometric mean of these ratios,
   and its CONFIDENCE interval the Student-t interval of their mean logarithm, exponentiated.
@@ -49,6 +56,8 @@ from . import prune
 INPUT_SIZE = (3, 64, 64)
 CONFIDENCE = 0.95   # of the speed ratio's interval
 ZLIB_LEVEL = 9
+MEMORY_FORMAT = "channels_last"   # of latency measurements by default: see the module's docstring
+_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
 
 # --- parameters ------------------------------------------------------------------------------
@@ -141,20 +150,23 @@ def deployable(model: nn.Module) -> nn.Module:
 
 def latency_table(models: dict[str, nn.Module], batch_sizes=(1, 64), repeats: int = 20, device: str = "cpu",
                   threads: int | None = None, warmup: int = 3, input_size: tuple[int, ...] = INPUT_SIZE,
-                  seed: int = 0) -> dict:
+                  seed: int = 0, memory_format: str = MEMORY_FORMAT) -> dict:
     """Median forward time of every model at every batch size, measured in one interleaved run in
     random order (`seed`); with a model named 'dense', each row also gives speedup_vs_dense (the
     geometric mean of the paired ratios dense time / this model's time) and its CONFIDENCE interval
     (`speed_ratio`). Models are timed as given (use `deployable` for masked ones); each is copied
-    to `device` if it is elsewhere. The thread count is set for the run and restored afterwards."""
+    to `device` and to `memory_format` ('channels_last' or 'contiguous', i.e. NCHW; the models
+    given are left as they are). The thread count is set for the run and restored afterwards."""
     if repeats < 1 or not batch_sizes or not models:
         raise ValueError("latency needs at least one model, one batch size and repeats >= 1")
+    if memory_format not in _FORMATS:
+        raise ValueError(f"memory_format {memory_format!r}: choose one of {', '.join(_FORMATS)}")
     dev = torch.device(device)
     prev_threads = torch.get_num_threads()
     threads = threads or prev_threads
     torch.set_num_threads(threads)
     try:
-        times = _measure(models, batch_sizes, repeats, dev, warmup, input_size, seed)
+        times = _measure(models, batch_sizes, repeats, dev, warmup, input_size, seed, _FORMATS[memory_format])
     finally:
         torch.set_num_threads(prev_threads)
     rows = []
@@ -166,6 +178,7 @@ def latency_table(models: dict[str, nn.Module], batch_sizes=(1, 64), repeats: in
                          "per_sample_ms": median * 1e3 / bs, "speedup_vs_dense": ratio.get("speedup"),
                          "speedup_ci_low": ratio.get("low"), "speedup_ci_high": ratio.get("high")})
     return {"device": str(dev), "threads": threads, "repeats": repeats, "warmup": warmup,
+            "memory_format": memory_format,
             "order": f"random per repeat and batch size (seed {seed})", "confidence": CONFIDENCE,
             "input_size": list(input_size), "rows": rows}
 
@@ -184,13 +197,14 @@ def speed_ratio(dense_s, model_s, confidence: float = CONFIDENCE) -> dict:
     return {"speedup": math.exp(mean), "low": math.exp(mean - half), "high": math.exp(mean + half)}
 
 
-def _measure(models, batch_sizes, repeats, dev, warmup, input_size, seed: int = 0) -> dict:
+def _measure(models, batch_sizes, repeats, dev, warmup, input_size, seed: int = 0,
+             memory_format=torch.contiguous_format) -> dict:
     """(name, batch) -> list of seconds; every repeat runs each model once at each batch size, the
     models in an order drawn anew (seeded) for every repeat and batch size."""
-    placed = {n: m if next(m.parameters()).device == dev else prune.clone(m).to(dev) for n, m in models.items()}
+    placed = {n: _placed(m, dev, memory_format) for n, m in models.items()}
     modes = {n: m.training for n, m in placed.items()}
     gen = torch.Generator().manual_seed(0)
-    inputs = {bs: torch.randn(bs, *input_size, generator=gen).to(dev) for bs in batch_sizes}
+    inputs = {bs: _formatted(torch.randn(bs, *input_size, generator=gen).to(dev), memory_format) for bs in batch_sizes}
     times = {(n, bs): [] for n in placed for bs in batch_sizes}
     order = random.Random(seed)
     try:
@@ -210,6 +224,19 @@ def _measure(models, batch_sizes, repeats, dev, warmup, input_size, seed: int = 
         for n, m in placed.items():
             m.train(modes[n])
     return times
+
+
+def _placed(model: nn.Module, dev: torch.device, memory_format) -> nn.Module:
+    """The model on `dev` in `memory_format`: itself when it is so already, else a copy."""
+    on_dev = next(model.parameters()).device == dev
+    if memory_format == torch.contiguous_format and on_dev:
+        return model
+    copy = prune.clone(model) if on_dev else prune.clone(model).to(dev)
+    return copy.to(memory_format=memory_format)
+
+
+def _formatted(x: torch.Tensor, memory_format) -> torch.Tensor:
+    return x.contiguous(memory_format=memory_format) if x.dim() == 4 else x
 
 
 def _time_once(model: nn.Module, x: torch.Tensor, dev: torch.device) -> float:
@@ -235,10 +262,11 @@ MIN_SPEEDUP = 1.05   # "saves time": the speedup's interval lies above this (see
 
 def summary(model: nn.Module, dense_model: nn.Module, batch_sizes=(1, 64), repeats: int = 20,
             threads: int | None = None, devices: tuple[str, ...] | None = None,
-            input_size: tuple[int, ...] = INPUT_SIZE, warmup: int = 3, same_as: dict | None = None) -> dict:
+            input_size: tuple[int, ...] = INPUT_SIZE, warmup: int = 3, same_as: dict | None = None,
+            memory_format: str = MEMORY_FORMAT) -> dict:
     """Parameters, FLOPs, sizes and measured latency of `model` against `dense_model`, as plain
     JSON data. Latency is measured on the CPU (and CUDA when available, unless `devices` says
-    otherwise) with masks folded (`deployable`). `saves_time` is judged on the CPU (else the first
+    otherwise) with masks folded (`deployable`), in `memory_format`. `saves_time` is judged on the CPU (else the first
     device) at the largest batch size: true only when the CONFIDENCE interval of the speedup lies
     above MIN_SPEEDUP; `remark` says why, with the speedup and its interval at every batch size.
 
@@ -253,14 +281,15 @@ def summary(model: nn.Module, dense_model: nn.Module, batch_sizes=(1, 64), repea
            "layer_macs": {n: {"macs": v["macs"], "effective_macs": v["effective_macs"]}
                           for n, v in f["layers"].items()},
            **sizes(model), "dense_state_dict_bytes": _saved_bytes(prune.export(dense_model)[0]), "latency": {}}
-    if _same_computation(out, same_as, batch_sizes, repeats, devices):
+    if _same_computation(out, same_as, batch_sizes, repeats, devices, memory_format):
         for field in ("latency", "measured_speedup", "speedup_ci", "verdict_batch", "saves_time", "remark"):
             out[field] = same_as[field]
         out["latency_from"] = same_as.get("latency_from") or "the pruned model (same MACs and nonzero weights)"
         return out
     pair = {"dense": deployable(dense_model), "pruned": deployable(model)}
     for dev in devices:
-        out["latency"][dev] = latency_table(pair, batch_sizes, repeats, dev, threads, warmup, input_size=input_size)
+        out["latency"][dev] = latency_table(pair, batch_sizes, repeats, dev, threads, warmup, input_size=input_size,
+                                            memory_format=memory_format)
     out["latency_from"] = None   # measured here
     table = out["latency"]["cpu" if "cpu" in devices else devices[0]]
     rows = {r["batch"]: r for r in table["rows"] if r["model"] == "pruned"}
@@ -270,20 +299,22 @@ def summary(model: nn.Module, dense_model: nn.Module, batch_sizes=(1, 64), repea
     out["verdict_batch"] = largest
     same_shape = f["macs"] == fd["macs"]
     out["saves_time"], out["remark"] = _verdict(rows, largest, out["theoretical_speedup"], same_shape,
-                                                f"{table['repeats']} paired runs in random order on {table['device']}")
+                                                f"{table['repeats']} paired runs in random order on {table['device']}, "
+                                                f"{memory_format.replace('_', ' ')}")
     return out
 
 
-def _same_computation(out: dict, other: dict | None, batch_sizes, repeats: int, devices) -> bool:
+def _same_computation(out: dict, other: dict | None, batch_sizes, repeats: int, devices,
+                      memory_format: str = MEMORY_FORMAT) -> bool:
     """Whether `other` (an efficiency summary) measured a model with `out`'s computation, with these
-    latency settings."""
+    latency settings (a table without `memory_format` was timed NCHW: 'contiguous')."""
     if not other or not other.get("latency"):
         return False
     same = ("macs", "effective_macs", "dense_macs", "params_total", "params_nonzero", "layer_macs")
     if any(other.get(k) != out.get(k) for k in same) or set(other["latency"]) != set(devices):
         return False
     return all(t.get("repeats") == repeats and sorted({r["batch"] for r in t["rows"]}) == sorted(batch_sizes)
-               for t in other["latency"].values())
+               and t.get("memory_format", "contiguous") == memory_format for t in other["latency"].values())
 
 
 def _ratio_text(row: dict) -> str:

@@ -60,7 +60,7 @@ def execute_notebook(src: str | os.PathLike, out: str | os.PathLike, *, kernel_n
     still compute. `kw`: papermill's (parameters, stdout_file, ...)."""
     import papermill as pm
 
-    cwd = str(Path(src).parent)
+    cwd = notebook_cwd(src)
     try:
         with watch_sigint():
             km = {} if fresh else {"km": manager(kernel_name, cwd)}
@@ -70,6 +70,11 @@ def execute_notebook(src: str | os.PathLike, out: str | os.PathLike, *, kernel_n
         if isinstance(e, KeyboardInterrupt) or getattr(e, "ename", None) == "KeyboardInterrupt":
             shutdown()
         raise
+
+
+def notebook_cwd(src: str | os.PathLike) -> str:
+    """The working folder a notebook runs in (and its kernel is started in): the notebook's own."""
+    return str(Path(src).parent)
 
 
 def manager(kernel_name: str, cwd: str):
@@ -94,11 +99,23 @@ def manager(kernel_name: str, cwd: str):
     return _km
 
 
+def warm(kernel_name: str, cwd: str, code: str = "") -> None:
+    """Start this process's kernel now, in `cwd` and with the environment as it is, and run `code`
+    in it (imports), so that the first notebook finds it ready: a sweep's pool worker does this as
+    it starts, while the sweep's first stage runs elsewhere. The kernel is reused only if the
+    notebook's environment and folder are these (`manager`); otherwise it is replaced as usual."""
+    from nbclient.util import run_sync
+
+    km = manager(kernel_name, cwd)
+    if not km.has_kernel:
+        run_sync(km.start_kernel)(cwd=cwd)
+    if code:
+        _execute(km, code, "warming the kernel up")
+
+
 def _reset(km) -> None:
     """Run the reset (see the module's text) in the kernel, outside any executed notebook and its
     history: IPython's reset with a new history session numbers the next cell 1."""
-    from nbclient.util import run_sync
-
     own = {k: v for k, v in os.environ.items() if k.startswith(OWN_PREFIX)}
     code = "\n".join([
         "import os as _o, sys as _s",
@@ -111,6 +128,13 @@ def _reset(km) -> None:
         "(lambda t: t.cuda.empty_cache() if t and t.cuda.is_initialized() else None)"
         "(__import__('sys').modules.get('torch'))",
     ])
+    _execute(km, code, "resetting the kernel")
+
+
+def _execute(km, code: str, what: str) -> None:
+    """Run `code` in the kernel of `km`, outside any notebook's history; RuntimeError if it fails."""
+    from nbclient.util import run_sync
+
     kc = km.client()
     kc.start_channels()
     try:
@@ -119,7 +143,7 @@ def _reset(km) -> None:
     finally:
         kc.stop_channels()
     if reply["content"]["status"] != "ok":
-        raise RuntimeError(f"resetting the kernel failed: {reply['content'].get('evalue')}")
+        raise RuntimeError(f"{what} failed: {reply['content'].get('evalue')}")
 
 
 def shutdown() -> None:

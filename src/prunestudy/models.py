@@ -103,10 +103,16 @@ def input_sizes(name: str, anchor: int) -> tuple[int, int | None]:
     return smallest, lo
 
 
+@functools.cache
+def _size_fault(name: str, size: int) -> str | None:
+    """_fault of model `name` at `size`, traced once per process (a grid validates every point)."""
+    return _fault(_meta_model(name), size)
+
+
 def check_input_size(name: str, size: int, anchor: int) -> None:
     """A ValueError naming the sides model `name` takes when it cannot train on size x size crops
     (traced on the meta device: nothing is computed); `anchor` is a side it takes."""
-    fault = _fault(_meta_model(name), size)
+    fault = _size_fault(name, size)
     if fault is None:
         return
     lo, hi = input_sizes(name, anchor)

@@ -203,7 +203,7 @@ def run_train(run_dir=None, *, model=default("train.model"), epochs=default("tra
     start = time.perf_counter()
     history = _fit(net, trainset, testset, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                    log=log, label="train", on_step=on_step, speed=speed, checkpoint=out / paths.CHECKPOINT)
-    ev = train.evaluate(net, *testset)
+    ev = _evaluate(net, testset, speed)
     if not train.is_main_process():
         return {}
     store.save_tensors(out / paths.MODEL, net.state_dict())
@@ -252,13 +252,13 @@ def run_prune(run_dir=None, *, method=default("prune.method"), amount=default("p
     classes = data.read_info(data_dir)["classes"]
     dense = artifacts.load_model(model_dir, dev)
     start = time.perf_counter()
-    before = train.evaluate(dense, *testset)
+    before = _evaluate(dense, testset, speed)
     example = torch.zeros(1, *testset[0].shape[1:], device=dev)
     schedule = prune.round_amounts(amount, rounds)
     net, rows, steps = prune.clone(dense), [], []
     for r, fraction in enumerate(schedule, 1):
         prune.apply(net, method, fraction, targets, example_input=example, seed=seed + r - 1)
-        ev = train.evaluate(net, *testset)
+        ev = _evaluate(net, testset, speed)
         sp = _sparsity_fields(net, dense, targets)
         row = {"round": r, "fraction_of_remaining": fraction, "global_sparsity": sp["global_sparsity"],
                "params_nonzero": sp["params_nonzero"], "test_accuracy": ev["accuracy"], "test_loss": ev["loss"]}
@@ -273,12 +273,13 @@ def run_prune(run_dir=None, *, method=default("prune.method"), amount=default("p
     rewind = None
     if rewind_state is not None:
         rewound = prune.rewind(prune.clone(net), rewind_state)
-        ev_r = train.evaluate(rewound, *testset)
+        ev_r = _evaluate(rewound, testset, speed)
         store.save_tensors(out / paths.REWOUND, prune.export(rewound)[0])
         rewind = {"step": rewind_step, "file": paths.REWOUND, "test_accuracy": ev_r["accuracy"],
                   "test_loss": ev_r["loss"]}
         log(f"[prune] surviving weights rewound to training step {rewind_step}: test acc {ev_r['accuracy']:.1%}")
-    eff = _efficiency(net, dense, {**LATENCY, "repeats": latency_repeats}, testset)
+    eff = _efficiency(net, dense, {**LATENCY, "repeats": latency_repeats, "memory_format": _memory_format(speed)},
+                      testset)
     artifacts.save_model(out, net, arch, len(classes))
     artifacts.save_predictions(out, ev["predictions"])
     if steps:
@@ -343,17 +344,17 @@ def run_retrain(run_dir=None, *, epochs=default("retrain.epochs"), lr=default("r
     dense = artifacts.load_model(model_dir, dev)
     rewind = pm.get("rewind")
     net = artifacts.load_model(pruned_dir, dev, masks=True, weights=rewind["file"] if rewind else paths.MODEL)
-    first = train.evaluate(net, *testset)
+    first = _evaluate(net, testset, speed)
     start = time.perf_counter()
     history = _fit(net, trainset, testset, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, log=log,
                    label="retrain", checkpoint=out / paths.CHECKPOINT, speed=speed)
     seconds = time.perf_counter() - start
-    ev = train.evaluate(net, *testset)
+    ev = _evaluate(net, testset, speed)
     sp = _sparsity_fields(net, dense, pm["targets"])
     eff = export = None
     if main:  # under torchrun the other ranks go on to the control's fine-tuning and wait for rank 0 there
-        eff = _efficiency(net, dense, {**LATENCY, "repeats": latency_repeats}, testset,
-                          same_as=pm.get("efficiency"))
+        eff = _efficiency(net, dense, {**LATENCY, "repeats": latency_repeats, "memory_format": _memory_format(speed)},
+                          testset, same_as=pm.get("efficiency"))
         artifacts.save_model(out, net, arch, len(classes))
         export = artifacts.export(out, net, arch, classes, pm, ev)
         artifacts.save_predictions(out, ev["predictions"])
@@ -417,7 +418,7 @@ def _control(out: Path, dense, trainset, testset, *, epochs, batch_size, lr, see
     start = time.perf_counter()
     history = _fit(net, trainset, testset, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, log=log,
                    label="control", speed=speed)
-    ev = train.evaluate(net, *testset)
+    ev = _evaluate(net, testset, speed)
     if not train.is_main_process():
         return {}
     (out / paths.METRICS).unlink(missing_ok=True)
@@ -438,7 +439,8 @@ def _control(out: Path, dense, trainset, testset, *, epochs, batch_size, lr, see
 # --- shared ------------------------------------------------------------------------------------
 # Latency settings of efficiency.summary. Every repeat gives one paired speed ratio: enough of them
 # for an interval of the speedup.
-LATENCY = {"batch_sizes": (1, 64), "warmup": 3, "devices": None}   # repeats: prune.latency_repeats
+LATENCY = {"batch_sizes": (1, 64), "warmup": 3, "devices": None}   # repeats: prune.latency_repeats;
+# memory_format: the training's (_memory_format)
 
 
 def _scores(ev: dict, testset, classes: list[str]) -> dict:
@@ -456,6 +458,24 @@ def _fit(net, trainset, testset, *, speed: dict, **kw) -> dict:
 def _train_speed(model_dir: Path) -> dict:
     """The speed options the train stage ran with (fine-tuning uses the same)."""
     return store.read_json(Path(model_dir) / paths.METRICS).get("speed_params") or {}
+
+
+def _channels_last(speed: dict) -> bool:
+    """Whether the training ran channels-last (`speed`: the train stage's speed options; auto = yes):
+    the stages evaluate and time the models in the same memory format."""
+    return train.resolve_speed("cpu", channels_last=speed.get("channels_last", False))["channels_last"]
+
+
+def _memory_format(speed: dict) -> str:
+    """The latency measurement's memory format (efficiency.summary): the training's."""
+    return "channels_last" if _channels_last(speed) else "contiguous"
+
+
+def _evaluate(net, testset, speed: dict) -> dict:
+    """train.evaluate on the test set, in fp32 and in the memory format the training used:
+    channels_last by default, about 2x faster than NCHW for the seed CNN on the CPU, whose NCHW
+    max-pool kernel is slow (efficiency's docstring)."""
+    return train.evaluate(net, *testset, channels_last=_channels_last(speed))
 
 
 def _rewind_saver(out: Path, step: int | None, net: torch.nn.Module, steps: int):
@@ -493,7 +513,7 @@ def _efficiency(net, dense, settings: dict, testset, same_as: dict | None = None
     """efficiency.summary of `net` against `dense` for inputs of the test images' shape; `same_as`:
     the summary of a model with the same computation, whose latency is taken over (see there)."""
     return efficiency.summary(net, dense, batch_sizes=tuple(settings["batch_sizes"]), repeats=settings["repeats"],
-                              same_as=same_as,
+                              same_as=same_as, memory_format=settings["memory_format"],
                               warmup=settings["warmup"], devices=settings.get("devices"),
                               input_size=tuple(testset[0].shape[1:]))
 

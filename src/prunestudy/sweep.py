@@ -114,10 +114,7 @@ def _run_task(spec: dict, *upstream: dict) -> dict:
     failed = [u for u in upstream if u.get("status") in ("failed", "skipped")]
     if failed:
         return {**info, "status": "skipped", "because": failed[0]["id"], "end": time.time()}
-    os.environ.update(spec.get("env") or {})
-    for var in THREAD_VARS:   # the stage's kernel computes with the threads this task was given
-        os.environ[var] = str(spec["threads"])
-    os.environ.setdefault(progress.ENV, "log")
+    _apply_env(spec.get("env") or {}, spec["threads"])
     if spec.get("inject") == spec["id"]:   # fault injection for the tests (PRUNESTUDY_INJECT_FAULT)
         return {**info, "status": "failed", "error": "injected fault", "end": time.time(), "notebook": None}
     cfg, folder, stage, key = spec["cfg"], Path(spec["point_dir"]), spec["stage"], spec["key"]
@@ -149,6 +146,27 @@ def _run_task(spec: dict, *upstream: dict) -> dict:
     return {**info, "status": "ran", "seconds": seconds, "end": time.time(), "kernel_starts": kernels.starts}
 
 
+def _to_run(todo: dict[str, Task], sweep_dir: Path, st: stagestore.Store) -> int:
+    """How many tasks have no record of their key yet (in the store, or the point's analysis): an
+    estimate for starting workers; each task checks its stage again before it skips it."""
+    count = 0
+    for t in todo.values():
+        folder = (st.entry(t.stage, t.key) if t.stage in stagestore.STORED
+                  else paths.stage_dir(paths.point_dir(sweep_dir, t.point), t.stage))
+        rec = records.read(folder) or {}
+        count += rec.get("key") != t.key or bool(rec.get("stale"))
+    return count
+
+
+def _apply_env(env: dict, threads: int) -> None:
+    """A task's environment in its worker process (and so in the kernel it starts): the sweep's
+    variables and the threads this task was given."""
+    os.environ.update(env)
+    for var in THREAD_VARS:   # the stage's kernel computes with the threads this task was given
+        os.environ[var] = str(threads)
+    os.environ.setdefault(progress.ENV, "log")
+
+
 def _complete(cfg: dict, folder: Path, stage: str, key: str, st: stagestore.Store) -> bool:
     if pipeline.problem(cfg, folder, stage, key) is None:
         return True
@@ -166,6 +184,12 @@ def _spec(task: Task, pts: dict[str, grid.Point], sweep_dir: Path, st: stagestor
             "threads": threads, "fresh_kernels": fresh_kernels,
             "point_dir": str(paths.point_dir(sweep_dir, task.point)), "store": str(st.root), "env": env,
             "inject": os.environ.get("PRUNESTUDY_INJECT_FAULT")}
+
+
+def task_env() -> dict:
+    """The environment variables the driver gives every task (after `pipeline.ensure_kernel`)."""
+    return {"PRUNESTUDY_HOME": str(config.project_root()), progress.ENV: "log",
+            "JUPYTER_PATH": os.environ.get("JUPYTER_PATH", "")}
 
 
 def task_threads(engine: str, jobs: int) -> int:
@@ -197,23 +221,66 @@ def _worker_sigint(*_) -> None:
         raise KeyboardInterrupt
 
 
-def _worker_init() -> None:
+def _worker_init(warm: dict | None = None) -> None:
     """A pool worker starts with SIGINT blocked (a Ctrl-C while it imports would print a traceback);
-    from here on `_worker_sigint` takes it (one that came meanwhile is delivered to it now)."""
+    from here on `_worker_sigint` takes it (one that came meanwhile is delivered to it now). With
+    `warm` ({"env", "kernel", "cwd"}: what its tasks will run with), it starts its kernel and imports
+    the package there now, while the sweep's first stage runs in another worker."""
     signal.signal(signal.SIGINT, _worker_sigint)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    if warm:
+        _apply_env(warm["env"], warm["threads"])
+        with contextlib.suppress(Exception):   # not warmed: its first notebook starts the kernel, as before
+            kernels.warm(warm["kernel"], warm["cwd"], WARM_IMPORTS)
 
 
-def run_local(todo: dict[str, Task], specs: dict[str, dict], jobs: int, log: Callable[[str], None]) -> dict:
+WARM_IMPORTS = "import prunestudy.stages, prunestudy.report"   # what every stage notebook imports
+
+
+def warm_settings(specs: dict[str, dict]) -> dict | None:
+    """What a pool worker's kernel is started with (`_worker_init`): the tasks' environment and
+    threads, when all tasks share them (the local engine's do); None otherwise or with fresh kernels."""
+    shared = {(tuple(sorted((sp.get("env") or {}).items())), sp["threads"], sp.get("fresh_kernels"))
+              for sp in specs.values()}
+    if len(shared) != 1:
+        return None
+    env, threads, fresh = shared.pop()
+    if fresh:
+        return None
+    return {"env": dict(env), "threads": threads, "kernel": pipeline.ensure_kernel(),
+            "cwd": str(pipeline.notebooks_dir())}
+
+
+def _report_task(sweep_dir: str, fresh_kernel: bool) -> str | None:
+    """The grid report, in a pool worker (its kernel is warm); None if it failed there (the driver
+    then runs it itself, and its error is raised there as usual)."""
+    try:
+        return str(report(Path(sweep_dir), lambda message: None, fresh_kernel))   # the driver logs it
+    except Exception:
+        return None
+
+
+def run_local(todo: dict[str, Task], specs: dict[str, dict], jobs: int, log: Callable[[str], None],
+              final: tuple | None = None, prestart: int = 1) -> tuple[dict, object]:
     """A process pool of `jobs` workers; a task is submitted once its inputs are done. A worker
-    that dies (BrokenProcessPool) takes its tasks with it: they are submitted again."""
+    that dies (BrokenProcessPool) takes its tasks with it: they are submitted again. `prestart`:
+    how many workers to start at once, their kernels warmed up (`_worker_init`; 0: none warmed,
+    workers start as tasks come, as when nothing is left to compute). `final`: a (function, *args)
+    run in the pool once every task is done (the grid report). Returns (results, what `final`
+    returned, or None when it did not run)."""
     results: dict[str, dict] = {}
     attempts = dict.fromkeys(todo, 0)
     pending = dict(todo)
-    while pending:
-        pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=_worker_init)
+    warm = warm_settings(specs) if prestart else None
+    final_out = None
+    while pending or (final and final_out is None):
+        pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=_worker_init,
+                                   initargs=(warm,))
         running = {}
         try:
+            with _sigint_blocked():   # each submit to a pool without an idle worker starts one: all start now
+                for _ in range(min(prestart, jobs, len(pending)) - 1):
+                    pool.submit(int)
             while pending or running:
                 for tid, task in list(pending.items()):
                     if all(d in results for d in task.deps):
@@ -230,7 +297,13 @@ def run_local(todo: dict[str, Task], specs: dict[str, dict], jobs: int, log: Cal
                     tid = running.pop(fut)
                     results[tid] = result
                     _log_result(result, log)
+            if final and not pending:
+                with _sigint_blocked():
+                    fut = pool.submit(*final)
+                final_out = fut.result() or False   # False: it ran and failed (the caller runs it again)
         except BrokenProcessPool:
+            if final and not pending and not running:   # the final's worker died: the caller runs it
+                final_out = False
             for fut, tid in running.items():   # every task of the dead pool: submitted again
                 if fut.done() and not fut.exception():
                     results[tid] = fut.result()
@@ -255,7 +328,7 @@ def run_local(todo: dict[str, Task], specs: dict[str, dict], jobs: int, log: Cal
             results[tid] = {"id": tid, "stage": todo[tid].stage, "point": todo[tid].point, "status": "failed",
                             "error": "its inputs never finished", "notebook": None}
             del pending[tid]
-    return results
+    return results, final_out
 
 
 def run_ray(todo: dict[str, Task], specs: dict[str, dict], address: str | None, log: Callable[[str], None],
@@ -325,21 +398,24 @@ def run(pts: list[grid.Point], sweep_dir: str | Path, *, engine: str = "local", 
     with records.RunLock(sweep_dir, f"prunestudy sweep (pid {os.getpid()})"):
         prepare(pts, sweep_dir, st)
         todo = tasks(pts, kinds)
-        env = {"PRUNESTUDY_HOME": str(config.project_root()), progress.ENV: "log",
-               "JUPYTER_PATH": os.environ.get("JUPYTER_PATH", "")}
+        env = task_env()
         by_name = {p.name: p for p in pts}
         threads = task_threads(engine, jobs)
         specs = {tid: _spec(t, by_name, sweep_dir, st, env, threads, fresh_kernels) for tid, t in todo.items()}
         log(f"==> sweep: {len(pts)} points, {len(todo)} unique stages, engine {engine}"
             + (f" ({jobs} jobs)" if engine == "local" else f" ({address or 'a local Ray'})"))
+        page = None
         if engine == "ray":
             results = run_ray(todo, specs, address, log, ray_init)
         else:
-            results = run_local(todo, specs, jobs, log)
+            final = (_report_task, str(sweep_dir), fresh_kernels) if "analysis" in kinds else None
+            results, page = run_local(todo, specs, jobs, log, final, prestart=min(jobs, _to_run(todo, sweep_dir, st)))
         failed = [r for r in results.values() if r["status"] == "failed"]
         ran = {s: sum(1 for r in results.values() if r["status"] == "ran" and r["stage"] == s) for s in ORDER}
         summary = {"results": results, "failed": failed, "ran": ran, "points": len(pts), "unique": len(todo)}
-        if "analysis" in kinds:
+        if page:   # the local engine's pool rendered it
+            log(f"==> sweep report: {page}")
+        elif "analysis" in kinds:
             report(sweep_dir, log, fresh_kernels)
     return summary
 

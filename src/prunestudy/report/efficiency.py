@@ -83,12 +83,23 @@ def efficiency_styler(results: dict):
     fmt = {c: "{:,.0f}" for c in df.columns if c.startswith("params")}
     fmt.update({c: "{:.2f}" for c in df.columns if df[c].dtype.kind == "f" and c not in fmt})
     return (df.style.format(fmt, na_rep="—")
-            .set_caption("Latency: median of interleaved runs in random order on this machine (masks folded, as "
-                         "deployed). Measured speedup: the geometric mean of the paired ratios dense time / pruned "
-                         "time, one per run, with its 95% Student-t interval; 'saves time' only when that interval "
-                         f"lies above {efficiency.MIN_SPEEDUP:.2f}×. MMACs: multiply-accumulates of the "
-                         "conv and linear layers per image. Sizes in MB of 10^6 bytes; 'sparse + zlib' is a size "
-                         "estimate (nonzero values + bitmask, zlib), not a format any runtime loads."))
+            .set_caption("Latency: median of interleaved runs in random order on this machine (masks folded, "
+                         f"{_formats(results)}, as deployed). Measured speedup: the geometric mean of the "
+                         "paired ratios dense time / pruned time, one per run, with its 95% Student-t interval; "
+                         f"'saves time' only when that interval lies above {efficiency.MIN_SPEEDUP:.2f}×. "
+                         "MMACs: multiply-accumulates of the conv and linear layers per image. Sizes in MB of "
+                         "10^6 bytes; 'sparse + zlib' is a size estimate (nonzero values + bitmask, zlib), not a "
+                         "format any runtime loads."))
+
+
+FORMAT_TEXT = {"channels_last": "channels-last (NHWC) tensors", "contiguous": "NCHW tensors"}
+
+
+def _formats(results: dict) -> str:
+    """The memory formats the latencies were timed in (tables from before it was recorded: NCHW)."""
+    found = {t.get("memory_format", "contiguous") for s in COSTED
+             for t in (states.metrics(results, s.key).get("efficiency") or {}).get("latency", {}).values()}
+    return ", ".join(FORMAT_TEXT.get(f, f) for f in sorted(found)) or FORMAT_TEXT[efficiency.MEMORY_FORMAT]
 
 
 def efficiency_markdown(results: dict) -> str:
