@@ -395,6 +395,42 @@ def test_ctrl_c_cancels_the_sweep_cleanly_and_keeps_what_finished(local_sweep, t
     assert re.search(r"prune\s+4 unique,\s+\d done", plan.stdout), plan.stdout
 
 
+@FAULTS
+@pytest.mark.e2e
+def test_ctrl_c_stops_the_grid_report_in_its_pool_worker(local_sweep, tmp_path):
+    """The local engine renders the grid report in a pool worker: a SIGINT to the sweep while it runs
+    stops it there as it stops a stage, even when only the driver got it (exit 130 with the
+    message, no traceback, no new page, no process left behind). (A rerun of a copy of the finished sweep: every stage
+    is done, so the report is all that runs.)"""
+    base, _, _ = local_sweep
+    copy = tmp_path / "copy"
+    for part in ("grid", ".store"):   # relative links: the points still reach the copied store
+        shutil.copytree(base / part, copy / part, symlinks=True)
+    nb = copy / "grid" / "notebooks" / paths.SWEEP_NOTEBOOK
+    before, page = nb.stat().st_mtime_ns, (copy / "grid" / paths.SWEEP_REPORT).stat().st_mtime_ns
+    proc = subprocess.Popen([*CLI, "sweep", "-f", str(SMALL), "--sweep-dir", str(copy / "grid"), "--jobs", "2"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and nb.stat().st_mtime_ns == before:
+        time.sleep(0.1)   # papermill writes the notebook as it starts it
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    os.kill(proc.pid, signal.SIGINT)   # the driver only (a terminal's Ctrl-C reaches all): it passes it on
+    started_at = time.time()
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-3000:]
+    assert time.time() - started_at < 30, out[-3000:]   # stopped, not finished first
+    assert "interrupted; finished stages are kept in the store" in out and "==> sweep report" not in out
+    assert "Traceback" not in out and started(out) == [], out[-3000:]
+    assert (copy / "grid" / paths.SWEEP_REPORT).stat().st_mtime_ns == page   # no new page
+    counts = [c["execution_count"] for c in json.loads(nb.read_text())["cells"] if c["cell_type"] == "code"]
+    assert None in counts, counts   # cut short, not run to its end first
+    deadline = time.time() + 15
+    while time.time() < deadline and living(proc.pid):
+        time.sleep(0.5)
+    assert living(proc.pid) == []   # no worker or kernel left running
+
+
 # --------------------------------------------------------------------------- the grid report at scale
 
 def test_the_grid_report_stays_readable_with_60_points():

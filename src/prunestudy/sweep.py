@@ -253,11 +253,20 @@ def warm_settings(specs: dict[str, dict]) -> dict | None:
 
 def _report_task(sweep_dir: str, fresh_kernel: bool) -> str | None:
     """The grid report, in a pool worker (its kernel is warm); None if it failed there (the driver
-    then runs it itself, and its error is raised there as usual)."""
+    then runs it itself, and its error is raised there as usual). A Ctrl-C stops it, as it stops a
+    stage (`_worker_sigint`)."""
+    global _busy, _interrupted
+    _busy = True
     try:
         return str(report(Path(sweep_dir), lambda message: None, fresh_kernel))   # the driver logs it
     except Exception:
         return None
+    except KeyboardInterrupt:   # as in a stage: no "never retrieved" traceback of the stopped kernel
+        _interrupted = True
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+        raise
+    finally:
+        _busy = False
 
 
 def run_local(todo: dict[str, Task], specs: dict[str, dict], jobs: int, log: Callable[[str], None],
