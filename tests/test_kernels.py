@@ -76,6 +76,27 @@ def test_a_reused_kernel_shows_each_notebook_a_fresh_namespace(tmp_path, monkeyp
         kernels.shutdown()
 
 
+def test_a_reset_or_warmed_kernel_starts_worker_processes_as_a_fresh_one(tmp_path):
+    """IPython's reset deletes __main__.__spec__, which multiprocessing's spawn reads (the data
+    stage's crop workers): a reused kernel, and a sweep worker's kernel warmed before its first
+    notebook, must start processes as a fresh kernel does."""
+    kernels.shutdown()
+    before = kernels.starts
+    try:
+        kernels.warm(pipeline.ensure_kernel(), kernels.notebook_cwd(tmp_path / "p.ipynb"), "import os")
+        nb = _notebook(tmp_path / "p.ipynb", "from concurrent.futures import ProcessPoolExecutor\n"
+                       "from multiprocessing import get_context\n"
+                       "with ProcessPoolExecutor(1, mp_context=get_context('spawn')) as ex:\n"
+                       "    print(list(ex.map(abs, [-1, -2])))",
+                       "import sys\nprint([getattr(sys.modules['__main__'], a) for a in ('__spec__', '__package__')])")
+        for i in range(2):   # after the warm-up's reset, then after the first notebook's
+            out = _execute(nb, tmp_path / f"p{i}.out.ipynb")
+            assert _output(out, 0).strip() == "[1, 2]" and _output(out, 1).strip() == "[None, None]"
+        assert kernels.starts == before + 1   # the warmed kernel, reused
+    finally:
+        kernels.shutdown()
+
+
 def test_a_notebook_that_reads_a_name_it_did_not_define_fails_as_in_jupyterlab(tmp_path):
     kernels.shutdown()
     try:

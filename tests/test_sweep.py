@@ -98,7 +98,7 @@ def test_grid_overrides_and_a_1000_point_dry_run(tmp_path, capsys):
     assert not (tmp_path / "big").exists()      # a dry run writes nothing
 
 
-def test_a_pool_workers_warm_kernel_is_the_one_its_notebooks_run_in(tmp_path, monkeypatch):
+def test_a_pool_workers_warm_kernel_is_the_one_its_notebooks_run_in(tmp_path):
     """The local engine's workers start their kernel as they start (while the data stage runs
     elsewhere) and the grid report runs in one of them. A kernel is reused only while its
     kernelspec, folder and environment are those a notebook is run with (kernels.fingerprint): the
@@ -111,18 +111,22 @@ def test_a_pool_workers_warm_kernel_is_the_one_its_notebooks_run_in(tmp_path, mo
              for tid, t in sweep.tasks(pts).items()}
     warm = sweep.warm_settings(specs)
     assert warm and warm["threads"] == sweep.task_threads("local", 2)
-    for name, value in [*os.environ.items()]:   # a worker process starts with the driver's environment
-        monkeypatch.setenv(name, value)
-    sweep._apply_env(warm["env"], warm["threads"])   # what _worker_init does before kernels.warm
-    warmed = kernels.fingerprint(warm["kernel"], warm["cwd"])
-    notebooks = [pipeline.notebooks_dir() / paths.NOTEBOOK_OF[s] for s in sweep.ORDER]
-    for spec in specs.values():   # what run_task does before its notebook
-        sweep._apply_env(spec["env"], spec["threads"])
-        monkeypatch.setenv(records.TOKEN_ENV, "a run lock's token")   # PRUNESTUDY_*: reset, not fingerprinted
-        for nb in [*notebooks, pipeline.notebooks_dir() / paths.SWEEP_NOTEBOOK]:
-            assert kernels.fingerprint(pipeline.ensure_kernel(), kernels.notebook_cwd(nb)) == warmed, (spec["id"], nb)
-    monkeypatch.setenv("OMP_NUM_THREADS", "7")   # another environment: another kernel
-    assert kernels.fingerprint(warm["kernel"], warm["cwd"]) != warmed
+    saved = dict(os.environ)   # a worker process starts with the driver's environment; this one's is restored
+    try:
+        sweep._apply_env(warm["env"], warm["threads"])   # what _worker_init does before kernels.warm
+        warmed = kernels.fingerprint(warm["kernel"], warm["cwd"])
+        notebooks = [pipeline.notebooks_dir() / paths.NOTEBOOK_OF[s] for s in sweep.ORDER]
+        for spec in specs.values():   # what run_task does before its notebook
+            sweep._apply_env(spec["env"], spec["threads"])
+            os.environ[records.TOKEN_ENV] = "a run lock's token"   # PRUNESTUDY_*: reset, not fingerprinted
+            for nb in [*notebooks, pipeline.notebooks_dir() / paths.SWEEP_NOTEBOOK]:
+                fp = kernels.fingerprint(pipeline.ensure_kernel(), kernels.notebook_cwd(nb))
+                assert fp == warmed, (spec["id"], nb)
+        os.environ["OMP_NUM_THREADS"] = "7"   # another environment: another kernel
+        assert kernels.fingerprint(warm["kernel"], warm["cwd"]) != warmed
+    finally:   # OMP_NUM_THREADS=1 left behind would make this process's later runs compute with 1 thread
+        os.environ.clear()
+        os.environ.update(saved)
     assert sweep.warm_settings({k: {**v, "fresh_kernels": True} for k, v in specs.items()}) is None
     one = next(iter(specs))
     assert sweep.warm_settings({**specs, one: {**specs[one], "threads": 5}}) is None   # tasks differ: no warm-up

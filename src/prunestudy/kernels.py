@@ -8,7 +8,9 @@ each notebook the kernel is reset to the state a fresh kernel would show the not
 
 - its namespace and history are emptied (IPython's reset, new session): a notebook sees no variable
   of the one before, so one that reads a name it did not define fails here as it would in
-  JupyterLab, and its cells are numbered from 1;
+  JupyterLab, and its cells are numbered from 1; `__main__`'s `__spec__`, `__loader__` and
+  `__package__`, which the reset deletes, are put back as the kernel had them (multiprocessing's
+  spawn, used by the data stage's crop workers, reads them);
 - open figures are closed, and what the notebook before held is freed (garbage collected, CUDA's
   cached memory given back);
 - the PRUNESTUDY_* environment variables (the run lock's token, the store, the progress style,
@@ -36,6 +38,7 @@ import threading
 from pathlib import Path
 
 OWN_PREFIX = "PRUNESTUDY_"   # read by the stage functions when they run: set before each notebook
+MAIN_ATTRS = ("__spec__", "__loader__", "__package__")   # kept through a reset (see _reset)
 _IGNORED = ("JPY_",)         # set by Jupyter for the kernel itself
 
 _km = None            # this process's kernel manager
@@ -122,7 +125,13 @@ def _reset(km) -> None:
         f"[_o.environ.pop(_k) for _k in [_k for _k in _o.environ if _k.startswith({OWN_PREFIX!r})]]",
         f"_o.environ.update({own!r})",
         "if 'matplotlib.pyplot' in _s.modules: _s.modules['matplotlib.pyplot'].close('all')",
+        # IPython's reset also deletes __main__'s __spec__, __loader__ and __package__, which a fresh
+        # kernel has (None) and multiprocessing's spawn reads: a data stage's crop workers would fail
+        f"_s._prunestudy_main = {{_k: getattr(_s.modules['__main__'], _k) for _k in {MAIN_ATTRS!r} "
+        "if hasattr(_s.modules['__main__'], _k)}",
         "get_ipython().reset(new_session=True)",
+        "[setattr(__import__('sys').modules['__main__'], _k, _v) "
+        "for _k, _v in vars(__import__('sys')).pop('_prunestudy_main').items()]",
         # what the notebook before held is freed now (and CUDA's cached blocks given back), not later
         "__import__('gc').collect()",
         "(lambda t: t.cuda.empty_cache() if t and t.cuda.is_initialized() else None)"
