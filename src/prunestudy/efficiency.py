@@ -197,8 +197,7 @@ def speed_ratio(dense_s, model_s, confidence: float = CONFIDENCE) -> dict:
     return {"speedup": math.exp(mean), "low": math.exp(mean - half), "high": math.exp(mean + half)}
 
 
-def _measure(models, batch_sizes, repeats, dev, warmup, input_size, seed: int = 0,
-             memory_format=torch.contiguous_format) -> dict:
+def _measure(models, batch_sizes, repeats, dev, warmup, input_size, seed: int, memory_format) -> dict:
     """(name, batch) -> list of seconds; every repeat runs each model once at each batch size, the
     models in an order drawn anew (seeded) for every repeat and batch size."""
     placed = {n: _placed(m, dev, memory_format) for n, m in models.items()}

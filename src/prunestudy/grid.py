@@ -179,8 +179,7 @@ def done_keys(store_root: Path, the_plan: dict) -> dict[str, set[str]]:
     done = {}
     for stage, keys in the_plan.items():
         folder = Path(store_root) / stage
-        done[stage] = {k for k in keys if (records.read(folder / k) or {}).get("key") == k
-                       and not (records.read(folder / k) or {}).get("stale")}
+        done[stage] = {k for k in keys if records.recorded(folder / k, k)}
     return done
 
 

@@ -67,6 +67,13 @@ def read(stage_folder: Path) -> dict | None:
     return record if isinstance(record, dict) and record.get("key") else None
 
 
+def recorded(stage_folder: Path, key: str) -> bool:
+    """Whether the folder holds a record of `key` that is not marked stale: done as far as its record
+    tells (its inputs unchecked: `problem` checks them before anything is skipped). Read once."""
+    rec = read(stage_folder) or {}
+    return rec.get("key") == key and not rec.get("stale")
+
+
 def outputs(stage_folder: Path) -> dict[str, list[int]]:
     """Every output file of a stage folder (sub-folders included) -> [size, mtime_ns]; the
     record itself, checkpoints of a running stage and temporary files are not outputs."""

@@ -278,8 +278,7 @@ def run_prune(run_dir=None, *, method=default("prune.method"), amount=default("p
         rewind = {"step": rewind_step, "file": paths.REWOUND, "test_accuracy": ev_r["accuracy"],
                   "test_loss": ev_r["loss"]}
         log(f"[prune] surviving weights rewound to training step {rewind_step}: test acc {ev_r['accuracy']:.1%}")
-    eff = _efficiency(net, dense, {**LATENCY, "repeats": latency_repeats, "memory_format": _memory_format(speed)},
-                      testset)
+    eff = _efficiency(net, dense, latency_repeats, speed, testset)
     artifacts.save_model(out, net, arch, len(classes))
     artifacts.save_predictions(out, ev["predictions"])
     if steps:
@@ -353,8 +352,7 @@ def run_retrain(run_dir=None, *, epochs=default("retrain.epochs"), lr=default("r
     sp = _sparsity_fields(net, dense, pm["targets"])
     eff = export = None
     if main:  # under torchrun the other ranks go on to the control's fine-tuning and wait for rank 0 there
-        eff = _efficiency(net, dense, {**LATENCY, "repeats": latency_repeats, "memory_format": _memory_format(speed)},
-                          testset, same_as=pm.get("efficiency"))
+        eff = _efficiency(net, dense, latency_repeats, speed, testset, same_as=pm.get("efficiency"))
         artifacts.save_model(out, net, arch, len(classes))
         export = artifacts.export(out, net, arch, classes, pm, ev)
         artifacts.save_predictions(out, ev["predictions"])
@@ -440,7 +438,7 @@ def _control(out: Path, dense, trainset, testset, *, epochs, batch_size, lr, see
 # Latency settings of efficiency.summary. Every repeat gives one paired speed ratio: enough of them
 # for an interval of the speedup.
 LATENCY = {"batch_sizes": (1, 64), "warmup": 3, "devices": None}   # repeats: prune.latency_repeats;
-# memory_format: the training's (_memory_format)
+# memory format: the training's (_memory_format)
 
 
 def _scores(ev: dict, testset, classes: list[str]) -> dict:
@@ -509,13 +507,14 @@ def _rewind_state(model_dir: Path, step: int, method: str) -> dict:
     return store.load_tensors(model_dir / paths.REWIND)
 
 
-def _efficiency(net, dense, settings: dict, testset, same_as: dict | None = None) -> dict:
-    """efficiency.summary of `net` against `dense` for inputs of the test images' shape; `same_as`:
-    the summary of a model with the same computation, whose latency is taken over (see there)."""
-    return efficiency.summary(net, dense, batch_sizes=tuple(settings["batch_sizes"]), repeats=settings["repeats"],
-                              same_as=same_as, memory_format=settings["memory_format"],
-                              warmup=settings["warmup"], devices=settings.get("devices"),
-                              input_size=tuple(testset[0].shape[1:]))
+def _efficiency(net, dense, repeats: int, speed: dict, testset, same_as: dict | None = None) -> dict:
+    """efficiency.summary of `net` against `dense` with the LATENCY settings, `repeats`
+    (prune.latency_repeats) and the training's memory format (`speed`), for inputs of the test
+    images' shape; `same_as`: the summary of a model with the same computation, whose latency is
+    taken over (see there)."""
+    return efficiency.summary(net, dense, batch_sizes=tuple(LATENCY["batch_sizes"]), repeats=repeats,
+                              same_as=same_as, memory_format=_memory_format(speed), warmup=LATENCY["warmup"],
+                              devices=LATENCY["devices"], input_size=tuple(testset[0].shape[1:]))
 
 
 def _load_data(data_dir: Path, dev: torch.device, train_split: bool = True):

@@ -149,13 +149,9 @@ def _run_task(spec: dict, *upstream: dict) -> dict:
 def _to_run(todo: dict[str, Task], sweep_dir: Path, st: stagestore.Store) -> int:
     """How many tasks have no record of their key yet (in the store, or the point's analysis): an
     estimate for starting workers; each task checks its stage again before it skips it."""
-    count = 0
-    for t in todo.values():
-        folder = (st.entry(t.stage, t.key) if t.stage in stagestore.STORED
-                  else paths.stage_dir(paths.point_dir(sweep_dir, t.point), t.stage))
-        rec = records.read(folder) or {}
-        count += rec.get("key") != t.key or bool(rec.get("stale"))
-    return count
+    return sum(not records.recorded(st.entry(t.stage, t.key) if t.stage in stagestore.STORED
+                                    else paths.stage_dir(paths.point_dir(sweep_dir, t.point), t.stage), t.key)
+               for t in todo.values())
 
 
 def _apply_env(env: dict, threads: int) -> None:
@@ -224,7 +220,7 @@ def _worker_sigint(*_) -> None:
 def _worker_init(warm: dict | None = None) -> None:
     """A pool worker starts with SIGINT blocked (a Ctrl-C while it imports would print a traceback);
     from here on `_worker_sigint` takes it (one that came meanwhile is delivered to it now). With
-    `warm` ({"env", "kernel", "cwd"}: what its tasks will run with), it starts its kernel and imports
+    `warm` (`warm_settings`: what its tasks will run with), it starts its kernel and imports
     the package there now, while the sweep's first stage runs in another worker."""
     signal.signal(signal.SIGINT, _worker_sigint)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
