@@ -558,6 +558,10 @@ def test_title_and_provenance(run):
     assert "deadbeef" in prov and "| torch | 2.14.1 |" in prov and "3.1 s" in prov
     assert "| parameter: train.epochs | 10 |" in prov
     assert "| device (training) | cpu |" in prov
+    on_gpu = {**res, "train": {**res["train"], "device": "cuda:0", "gpu": "NVIDIA H200",
+                                 "cuda_visible_devices": "3"}}   # a pinned sweep worker's training
+    assert "| device (training) | cuda:0 (NVIDIA H200), CUDA\\_VISIBLE\\_DEVICES=3 |" in \
+        report.provenance_markdown(on_gpu)
     counts = res["data"]["counts"]["test"]
     assert f"person: {counts['person']}" in prov and "&lt;b&gt;dog&lt;/b&gt;" in prov   # class names escaped
 

@@ -134,6 +134,66 @@ def test_a_pool_workers_warm_kernel_is_the_one_its_notebooks_run_in(tmp_path):
     assert sweep._to_run(sweep.tasks(pts), tmp_path / "grid", st) == len(specs)
 
 
+def _worker_gpu(barrier):
+    """A task of the GPU-pinning test: it waits until every worker holds one (so each takes one),
+    then says which worker ran it, with which GPUs."""
+    barrier.wait(timeout=120)
+    return os.getpid(), os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def test_the_local_engines_workers_take_the_gpus_in_turn():
+    """On a box of several GPUs, worker i of the pool sees only GPU i mod the count (its
+    CUDA_VISIBLE_DEVICES, set before its kernel starts), for every task it runs: N jobs use every
+    GPU instead of all training on the first. Without GPUs nothing is set."""
+    import multiprocessing
+
+    with multiprocessing.Manager() as manager:
+        for jobs, gpus, expected in ((3, ["0", "1"], ["0", "0", "1"]), (2, [], [None, None])):
+            barrier = manager.Barrier(jobs)
+            pool = sweep._pool(jobs, None, gpus)
+            try:
+                seen: dict[int, set] = {}
+                for pid, dev in pool.map(_worker_gpu, [barrier] * (2 * jobs)):
+                    seen.setdefault(pid, set()).add(dev)
+            finally:
+                pool.shutdown()
+            assert len(seen) == jobs and all(len(devs) == 1 for devs in seen.values()), seen   # each keeps its GPU
+            assert sorted((d for devs in seen.values() for d in devs), key=str) == expected
+
+
+def test_which_gpus_the_local_engine_pins(monkeypatch, tmp_path, capsys):
+    pts = grid.points(SMALL)   # smoke-sized points: train.device auto
+    on = [grid.Point(p.name, p.values, {**p.cfg, "train": {**p.cfg["train"], "device": "cuda"}}) for p in pts]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert sweep.gpu_ids("auto", on) == ["2", "3"]   # auto: what this process was given
+    assert sweep.gpu_ids(None, pts) == ["2", "3"]
+    cpu = [grid.Point(p.name, p.values, {**p.cfg, "train": {**p.cfg["train"], "device": "cpu"}}) for p in pts]
+    assert sweep.gpu_ids("auto", cpu) == []          # nothing trains on a GPU: nothing pinned
+    assert sweep.gpu_ids(" 0, 1 ", cpu) == ["0", "1"]   # asked for: pinned
+    assert sweep.gpu_ids("none", on) == []
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert sweep.gpu_ids("auto", on) == []           # given no GPU
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    import torch
+
+    assert sweep.gpu_ids("auto", on) == [str(i) for i in range(torch.cuda.device_count())]
+    indexed = on[:1] + [grid.Point(p.name, p.values, {**p.cfg, "train": {**p.cfg["train"], "device": "cuda:1"}})
+                        for p in on[1:]]
+    assert sweep.gpu_ids("auto", indexed) == []      # a point chose its device: left as it is
+    with pytest.raises(ValueError, match=r"asks for cuda:1: use train.device: cuda"):
+        sweep.gpu_ids("0,1", indexed)
+    for bad in ("0,,1", "0, 1 2", ","):
+        with pytest.raises(ValueError, match="comma-separated list of GPU ids"):
+            sweep.gpu_ids(bad, on)
+    # the command refuses them before any work, naming the fix
+    out = tmp_path / "s"
+    assert cli.main(["sweep", "-f", str(SMALL), "--sweep-dir", str(out), "--gpus", "0,,1"]) == 2
+    assert cli.main(["sweep", "-f", str(SMALL), "--sweep-dir", str(out), "--engine", "ray", "--gpus", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "comma-separated list of GPU ids such as 0,1; got '0,,1'" in err and "drop --gpus" in err
+    assert not out.exists()
+
+
 # --------------------------------------------------------------------------- the local engine
 
 @pytest.fixture(scope="session")
@@ -142,7 +202,8 @@ def local_sweep(tmp_path_factory):
     pytest-xdist workers (the tests that read it run in two groups). Tests must not change it."""
     with built_once(tmp_path_factory, "sweep") as (base, box):
         if box.result is None:
-            first = run_sweep("--sweep-dir", str(base / "grid"), "--jobs", "2")
+            # --gpus 0,1: the workers are pinned to two GPU ids, harmless on a CPU (checked below)
+            first = run_sweep("--sweep-dir", str(base / "grid"), "--jobs", "2", "--gpus", "0,1")
             assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-3000:]
             again = run_sweep("--sweep-dir", str(base / "grid"), "--jobs", "2")
             box.result = {"first": saved(first), "again": saved(again)}
@@ -162,6 +223,11 @@ def test_each_unique_stage_runs_once_and_the_rerun_runs_nothing(local_sweep):
     controls = [e for e in (base / ".store" / "control").iterdir() if e.is_dir()]
     assert len(controls) == 2 and all(records.read(e)["key"] == e.name for e in controls)
     assert "computed 1 data, 2 train, 8 prune, 8 retrain, 8 analysis" in first.stdout
+    # --gpus 0,1: each worker saw one of them, the whole sweep through, and each stage recorded which
+    assert "engine local (2 jobs, GPUs 0,1 in turn)" in first.stdout
+    seen = {json.loads((e / paths.METRICS).read_text())["cuda_visible_devices"]
+            for kind in sweep.GPU_STAGES for e in (base / ".store" / kind).iterdir() if e.is_dir()}
+    assert seen == {"0", "1"}, seen
     assert again.returncode == 0 and started(again.stdout) == []
     assert "computed nothing (every stage was done)" in again.stdout
     table = json.loads((base / "grid" / "sweep.json").read_text())["points"]

@@ -3,6 +3,7 @@ repeats' and the sweep's figures; provenance (versions, lock file, commit, platf
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -201,7 +202,10 @@ def load_results(run_dir=None) -> dict:
 
 
 def environment(device: torch.device) -> dict:
-    return {"device": str(device), "python": sys.executable,
+    """Where a stage computed: its device (and GPU model), the GPUs its process was given
+    (CUDA_VISIBLE_DEVICES: a sweep's worker, a Ray task, a SLURM job), its Python, its threads."""
+    return {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "python": sys.executable,
             "torch_threads": torch.get_num_threads()}
 
 

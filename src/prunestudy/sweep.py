@@ -217,13 +217,17 @@ def _worker_sigint(*_) -> None:
         raise KeyboardInterrupt
 
 
-def _worker_init(warm: dict | None = None) -> None:
+def _worker_init(warm: dict | None = None, slots=None) -> None:
     """A pool worker starts with SIGINT blocked (a Ctrl-C while it imports would print a traceback);
     from here on `_worker_sigint` takes it (one that came meanwhile is delivered to it now). With
-    `warm` (`warm_settings`: what its tasks will run with), it starts its kernel and imports
-    the package there now, while the sweep's first stage runs in another worker."""
+    `slots` (a queue of GPU ids, `_pool`), it takes one and sees only that GPU from now on: its
+    kernel and every stage it runs. With `warm` (`warm_settings`: what its tasks will run with), it
+    starts its kernel and imports the package there now, while the sweep's first stage runs in
+    another worker."""
     signal.signal(signal.SIGINT, _worker_sigint)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    if slots is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = slots.get(timeout=60)
     if warm:
         _apply_env(warm["env"], warm["threads"])
         with contextlib.suppress(Exception):   # not warmed: its first notebook starts the kernel, as before
@@ -247,6 +251,47 @@ def warm_settings(specs: dict[str, dict]) -> dict | None:
             "cwd": str(pipeline.notebooks_dir())}
 
 
+def gpu_ids(gpus: str | None, pts: list[grid.Point]) -> list[str]:
+    """The GPUs the local engine pins its workers to, worker i to ids[i % len(ids)] (its
+    CUDA_VISIBLE_DEVICES), so that N jobs on a box of several GPUs use them all rather than all
+    training on the first. `gpus`: "none" (no pinning), a comma-separated list of ids ("0,1", as
+    CUDA_VISIBLE_DEVICES takes them), or "auto" (None too): the GPUs this process sees
+    (CUDA_VISIBLE_DEVICES when set, else every GPU PyTorch finds), when some point trains on CUDA
+    and none names a device index (cuda:N, which a pinned worker would not have).
+    Raises ValueError for a list that is not one, or for a point with cuda:N beside a list."""
+    gpus = (gpus or "auto").strip()
+    indexed = sorted({p.cfg["train"]["device"] for p in pts if p.cfg["train"]["device"].startswith("cuda:")})
+    if gpus == "none":
+        return []
+    if gpus != "auto":
+        ids = [g.strip() for g in gpus.split(",")]
+        if not all(ids) or any(any(c.isspace() for c in g) for g in ids):
+            raise ValueError(f"--gpus takes auto, none or a comma-separated list of GPU ids such as 0,1; got {gpus!r}")
+        if indexed:
+            raise ValueError(f"--gpus pins each worker to one GPU, which it sees as cuda:0, but train.device asks "
+                             f"for {', '.join(indexed)}: use train.device: cuda (or auto), or --gpus none")
+        return ids
+    if indexed or all(p.cfg["train"]["device"] == "cpu" for p in pts):
+        return []
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        return [g.strip() for g in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if g.strip() not in ("", "-1")]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def _pool(jobs: int, warm: dict | None, gpus: list[str]) -> ProcessPoolExecutor:
+    """The local engine's pool of `jobs` spawned workers (`_worker_init`); with `gpus`, a queue of
+    their ids in turn, one per worker, so that worker i takes gpus[i % len(gpus)]."""
+    ctx = get_context("spawn")
+    slots = None
+    if gpus:
+        slots = ctx.Queue()
+        for i in range(jobs):
+            slots.put(gpus[i % len(gpus)])
+    return ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init, initargs=(warm, slots))
+
+
 def _report_task(sweep_dir: str, fresh_kernel: bool) -> str | None:
     """The grid report, in a pool worker (its kernel is warm); None if it failed there (the driver
     then runs it itself, and its error is raised there as usual). A Ctrl-C stops it, as it stops a
@@ -266,9 +311,10 @@ def _report_task(sweep_dir: str, fresh_kernel: bool) -> str | None:
 
 
 def run_local(todo: dict[str, Task], specs: dict[str, dict], jobs: int, log: Callable[[str], None],
-              final: tuple | None = None, prestart: int = 1) -> tuple[dict, object]:
-    """A process pool of `jobs` workers; a task is submitted once its inputs are done. A worker
-    that dies (BrokenProcessPool) takes its tasks with it: they are submitted again. `prestart`:
+              final: tuple | None = None, prestart: int = 1, gpus: list[str] | None = None) -> tuple[dict, object]:
+    """A process pool of `jobs` workers (pinned to `gpus` in turn, `_pool`); a task is submitted
+    once its inputs are done. A worker that dies (BrokenProcessPool) takes its tasks with it: they
+    are submitted again. `prestart`:
     how many workers to start at once, their kernels warmed up (`_worker_init`; 0: none warmed,
     workers start as tasks come, as when nothing is left to compute). `final`: a (function, *args)
     run in the pool once every task is done (the grid report). Returns (results, what `final`
@@ -279,8 +325,7 @@ def run_local(todo: dict[str, Task], specs: dict[str, dict], jobs: int, log: Cal
     warm = warm_settings(specs) if prestart else None
     final_out = None
     while pending or (final and final_out is None):
-        pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=_worker_init,
-                                   initargs=(warm,))
+        pool = _pool(jobs, warm, gpus or [])
         running = {}
         try:
             with _sigint_blocked():   # each submit to a pool without an idle worker starts one: all start now
@@ -389,13 +434,16 @@ def _log_result(r: dict, log: Callable[[str], None]) -> None:
 # --- the sweep -------------------------------------------------------------------------------------
 def run(pts: list[grid.Point], sweep_dir: str | Path, *, engine: str = "local", jobs: int = 2,
         address: str | None = None, store_root: str | Path | None = None, log: Callable[[str], None] = print,
-        ray_init: dict | None = None, fresh_kernels: bool = False, kinds: tuple[str, ...] = ORDER) -> dict:
+        ray_init: dict | None = None, fresh_kernels: bool = False, kinds: tuple[str, ...] = ORDER,
+        gpus: str | None = "auto") -> dict:
     """Run every point of the grid into sweep_dir, each unique stage once; then the grid report.
     Each worker runs its stages' notebooks in one kernel, reset between them (prunestudy.kernels);
     `fresh_kernels`: a kernel per notebook. `kinds`: only these stage kinds (a prefix of ORDER; without
     the analysis there is no grid report: `prunestudy run --jobs` computes its repeats so).
+    `gpus`: the local engine's workers' GPUs (`gpu_ids`; Ray gives each GPU task its own itself).
     Returns {"results": {task id: result}, "failed": [...], "ran": {stage: count}}."""
     sweep_dir = config.resolve_path(sweep_dir)
+    pinned = gpu_ids(gpus, pts) if engine == "local" else []
     for p in pts:
         pipeline.preflight(p.cfg, paths.point_dir(sweep_dir, p.name))
     st = stagestore.Store(store_root or stagestore.default_root(sweep_dir))
@@ -408,13 +456,15 @@ def run(pts: list[grid.Point], sweep_dir: str | Path, *, engine: str = "local", 
         threads = task_threads(engine, jobs)
         specs = {tid: _spec(t, by_name, sweep_dir, st, env, threads, fresh_kernels) for tid, t in todo.items()}
         log(f"==> sweep: {len(pts)} points, {len(todo)} unique stages, engine {engine}"
-            + (f" ({jobs} jobs)" if engine == "local" else f" ({address or 'a local Ray'})"))
+            + (f" ({jobs} jobs{', GPUs ' + ','.join(pinned) + ' in turn' if pinned else ''})" if engine == "local"
+               else f" ({address or 'a local Ray'})"))
         page = None
         if engine == "ray":
             results = run_ray(todo, specs, address, log, ray_init)
         else:
             final = (_report_task, str(sweep_dir), fresh_kernels) if "analysis" in kinds else None
-            results, page = run_local(todo, specs, jobs, log, final, prestart=min(jobs, _to_run(todo, sweep_dir, st)))
+            results, page = run_local(todo, specs, jobs, log, final, prestart=min(jobs, _to_run(todo, sweep_dir, st)),
+                                      gpus=pinned)
         failed = [r for r in results.values() if r["status"] == "failed"]
         ran = {s: sum(1 for r in results.values() if r["status"] == "ran" and r["stage"] == s) for s in ORDER}
         summary = {"results": results, "failed": failed, "ran": ran, "points": len(pts), "unique": len(todo)}
@@ -451,6 +501,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the plan (points, unique stages, done, time left)")
     p.add_argument("--engine", choices=("local", "ray"), default="local", help="local process pool (default) or Ray")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="local engine: parallel stages")
+    p.add_argument("--gpus", default="auto", metavar="auto|none|ID,ID,...",
+                   help="local engine: pin worker i to GPU i mod the count (its CUDA_VISIBLE_DEVICES), so N jobs use "
+                        "every GPU; auto (default): the GPUs this process sees, when a point trains on CUDA")
     p.add_argument("--address", help="ray engine: the cluster (auto, ray://host:port); default a local Ray")
     p.add_argument("--store", metavar="DIR", help="the stage store (default: .store beside the sweep folder, or "
                                                   "$PRUNESTUDY_STORE; on a shared file system for several machines)")
@@ -468,6 +521,15 @@ def _cli(args) -> int:
     if args.jobs < 1:
         print(f"prunestudy: --jobs must be at least 1, got {args.jobs}", file=sys.stderr)
         return 2
+    if args.engine == "ray" and args.gpus != "auto":
+        print("prunestudy: --gpus is the local engine's; Ray gives each training stage a GPU of its own "
+              "(num_gpus=1): drop --gpus", file=sys.stderr)
+        return 2
+    try:
+        gpu_ids(args.gpus, pts)
+    except ValueError as e:
+        print(f"prunestudy: {e}", file=sys.stderr)
+        return 2
     name = Path(args.file).stem + (f"-{config.stage_hash([p.cfg for p in pts])}" if args.param or args.grid else "")
     sweep_dir = (config.resolve_path(args.sweep_dir) if args.sweep_dir
                  else config.resolve_path(Path("runs") / name, config.project_root()))   # the project's runs/
@@ -479,7 +541,7 @@ def _cli(args) -> int:
     print(f"prunestudy: sweep folder {sweep_dir} ({len(pts)} points), stage store {root}", flush=True)
     try:
         summary = run(pts, sweep_dir, engine=args.engine, jobs=args.jobs, address=args.address, store_root=root,
-                      log=lambda m: print(m, flush=True), fresh_kernels=args.fresh_kernels)
+                      log=lambda m: print(m, flush=True), fresh_kernels=args.fresh_kernels, gpus=args.gpus)
     except (FileNotFoundError, pipeline.PreflightError, records.LockedError) as e:
         print(f"prunestudy: {e}", file=sys.stderr)
         return 2

@@ -16,6 +16,15 @@ def _pages(run_dir: str, stages: tuple[str, ...]) -> str:
                       f"({paths.executed_notebook(run_dir, s).with_suffix('.html').as_posix()})" for s in stages)
 
 
+def _device(m: dict) -> str | None:
+    """A stage's device, with its GPU model and the GPUs its process was given, when recorded."""
+    if not m.get("device"):
+        return None
+    given = m.get("cuda_visible_devices")
+    return m["device"] + (f" ({m['gpu']})" if m.get("gpu") else "") + \
+        (f", CUDA_VISIBLE_DEVICES={given}" if given is not None else "")
+
+
 def provenance_markdown(results: dict) -> str:
     """Parameter hash, commit, platform, device, seeds, the data's manifest hash and class counts,
     versions, stage timings and keys, and every parameter, as a Markdown table; then links to
@@ -27,7 +36,7 @@ def provenance_markdown(results: dict) -> str:
     train = states.metrics(results, "trained")
     params = results.get("params") or {}
     seeds = [params.get("seed"), *[r["seed"] for r in results.get("repeats") or []]]
-    rows += [("device (training)", train.get("device")),
+    rows += [("device (training)", _device(train)),
              ("seeds", ", ".join(str(s) for s in seeds if s is not None) or None),
              ("data manifest sha256", (results.get("data") or {}).get("manifest_sha256"))]
     counts = (results.get("data") or {}).get("counts") or {}
