@@ -98,6 +98,22 @@ def test_grid_overrides_and_a_1000_point_dry_run(tmp_path, capsys):
     assert not (tmp_path / "big").exists()      # a dry run writes nothing
 
 
+def test_the_dry_run_counts_a_stale_analysis_as_to_run(tmp_path):
+    """A point's analysis is done in the plan only as the sweep would skip it: a record of its key,
+    not marked stale (records.recorded, the check the sweep's worker count uses too)."""
+    pts = grid.points(SMALL)
+    folder = paths.stage_dir(paths.point_dir(tmp_path / "grid", pts[0].name), "analysis")
+    folder.mkdir(parents=True)
+    records.write(folder, "analysis", grid.point_keys(pts[0].cfg)["analysis"], {}, {}, 1.0, "test")
+
+    def analyses() -> str:
+        plan = grid.dry_run_text(pts, tmp_path / "grid", tmp_path / "store")
+        return re.search(r"analysis\s+8 unique,\s+(\d+) done", plan).group(1)
+    assert analyses() == "1"
+    assert records.mark_stale(folder, "its retraining was computed again")
+    assert analyses() == "0"
+
+
 def test_a_pool_workers_warm_kernel_is_the_one_its_notebooks_run_in(tmp_path):
     """The local engine's workers start their kernel as they start (while the data stage runs
     elsewhere) and the grid report runs in one of them. A kernel is reused only while its

@@ -189,10 +189,9 @@ def dry_run_text(pts: list[Point], sweep_dir: Path, store_root: Path) -> str:
     the_plan = plan(pts)
     done = done_keys(store_root, the_plan)
     for point in pts:   # analyses live in the point folders, not in the store
-        rec = records.read(paths.stage_dir(paths.point_dir(sweep_dir, point.name), "analysis"))
-        keys = point_keys(point.cfg)
-        if rec and rec.get("key") == keys["analysis"]:
-            done["analysis"].add(keys["analysis"])
+        key = point_keys(point.cfg)["analysis"]
+        if records.recorded(paths.stage_dir(paths.point_dir(sweep_dir, point.name), "analysis"), key):
+            done["analysis"].add(key)
     seconds = measured_seconds(store_root)
     lines = [f"{len(pts)} points; stages (unique, done, to run; shared per ...):"]
     left, unknown = 0.0, []
