@@ -558,6 +558,8 @@ def test_title_and_provenance(run):
     assert "deadbeef" in prov and "| torch | 2.14.1 |" in prov and "3.1 s" in prov
     assert "| parameter: train.epochs | 10 |" in prov
     assert "| device (training) | cpu |" in prov
+    hashed = {**res, "data": {**res["data"], "manifest_sha256": {"train": "f9b4", "test": "0d39"}}}
+    assert "| data manifest sha256 | train: f9b4, test: 0d39 |" in report.provenance_markdown(hashed)   # not a dict
     on_gpu = {**res, "train": {**res["train"], "device": "cuda:0", "gpu": "NVIDIA H200",
                                  "cuda_visible_devices": "3"}}   # a pinned sweep worker's training
     assert "| device (training) | cuda:0 (NVIDIA H200), CUDA\\_VISIBLE\\_DEVICES=3 |" in \

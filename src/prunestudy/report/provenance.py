@@ -25,6 +25,13 @@ def _device(m: dict) -> str | None:
         (f", CUDA_VISIBLE_DEVICES={given}" if given is not None else "")
 
 
+def _per_split(value) -> str | None:
+    """{split: hash} as 'train: ..., test: ...' (a value of another form as it is)."""
+    if isinstance(value, dict):
+        return ", ".join(f"{split}: {v}" for split, v in value.items()) or None
+    return value
+
+
 def provenance_markdown(results: dict) -> str:
     """Parameter hash, commit, platform, device, seeds, the data's manifest hash and class counts,
     versions, stage timings and keys, and every parameter, as a Markdown table; then links to
@@ -38,7 +45,7 @@ def provenance_markdown(results: dict) -> str:
     seeds = [params.get("seed"), *[r["seed"] for r in results.get("repeats") or []]]
     rows += [("device (training)", _device(train)),
              ("seeds", ", ".join(str(s) for s in seeds if s is not None) or None),
-             ("data manifest sha256", (results.get("data") or {}).get("manifest_sha256"))]
+             ("data manifest sha256", _per_split((results.get("data") or {}).get("manifest_sha256")))]
     counts = (results.get("data") or {}).get("counts") or {}
     for split, by_class in counts.items():
         rows.append((f"{split} crops per class", ", ".join(f"{c}: {n}" for c, n in by_class.items())))
