@@ -27,3 +27,4 @@ def test_kernel_command_points_at_this_python(capsys):
     assert cli.main(["kernel"]) == 0
     spec = json.loads((pipeline.kernel_dir() / "kernel.json").read_text())
     assert spec["argv"][0] == sys.executable
+    assert spec["env"]["GLIBC_TUNABLES"] == pipeline.kernels.MALLOC_TUNABLES   # see prunestudy.kernels

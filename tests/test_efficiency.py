@@ -7,7 +7,7 @@ import statistics
 import pytest
 import torch
 
-from prunestudy import efficiency, models, prune
+from prunestudy import efficiency, kernels, models, prune
 
 torch.set_num_threads(1)
 
@@ -155,6 +155,16 @@ def test_a_retrained_model_takes_over_the_latency_of_the_same_computation(monkey
     efficiency.summary(retrained, dense, batch_sizes=(1, 2), repeats=2, devices=("cpu",), same_as=nchw,
                        memory_format="contiguous")
     assert timed == [1, 1, 1]   # the same format: taken over
+    assert first["latency"]["cpu"]["allocator"] == efficiency.allocator()
+    tuned = copy.deepcopy(first)   # timed in a process with other malloc settings: timed again
+    for table in tuned["latency"].values():
+        table["allocator"] = "glibc.malloc.mmap_threshold=1" if efficiency.allocator() == "default" else "default"
+    efficiency.summary(retrained, dense, batch_sizes=(1, 2), repeats=2, devices=("cpu",), same_as=tuned)
+    assert timed == [1, 1, 1, 1]
+    monkeypatch.setenv("GLIBC_TUNABLES", kernels.MALLOC_TUNABLES)   # what the project's kernels run with
+    assert efficiency.allocator() == kernels.MALLOC_TUNABLES
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    assert efficiency.allocator() == "default"
 
 
 def test_speed_ratio_is_the_t_interval_of_paired_log_ratios():

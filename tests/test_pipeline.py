@@ -50,6 +50,13 @@ def test_notebooks_ran_in_this_environments_kernel(smoke_run):
     run_dir, _ = smoke_run
     res = json.loads((run_dir / "results.json").read_text())
     assert Path(res["train"]["python"]).resolve() == Path(sys.executable).resolve()
+    # the kernelspec's malloc settings reached the stages' kernels (not this pytest process), and the
+    # latency tables say what they were timed under
+    from prunestudy import kernels
+
+    for stage in ("train", "prune", "retrain"):
+        assert res[stage]["glibc_tunables"] == kernels.MALLOC_TUNABLES, stage
+    assert res["prune"]["efficiency"]["latency"]["cpu"]["allocator"] == kernels.MALLOC_TUNABLES
     for name in ("01_data", "02_train", "03_prune", "04_retrain", "05_analysis"):
         nb = nbformat.read(run_dir / "notebooks" / f"{name}.ipynb", as_version=4)
         assert nb.metadata.kernelspec.name == "prunestudy"

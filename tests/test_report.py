@@ -26,7 +26,7 @@ from matplotlib.container import BarContainer  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle, StepPatch  # noqa: E402
 
-from prunestudy import methods, report, results, stages, states  # noqa: E402
+from prunestudy import kernels, methods, report, results, stages, states  # noqa: E402
 from prunestudy.report import reference  # noqa: E402
 
 # class names that would break naive rendering: mathtext, HTML, markdown
@@ -659,6 +659,11 @@ def test_efficiency_table_says_when_no_time_is_saved(study):
         nhwc[state]["efficiency"]["latency"]["cpu"]["memory_format"] = "channels_last"
     caption = report.efficiency_styler(nhwc).caption
     assert "channels-last (NHWC) tensors" in caption and "NCHW" not in caption
+    assert "glibc's default malloc" in caption   # tables from before the allocator was recorded
+    for state in ("prune", "retrain"):
+        nhwc[state]["efficiency"]["latency"]["cpu"]["allocator"] = kernels.MALLOC_TUNABLES
+    caption = report.efficiency_styler(nhwc).caption
+    assert f"malloc with GLIBC_TUNABLES={kernels.MALLOC_TUNABLES}" in caption and "default malloc" not in caption
     # a run measured before verdicts had an interval gets none
     old = copy.deepcopy(study)
     del old["prune"]["efficiency"]["speedup_ci"]

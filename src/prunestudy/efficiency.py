@@ -26,7 +26,9 @@ Definitions
   on the CPU: in NCHW this CPU's max-pool kernel alone took 49 ms of the seed CNN's 188 ms at
   batch 64 (1 thread), against 4 ms in NHWC, so NCHW timed a slow pooling path more than the
   convolutions that pruning shrinks; ResNet-18 (no pooling but its stem's) ran batch 64 about 15%
-  faster in NCHW (benchmarks/README.md, ## Pruning).
+  faster in NCHW (benchmarks/README.md, ## Pruning). The malloc settings matter as much: each
+  table records the process's (`allocator`: its GLIBC_TUNABLES, which the project's kernels set,
+  prunestudy.kernels.MALLOC_TUNABLES, or "default").
 * Speed ratio and "saves time?": each repeat gives one paired ratio, the dense model's time over
   the other model's, measured back to back. The speedup is the geometric mean of these ratios,
   and its CONFIDENCE interval the Student-t interval of their mean logarithm, exponentiated.
@@ -42,6 +44,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import random
 import statistics
 import time
@@ -178,9 +181,15 @@ def latency_table(models: dict[str, nn.Module], batch_sizes=(1, 64), repeats: in
                          "per_sample_ms": median * 1e3 / bs, "speedup_vs_dense": ratio.get("speedup"),
                          "speedup_ci_low": ratio.get("low"), "speedup_ci_high": ratio.get("high")})
     return {"device": str(dev), "threads": threads, "repeats": repeats, "warmup": warmup,
-            "memory_format": memory_format,
+            "memory_format": memory_format, "allocator": allocator(),
             "order": f"random per repeat and batch size (seed {seed})", "confidence": CONFIDENCE,
             "input_size": list(input_size), "rows": rows}
+
+
+def allocator() -> str:
+    """The malloc settings this process was started with ("default", or its GLIBC_TUNABLES): on the
+    CPU they change a forward pass's time by tens of percent (prunestudy.kernels.MALLOC_TUNABLES)."""
+    return os.environ.get("GLIBC_TUNABLES") or "default"
 
 
 def speed_ratio(dense_s, model_s, confidence: float = CONFIDENCE) -> dict:
@@ -306,14 +315,16 @@ def summary(model: nn.Module, dense_model: nn.Module, batch_sizes=(1, 64), repea
 def _same_computation(out: dict, other: dict | None, batch_sizes, repeats: int, devices,
                       memory_format: str = MEMORY_FORMAT) -> bool:
     """Whether `other` (an efficiency summary) measured a model with `out`'s computation, with these
-    latency settings (a table without `memory_format` was timed NCHW: 'contiguous')."""
+    latency settings and this process's allocator (a table without `memory_format` was timed NCHW:
+    'contiguous'; one without `allocator` with glibc's defaults)."""
     if not other or not other.get("latency"):
         return False
     same = ("macs", "effective_macs", "dense_macs", "params_total", "params_nonzero", "layer_macs")
     if any(other.get(k) != out.get(k) for k in same) or set(other["latency"]) != set(devices):
         return False
     return all(t.get("repeats") == repeats and sorted({r["batch"] for r in t["rows"]}) == sorted(batch_sizes)
-               and t.get("memory_format", "contiguous") == memory_format for t in other["latency"].values())
+               and t.get("memory_format", "contiguous") == memory_format
+               and t.get("allocator", "default") == allocator() for t in other["latency"].values())
 
 
 def _ratio_text(row: dict) -> str:

@@ -44,7 +44,8 @@ def ensure_kernel() -> str:
     spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}",
                      "--IPKernelApp.log_level=CRITICAL"],
             "display_name": "Python (prunestudy)", "language": "python",
-            "env": {"PYTHONUNBUFFERED": "1"}, "metadata": {"debugger": True}}
+            "env": {"PYTHONUNBUFFERED": "1", "GLIBC_TUNABLES": kernels.MALLOC_TUNABLES},   # see kernels
+            "metadata": {"debugger": True}}
     path = kernel_dir() / "kernel.json"
     if not path.is_file() or json.loads(path.read_text()) != spec:
         store.write_json(path, spec)

@@ -203,10 +203,11 @@ def load_results(run_dir=None) -> dict:
 
 def environment(device: torch.device) -> dict:
     """Where a stage computed: its device (and GPU model), the GPUs its process was given
-    (CUDA_VISIBLE_DEVICES: a sweep's worker, a Ray task, a SLURM job), its Python, its threads."""
+    (CUDA_VISIBLE_DEVICES: a sweep's worker, a Ray task, a SLURM job), its Python, its threads and
+    its malloc settings (GLIBC_TUNABLES: the project's kernels set them, prunestudy.kernels)."""
     return {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "python": sys.executable,
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(), "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
 
 
 LOCK_FILE = "requirements.lock"   # the project's pinned environment (make setup installs it)

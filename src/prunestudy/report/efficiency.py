@@ -84,8 +84,9 @@ def efficiency_styler(results: dict):
     fmt.update({c: "{:.2f}" for c in df.columns if df[c].dtype.kind == "f" and c not in fmt})
     return (df.style.format(fmt, na_rep="—")
             .set_caption("Latency: median of interleaved runs in random order on this machine (masks folded, "
-                         f"{_formats(results)}, as deployed). Measured speedup: the geometric mean of the "
-                         "paired ratios dense time / pruned time, one per run, with its 95% Student-t interval; "
+                         f"as deployed; {_formats(results)}; {_allocators(results)}). Measured speedup: the "
+                         "geometric mean of the paired ratios dense time / pruned time, one per run, with its 95% "
+                         "Student-t interval; "
                          f"'saves time' only when that interval lies above {efficiency.MIN_SPEEDUP:.2f}×. "
                          "MMACs: multiply-accumulates of the conv and linear layers per image. Sizes in MB of "
                          "10^6 bytes; 'sparse + zlib' is a size estimate (nonzero values + bitmask, zlib), not a "
@@ -100,6 +101,15 @@ def _formats(results: dict) -> str:
     found = {t.get("memory_format", "contiguous") for s in COSTED
              for t in (states.metrics(results, s.key).get("efficiency") or {}).get("latency", {}).values()}
     return ", ".join(FORMAT_TEXT.get(f, f) for f in sorted(found)) or FORMAT_TEXT[efficiency.MEMORY_FORMAT]
+
+
+def _allocators(results: dict) -> str:
+    """The malloc settings the latencies were timed under (tables from before they were recorded:
+    glibc's defaults)."""
+    found = {t.get("allocator", "default") for s in COSTED
+             for t in (states.metrics(results, s.key).get("efficiency") or {}).get("latency", {}).values()}
+    return ", ".join("glibc's default malloc" if a == "default" else f"malloc with GLIBC_TUNABLES={a}"
+                     for a in sorted(found)) or "glibc's default malloc"
 
 
 def efficiency_markdown(results: dict) -> str:
