@@ -1,6 +1,6 @@
 """CPU latency of dense vs pruned models: does pruning save time?
 
-    python benchmarks/bench_prune.py [--repeats N] [--threads T] [--memory-format F] [--json PATH]
+    python benchmarks/bench_prune.py [--repeats N] [--threads T] [--memory-format F] [--malloc M] [--json PATH]
 
 One CPU thread by default: on a small shared machine, more threads than free cores make the
 medians mostly noise (a 2-thread run on a 2-core machine under load measured 1.5x where 1 thread
@@ -12,7 +12,9 @@ with zeros), and 20% / 50% channel-pruned (Torch-Pruning, layers physically smal
 1 and 64, in the memory format the study times in (channels_last; `--memory-format both` also
 times NCHW, the format of the figures before it was recorded). Goal from the issue: the 50%
 channel-pruned seed CNN at least 2.5x faster than dense at batch 64; a line per format says PASS
-or MISS. Wall-clock figures on a shared machine are noisy.
+or MISS. Wall-clock figures on a shared machine are noisy. It times under the study kernels' malloc
+settings (`--malloc study`, the default: it restarts itself with their GLIBC_TUNABLES) or glibc's
+defaults (`--malloc default`), and prints which.
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
+import sys
 
 import torch
 
-from prunestudy import efficiency, models, prune
+from prunestudy import efficiency, kernels, models, prune
 
 ARCHS = ("seed_cnn", "resnet18")
 VARIANTS = {  # name -> (method, amount); None = the dense model
@@ -82,15 +86,24 @@ def main(argv=None) -> int:
     ap.add_argument("--memory-format", default=efficiency.MEMORY_FORMAT,
                     choices=["channels_last", "contiguous", "both"],
                     help="tensor layout timed (default: the study's, channels_last; contiguous = NCHW)")
+    ap.add_argument("--malloc", default="study", choices=["study", "default"],
+                    help="malloc settings: the study kernels' (GLIBC_TUNABLES = kernels.MALLOC_TUNABLES; this "
+                         "script restarts itself with them) or glibc's defaults")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
+    wanted = kernels.MALLOC_TUNABLES if args.malloc == "study" else None
+    if argv is None and os.environ.get("GLIBC_TUNABLES") != wanted:   # glibc reads them at a process's start
+        env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+        if wanted:
+            env["GLIBC_TUNABLES"] = wanted
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
     formats = ["channels_last", "contiguous"] if args.memory_format == "both" else [args.memory_format]
     rows, verdicts = [], {}
     for fmt in formats:
         found = run(args.repeats, args.threads or None, fmt)
         print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-              f"{found[0]['threads']} threads, {fmt}, median of {args.repeats} repeats (interleaved, after 2 "
-              f"warm-up runs)")
+              f"{found[0]['threads']} threads, {fmt}, malloc {efficiency.allocator()}, median of {args.repeats} "
+              f"repeats (interleaved, after 2 warm-up runs)")
         print_table(found)
         goal = next(r for r in found if r["arch"] == GOAL["arch"] and r["variant"] == GOAL["variant"]
                     and r["batch"] == GOAL["batch"])
@@ -100,7 +113,8 @@ def main(argv=None) -> int:
         rows += found
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "goal": GOAL, "verdict": verdicts}, f, indent=1)
+            json.dump({"rows": rows, "goal": GOAL, "verdict": verdicts, "allocator": efficiency.allocator()}, f,
+                      indent=1)
     return 0
 
 
