@@ -177,6 +177,25 @@ def test_the_local_engines_workers_take_the_gpus_in_turn():
             assert sorted((d for devs in seen.values() for d in devs), key=str) == expected
 
 
+def test_threads_and_jobs_follow_the_cores_this_process_may_use(monkeypatch):
+    """Under SLURM, taskset or a container's cpuset a process may use fewer cores than the machine
+    has: the sweep's threads per job, its default --jobs, torchrun's threads per process and the
+    crop workers follow its affinity, not os.cpu_count (which would oversubscribe the job)."""
+    from prunestudy import crops, distributed
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert config.usable_cpus() == crops.default_workers() == 6
+    assert sweep.task_threads("local", 2) == 3 and sweep.task_threads("local", 8) == 1
+    assert distributed._child_env(2, None)["OMP_NUM_THREADS"] == "3"
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    sweep.add_cli(parser.add_subparsers())
+    assert parser.parse_args(["sweep", "-f", "g.yaml"]).jobs == 6
+
+
 def test_which_gpus_the_local_engine_pins(monkeypatch, tmp_path, capsys):
     pts = grid.points(SMALL)   # smoke-sized points: train.device auto
     on = [grid.Point(p.name, p.values, {**p.cfg, "train": {**p.cfg["train"], "device": "cuda"}}) for p in pts]

@@ -166,6 +166,15 @@ def defaults() -> dict:
     return cfg
 
 
+def usable_cpus() -> int:
+    """The CPU cores this process may run on: its affinity (what SLURM, taskset or a container's
+    cpuset gave it), not the machine's count (os.cpu_count), which would oversubscribe a job."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
 def project_root(start: str | os.PathLike | None = None) -> Path:
     """The checkout holding params/ and pyproject.toml (PRUNESTUDY_HOME overrides); else cwd."""
     if os.environ.get("PRUNESTUDY_HOME"):

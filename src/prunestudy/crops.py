@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 import multiprocessing
-import os
 import signal
 import threading
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
+
+from . import config
 
 #: Constant fill for the parts of a crop square outside the image: the ImageNet
 #: mean colour (0.485, 0.456, 0.406) * 255, rounded.  Image-independent, so a
@@ -192,10 +193,7 @@ def _chunks(tasks: list, size: int, per_chunk: int = CHUNK_IMAGES):
 
 def default_workers() -> int:
     """All CPU cores this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
+    return config.usable_cpus()
 
 
 def _start_method() -> str:

@@ -37,6 +37,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from . import config
+
 LAUNCHERS = ("none", "torchrun")
 
 
@@ -71,7 +73,7 @@ def command(args_file: str | os.PathLike, nproc_per_node: int, nnodes: int = 1,
 def _child_env(nproc_per_node: int, extra: dict | None) -> dict:
     """Unbuffered output (streamed line by line) and one share of the cores per process."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra or {})}
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, config.usable_cpus() // nproc_per_node)))
     return env
 
 

@@ -193,7 +193,7 @@ def task_threads(engine: str, jobs: int) -> int:
     oversubscription), 1 on Ray (each task asks for num_cpus=1). Fixed per engine and jobs, so the
     local engine and a Ray of as many CPUs compute bit for bit alike: PyTorch's CPU results depend
     on the thread count (the order of float sums); the count is in every stage's metrics.json."""
-    return max(1, (os.cpu_count() or 1) // max(jobs, 1)) if engine == "local" else 1
+    return max(1, config.usable_cpus() // max(jobs, 1)) if engine == "local" else 1
 
 
 @contextlib.contextmanager
@@ -500,7 +500,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--sweep-dir", help="output folder (default: runs/<grid file name>[-<hash of the points>])")
     p.add_argument("--dry-run", action="store_true", help="print the plan (points, unique stages, done, time left)")
     p.add_argument("--engine", choices=("local", "ray"), default="local", help="local process pool (default) or Ray")
-    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="local engine: parallel stages")
+    p.add_argument("--jobs", type=int, default=config.usable_cpus(),
+                   help="local engine: parallel stages (default: the cores this process may use)")
     p.add_argument("--gpus", default="auto", metavar="auto|none|ID,ID,...",
                    help="local engine: pin worker i to GPU i mod the count (its CUDA_VISIBLE_DEVICES), so N jobs use "
                         "every GPU; auto (default): the GPUs this process sees, when a point trains on CUDA")
