@@ -215,8 +215,15 @@ def test_which_gpus_the_local_engine_pins(monkeypatch, tmp_path, capsys):
     indexed = on[:1] + [grid.Point(p.name, p.values, {**p.cfg, "train": {**p.cfg["train"], "device": "cuda:1"}})
                         for p in on[1:]]
     assert sweep.gpu_ids("auto", indexed) == []      # a point chose its device: left as it is
-    with pytest.raises(ValueError, match=r"asks for cuda:1: use train.device: cuda"):
+    with pytest.raises(ValueError, match=r"asks for train.device cuda:1: use train.device: cuda"):
         sweep.gpu_ids("0,1", indexed)
+    several = [grid.Point(p.name, p.values, {**p.cfg, "train": {**p.cfg["train"], "launcher": "torchrun",
+                                                                  "nproc_per_node": 2}}) for p in on]
+    assert sweep.gpu_ids("auto", several) == []     # each training spans GPUs: not pinned
+    with pytest.raises(ValueError, match=r"torchrun with train.nproc_per_node 2"):
+        sweep.gpu_ids("0,1", several)
+    on_cpu = [grid.Point(p.name, p.values, {**p.cfg, "train": {**p.cfg["train"], "device": "cpu"}}) for p in several]
+    assert sweep.gpu_ids("0,1", on_cpu) == ["0", "1"]   # torchrun on the CPU (gloo): pinning is harmless
     for bad in ("0,,1", "0, 1 2", ","):
         with pytest.raises(ValueError, match="comma-separated list of GPU ids"):
             sweep.gpu_ids(bad, on)

@@ -257,21 +257,26 @@ def gpu_ids(gpus: str | None, pts: list[grid.Point]) -> list[str]:
     training on the first. `gpus`: "none" (no pinning), a comma-separated list of ids ("0,1", as
     CUDA_VISIBLE_DEVICES takes them), or "auto" (None too): the GPUs this process sees
     (CUDA_VISIBLE_DEVICES when set, else every GPU PyTorch finds), when some point trains on CUDA
-    and none names a device index (cuda:N, which a pinned worker would not have).
-    Raises ValueError for a list that is not one, or for a point with cuda:N beside a list."""
+    and none needs other GPUs than one (train.device cuda:N, which a pinned worker would not have;
+    torchrun with train.nproc_per_node > 1 off the CPU, which trains on several).
+    Raises ValueError for a list that is not one, or beside a point that needs other GPUs."""
     gpus = (gpus or "auto").strip()
-    indexed = sorted({p.cfg["train"]["device"] for p in pts if p.cfg["train"]["device"].startswith("cuda:")})
+    train = [p.cfg["train"] for p in pts]
+    needs = sorted({f"train.device {t['device']}" for t in train if t["device"].startswith("cuda:")}
+                   | {f"torchrun with train.nproc_per_node {t['nproc_per_node']}" for t in train
+                      if t["launcher"] == "torchrun" and t["nproc_per_node"] > 1 and t["device"] != "cpu"})
     if gpus == "none":
         return []
     if gpus != "auto":
         ids = [g.strip() for g in gpus.split(",")]
         if not all(ids) or any(any(c.isspace() for c in g) for g in ids):
             raise ValueError(f"--gpus takes auto, none or a comma-separated list of GPU ids such as 0,1; got {gpus!r}")
-        if indexed:
-            raise ValueError(f"--gpus pins each worker to one GPU, which it sees as cuda:0, but train.device asks "
-                             f"for {', '.join(indexed)}: use train.device: cuda (or auto), or --gpus none")
+        if needs:
+            raise ValueError(f"--gpus pins each worker to one GPU, which it sees as cuda:0, but a point asks for "
+                             f"{' and '.join(needs)}: use train.device: cuda (or auto) and one process a training, "
+                             "or --gpus none")
         return ids
-    if indexed or all(p.cfg["train"]["device"] == "cpu" for p in pts):
+    if needs or all(t["device"] == "cpu" for t in train):
         return []
     if "CUDA_VISIBLE_DEVICES" in os.environ:
         return [g.strip() for g in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if g.strip() not in ("", "-1")]
