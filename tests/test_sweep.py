@@ -435,6 +435,25 @@ def test_ray_engine_with_fake_gpus(local_sweep, tmp_path):
             stage_scores(paths.point_dir(base / "grid", p.name)), p.name
 
 
+def test_ray_gives_a_training_stage_a_gpu_per_process():
+    """A stage that trains on CUDA asks Ray for a GPU, or one per torchrun process; the data stage,
+    the analysis and any stage on the CPU or on a cluster without GPUs ask for none."""
+    pts = grid.points(SMALL)
+    todo = sweep.tasks(pts)
+    by_stage = {t.stage: t for t in todo.values()}
+    cuda = {**pts[0].cfg, "train": {**pts[0].cfg["train"], "device": "cuda"}}
+    two = {**cuda, "train": {**cuda["train"], "launcher": "torchrun", "nproc_per_node": 2}}
+    for stage, task in by_stage.items():
+        trains = stage in sweep.GPU_STAGES
+        assert sweep.ray_options(task, cuda, gpus=True)["num_gpus"] == (1 if trains else 0), stage
+        assert sweep.ray_options(task, two, gpus=True)["num_gpus"] == (2 if trains else 0), stage
+        assert sweep.ray_options(task, two, gpus=False)["num_gpus"] == 0
+        cpu = {**two, "train": {**two["train"], "device": "cpu"}}
+        options = sweep.ray_options(task, cpu, gpus=True)
+        assert options["num_gpus"] == 0 and options["num_cpus"] == 1 and options["max_retries"] == sweep.RETRIES
+        assert options["retry_exceptions"] is False and options["name"] == task.id
+
+
 def stage_scores(point: Path) -> dict:
     """Test accuracy and loss of a point's pruned, retrained and control models, from their stages."""
     found = {}

@@ -389,8 +389,9 @@ def run_local(todo: dict[str, Task], specs: dict[str, dict], jobs: int, log: Cal
 def run_ray(todo: dict[str, Task], specs: dict[str, dict], address: str | None, log: Callable[[str], None],
             init: dict | None = None) -> dict:
     """One Ray task per unique stage, with its inputs' tasks as arguments (Ray orders them);
-    `num_gpus=1` for the training stages when the cluster has GPUs and the point trains on one
-    (Ray sets CUDA_VISIBLE_DEVICES for it); a task whose worker dies is retried by Ray."""
+    a GPU per training process for the training stages when the cluster has GPUs and the point
+    trains on one (`ray_options`; Ray sets CUDA_VISIBLE_DEVICES for it); a task whose worker dies is
+    retried by Ray."""
     import ray
 
     started_here = not ray.is_initialized()
@@ -402,10 +403,8 @@ def run_ray(todo: dict[str, Task], specs: dict[str, dict], address: str | None, 
         remote = ray.remote(run_task)
         refs: dict[str, object] = {}
         for tid, task in todo.items():
-            gpu = gpus and task.stage in GPU_STAGES and specs[tid]["cfg"]["train"]["device"] != "cpu"
-            options = {"num_cpus": 1, "num_gpus": 1 if gpu else 0, "max_retries": RETRIES,
-                       "retry_exceptions": False, "name": tid}
-            refs[tid] = remote.options(**options).remote(specs[tid], *[refs[d] for d in task.deps if d in refs])
+            refs[tid] = remote.options(**ray_options(task, specs[tid]["cfg"], gpus)).remote(
+                specs[tid], *[refs[d] for d in task.deps if d in refs])
         by_ref = {ref: tid for tid, ref in refs.items()}
         results: dict[str, dict] = {}
         waiting = list(refs.values())
@@ -427,6 +426,17 @@ def run_ray(todo: dict[str, Task], specs: dict[str, dict], address: str | None, 
     finally:
         if started_here:
             ray.shutdown()
+
+
+def ray_options(task: Task, cfg: dict, gpus: bool) -> dict:
+    """A stage's Ray task options: a CPU, and, for a stage that trains on CUDA on a cluster with
+    GPUs, a GPU for each of its training processes (torchrun's train.nproc_per_node); retried
+    when its worker dies, not when it raises."""
+    t = cfg["train"]
+    procs = t["nproc_per_node"] if t["launcher"] == "torchrun" else 1
+    gpu = gpus and task.stage in GPU_STAGES and t["device"] != "cpu"
+    return {"num_cpus": 1, "num_gpus": procs if gpu else 0, "max_retries": RETRIES, "retry_exceptions": False,
+            "name": task.id}
 
 
 def _log_result(r: dict, log: Callable[[str], None]) -> None:
