@@ -436,8 +436,9 @@ def test_ray_engine_with_fake_gpus(local_sweep, tmp_path):
 
 
 def test_ray_gives_a_training_stage_a_gpu_per_process():
-    """A stage that trains on CUDA asks Ray for a GPU, or one per torchrun process; the data stage,
-    the analysis and any stage on the CPU or on a cluster without GPUs ask for none."""
+    """A stage that trains on CUDA asks Ray for a GPU, or one per torchrun process (and a CPU per
+    process); the data stage, the analysis and any stage on the CPU or on a cluster without GPUs ask
+    for no GPU."""
     pts = grid.points(SMALL)
     todo = sweep.tasks(pts)
     by_stage = {t.stage: t for t in todo.values()}
@@ -448,9 +449,11 @@ def test_ray_gives_a_training_stage_a_gpu_per_process():
         assert sweep.ray_options(task, cuda, gpus=True)["num_gpus"] == (1 if trains else 0), stage
         assert sweep.ray_options(task, two, gpus=True)["num_gpus"] == (2 if trains else 0), stage
         assert sweep.ray_options(task, two, gpus=False)["num_gpus"] == 0
-        cpu = {**two, "train": {**two["train"], "device": "cpu"}}
+        assert sweep.ray_options(task, cuda, gpus=True)["num_cpus"] == 1
+        cpu = {**two, "train": {**two["train"], "device": "cpu"}}   # torchrun on the CPU: 2 processes
         options = sweep.ray_options(task, cpu, gpus=True)
-        assert options["num_gpus"] == 0 and options["num_cpus"] == 1 and options["max_retries"] == sweep.RETRIES
+        assert options["num_gpus"] == 0 and options["num_cpus"] == (2 if trains else 1)
+        assert options["max_retries"] == sweep.RETRIES
         assert options["retry_exceptions"] is False and options["name"] == task.id
 
 

@@ -429,13 +429,13 @@ def run_ray(todo: dict[str, Task], specs: dict[str, dict], address: str | None, 
 
 
 def ray_options(task: Task, cfg: dict, gpus: bool) -> dict:
-    """A stage's Ray task options: a CPU, and, for a stage that trains on CUDA on a cluster with
-    GPUs, a GPU for each of its training processes (torchrun's train.nproc_per_node); retried
-    when its worker dies, not when it raises."""
+    """A stage's Ray task options: a CPU for each of its processes (a training stage under torchrun
+    runs train.nproc_per_node), and, for a stage that trains on CUDA on a cluster with GPUs, a GPU
+    for each of them; retried when its worker dies, not when it raises."""
     t = cfg["train"]
-    procs = t["nproc_per_node"] if t["launcher"] == "torchrun" else 1
+    procs = t["nproc_per_node"] if t["launcher"] == "torchrun" and task.stage in GPU_STAGES else 1
     gpu = gpus and task.stage in GPU_STAGES and t["device"] != "cpu"
-    return {"num_cpus": 1, "num_gpus": procs if gpu else 0, "max_retries": RETRIES, "retry_exceptions": False,
+    return {"num_cpus": procs, "num_gpus": procs if gpu else 0, "max_retries": RETRIES, "retry_exceptions": False,
             "name": task.id}
 
 
