@@ -315,6 +315,18 @@ def _report_task(sweep_dir: str, fresh_kernel: bool) -> str | None:
         _busy = False
 
 
+def _result(fut):
+    """fut.result(), waking twice a second. The kernel may deliver a Ctrl-C (SIGINT) to any thread of
+    this process that does not block it; Python runs its handler in the main thread, but a main
+    thread asleep in an untimed wait only wakes when the future completes, so the stage (or the
+    grid report) would run to its end first. Woken, it raises KeyboardInterrupt within 0.5 s."""
+    while True:
+        try:
+            return fut.result(timeout=0.5)
+        except TimeoutError:
+            continue
+
+
 def run_local(todo: dict[str, Task], specs: dict[str, dict], jobs: int, log: Callable[[str], None],
               final: tuple | None = None, prestart: int = 1, gpus: list[str] | None = None) -> tuple[dict, object]:
     """A process pool of `jobs` workers (pinned to `gpus` in turn, `_pool`); a task is submitted
@@ -346,7 +358,9 @@ def run_local(todo: dict[str, Task], specs: dict[str, dict], jobs: int, log: Cal
                         del pending[tid]
                 if not running:
                     break
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                done = set()
+                while not done:   # waking twice a second: see _result
+                    done, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
                 for fut in done:
                     result = fut.result()   # BrokenProcessPool: the task stays in `running`, tried again
                     tid = running.pop(fut)
@@ -355,7 +369,7 @@ def run_local(todo: dict[str, Task], specs: dict[str, dict], jobs: int, log: Cal
             if final and not pending:
                 with _sigint_blocked():
                     fut = pool.submit(*final)
-                final_out = fut.result() or False   # False: it ran and failed (the caller runs it again)
+                final_out = _result(fut) or False   # False: it ran and failed (the caller runs it again)
         except BrokenProcessPool:
             if final and not pending and not running:   # the final's worker died: the caller runs it
                 final_out = False
