@@ -90,6 +90,16 @@ def smoke_run(tmp_path_factory):
     return base / "run", completed(box.result)
 
 
+def terminal_sigint() -> None:
+    """`preexec_fn` of a child that a test Ctrl-Cs: SIGINT at its default, as a terminal's foreground
+    job has it. A suite started as a background job (`make test &` in a script) runs with SIGINT
+    ignored, and an ignored signal stays ignored in children (POSIX), so the child would not react
+    at all; that is the launch, not the code under test."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 HOSTILE = {"car": "<script>alert(1)</script>", "bottle": "<img src=x onerror=alert(2)>"}
 
 

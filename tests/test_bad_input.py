@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import ROOT
+from conftest import ROOT, terminal_sigint
 from torch import nn
 
 from prunestudy import cli, coco, config, data, models, paths, pipeline, report, train
@@ -520,7 +520,7 @@ def _interrupt(args: list[str], ready, delay: float, cwd: Path, env: dict) -> tu
     """Start a run in its own process group, wait until ready(output so far) (the output is read as it
     comes: progress bars do not end their lines), wait `delay` s more, then Ctrl-C the whole group."""
     proc = subprocess.Popen([*CLI, "run", *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=terminal_sigint)
     out, deadline = b"", time.time() + 300
     while not ready(out) and time.time() < deadline and proc.poll() is None:
         if select.select([proc.stdout], [], [], 0.2)[0]:

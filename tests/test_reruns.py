@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import terminal_sigint
 
 from prunestudy import config, paths, pipeline, stages, store
 
@@ -91,7 +92,8 @@ def test_a_run_without_the_store_never_writes_through_a_link_into_it(smoke_run, 
 
 def start_run(run_dir: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([*CLI, "run", "-f", "params/smoke.yaml", "--run-dir", str(run_dir), *extra], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=terminal_sigint)
 
 
 def wait_for(proc: subprocess.Popen, pattern: str, timeout: float = 300) -> str:

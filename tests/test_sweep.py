@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import built_once, completed, saved
+from conftest import built_once, completed, saved, terminal_sigint
 
 from prunestudy import browser, cli, config, grid, kernels, metrics, paths, pipeline, records, stagestore, sweep
 
@@ -506,7 +506,7 @@ def test_ctrl_c_cancels_the_sweep_cleanly_and_keeps_what_finished(local_sweep, t
     store = seeded_store(base, tmp_path / "store")
     args = ["--sweep-dir", str(tmp_path / "grid"), "--store", str(store), "--jobs", "2", "-g", "seed=0"]
     proc = subprocess.Popen([*CLI, "sweep", "-f", str(SMALL), *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, preexec_fn=terminal_sigint)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and \
             not any(stagestore.held(c) for c in (store / "prune").glob("*.claim")):
@@ -544,16 +544,20 @@ def test_ctrl_c_stops_the_grid_report_in_its_pool_worker(local_sweep, tmp_path):
     before, page = nb.stat().st_mtime_ns, (copy / "grid" / paths.SWEEP_REPORT).stat().st_mtime_ns
     proc = subprocess.Popen([*CLI, "sweep", "-f", str(SMALL), "--sweep-dir", str(copy / "grid"), "--jobs", "2"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=terminal_sigint)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and nb.stat().st_mtime_ns == before:
         time.sleep(0.1)   # papermill writes the notebook as it starts it
     assert proc.poll() is None, proc.communicate()[0][-3000:]
+    status = Path(f"/proc/{proc.pid}/status")   # the driver's signal state (blocked, ignored, caught), if it fails
+    masks = [line for line in status.read_text().splitlines() if line.startswith("Sig")] if status.exists() else []
     os.kill(proc.pid, signal.SIGINT)   # the driver only (a terminal's Ctrl-C reaches all): it passes it on
     started_at = time.time()
     out, _ = proc.communicate(timeout=120)
     ran = json.loads(nb.read_text())["metadata"]["papermill"]   # when the report ran, against when SIGINT went
-    when = f"SIGINT sent {time.strftime('%H:%M:%S', time.gmtime(started_at))}; report notebook {ran}\n"
+    when = (f"SIGINT sent {time.strftime('%H:%M:%S', time.gmtime(started_at))}; report notebook {ran}; driver {masks}; "
+            f"this process: blocked {signal.pthread_sigmask(signal.SIG_BLOCK, [])}, "
+            f"SIGINT {signal.getsignal(signal.SIGINT)}\n")
     assert proc.returncode == 130, when + out[-3000:]
     assert time.time() - started_at < 30, when + out[-3000:]   # stopped, not finished first
     assert "interrupted; finished stages are kept in the store" in out and "==> sweep report" not in out
