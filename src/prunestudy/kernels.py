@@ -39,8 +39,8 @@ from pathlib import Path
 
 # glibc's malloc gives a freed block of more than 32 MB (mmap'd) and the heap's free top (trim) back to
 # the system, so the next batch of that size page-faults all its memory in again. That was about 40%
-# of an evaluation of the seed CNN at batch 500 (1.65 s -> 0.97 s for 1,132 crops, 1 thread) and of
-# its forward pass at batch 64, and 5-8% of a training epoch at batch 32. The project's kernelspec
+# of an evaluation of the seed CNN at batch 500 (1.65 s -> 0.97 s for 1,132 crops, 1 thread), a sixth
+# of its forward pass at batch 64 (57.8 -> 47.9 ms) and 5-8% of a training epoch at batch 32. The kernelspec
 # (stage notebooks, sweeps' workers, JupyterLab) raises both thresholds, as PyTorch's CPU tuning
 # guides do with jemalloc or tcmalloc: freed memory stays with the kernel, up to its peak. Read by
 # glibc once, at a process's start; ignored by other C libraries. Every latency table records the
