@@ -251,6 +251,11 @@ def warm_settings(specs: dict[str, dict]) -> dict | None:
             "cwd": str(pipeline.notebooks_dir())}
 
 
+def _processes(train: dict) -> int:
+    """How many processes a point's training runs: train.nproc_per_node under torchrun, else 1."""
+    return train["nproc_per_node"] if train["launcher"] == "torchrun" else 1
+
+
 def gpu_ids(gpus: str | None, pts: list[grid.Point]) -> list[str]:
     """The GPUs the local engine pins its workers to, worker i to ids[i % len(ids)] (its
     CUDA_VISIBLE_DEVICES), so that N jobs on a box of several GPUs use them all rather than all
@@ -264,7 +269,7 @@ def gpu_ids(gpus: str | None, pts: list[grid.Point]) -> list[str]:
     train = [p.cfg["train"] for p in pts]
     needs = sorted({f"train.device {t['device']}" for t in train if t["device"].startswith("cuda:")}
                    | {f"torchrun with train.nproc_per_node {t['nproc_per_node']}" for t in train
-                      if t["launcher"] == "torchrun" and t["nproc_per_node"] > 1 and t["device"] != "cpu"})
+                      if _processes(t) > 1 and t["device"] != "cpu"})
     if gpus == "none":
         return []
     if gpus != "auto":
@@ -447,7 +452,7 @@ def ray_options(task: Task, cfg: dict, gpus: bool) -> dict:
     runs train.nproc_per_node), and, for a stage that trains on CUDA on a cluster with GPUs, a GPU
     for each of them; retried when its worker dies, not when it raises."""
     t = cfg["train"]
-    procs = t["nproc_per_node"] if t["launcher"] == "torchrun" and task.stage in GPU_STAGES else 1
+    procs = _processes(t) if task.stage in GPU_STAGES else 1
     gpu = gpus and task.stage in GPU_STAGES and t["device"] != "cpu"
     return {"num_cpus": procs, "num_gpus": procs if gpu else 0, "max_retries": RETRIES, "retry_exceptions": False,
             "name": task.id}
