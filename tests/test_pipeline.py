@@ -109,7 +109,12 @@ def test_results_hold_the_control_the_sweep_and_efficiency(smoke_run):
     assert ((run_dir / "retrain" / "export.pt").is_file()
             and (run_dir / "analysis" / "figures" / "tradeoff.png").is_file())
     html = (run_dir / "report.html").read_text()
-    assert "dense control" in html and "saves no time" in html and "Trade-off" in html
+    # the report states the verdict results.json holds (which one is a measurement: the smoke run's 5
+    # paired repeats on a machine shared with the suite's other workers once judged a masked model
+    # 1.36x faster, 95% CI 1.05-1.75x; verdicts are tested on fixed timings in test_efficiency.py)
+    verdict = eff["remark"].split(" (")[0]   # e.g. "saves no time that this measurement can show: measured 1.00x"
+    assert verdict.startswith("saves time" if eff["saves_time"] else "saves no time")
+    assert "dense control" in html and verdict in html and "Trade-off" in html
 
 
 def test_bad_pruning_parameters_exit_2_before_any_work(tmp_path, capsys):
