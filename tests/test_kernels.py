@@ -40,7 +40,9 @@ def test_a_reused_kernel_shows_each_notebook_a_fresh_namespace(tmp_path, monkeyp
     before = kernels.starts
     try:
         a = _notebook(tmp_path / "a.ipynb", "import os, matplotlib.pyplot as plt\nleft_behind = 41\nfig = plt.figure()",
-                      "import sys, weakref\nclass Held: pass\nheld = Held()\nsys.probe = weakref.ref(held)\nheld",
+                      # a cycle: only the collector frees it
+                      "import sys, weakref\nclass Held: pass\nheld = Held()\nheld.me = held\n"
+                      "sys.probe = weakref.ref(held)\nheld",
                       "print(os.environ['PRUNESTUDY_PROBE'], os.getpid())")
         first = _execute(a, tmp_path / "a.out.ipynb")
         pid = _output(first).split()[1]
@@ -48,16 +50,22 @@ def test_a_reused_kernel_shows_each_notebook_a_fresh_namespace(tmp_path, monkeyp
         monkeypatch.setenv("PRUNESTUDY_PROBE", "second")   # read at call time: set before each notebook
         b = _notebook(tmp_path / "b.ipynb", "import os, matplotlib.pyplot as plt",
                       "print(os.environ['PRUNESTUDY_PROBE'], os.getpid(), len(plt.get_fignums()))",
-                      "print('left_behind' in dir())", "import sys\nprint(sys.probe() is None)")
+                      "print('left_behind' in dir())", "import sys\nprint(sys.probe() is None)",
+                      # made after the reset froze what survived it (kernels._reset): still collected
+                      "import sys, weakref\nclass Again: pass\nagain = Again()\nagain.me = again\n"
+                      "sys.probe = weakref.ref(again)")
         second = _execute(b, tmp_path / "b.out.ipynb")
         assert _output(second, 1).split() == ["second", pid, "0"]   # the same process; no figure left open
         assert _output(second, 2).strip() == "False"                 # no name of the notebook before
         assert _output(second, 3).strip() == "True"                  # what it held (its output too) is freed
-        assert [c.execution_count for c in second.cells] == [1, 2, 3, 4]   # numbered as in a fresh kernel
+        assert [c.execution_count for c in second.cells] == [1, 2, 3, 4, 5]   # numbered as in a fresh kernel
         assert kernels.starts == before + 1
         monkeypatch.delenv("PRUNESTUDY_PROBE")
-        c = _notebook(tmp_path / "c.ipynb", "import os\nprint('PRUNESTUDY_PROBE' in os.environ)")
-        assert _output(_execute(c, tmp_path / "c.out.ipynb")).strip() == "False"   # an unset one is unset there
+        c = _notebook(tmp_path / "c.ipynb", "import os\nprint('PRUNESTUDY_PROBE' in os.environ)",
+                      "import sys, gc\nprint(sys.probe() is None, gc.get_freeze_count() > 0)")
+        third = _execute(c, tmp_path / "c.out.ipynb")
+        assert _output(third, 0).strip() == "False"   # an unset one is unset there
+        assert _output(third, 1).split() == ["True", "True"]   # the second notebook's cycle is freed too
 
         # a variable read only when a kernel starts: a new kernel, the old one stopped
         monkeypatch.setenv("OMP_NUM_THREADS", "1" if os.environ.get("OMP_NUM_THREADS") != "1" else "2")
@@ -95,6 +103,107 @@ def test_a_reset_or_warmed_kernel_starts_worker_processes_as_a_fresh_one(tmp_pat
         assert kernels.starts == before + 1   # the warmed kernel, reused
     finally:
         kernels.shutdown()
+
+
+@pytest.mark.parametrize("start", ["warmed", "first notebook", "fresh kernels"])
+def test_a_kernel_keeps_its_history_in_memory_not_in_the_users_ipython_folder(tmp_path, monkeypatch, start):
+    """Every stage's code went to ~/.ipython/profile_default/history.sqlite (nbclient keeps the
+    history in memory only for kernelspecs named python or python3), and a sweep's kernels
+    contended for that file's lock."""
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))   # read at the kernel's start: a new kernel
+    kernels.shutdown()
+    try:
+        if start == "warmed":
+            kernels.warm(pipeline.ensure_kernel(), kernels.notebook_cwd(tmp_path / "h.ipynb"), "import os")
+        nb = _notebook(tmp_path / "h.ipynb", "x = 1", "print(get_ipython().history_manager.hist_file)")
+        for i in range(2):
+            out = _execute(nb, tmp_path / f"h{i}.out.ipynb", fresh=start == "fresh kernels")
+            assert _output(out).strip() == ":memory:"
+        assert not list((tmp_path / "ipython").rglob("history.sqlite"))
+    finally:
+        kernels.shutdown()
+
+
+def test_a_new_client_of_a_reused_kernel_sees_every_output_of_its_first_request(tmp_path):
+    """ReadyClient returns from wait_for_ready without jupyter_client's 0.2 s of IOPub silence, but
+    only once IOPub is subscribed: the first code run by each new client gets all of its output."""
+    from nbclient.util import run_sync
+
+    kernels.shutdown()
+    try:
+        kernels.warm(pipeline.ensure_kernel(), str(tmp_path), "import os")
+        km = kernels._km
+        for i in range(15):
+            kc = km.client()
+            assert isinstance(kc, kernels.ReadyClient)
+            kc.start_channels()
+            try:
+                run_sync(kc.wait_for_ready)(timeout=60)
+                seen: list[str] = []
+
+                def hook(m, seen=seen):
+                    if m["msg_type"] == "stream":
+                        seen.append(m["content"]["text"])
+                reply = run_sync(kc.execute_interactive)(f"print('start {i}', flush=True)\nprint('end {i}')",
+                                                         timeout=60, output_hook=hook)
+            finally:
+                kc.stop_channels()
+            assert reply["content"]["status"] == "ok"
+            assert "".join(seen).split() == ["start", str(i), "end", str(i)]
+    finally:
+        kernels.shutdown()
+
+
+def test_ready_client_asks_again_while_iopub_misses_the_reply_and_skips_other_requests_messages():
+    """The protocol of ReadyClient.wait_for_ready on scripted channels: a kernel_info whose IOPub
+    `idle` never comes (the subscription was not connected) is asked again; a late reply or status
+    of another request does not count; what IOPub holds at the end is taken without waiting."""
+    import asyncio
+    from queue import Empty
+
+    class Channel:
+        def __init__(self):
+            self.queue, self.waits = [], []
+
+        async def get_msg(self, timeout=None):
+            self.waits.append(timeout)
+            if not self.queue:
+                raise Empty
+            return self.queue.pop(0)
+
+    def msg(parent, kind, **content):
+        return {"parent_header": {"msg_id": parent}, "msg_type": kind, "content": content}
+
+    class Scripted(kernels.ReadyClient):
+        shell, iopub = Channel(), Channel()
+        shell_channel = property(lambda self: self.shell)
+        iopub_channel = property(lambda self: self.iopub)
+        sent = 0
+
+        def kernel_info(self):
+            self.sent += 1
+            mid = f"info-{self.sent}"
+            if self.sent == 1:   # a late reply of an earlier request first; IOPub not subscribed yet
+                self.shell.queue += [msg("old", "kernel_info_reply"), msg(mid, "kernel_info_reply")]
+            else:                # subscribed: another request's idle, then this one's busy and idle
+                self.shell.queue += [msg(mid, "kernel_info_reply")]
+                self.iopub.queue += [msg("old", "status", execution_state="idle"),
+                                     msg(mid, "status", execution_state="busy"),
+                                     msg(mid, "status", execution_state="idle"),
+                                     msg("later", "stream", text="queued")]
+            return mid
+
+        def _handle_kernel_info_reply(self, reply):
+            self.accepted = reply["parent_header"]["msg_id"]
+
+        async def _async_is_alive(self):
+            return True
+
+    client = Scripted()
+    asyncio.run(client.wait_for_ready(timeout=10))
+    assert client.sent == 2 and client.accepted == "info-2"
+    assert client.iopub.queue == []                 # the queued message was taken
+    assert client.iopub.waits[-2:] == [0, 0]        # ... without waiting for more
 
 
 def test_a_notebook_that_reads_a_name_it_did_not_define_fails_as_in_jupyterlab(tmp_path):

@@ -12,7 +12,9 @@ each notebook the kernel is reset to the state a fresh kernel would show the not
   `__package__`, which the reset deletes, are put back as the kernel had them (multiprocessing's
   spawn, used by the data stage's crop workers, reads them);
 - open figures are closed, and what the notebook before held is freed (garbage collected, CUDA's
-  cached memory given back);
+  cached memory given back); what survives a reset (imported modules) is moved out of the
+  collector's way (gc.freeze), so that a collection costs what the notebooks added, not all of
+  PyTorch's objects again;
 - the PRUNESTUDY_* environment variables (the run lock's token, the store, the progress style,
   PRUNESTUDY_HOME) are set to the runner's current ones.
 
@@ -25,11 +27,17 @@ results with fresh kernels' bit for bit, tests/test_kernels.py).
 
 `fresh=True` (`prunestudy run --fresh-kernels`, `prunestudy sweep --fresh-kernels`) starts a
 kernel per notebook, as papermill does on its own.
+
+What a notebook costs beyond its cells, in a reused kernel (benchmarks/bench_kernel.py): the reset,
+papermill's set-up and its saves. jupyter_client's clients wait for 0.2 s of IOPub silence each
+time they connect, and papermill and the reset each connect one per notebook; the project's
+(ReadyClient) do not. With the collector's two full passes, that was about 0.75 s a notebook.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -46,6 +54,13 @@ from pathlib import Path
 # glibc once, at a process's start; ignored by other C libraries. Every latency table records the
 # setting it was timed under (efficiency.allocator).
 MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=536870912:glibc.malloc.trim_threshold=1073741824"
+# IPython's history in memory, not in the user's ~/.ipython/profile_default/history.sqlite: every
+# stage's code went there, kernels running side by side contended for its lock, and each reset wrote
+# to it. nbclient passes this to the kernels it starts, but only to kernelspecs named python or
+# python3, not to the project's; JupyterLab's sessions of the kernel keep their history as usual.
+KERNEL_ARGUMENTS = ("--HistoryManager.hist_file=:memory:",)
+CLIENT_CLASS = f"{__name__}.ReadyClient"   # the kernel clients of reused kernels (ReadyClient's text)
+COLLECT = "__import__('gc').collect(); __import__('gc').freeze()"   # the reset's last step (see _reset)
 OWN_PREFIX = "PRUNESTUDY_"   # read by the stage functions when they run: set before each notebook
 MAIN_ATTRS = ("__spec__", "__loader__", "__package__")   # kept through a reset (see _reset)
 _IGNORED = ("JPY_",)         # set by Jupyter for the kernel itself
@@ -76,7 +91,8 @@ def execute_notebook(src: str | os.PathLike, out: str | os.PathLike, *, kernel_n
     try:
         with watch_sigint():
             km = {} if fresh else {"km": manager(kernel_name, cwd)}
-            pm.execute_notebook(str(src), str(out), kernel_name=kernel_name, cwd=cwd, progress_bar=False, **km, **kw)
+            pm.execute_notebook(str(src), str(out), kernel_name=kernel_name, cwd=cwd, progress_bar=False,
+                                extra_arguments=list(KERNEL_ARGUMENTS), **km, **kw)
             check_interrupted()
     except BaseException as e:
         if isinstance(e, KeyboardInterrupt) or getattr(e, "ename", None) == "KeyboardInterrupt":
@@ -105,10 +121,80 @@ def manager(kernel_name: str, cwd: str):
         except (RuntimeError, TimeoutError):   # it died meanwhile (or hangs): a new one
             pass
     shutdown()
-    _km, _fingerprint = AsyncKernelManager(kernel_name=kernel_name), fp
+    _km, _fingerprint = AsyncKernelManager(kernel_name=kernel_name, client_class=CLIENT_CLASS), fp
     starts += 1
     _register_shutdown()
     return _km
+
+
+@functools.cache
+def _ready_client_class():
+    """ReadyClient, defined once, on first use: jupyter_client is imported only by processes that run notebooks."""
+    from jupyter_client.asynchronous import AsyncKernelClient
+
+    class ReadyClient(AsyncKernelClient):
+        """jupyter_client's asynchronous client, but for the end of `wait_for_ready`.
+
+        jupyter_client's own (8.x) asks for kernel_info until the reply comes on the shell channel
+        and a message on IOPub proves that its subscription is connected (a SUB socket misses what is
+        published before it joined), then waits until IOPub has been silent for 0.2 s. Papermill's
+        client and the reset (`_reset`) each make a new client, so every notebook in a reused kernel
+        slept at least 0.4 s in those waits: more than a smoke-sized sweep point's retraining
+        notebook computes in some cells, and ~1 s of every point's three notebooks. This one waits
+        instead for the kernel_info request's own last IOPub message (its `idle` status), which
+        proves the subscription as well, and then takes only what is queued already: what is still
+        to come belongs to an earlier request, and nbclient ignores messages of other requests (it
+        matches their parent message id)."""
+
+        async def wait_for_ready(self, timeout: float | None = None) -> None:
+            import time
+            from queue import Empty
+
+            deadline = time.monotonic() + (float("inf") if timeout is None else timeout)
+            while True:
+                msg_id = self.kernel_info()
+                reply = None
+                while reply is None:   # the reply to this request (a late one of an earlier request is skipped)
+                    try:
+                        msg = await self.shell_channel.get_msg(timeout=1)
+                    except Empty:
+                        break
+                    if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "kernel_info_reply":
+                        reply = msg
+                if reply is not None and await self._idle_seen(msg_id, wait=0.2):
+                    self._handle_kernel_info_reply(reply)
+                    break
+                if not await self._async_is_alive():
+                    raise RuntimeError("Kernel died before replying to kernel_info")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"Kernel didn't respond in {timeout} seconds")
+            while True:   # what IOPub holds already; nothing is waited for
+                try:
+                    await self.iopub_channel.get_msg(timeout=0)
+                except Empty:
+                    break
+
+        async def _idle_seen(self, msg_id: str, wait: float) -> bool:
+            """True once IOPub brings the `idle` status of request `msg_id`; False after `wait` s of
+            silence (the subscription was not connected yet: the caller asks again)."""
+            from queue import Empty
+
+            while True:
+                try:
+                    msg = await self.iopub_channel.get_msg(timeout=wait)
+                except Empty:
+                    return False
+                if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "status" \
+                        and msg["content"].get("execution_state") == "idle":
+                    return True
+
+    return ReadyClient
+
+
+def __getattr__(name: str):
+    if name == "ReadyClient":   # the manager's client_class names it by its dotted path
+        return _ready_client_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def warm(kernel_name: str, cwd: str, code: str = "") -> None:
@@ -120,7 +206,7 @@ def warm(kernel_name: str, cwd: str, code: str = "") -> None:
 
     km = manager(kernel_name, cwd)
     if not km.has_kernel:
-        run_sync(km.start_kernel)(cwd=cwd)
+        run_sync(km.start_kernel)(cwd=cwd, extra_arguments=list(KERNEL_ARGUMENTS))
     if code:
         _execute(km, code, "warming the kernel up")
 
@@ -141,8 +227,11 @@ def _reset(km) -> None:
         "get_ipython().reset(new_session=True)",
         "[setattr(__import__('sys').modules['__main__'], _k, _v) "
         "for _k, _v in vars(__import__('sys')).pop('_prunestudy_main').items()]",
-        # what the notebook before held is freed now (and CUDA's cached blocks given back), not later
-        "__import__('gc').collect()",
+        # what the notebook before held is freed now (and CUDA's cached blocks given back), not later;
+        # what survives (the imported modules, mostly) is frozen: a full collection walked all of
+        # PyTorch's, pandas' and matplotlib's objects, 0.1 s here, and IPython's reset makes one
+        # too, so each reset spent 0.2 s in the collector; now both scan what came since
+        COLLECT,
         "(lambda t: t.cuda.empty_cache() if t and t.cuda.is_initialized() else None)"
         "(__import__('sys').modules.get('torch'))",
     ])
