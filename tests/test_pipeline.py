@@ -8,6 +8,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import torch
 from conftest import HOSTILE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,6 +57,9 @@ def test_notebooks_ran_in_this_environments_kernel(smoke_run):
 
     for stage in ("train", "prune", "retrain"):
         assert res[stage]["glibc_tunables"] == kernels.MALLOC_TUNABLES, stage
+        # the instruction set its CPU kernels ran with, as this machine's PyTorch reports it
+        assert res[stage]["cpu_capability"] == torch.backends.cpu.get_cpu_capability(), stage
+    assert res["provenance"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert res["prune"]["efficiency"]["latency"]["cpu"]["allocator"] == kernels.MALLOC_TUNABLES
     for name in ("01_data", "02_train", "03_prune", "04_retrain", "05_analysis"):
         nb = nbformat.read(run_dir / "notebooks" / f"{name}.ipynb", as_version=4)

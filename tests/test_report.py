@@ -564,6 +564,14 @@ def test_title_and_provenance(run):
                                  "cuda_visible_devices": "3"}}   # a pinned sweep worker's training
     assert "| device (training) | cuda:0 (NVIDIA H200), CUDA\\_VISIBLE\\_DEVICES=3 |" in \
         report.provenance_markdown(on_gpu)
+    # the instruction set of PyTorch's CPU kernels: the same code computes other floats with others
+    forced = {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+    on_cpu = {**res, "train": {**res["train"], "cpu_capability": "AVX512", "cpu_dispatch": forced},
+              "provenance": {**res["provenance"], "cpu": "AMD EPYC", "processor": "x86_64",
+                             "cpu_capability": "AVX512"}}
+    prov_cpu = report.provenance_markdown(on_cpu)
+    assert "| device (training) | cpu (AVX512 kernels, ONEDNN\\_MAX\\_CPU\\_ISA=AVX2) |" in prov_cpu
+    assert "| processor | AMD EPYC (x86\\_64), PyTorch's CPU kernels: AVX512 |" in prov_cpu
     counts = res["data"]["counts"]["test"]
     assert f"person: {counts['person']}" in prov and "&lt;b&gt;dog&lt;/b&gt;" in prov   # class names escaped
 

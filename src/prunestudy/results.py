@@ -201,13 +201,34 @@ def load_results(run_dir=None) -> dict:
     return res
 
 
+# Variables that restrict which CPU kernels PyTorch runs (the instruction sets of ATen's, oneDNN's and
+# MKL's): the same code and packages compute other floats with other instructions (docs/results.md).
+CPU_DISPATCH_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
+                     "MKL_CBWR")
+
+
 def environment(device: torch.device) -> dict:
     """Where a stage computed: its device (and GPU model), the GPUs its process was given
-    (CUDA_VISIBLE_DEVICES: a sweep's worker, a Ray task, a SLURM job), its Python, its threads and
-    its malloc settings (GLIBC_TUNABLES: the project's kernels set them, prunestudy.kernels)."""
+    (CUDA_VISIBLE_DEVICES: a sweep's worker, a Ray task, a SLURM job), its Python, its threads, its
+    malloc settings (GLIBC_TUNABLES: the project's kernels set them, prunestudy.kernels), the CPU
+    and the instruction set of PyTorch's CPU kernels (`cpu_capability`, e.g. AVX2 or AVX512), and
+    any variable that restricts them (CPU_DISPATCH_VARS)."""
     return {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "python": sys.executable,
-            "torch_threads": torch.get_num_threads(), "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
+            "torch_threads": torch.get_num_threads(), "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+            "cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_dispatch": {k: os.environ[k] for k in CPU_DISPATCH_VARS if k in os.environ}}
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else what the platform says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 LOCK_FILE = "requirements.lock"   # the project's pinned environment (make setup installs it)
@@ -223,7 +244,8 @@ def provenance() -> dict:
             versions[pkg] = None
     lock = config.project_root() / LOCK_FILE
     return {"versions": versions, "python": platform.python_version(), "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(), "git_commit": _git_commit(),
+            "processor": platform.processor() or platform.machine(), "cpu": cpu_name(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "git_commit": _git_commit(),
             "lock_file": LOCK_FILE, "lock_sha256": data.sha256_file(lock) if lock.is_file() else None,
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 

@@ -17,12 +17,26 @@ def _pages(run_dir: str, stages: tuple[str, ...]) -> str:
 
 
 def _device(m: dict) -> str | None:
-    """A stage's device, with its GPU model and the GPUs its process was given, when recorded."""
+    """A stage's device, with its GPU model and the GPUs its process was given, or the instruction
+    set of PyTorch's CPU kernels (and a variable that restricted it), when recorded."""
     if not m.get("device"):
         return None
     given = m.get("cuda_visible_devices")
-    return m["device"] + (f" ({m['gpu']})" if m.get("gpu") else "") + \
+    kernels = f"{m['cpu_capability']} kernels" if m.get("cpu_capability") and m["device"] == "cpu" else ""
+    forced = ", ".join(f"{k}={v}" for k, v in (m.get("cpu_dispatch") or {}).items())
+    extra = ", ".join(x for x in (m.get("gpu"), kernels, forced) if x)
+    return m["device"] + (f" ({extra})" if extra else "") + \
         (f", CUDA_VISIBLE_DEVICES={given}" if given is not None else "")
+
+
+def _processor(prov: dict) -> str | None:
+    """'AMD EPYC (x86_64), PyTorch's CPU kernels: AVX512': the same code computes other floats with
+    other instructions, so a rerun elsewhere can differ in the last digits (docs/results.md)."""
+    parts = [p for p in (prov.get("cpu"), prov.get("processor")) if p]
+    text = f"{parts[0]} ({parts[1]})" if len(parts) == 2 and parts[0] != parts[1] else (parts[0] if parts else None)
+    if prov.get("cpu_capability"):
+        text = f"{text or 'CPU'}, PyTorch's CPU kernels: {prov['cpu_capability']}"
+    return text
 
 
 def _per_split(value) -> str | None:
@@ -39,7 +53,7 @@ def provenance_markdown(results: dict) -> str:
     prov = results.get("provenance") or {}
     rows = [("parameters hash", results.get("params_hash")), ("git commit", prov.get("git_commit")),
             ("python", prov.get("python")), ("platform", prov.get("platform")),
-            ("processor", prov.get("processor")), ("cuda", prov.get("cuda"))]
+            ("processor", _processor(prov)), ("cuda", prov.get("cuda"))]
     train = states.metrics(results, "trained")
     params = results.get("params") or {}
     seeds = [params.get("seed"), *[r["seed"] for r in results.get("repeats") or []]]
