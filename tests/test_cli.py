@@ -28,3 +28,33 @@ def test_kernel_command_points_at_this_python(capsys):
     spec = json.loads((pipeline.kernel_dir() / "kernel.json").read_text())
     assert spec["argv"][0] == sys.executable
     assert spec["env"]["GLIBC_TUNABLES"] == pipeline.kernels.MALLOC_TUNABLES   # see prunestudy.kernels
+
+
+HEAVY = ("torch", "pandas", "seaborn", "matplotlib", "scipy", "papermill")
+
+
+def test_the_command_line_and_the_sweep_workers_start_without_the_heavy_libraries():
+    """`prunestudy --help`, `kernel`, `lab` and `cache` answered after importing PyTorch, pandas, seaborn
+    and scipy (3.4 s here); a sweep's pool workers imported PyTorch too, although their kernels do
+    the work. They import what a command needs when it runs."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, prunestudy.cli, prunestudy.sweep, prunestudy.pipeline, prunestudy.grid; "
+             f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+    helped = subprocess.run([sys.executable, "-m", "prunestudy.cli", "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert helped.returncode == 0 and "compare" in helped.stdout and "sweep" in helped.stdout
+
+
+def test_compare_help_names_its_default_page(capsys):
+    import pytest
+
+    from prunestudy import paths
+
+    with pytest.raises(SystemExit):
+        cli.main(["compare", "--help"])
+    assert f"default: {paths.COMPARE_PAGE}" in capsys.readouterr().out

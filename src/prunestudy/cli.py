@@ -9,7 +9,7 @@ import sys
 
 import yaml
 
-from . import cache, compare, config, download, lab, pipeline, records, sweep
+from . import config, download, lab, paths, pipeline, records, sweep
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     lab_p.add_argument("--port", type=int, help="port (default: JupyterLab's, 8888 or the next free)")
     lab_p.add_argument("--no-browser", action="store_true", help="do not open a web browser")
     download.add_cli(sub)
-    compare.add_cli(sub)
+    _add_compare_cli(sub)
     sweep.add_cli(sub)
     _add_cache_cli(sub)
     args = parser.parse_args(argv)
@@ -90,6 +90,35 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _add_compare_cli(sub) -> None:
+    """`prunestudy compare` (prunestudy.compare, imported when the command runs: pandas, seaborn and
+    PyTorch are not needed to parse a command line)."""
+    p = sub.add_parser(
+        "compare", help="one self-contained HTML page comparing finished runs side by side",
+        description="Write one self-contained HTML page (no script, nothing fetched) comparing two or more "
+                    "finished run folders: per model state their test accuracy, loss, sparsity, parameters, "
+                    "model size and latency; a figure; and the parameters that differ.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders written by `prunestudy run` (two or more)")
+    p.add_argument("-o", "--output", default=paths.COMPARE_PAGE, metavar="OUT.html",
+                   help=f"the page to write (default: {paths.COMPARE_PAGE} in the current directory; replaced if "
+                        "it exists)")
+    p.set_defaults(handler=_compare)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    """0: page written; 2: bad input (nothing written)."""
+    from . import compare
+
+    try:
+        out = compare.compare(args.runs, args.output)
+    except compare.CompareError as e:
+        for line in str(e).splitlines():
+            print(f"prunestudy compare: {line}", file=sys.stderr)
+        return 2
+    print(f"prunestudy compare: {len(args.runs)} runs -> {out}")
+    return 0
+
+
 def _add_cache_cli(sub) -> None:
     p = sub.add_parser("cache", help="list or clear cached crop sets (data/cache) and the embedded dataset")
     p.add_argument("action", choices=("list", "clear"))
@@ -98,6 +127,8 @@ def _add_cache_cli(sub) -> None:
 
 
 def _cache(args) -> int:
+    from . import cache  # the crop sets' code imports PyTorch
+
     if args.action == "clear":
         freed = cache.clear(include_embedded=args.all)
         print(f"prunestudy: cache cleared, {freed / 2**20:.1f} MiB freed"

@@ -19,13 +19,11 @@ anything is written, and the page is written atomically.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
 import json
 import os
-import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +38,6 @@ from matplotlib.patches import Patch
 
 from . import config, paths, records, report, stages, states, store
 
-DEFAULT_OUT = "compare.html"
 DELTA = "Δ test accuracy vs first run (points)"
 MISSING = "—"
 
@@ -382,11 +379,11 @@ def render(runs: list[Run]) -> str:
 def check_output(out: str | Path) -> Path:
     out = Path(out).expanduser().resolve()
     if out.is_dir():
-        raise CompareError(f"-o {out} is a folder: give a file name, e.g. -o {out / DEFAULT_OUT}")
+        raise CompareError(f"-o {out} is a folder: give a file name, e.g. -o {out / paths.COMPARE_PAGE}")
     return out
 
 
-def compare(paths: list[str | Path], out: str | Path = DEFAULT_OUT) -> Path:
+def compare(paths: list[str | Path], out: str | Path = paths.COMPARE_PAGE) -> Path:
     """Write the comparison page of the runs at ``paths`` to ``out`` (atomically); return its path."""
     out = check_output(out)
     runs = load_runs(paths)
@@ -399,31 +396,3 @@ def compare(paths: list[str | Path], out: str | Path = DEFAULT_OUT) -> Path:
         return out
     except OSError as e:
         raise CompareError(f"cannot write {out} ({e.strerror or e}): choose another file with -o") from None
-
-
-# --------------------------------------------------------------------------- command line
-
-def add_cli(subparsers) -> None:
-    """Register ``compare`` on a ``prunestudy`` subparsers object (handler in defaults)."""
-    p = subparsers.add_parser(
-        "compare", help="one self-contained HTML page comparing finished runs side by side",
-        description="Write one self-contained HTML page (no script, nothing fetched) comparing two or more "
-                    "finished run folders: per model state their test accuracy, loss, sparsity, parameters, "
-                    "model size and latency; a figure; and the parameters that differ.")
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders written by `prunestudy run` (two or more)")
-    p.add_argument("-o", "--output", default=DEFAULT_OUT, metavar="OUT.html",
-                   help=f"the page to write (default: {DEFAULT_OUT} in the current directory; replaced if it "
-                        "exists)")
-    p.set_defaults(handler=_cli)
-
-
-def _cli(args: argparse.Namespace) -> int:
-    """0: page written; 2: bad input (nothing written)."""
-    try:
-        out = compare(args.runs, args.output)
-    except CompareError as e:
-        for line in str(e).splitlines():
-            print(f"prunestudy compare: {line}", file=sys.stderr)
-        return 2
-    print(f"prunestudy compare: {len(args.runs)} runs -> {out}")
-    return 0

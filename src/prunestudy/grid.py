@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from . import config, paths, pipeline, records, stages
+from . import config, paths, pipeline, records
 
 GRID_KEY = "grid"
 STAGES = ("data", "train", "control", "prune", "retrain", "analysis")
@@ -152,7 +152,7 @@ def control_params(cfg: dict) -> dict:
     """What defines a point's dense control: its training, and the retraining settings over as many
     epochs as the pruned model gets (between rounds included)."""
     rounds, per_round, re_ = cfg["prune"]["rounds"], cfg["retrain"]["epochs_per_round"], cfg["retrain"]
-    return stages.control_params(re_["epochs"] + (rounds - 1) * per_round, re_["lr"], re_["batch_size"],
+    return records.control_params(re_["epochs"] + (rounds - 1) * per_round, re_["lr"], re_["batch_size"],
                                  cfg["seed"], cfg["train"]["device"])
 
 

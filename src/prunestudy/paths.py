@@ -42,6 +42,7 @@ REPEATS = "repeats"
 SWEEP = "sweep"                    # sweep/<point>/: the in-run sweep's points (prune.amounts x prune.methods)
 PARALLEL = ".parallel"             # `prunestudy run --jobs N`: its chains computed as a sweep of their own
 LOCK = "run.lock"                  # held by the process writing the run folder (records.RunLock)
+COMPARE_PAGE = "compare.html"      # prunestudy compare's page, in the current folder unless -o names another
 STORE = ".store"                   # beside the run folders: the stage store (stagestore.py)
 ENTRY_NOTEBOOK = ".executed.ipynb"  # a store entry's executed notebook (run/notebooks/ links to it)
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
-from . import config, kernels, paths, progress, records, stages, stagestore, store
+from . import config, kernels, paths, progress, records, stagestore, store
 
 STAGES = paths.STAGES
 KERNEL_NAME = "prunestudy"
@@ -473,9 +473,9 @@ def _render_failed(notebook: Path) -> Path | None:
 
 def preflight(cfg: dict, run_dir: Path | None = None) -> None:
     """Checks that need the file system, before any work starts."""
-    from . import data
-
     if cfg["data"]["root"] != "embedded":
+        from . import data
+
         data.check_layout(config.resolve_path(cfg["data"]["root"]))
     missing = [nb for nb in paths.NOTEBOOK_OF.values() if not (notebooks_dir() / nb).is_file()]
     if missing:
@@ -510,6 +510,8 @@ def check_writable(run_dir: Path) -> None:
 
 def _finish(run_dir: Path, cfg: dict, timings: dict, keys: dict) -> dict:
     """results.json from the stages completed so far, with their timings and keys."""
+    from . import stages  # PyTorch and the statistics: the runner itself needs them only here
+
     results = stages.collect_results(run_dir, cfg, timings)
     results["stage_keys"] = keys
     store.write_json(run_dir / paths.RESULTS, results)

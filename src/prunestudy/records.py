@@ -41,6 +41,11 @@ class LockedError(RuntimeError):
 
 
 # --- keys ------------------------------------------------------------------------------------
+def control_params(epochs: int, lr: float, batch_size: int, seed: int, device: str) -> dict:
+    """What defines the dense control beside the training it starts from (its key's parameters)."""
+    return {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed, "device": device}
+
+
 def stage_key(stage: str, params: dict, after: str | None, **extra) -> str:
     """The key of a stage: what defines its result (its parameters, not where it reads or writes
     nor how fast) and the key before it."""

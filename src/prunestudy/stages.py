@@ -360,8 +360,8 @@ def run_retrain(run_dir=None, *, epochs=default("retrain.epochs"), lr=default("r
     settings = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed}
     control_epochs = epochs + pm.get("between_round_epochs", 0)
     if control:
-        with _shared_control(out / paths.CONTROL, model_dir, control_params(control_epochs, lr, batch_size, seed,
-                                                                           device), log) as todo:
+        params = records.control_params(control_epochs, lr, batch_size, seed, device)
+        with _shared_control(out / paths.CONTROL, model_dir, params, log) as todo:
             if todo:
                 _control(out / paths.CONTROL, dense, trainset, testset, epochs=control_epochs, batch_size=batch_size,
                          lr=lr, seed=seed, log=log, speed=speed, classes=classes)
@@ -377,11 +377,6 @@ def run_retrain(run_dir=None, *, epochs=default("retrain.epochs"), lr=default("r
     store.write_json(out / paths.METRICS, metrics)
     (out / paths.CHECKPOINT).unlink(missing_ok=True)
     return metrics
-
-
-def control_params(epochs: int, lr: float, batch_size: int, seed: int, device: str) -> dict:
-    """What defines the dense control beside the training it starts from (its key's parameters)."""
-    return {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed, "device": device}
 
 
 @contextmanager
