@@ -201,6 +201,20 @@ def test_unwritable_run_folder_is_refused_before_any_work(tmp_path):
     assert "[1/5]" not in proc.stdout
 
 
+def test_written_files_get_the_mode_of_a_plain_open_not_the_temp_files_0600(tmp_path, smoke_run):
+    """Results, reports and models are written atomically through a temp file (0600); they used to
+    keep that mode, so a colleague or a web server on a shared file system could not read a report."""
+    target = store.write_bytes(tmp_path / "page.html", b"<html></html>")
+    assert target.stat().st_mode & 0o777 == store.FILE_MODE
+    probe = "import os; os.umask(0o027); from prunestudy import store; print(oct(store.FILE_MODE))"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          check=True).stdout.strip() == "0o640"   # the umask decides, as for open()
+    run_dir, _ = smoke_run   # the study's own files, under this process's umask
+    for name in ("report.html", "results.json", "notebooks/05_analysis.html", "train/metrics.json",
+                 "train/model.pt"):
+        assert (run_dir / name).resolve().stat().st_mode & 0o777 == store.FILE_MODE, name
+
+
 def test_full_disk_gives_a_clear_error_and_keeps_the_old_file(tmp_path):
     target = tmp_path / "metrics.json"
     store.write_json(target, {"old": True})

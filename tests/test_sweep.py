@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import shutil
 import signal
@@ -433,6 +434,27 @@ def test_ray_engine_with_fake_gpus(local_sweep, tmp_path):
     for p in pts:   # each point's stages: the local engine's accuracies and losses
         assert stage_scores(paths.point_dir(tmp_path / "grid", p.name)) == \
             stage_scores(paths.point_dir(base / "grid", p.name)), p.name
+
+
+def test_ray_runs_the_final_task_in_a_worker_once_the_stages_are_done(tmp_path):
+    """The grid report is Ray's last task (a worker whose kernel is warm), not a new kernel in the
+    driver; a final task that fails there comes back as False, and the driver then renders the
+    report itself (`sweep.run`)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        results, out = sweep.run_ray({}, {}, None, lambda m: None, final=(platform.python_version,))
+        assert results == {} and out == platform.python_version()
+        # the grid report of a folder that is no sweep fails in the worker: False, for the driver to retry
+        _, failed = sweep.run_ray({}, {}, None, lambda m: None,
+                                  final=(sweep._report_task, str(tmp_path / "not-a-sweep"), False, {}, 1))
+        assert failed is False
+        _, raised = sweep.run_ray({}, {}, None, lambda m: None, final=(json.loads, "not json"))
+        assert raised is False
+        _, none = sweep.run_ray({}, {}, None, lambda m: None)
+        assert none is None
+    finally:
+        ray.shutdown()
 
 
 def test_ray_gives_a_training_stage_a_gpu_per_process():

@@ -23,7 +23,6 @@ import base64
 import html
 import io
 import json
-import os
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -389,10 +388,6 @@ def compare(paths: list[str | Path], out: str | Path = paths.COMPARE_PAGE) -> Pa
     runs = load_runs(paths)
     page = render(runs)
     try:
-        store.write_bytes(out, page.encode("utf-8"))
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(out, 0o666 & ~mask)  # a page to share: the usual file mode, not the temp file's 0600
-        return out
+        return store.write_bytes(out, page.encode("utf-8"))   # with the usual file mode (store.FILE_MODE)
     except OSError as e:
         raise CompareError(f"cannot write {out} ({e.strerror or e}): choose another file with -o") from None

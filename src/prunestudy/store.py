@@ -12,13 +12,26 @@ from pathlib import Path
 from typing import Any
 
 
+def _file_mode() -> int:
+    """The mode open() gives a new file under this process's umask (0644 under the usual 022)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+FILE_MODE = _file_mode()   # read once, at import (os.umask can only be read by setting it)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], Any]) -> Path:
     """Call write(binary file) on a temp file beside path, fsync, then rename it into place:
-    readers see the old file or the whole new one, never a part."""
+    readers see the old file or the whole new one, never a part. The file gets the mode a plain
+    open() would give it (FILE_MODE): mkstemp's temp files are 0600, so reports, results and models
+    could be read by their owner only, not by a colleague or a web server on a shared file system."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -302,12 +302,14 @@ def _pool(jobs: int, warm: dict | None, gpus: list[str]) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init, initargs=(warm, slots))
 
 
-def _report_task(sweep_dir: str, fresh_kernel: bool) -> str | None:
-    """The grid report, in a pool worker (its kernel is warm); None if it failed there (the driver
-    then runs it itself, and its error is raised there as usual). A Ctrl-C stops it, as it stops a
-    stage (`_worker_sigint`)."""
+def _report_task(sweep_dir: str, fresh_kernel: bool, env: dict, threads: int) -> str | None:
+    """The grid report, in a worker of the pool or of Ray, with the tasks' environment (so that the
+    kernel its last stage used, warm, is reused); None if it failed there (the driver then runs it
+    itself, and its error is raised there as usual). A Ctrl-C stops it, as it stops a stage
+    (`_worker_sigint`)."""
     global _busy, _interrupted
     _busy = True
+    _apply_env(env, threads)
     try:
         return str(report(Path(sweep_dir), lambda message: None, fresh_kernel))   # the driver logs it
     except Exception:
@@ -406,11 +408,13 @@ def run_local(todo: dict[str, Task], specs: dict[str, dict], jobs: int, log: Cal
 
 
 def run_ray(todo: dict[str, Task], specs: dict[str, dict], address: str | None, log: Callable[[str], None],
-            init: dict | None = None) -> dict:
+            init: dict | None = None, final: tuple | None = None) -> tuple[dict, object]:
     """One Ray task per unique stage, with its inputs' tasks as arguments (Ray orders them);
     a GPU per training process for the training stages when the cluster has GPUs and the point
     trains on one (`ray_options`; Ray sets CUDA_VISIBLE_DEVICES for it); a task whose worker dies is
-    retried by Ray."""
+    retried by Ray. `final`: a (function, *args) run as one more task once every task is done (the
+    grid report, in a worker whose kernel is warm, instead of a new kernel in the driver). Returns
+    (results, what `final` returned: None when it did not run, False when it failed)."""
     import ray
 
     started_here = not ray.is_initialized()
@@ -437,11 +441,19 @@ def run_ray(todo: dict[str, Task], specs: dict[str, dict], address: str | None, 
                     results[tid] = {"id": tid, "stage": todo[tid].stage, "point": todo[tid].point,
                                     "status": "failed", "error": f"{type(e).__name__}: {e}"[:300], "notebook": None}
                 _log_result(results[tid], log)
+            final_out = None
+            if final:
+                waiting = [ray.remote(final[0]).options(num_cpus=1, max_retries=RETRIES, name="grid report")
+                           .remote(*final[1:])]
+                try:
+                    final_out = ray.get(waiting[0]) or False
+                except Exception:  # noqa: BLE001 - its worker lost: the driver renders it
+                    final_out = False
         except KeyboardInterrupt:
             for ref in waiting:
                 ray.cancel(ref, force=True)
             raise
-        return results
+        return results, final_out
     finally:
         if started_here:
             ray.shutdown()
@@ -492,17 +504,16 @@ def run(pts: list[grid.Point], sweep_dir: str | Path, *, engine: str = "local", 
         log(f"==> sweep: {len(pts)} points, {len(todo)} unique stages, engine {engine}"
             + (f" ({jobs} jobs{', GPUs ' + ','.join(pinned) + ' in turn' if pinned else ''})" if engine == "local"
                else f" ({address or 'a local Ray'})"))
-        page = None
+        final = (_report_task, str(sweep_dir), fresh_kernels, env, threads) if "analysis" in kinds else None
         if engine == "ray":
-            results = run_ray(todo, specs, address, log, ray_init)
+            results, page = run_ray(todo, specs, address, log, ray_init, final)
         else:
-            final = (_report_task, str(sweep_dir), fresh_kernels) if "analysis" in kinds else None
             results, page = run_local(todo, specs, jobs, log, final, prestart=min(jobs, _to_run(todo, sweep_dir, st)),
                                       gpus=pinned)
         failed = [r for r in results.values() if r["status"] == "failed"]
         ran = {s: sum(1 for r in results.values() if r["status"] == "ran" and r["stage"] == s) for s in ORDER}
         summary = {"results": results, "failed": failed, "ran": ran, "points": len(pts), "unique": len(todo)}
-        if page:   # the local engine's pool rendered it
+        if page:   # a worker of the pool or of Ray rendered it
             log(f"==> sweep report: {page}")
         elif "analysis" in kinds:
             report(sweep_dir, log, fresh_kernels)
