@@ -139,8 +139,7 @@ def _ready_client_class():
         and a message on IOPub proves that its subscription is connected (a SUB socket misses what is
         published before it joined), then waits until IOPub has been silent for 0.2 s. Papermill's
         client and the reset (`_reset`) each make a new client, so every notebook in a reused kernel
-        slept at least 0.4 s in those waits: more than a smoke-sized sweep point's retraining
-        notebook computes in some cells, and ~1 s of every point's three notebooks. This one waits
+        slept at least 0.4 s in those waits, 1.2 s of a sweep point's three notebooks. This one waits
         instead for the kernel_info request's own last IOPub message (its `idle` status), which
         proves the subscription as well, and then takes only what is queued already: what is still
         to come belongs to an earlier request, and nbclient ignores messages of other requests (it
