@@ -36,6 +36,24 @@ def _project_home(monkeypatch):
     monkeypatch.setenv("PRUNESTUDY_HOME", str(ROOT))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _crop_cache(tmp_path_factory):
+    """The crop sets the tests build go to the test run's temp folder, shared by its workers, not to
+    the checkout's data/cache: most of their COCO roots are temp folders, which are part of a set's
+    key, so each `make test` left a dozen sets there for good (116 MB after three runs)."""
+    from prunestudy import cache
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    folder = shared / "crop-cache"
+    folder.mkdir(exist_ok=True)
+    patch = pytest.MonkeyPatch()
+    patch.setenv(cache.ENV, str(folder))
+    yield folder
+    patch.undo()
+
+
 @pytest.fixture
 def coco_sample() -> Path:
     if not (COCO_SAMPLE / "annotations" / "instances_train2017.json").is_file():

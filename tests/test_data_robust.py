@@ -309,8 +309,9 @@ def test_jpeg_draft_decodes_at_a_fraction_only_when_asked(tmp_path):
 
 # --------------------------------------------------------------------------- cache
 
-def test_cache_reuses_links_and_clears(tmp_path, monkeypatch):
+def test_cache_reuses_links_and_clears(tmp_path, monkeypatch, _crop_cache):
     monkeypatch.setenv("PRUNESTUDY_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv(cache.ENV)   # the default place: the project's data/cache
     root = copy_sample(tmp_path)
     kw = dict(root=str(root), classes=TWO, min_per_class=1)
     logs = []
@@ -338,6 +339,14 @@ def test_cache_reuses_links_and_clears(tmp_path, monkeypatch):
     assert cache.entries() == [] and not entry.exists()
     x, y = data.load_split(tmp_path / "run1" / "data", "train")
     assert len(x) == len(y) == info1["train_size"]
+    # PRUNESTUDY_CACHE puts the crop sets elsewhere, for the stage and for `prunestudy cache`
+    monkeypatch.setenv(cache.ENV, str(tmp_path / "scratch"))
+    info5 = stages.run_data(tmp_path / "run5", log=logs.append, **kw)
+    assert Path(info5["cache"]["entry"]).parent == tmp_path / "scratch" / "crops"
+    listed = subprocess.run([sys.executable, "-m", "prunestudy.cli", "cache", "list"], capture_output=True, text=True)
+    assert info5["cache"]["key"] in listed.stdout
+    assert not (tmp_path / "home" / "data" / "cache" / "crops").exists() or \
+        not list((tmp_path / "home" / "data" / "cache" / "crops").iterdir())
 
 
 def test_progress_in_log_mode_is_a_few_lines(tmp_path, monkeypatch, capfd):

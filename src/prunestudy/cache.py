@@ -15,7 +15,7 @@ The sha256 of an annotation file (448 MB for train2017) is itself remembered by
 (path, size, mtime), so an unchanged file is not read again. A build holds a lock on its
 entry, so two runs asking for the same set build it once. ``prunestudy cache list`` shows the
 entries, ``prunestudy cache clear`` removes them (and the generated embedded dataset with
-``--all``).
+``--all``). ``PRUNESTUDY_CACHE`` puts the cache elsewhere (`cache_root`).
 """
 
 from __future__ import annotations
@@ -35,8 +35,13 @@ FORMAT = 4  # bump when the crop rule, the file layout or the checks change: old
 DIGESTS = "digests.json"
 
 
+ENV = "PRUNESTUDY_CACHE"   # another folder for the crop sets (and the digests), e.g. on a scratch disk
+
+
 def cache_root() -> Path:
-    return config.project_root() / "data" / "cache"
+    """<project>/data/cache, or $PRUNESTUDY_CACHE (the test suite points it at its temp folder: its
+    COCO roots are temp folders, part of each crop set's key, so their sets would never be reused)."""
+    return Path(os.environ[ENV]).resolve() if os.environ.get(ENV) else config.project_root() / "data" / "cache"
 
 
 def annotation_digest(path: Path) -> str:
