@@ -127,16 +127,6 @@ def enlarge(root: Path, k: int, dest: Path) -> Path:
     return dest
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--root", default=str(SAMPLE), help="COCO root (default: ../shared/coco-sample)")
@@ -152,6 +142,8 @@ def main() -> None:
     root = Path(args.root)
     if not (root / "annotations" / "instances_train2017.json").is_file():
         raise SystemExit(f"no COCO root at {root}: pass --root /path/to/coco (official layout)")
+    from prunestudy.results import cpu_name  # here: the children time their own imports
+
     cores = len(os.sched_getaffinity(0))
     print(f"machine: {cpu_name()}, {cores} cores usable; python {platform.python_version()}")
     tmp = Path(tempfile.mkdtemp(prefix="bench_data_"))
