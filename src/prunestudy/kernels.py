@@ -130,6 +130,9 @@ def manager(kernel_name: str, cwd: str):
 @functools.cache
 def _ready_client_class():
     """ReadyClient, defined once, on first use: jupyter_client is imported only by processes that run notebooks."""
+    import time
+    from queue import Empty
+
     from jupyter_client.asynchronous import AsyncKernelClient
 
     class ReadyClient(AsyncKernelClient):
@@ -146,9 +149,6 @@ def _ready_client_class():
         matches their parent message id)."""
 
         async def wait_for_ready(self, timeout: float | None = None) -> None:
-            import time
-            from queue import Empty
-
             deadline = time.monotonic() + (float("inf") if timeout is None else timeout)
             while True:
                 msg_id = self.kernel_info()
@@ -176,8 +176,6 @@ def _ready_client_class():
         async def _idle_seen(self, msg_id: str, wait: float) -> bool:
             """True once IOPub brings the `idle` status of request `msg_id`; False after `wait` s of
             silence (the subscription was not connected yet: the caller asks again)."""
-            from queue import Empty
-
             while True:
                 try:
                     msg = await self.iopub_channel.get_msg(timeout=wait)
