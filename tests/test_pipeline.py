@@ -60,7 +60,6 @@ def test_notebooks_ran_in_this_environments_kernel(smoke_run):
         # the instruction set its CPU kernels ran with, as this machine's PyTorch reports it
         assert res[stage]["cpu_capability"] == torch.backends.cpu.get_cpu_capability(), stage
     assert res["provenance"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
-    assert res["prune"]["efficiency"]["latency"]["cpu"]["allocator"] == kernels.MALLOC_TUNABLES
     for name in ("01_data", "02_train", "03_prune", "04_retrain", "05_analysis"):
         nb = nbformat.read(run_dir / "notebooks" / f"{name}.ipynb", as_version=4)
         assert nb.metadata.kernelspec.name == "prunestudy"
@@ -102,7 +101,9 @@ def test_results_hold_the_control_the_sweep_and_efficiency(smoke_run):
     run_dir, _ = smoke_run
     res = json.loads((run_dir / "results.json").read_text())
     eff = res["prune"]["efficiency"]
-    assert eff["latency"]["cpu"]["repeats"] >= 1 and eff["remark"] and isinstance(eff["saves_time"], bool)
+    # l1_unstructured: the dense computation, not timed (test_study times channel pruning's)
+    assert eff["latency"] == {} and eff["measured_speedup"] == 1.0 and eff["saves_time"] is False
+    assert eff["remark"].startswith("saves no time: it runs the dense model's computation")
     assert res["retrain"]["efficiency"]["params_nonzero"] == res["retrain"]["params_nonzero"]
     c = res["control"]
     assert c["global_sparsity"] == 0 and len(c["epochs"]) == res["params"]["retrain"]["epochs"]

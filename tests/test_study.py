@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import sweep_by_hand
 
-from prunestudy import data, methods, models, paths, prune, report, stages, store, synth, train
+from prunestudy import data, efficiency, methods, models, paths, prune, report, stages, store, synth, train
 
 pytestmark = pytest.mark.e2e   # the whole pruning study through the stage functions
 
@@ -75,15 +75,17 @@ def test_every_method_prunes_retrains_and_exports(trained, method):
                 "effective_macs", "dense_macs", "theoretical_speedup", "state_dict_bytes", "masked_bytes",
                 "sparse_compressed_bytes", "measured_speedup", "saves_time", "remark"):
         assert key in eff, key
-    rows = eff["latency"]["cpu"]["rows"]
-    assert eff["latency"]["cpu"]["memory_format"] == "channels_last"   # the training's (train.channels_last auto)
-    assert {(r["model"], r["batch"]) for r in rows} == {(m, b) for m in ("dense", "pruned") for b in (1, 4)}
-    if kind == "masked":
+    if kind == "masked":   # the dense computation: not timed, its speed is the dense model's
         assert eff["params_total"] == eff["dense_params_total"] and eff["macs"] == eff["dense_macs"]
+        assert eff["latency"] == {} and eff["measured_speedup"] == 1.0 and eff["saves_time"] is False
+        assert eff["latency_from"] == efficiency.DENSE_COMPUTATION and "not timed" in eff["remark"]
         if method != "ln_structured":  # the classifier keeps its rows under ln_structured
             assert p["global_sparsity"] == pytest.approx(0.5, abs=2e-3)
-    else:  # physically smaller: fewer parameters and fewer MACs actually run
+    else:  # physically smaller: fewer parameters and fewer MACs actually run; timed against the dense model
         assert eff["params_total"] < eff["dense_params_total"] and eff["macs"] < eff["dense_macs"]
+        rows = eff["latency"]["cpu"]["rows"]
+        assert eff["latency"]["cpu"]["memory_format"] == "channels_last"   # the training's (channels_last auto)
+        assert {(r["model"], r["batch"]) for r in rows} == {(m, b) for m in ("dense", "pruned") for b in (1, 4)}
         assert p["global_sparsity"] > 0.5  # removed weights count, inputs of the next layer included
     # what the prune stage saved loads back (channel: rebuilt from architecture.json) and scores the same
     assert _evaluate(stages.load_model(p_dir, masks=True), trained)["accuracy"] == p["test_accuracy"]
@@ -226,7 +228,11 @@ def test_sweep_points_fill_results_before_and_after_retraining(fresh):
     for e in res["sweep"]:
         assert 0 <= e["test_accuracy_before"] <= 1 and 0 <= e["test_accuracy_after"] <= 1
         assert e["retrain_epochs"] == 1 and e["speedup_measured"] > 0 and e["speedup_theoretical"] >= 1
-        assert e["latency_batch"] == 4 and e["latency_ms"] > 0 and e["dense_latency_ms"] > 0
+        if e["kind"] == "masked":   # not timed (the dense computation)
+            assert not e["timed"] and e["speedup_measured"] == 1.0 and e["latency_batch"] is None
+            assert e["latency_ms"] is None and e["dense_latency_ms"] is None and not e["saves_time"]
+        else:
+            assert e["timed"] and e["latency_batch"] == 4 and e["latency_ms"] > 0 and e["dense_latency_ms"] > 0
         assert set(e["sizes"]) == {"state_dict_bytes", "masked_bytes", "sparse_compressed_bytes",
                                    "dense_state_dict_bytes"}
         assert 0 < e["sparsity"] < 1 and isinstance(e["saves_time"], bool) and e["remark"]

@@ -83,7 +83,8 @@ SCHEMA: dict[str, tuple[Any, tuple[type, ...], str]] = {
                       "with `prunestudy sweep` grid points; null = no sweep"),
     "prune.latency_repeats": (20, (int,), "paired latency measurements per batch size (the dense and the pruned "
                               "model, in random order) in the prune and retrain stages: the measured speedup and its "
-                              "95% interval rest on them; at least 2"),
+                              "95% interval rest on them; at least 2. A model of the dense computation (masked "
+                              "pruning) is not timed: its speed is the dense model's"),
     "prune.methods": (None, (list, type(None)), f"methods of the sweep (null = [prune.method, {methods.floor()}]); "
                       "used only with prune.amounts"),
     "retrain.epochs": (2, (int,), "fine-tuning epochs after pruning, masks held"),

@@ -37,10 +37,15 @@ Definitions
   the dense shape) were measured up to 1.02x apart with intervals above 1 (95% CI 1.01-1.03x, 20
   paired runs, on ../shared/coco-sample), so a smaller gain is not told from the machine's drift.
   When the interval holds 1, or lies above 1 but not above the margin, the remark says so, with
-  the interval at every batch size measured. A model that runs as many MACs as the dense one on
-  dense kernels (masked, folded to the dense shape) cannot save time, whatever its interval: one
-  above the margin is noise (5 paired repeats, on a machine shared with a test suite, once gave a
-  masked model 1.36x, 95% CI 1.05-1.75x), and the remark says that instead of "saves time".
+  the interval at every batch size measured.
+* Not timed: a model that runs the dense model's computation (every conv and linear layer of the
+  same shape: masked pruning folded to the dense shape, or nothing pruned) multiplies its zeros by
+  the same dense kernels, so its speed is the dense model's: `measured_speedup` 1.0, no interval,
+  `saves_time` false, `latency` empty and `latency_from` saying so (`untimed`). Timing such a pair
+  measured only the machine's drift (0.97-1.05x in benchmarks/README.md, ## Pruning; once 1.36x,
+  95% CI 1.05-1.75x, with 5 paired repeats on a machine shared with a test suite) and was most of
+  a sweep point's pruning stage. benchmarks/bench_prune.py still times masked models, for whoever
+  wants to see it on their machine.
 """
 
 from __future__ import annotations
@@ -284,7 +289,9 @@ def summary(model: nn.Module, dense_model: nn.Module, batch_sizes=(1, 64), repea
     `same_as`: the summary of a model that runs the same computation (the pruned model, for the
     model retrained from it with its masks held): its latency is taken over, not measured again,
     when its MACs, nonzero weights, parameter count and latency settings are this model's: the
-    dense kernels' time does not depend on the weights' values. `latency_from` says which."""
+    dense kernels' time does not depend on the weights' values. `latency_from` says which.
+    A model that runs the dense model's computation (masked pruning: the same layer shapes) is not
+    timed at all (`untimed`): its speed is the dense model's."""
     devices = devices or (("cpu", "cuda") if torch.cuda.is_available() else ("cpu",))
     f, fd = flops(model, input_size), flops(dense_model, input_size)
     out = {**parameters(model, dense_model), "macs": f["macs"], "effective_macs": f["effective_macs"],
@@ -292,6 +299,9 @@ def summary(model: nn.Module, dense_model: nn.Module, batch_sizes=(1, 64), repea
            "layer_macs": {n: {"macs": v["macs"], "effective_macs": v["effective_macs"]}
                           for n, v in f["layers"].items()},
            **sizes(model), "dense_state_dict_bytes": _saved_bytes(prune.export(dense_model)[0]), "latency": {}}
+    if _dense_computation(f, fd, out):
+        out.update(untimed(out["theoretical_speedup"]))
+        return out
     if _same_computation(out, same_as, batch_sizes, repeats, devices, memory_format):
         for field in ("latency", "measured_speedup", "speedup_ci", "verdict_batch", "saves_time", "remark"):
             out[field] = same_as[field]
@@ -308,11 +318,40 @@ def summary(model: nn.Module, dense_model: nn.Module, batch_sizes=(1, 64), repea
     out["measured_speedup"] = rows[largest]["speedup_vs_dense"]
     out["speedup_ci"] = [rows[largest]["speedup_ci_low"], rows[largest]["speedup_ci_high"]]
     out["verdict_batch"] = largest
-    same_shape = f["macs"] == fd["macs"]
-    out["saves_time"], out["remark"] = _verdict(rows, largest, out["theoretical_speedup"], same_shape,
+    out["saves_time"], out["remark"] = _verdict(rows, largest, out["theoretical_speedup"],
                                                 f"{table['repeats']} paired runs in random order on {table['device']}, "
                                                 f"{memory_format.replace('_', ' ')}")
     return out
+
+
+DENSE_COMPUTATION = ("the dense model: the same layers with weights of the same shapes, its zeros multiplied by "
+                     "dense kernels like any other weight")
+
+
+def _dense_computation(f: dict, fd: dict, out: dict) -> bool:
+    """Whether a model runs the dense model's computation: every conv and linear layer with the
+    dense one's MACs (the same shapes) and as many parameters, whatever their values (masked
+    pruning, folded as deployed; or nothing pruned)."""
+    return (out["params_total"] == out["dense_params_total"] and f["layers"].keys() == fd["layers"].keys()
+            and all(f["layers"][n]["macs"] == fd["layers"][n]["macs"] for n in f["layers"]))
+
+
+def untimed(theoretical: float) -> dict:
+    """The latency fields of a model that runs the dense model's computation (`_dense_computation`):
+    not timed, its speed is the dense model's (measured_speedup 1.0, no interval, saves no time).
+    Timing the pair would measure the machine's drift between two runs of one computation (masked
+    models measured 0.97-1.05x the dense model's speed, benchmarks/README.md, ## Pruning) and costs
+    each sweep point most of its pruning stage's time."""
+    return {"latency": {}, "latency_from": DENSE_COMPUTATION, "measured_speedup": 1.0, "speedup_ci": None,
+            "verdict_batch": None, "saves_time": False,
+            "remark": ("saves no time: it runs the dense model's computation, so its speed is the dense model's "
+                       "(1.00x; not timed, since timing two runs of one computation measures only the machine's "
+                       f"drift). {same_shape_note(theoretical)}")}
+
+
+def timed(eff: dict) -> bool:
+    """Whether an efficiency summary holds a latency measurement (its own or one taken over)."""
+    return bool(eff.get("latency"))
 
 
 def _same_computation(out: dict, other: dict | None, batch_sizes, repeats: int, devices,
@@ -342,29 +381,24 @@ def same_shape_note(theoretical: float) -> str:
             f"{theoretical:.2f}x fewer effective FLOPs are saved only on paper.")
 
 
-def _verdict(rows: dict[int, dict], batch: int, theoretical: float, same_shape: bool, how: str) -> tuple[bool, str]:
+def _verdict(rows: dict[int, dict], batch: int, theoretical: float, how: str) -> tuple[bool, str]:
     """(saves_time, remark) from the pruned model's latency rows by batch size (speedup over the
-    dense model and its interval), judged at `batch`; `same_shape`: the pruned model runs as many
-    dense MACs as the dense one (masked or unpruned), so zeros cannot save time."""
+    dense model and its interval), judged at `batch`. (A model of the dense computation is not
+    timed, `untimed`, so it never comes here.)"""
     row = rows[batch]
     others = [f"at batch {b}: {_ratio_text(r)}" for b, r in sorted(rows.items()) if b != batch]
     measured = (f"measured {_ratio_text(row)} the dense model's speed at batch {batch}"
                 + "".join(f"; {o}" for o in others) + f" ({how})")
     lo, hi = row["speedup_ci_low"], row["speedup_ci_high"]
-    why = " " + same_shape_note(theoretical) if same_shape else ""
     if lo is None:
-        return False, f"not judged: {measured}; one run gives no interval, so no verdict.{why}"
-    if lo > MIN_SPEEDUP and same_shape:
-        return False, (f"saves no time: it runs the dense model's operations (as many MACs on dense kernels), so "
-                       f"the {_ratio_text(row)} measured at batch {batch} is the machine's noise, not a saving "
-                       f"({measured}); time it again on a quieter machine, or with more prune.latency_repeats.{why}")
+        return False, f"not judged: {measured}; one run gives no interval, so no verdict."
     if lo > MIN_SPEEDUP:
         return True, f"saves time: {measured}; theoretical {theoretical:.2f}x."
     if hi < 1:
-        return False, f"saves no time, it is slower: {measured}.{why}"
+        return False, f"saves no time, it is slower: {measured}."
     if lo > 1:
         return False, (f"saves no time that counts: {measured}; the interval at batch {batch} lies above 1 but not "
                        f"above {MIN_SPEEDUP:.2f}x, the margin a verdict needs (two models of the same computation "
-                       f"can be measured that far apart).{why}")
+                       f"can be measured that far apart).")
     return False, (f"saves no time that this measurement can show: {measured}; the interval at batch {batch} "
-                   f"holds 1.{why}")
+                   f"holds 1.")

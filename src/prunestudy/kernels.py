@@ -208,6 +208,26 @@ def warm(kernel_name: str, cwd: str, code: str = "") -> None:
         _execute(km, code, "warming the kernel up")
 
 
+def run_here(code: str, what: str) -> bool:
+    """Run `code` in this process's kernel, when it has one alive (a reused kernel: its imports are
+    done), with the runner's PRUNESTUDY_* variables as a reset sets them. True when it ran without
+    error; False when there is no kernel or the code failed there: the caller then does the work in
+    this process (and sees the error itself, with its traceback)."""
+    from nbclient.util import run_sync
+
+    km = _km
+    if km is None or not km.has_kernel:
+        return False
+    own = {k: v for k, v in os.environ.items() if k.startswith(OWN_PREFIX)}
+    try:
+        if not run_sync(km.is_alive)():
+            return False
+        _execute(km, f"__import__('os').environ.update({own!r})\n{code}", what)
+    except (RuntimeError, TimeoutError):
+        return False
+    return True
+
+
 def _reset(km) -> None:
     """Run the reset (see the module's text) in the kernel, outside any executed notebook and its
     history: IPython's reset with a new history session numbers the next cell 1."""

@@ -87,9 +87,10 @@ def sweep_results(run_dir, names: list[str]) -> list[dict]:
         if (retrained / paths.METRICS).is_file() and records.problem(retrained, None, {"prune": pruned}) is None:
             r = store.read_json(retrained / paths.METRICS)
         eff = p["efficiency"]
-        table = eff["latency"].get("cpu") or next(iter(eff["latency"].values()))
-        batch = max(row["batch"] for row in table["rows"])
-        ms = {row["model"]: row["median_ms"] for row in table["rows"] if row["batch"] == batch}
+        # none for a model of the dense computation (efficiency.untimed): its speed is the dense model's
+        table = eff["latency"].get("cpu") or next(iter(eff["latency"].values()), None)
+        batch = max(row["batch"] for row in table["rows"]) if table else None
+        ms = {row["model"]: row["median_ms"] for row in table["rows"] if row["batch"] == batch} if table else {}
         out.append({"name": name, "dir": f"{paths.SWEEP}/{name}", "method": p["method"], "amount": p["amount"],
                     "kind": p["kind"], "rounds": p.get("rounds", 1), "rewound": bool(p.get("rewind")),
                     "targets": p["targets"], "sparsity": p["global_sparsity"], "param_sparsity": p["param_sparsity"],
@@ -103,8 +104,10 @@ def sweep_results(run_dir, names: list[str]) -> list[dict]:
                     "retrain_epochs": len(r["epochs"]) if r else None,
                     "speedup_measured": eff["measured_speedup"], "speedup_ci": eff.get("speedup_ci"),
                     "speedup_theoretical": eff["theoretical_speedup"],
-                    "latency_device": table["device"], "latency_batch": batch, "latency_ms": ms.get("pruned"),
-                    "dense_latency_ms": ms.get("dense"), "latency_threads": table["threads"],
+                    "timed": table is not None,
+                    "latency_device": table and table["device"], "latency_batch": batch,
+                    "latency_ms": ms.get("pruned"), "dense_latency_ms": ms.get("dense"),
+                    "latency_threads": table and table["threads"],
                     "saves_time": eff["saves_time"], "remark": eff["remark"],
                     "macs": eff["macs"], "effective_macs": eff["effective_macs"], "dense_macs": eff["dense_macs"],
                     "sizes": {k: eff[k] for k in ("state_dict_bytes", "masked_bytes", "sparse_compressed_bytes",

@@ -23,6 +23,7 @@ its store entry is claimed while it runs.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -126,14 +127,14 @@ def _run_task(spec: dict, *upstream: dict) -> dict:
             if _complete(cfg, folder, stage, key, st):
                 return {**info, "status": "done earlier", "end": time.time()}
             if stage == "analysis":
-                pipeline._finish(folder, cfg, {}, pipeline.stage_keys(cfg, folder))
+                _finish(folder, cfg, spec.get("fresh_kernels", False))
             seconds = pipeline.execute_stage(cfg, folder, stage, key, kernel=pipeline.ensure_kernel(), stage_store=st,
                                              log=log, tag=f"==> [{spec['point']}] {stage}",
                                              fresh_kernel=spec.get("fresh_kernels", False))
             if seconds is None:   # another sweep or run computed it while this one waited for its claim
                 return {**info, "status": "done earlier", "end": time.time()}
             if stage == "analysis":
-                pipeline._finish(folder, cfg, {}, pipeline.stage_keys(cfg, folder))
+                _finish(folder, cfg, spec.get("fresh_kernels", False))
     except pipeline.StageFailed as e:
         return {**info, "status": "failed", "error": str(e).splitlines()[0], "notebook": str(e.notebook),
                 "end": time.time()}
@@ -144,6 +145,19 @@ def _run_task(spec: dict, *upstream: dict) -> dict:
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         raise
     return {**info, "status": "ran", "seconds": seconds, "end": time.time(), "kernel_starts": kernels.starts}
+
+
+def _finish(folder: Path, cfg: dict, fresh_kernels: bool) -> None:
+    """A point's results.json (pipeline._finish), computed in this worker's kernel, where PyTorch,
+    pandas and the package are imported already: importing them into the worker process itself cost
+    each worker about 2 s at its first analysis, while both cores waited. In this process when it has
+    no kernel to reuse (fresh kernels) or the kernel could not do it."""
+    keys = pipeline.stage_keys(cfg, folder)
+    code = (f"from prunestudy import pipeline as _p\n"
+            f"_p._finish(_p.Path({str(folder)!r}), __import__('json').loads({json.dumps(cfg)!r}), {{}}, "
+            f"{keys!r})")
+    if fresh_kernels or not kernels.run_here(code, f"results.json of {folder.name}"):
+        pipeline._finish(folder, cfg, {}, keys)
 
 
 def _to_run(todo: dict[str, Task], sweep_dir: Path, st: stagestore.Store) -> int:

@@ -51,7 +51,8 @@ def _eff_row(eff: dict, which: str) -> dict:
     largest = eff.get("verdict_batch") or max((r["batch"] for t in eff.get("latency", {}).values()
                                                for r in t["rows"]), default=None)
     low, high = eff.get("speedup_ci") or (None, None)
-    row[f"measured speedup, batch {largest} (×)"] = 1.0 if dense else eff["measured_speedup"]
+    speedup = f"measured speedup, batch {largest} (×)" if largest else "measured speedup (×; not timed)"
+    row[speedup] = 1.0 if dense else eff["measured_speedup"]
     row["speedup 95% CI (×)"] = "" if dense else ("—" if low is None else f"{low:.2f}–{high:.2f}")
     row["saves time"] = "reference" if dense else ("not judged" if "speedup_ci" not in eff else
                                                    "yes" if eff["saves_time"] else "NO")
@@ -82,12 +83,16 @@ def efficiency_styler(results: dict):
     df = efficiency_table(results)
     fmt = {c: "{:,.0f}" for c in df.columns if c.startswith("params")}
     fmt.update({c: "{:.2f}" for c in df.columns if df[c].dtype.kind == "f" and c not in fmt})
+    timed = any(efficiency.timed(states.metrics(results, s.key).get("efficiency") or {}) for s in COSTED)
+    latency = ("Latency: median of interleaved runs in random order on this machine (masks folded, "
+               f"as deployed; {_formats(results)}; {_allocators(results)}). Measured speedup: the "
+               "geometric mean of the paired ratios dense time / pruned time, one per run, with its 95% "
+               "Student-t interval; "
+               f"'saves time' only when that interval lies above {efficiency.MIN_SPEEDUP:.2f}×. ") if timed else (
+        "Latency: not timed; the pruned models run the dense model's computation (masked weights, folded as "
+        "deployed, are multiplied by the same dense kernels), so their speed is the dense model's: 1.00×. ")
     return (df.style.format(fmt, na_rep="—")
-            .set_caption("Latency: median of interleaved runs in random order on this machine (masks folded, "
-                         f"as deployed; {_formats(results)}; {_allocators(results)}). Measured speedup: the "
-                         "geometric mean of the paired ratios dense time / pruned time, one per run, with its 95% "
-                         "Student-t interval; "
-                         f"'saves time' only when that interval lies above {efficiency.MIN_SPEEDUP:.2f}×. "
+            .set_caption(latency +
                          "MMACs: multiply-accumulates of the conv and linear layers per image. Sizes in MB of "
                          "10^6 bytes; 'sparse + zlib' is a size estimate (nonzero values + bitmask, zlib), not a "
                          "format any runtime loads."))
@@ -120,7 +125,8 @@ def efficiency_markdown(results: dict) -> str:
         if not eff:
             continue
         timed = (f" Not timed again: retraining held the masks, so it runs the same computation as "
-                 f"{md_escape(eff['latency_from'])}; its latency is that one's." if eff.get("latency_from") else "")
+                 f"{md_escape(eff['latency_from'])}; its latency is that one's."
+                 if eff.get("latency_from") and efficiency.timed(eff) else "")
         lines.append(f"- **{s.label}**: {md_escape(remark(eff))}{timed} On disk: "
                      f"{eff['state_dict_bytes'] / MB:.2f} MB as a plain state_dict "
                      f"(dense model {eff['dense_state_dict_bytes'] / MB:.2f} MB), "

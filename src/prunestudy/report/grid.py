@@ -18,9 +18,9 @@ from .seeds import t_interval
 from .style import figure, floor_method, label, legend_outside, literal, md_escape, method_style, placeholder
 
 POINT_COLUMNS = ["point", "method", "amount", "seed", "sparsity", "compression_ratio", "theoretical_speedup",
-                 "measured_speedup", "dense_accuracy", "accuracy_before", "accuracy_after", "balanced_accuracy_after",
-                 "control_accuracy", "change_vs_dense", "change_vs_control", "floor_share", "floor_class",
-                 "dense_at_floor", "before_at_floor", "after_at_floor", "finished", "report"]
+                 "measured_speedup", "speedup_timed", "dense_accuracy", "accuracy_before", "accuracy_after",
+                 "balanced_accuracy_after", "control_accuracy", "change_vs_dense", "change_vs_control", "floor_share",
+                 "floor_class", "dense_at_floor", "before_at_floor", "after_at_floor", "finished", "report"]
 # a state flagged by metrics.floor (not above the majority-class floor, or answering one class)
 FLAGS = {"dense_at_floor": "trained", "before_at_floor": "pruned", "after_at_floor": "retrained"}
 # the operating point's figures averaged over seeds (per method and amount, and any other grid key)
@@ -65,6 +65,8 @@ def point_row(sweep_dir: Path, row: dict) -> dict:
             "seed": params.get("seed"), "values": row["values"],
             "sparsity": pr.get("global_sparsity"), "compression_ratio": eff.get("compression_ratio"),
             "theoretical_speedup": eff.get("theoretical_speedup"), "measured_speedup": eff.get("measured_speedup"),
+            # False: the dense model's computation (masked), not timed, 1x by construction (efficiency.untimed)
+            "speedup_timed": bool(eff.get("latency")) if eff else None,
             "dense_accuracy": dense, "accuracy_before": pr.get("test_accuracy"), "accuracy_after": after,
             "balanced_accuracy_after": re_.get("balanced_accuracy"),
             "control_accuracy": ctl.get("test_accuracy"),
@@ -203,7 +205,7 @@ def plot_grid_tradeoff(table: pd.DataFrame) -> Figure:
     fig, axes = figure(ncols=3, size=(15, 4.6))
     for ax, (x, xname) in zip(axes, (("sparsity", "sparsity of the targeted weights (%)"),
                                      ("compression_ratio", "compression ratio (x, log)"),
-                                     ("measured_speedup", "measured speedup (x)"))):
+                                     ("measured_speedup", _speedup_axis(table)))):
         for method, group in (ops.groupby(method_col, sort=False) if method_col else [("points", ops)]):
             group = group.sort_values(x)
             colour, marker = method_style(method)
@@ -228,6 +230,12 @@ def plot_grid_tradeoff(table: pd.DataFrame) -> Figure:
     legend_outside(axes[-1])
     fig.suptitle("Accuracy against sparsity, compression and measured speed (mean and 95% band over seeds)")
     return fig
+
+
+def _speedup_axis(table: pd.DataFrame) -> str:
+    """The measured-speedup axis' name; it says so where masked points sit at 1x without a timing."""
+    untimed = "speedup_timed" in table and (table["speedup_timed"] == False).any()   # noqa: E712 (None: unknown)
+    return "measured speedup (x)" + ("; masked: 1x, not timed (dense computation)" if untimed else "")
 
 
 def grid_points_markdown(table: pd.DataFrame) -> str:

@@ -34,6 +34,7 @@ def sweep_table(results: dict) -> pd.DataFrame:
     p-value Holm-corrected over the sweep points, and its verdict at 5%; measured speedup with its
     interval, theoretical speedup, latency, sizes."""
     rows = []
+    timing = _timing(results)
     for e in _sweep(results):
         when = _latest(e)
         c = e.get(f"paired_{when}")
@@ -49,7 +50,7 @@ def sweep_table(results: dict) -> pd.DataFrame:
                                                              f"{signed(100 * c['ci_high'])}",
                      "vs dense: p (Holm)": np.nan if c is None else c["p_holm"],
                      "vs dense: verdict": "—" if c is None else f"{c['verdict']} ({when} retraining)",
-                     f"latency, batch {e['latency_batch']} (ms)": e["latency_ms"],
+                     f"latency, batch {timing[1]} (ms)" if timing else "latency (ms)": e["latency_ms"],
                      "measured speedup (×)": e["speedup_measured"],
                      "speedup 95% CI (×)": "—" if low is None else f"{low:.2f}–{high:.2f}",
                      "theoretical speedup (×)": e["speedup_theoretical"],
@@ -74,8 +75,18 @@ def sweep_styler(results: dict):
 
 
 def _saves(e: dict) -> str:
-    """'yes' / 'NO' from the point's interval verdict; 'not judged' where it was measured without one."""
+    """'yes' / 'NO' from the point's interval verdict ('NO' too for a model of the dense computation,
+    not timed); 'not judged' where it was measured without an interval."""
+    if e.get("timed") is False:
+        return "NO"
     return "not judged" if e.get("speedup_ci") is None else ("yes" if e["saves_time"] else "NO")
+
+
+def _timing(results: dict) -> tuple[str, int, int | None] | None:
+    """(device, batch, threads) of the sweep's latency measurements: those of its first timed point;
+    None when no point was timed (every one of the dense computation: masked methods)."""
+    e = next((e for e in _sweep(results) if e.get("timed", True)), None)
+    return (e["latency_device"], e["latency_batch"], e.get("latency_threads")) if e else None
 
 
 def f_sweep(results: dict) -> str | None:
@@ -115,7 +126,9 @@ def f_sweep(results: dict) -> str | None:
             s += "; against it, paired on the same crops: " + "; ".join(against)
     fast = {m: max(e["speedup_measured"] for e in sweep if e["method"] == m) for m in methods}
     saving = [m for m in methods if any(_saves(e) == "yes" for e in sweep if e["method"] == m)]
-    s += (f". Measured speedup at batch {sweep[0]['latency_batch']}: "
+    timing = _timing(results)
+    s += ((f". Measured speedup at batch {timing[1]}: " if timing else
+           ". Speedup: none timed, every point runs the dense model's computation (masked weights on dense kernels): ")
           + ", ".join(f"{m} up to {v:.2f}×" for m, v in fast.items())
           + ("; no method was shown to save time" if not saving else
              f"; {'only ' * (len(saving) < len(methods))}{', '.join(saving)} saved time (speedup interval above "
@@ -210,15 +223,18 @@ def plot_tradeoff(results: dict) -> Figure:
     ax_t.axvline(1.0, color="dimgray", ls="-.", lw=1, label="no speedup (1×)")
     ax_t.set_xscale("log", base=2)  # masked methods sit at 1×, channel pruning spreads over octaves
     ax_t.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}×"))
-    batch, threads = sweep[0]["latency_batch"], sweep[0].get("latency_threads")
+    device, batch, threads = _timing(results) or (None, None, None)
     for ax, what, title in ((ax_s, "test accuracy (%)", "Accuracy vs sparsity"),
                             (ax_b, "balanced accuracy (%, mean per-class recall)", "Balanced accuracy vs sparsity")):
         label(ax, "sparsity: targeted weights zero or removed (% of the dense model's)", what, title)
         ax.set_xlim(0, 100)
-    device = sweep[0]["latency_device"]
     ax_t.set_xlim(left=min(0.9, 0.95 * min(e["speedup_measured"] for e in sweep)))
-    label(ax_t, f"measured {device.upper() if device == 'cpu' else device} speedup over the dense model, batch {batch}"
-          + (f", {threads} threads" if threads else "") + " (×, log scale)", "test accuracy (%)",
+    parts = [f"{device.upper() if device == 'cpu' else device}, batch {batch}"
+             + (f", {threads} threads" if threads else "")] if device else []
+    if any(e.get("timed") is False for e in sweep):
+        parts.append("masked points at 1×, not timed: the dense computation")
+    where = "; ".join(parts)
+    label(ax_t, f"measured speedup over the dense model (×, log scale; {where})", "test accuracy (%)",
           "Accuracy vs measured speedup")
     handles = {}
     for ax in (ax_s, ax_b, ax_t):
