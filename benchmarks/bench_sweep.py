@@ -9,7 +9,10 @@ one run on this machine, and the ratio of their wall times:
 Per-point accuracies (before and after retraining, dense control) are compared: the two sweeps run
 each stage with the same threads (1 per job here) and must agree exactly; the separate runs use all
 cores, and PyTorch's CPU results depend on the thread count, so they may differ in the last digits.
-Then the dry-run plan of a 1,000-point grid, and how long it takes.
+Each point where they differ is then run once more as a separate run with the sweep's thread count
+(OMP_NUM_THREADS and MKL_NUM_THREADS = 1), not timed, to tell the thread count from the sweep:
+that run must agree with the sweep exactly. Each sweep's output is kept beside its folder (local.log,
+ray.log). Then the dry-run plan of a 1,000-point grid, and how long it takes.
 
     .venv/bin/python benchmarks/bench_sweep.py [--out DIR] [--skip-ray]
 """
@@ -48,12 +51,15 @@ BIG = """grid:
 """
 
 
-def timed(cmd: list[str], **kw) -> tuple[float, subprocess.CompletedProcess]:
+def timed(cmd: list[str], log: Path | None = None, **kw) -> tuple[float, subprocess.CompletedProcess]:
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, **kw)
     if proc.returncode != 0:
         sys.exit(f"failed: {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return time.perf_counter() - start, proc
+    seconds = time.perf_counter() - start
+    if log is not None:
+        log.write_text(proc.stdout + proc.stderr)
+    return seconds, proc
 
 
 def accuracies_of_run(run_dir: Path) -> tuple:
@@ -98,7 +104,7 @@ def main() -> None:
 
     # 2. the sweep, local engine, 2 jobs
     seconds, _ = timed([*CLI, "sweep", "-f", str(grid_file), "--sweep-dir", str(out / "local" / "grid"),
-                        "--jobs", "2"])
+                        "--jobs", "2"], out / "local.log")
     figures["sweep_local_2_jobs_s"] = round(seconds, 1)
     acc_local = accuracies_of_sweep(out / "local" / "grid")
     print(f"sweep, local engine, 2 jobs: {seconds:.1f} s", flush=True)
@@ -107,7 +113,7 @@ def main() -> None:
     acc_ray = None
     if not args.skip_ray:
         seconds, _ = timed([*CLI, "sweep", "-f", str(grid_file), "--sweep-dir", str(out / "ray" / "grid"),
-                            "--engine", "ray"])
+                            "--engine", "ray"], out / "ray.log")
         figures["sweep_ray_s"] = round(seconds, 1)
         acc_ray = accuracies_of_sweep(out / "ray" / "grid")
         print(f"sweep, local Ray: {seconds:.1f} s", flush=True)
@@ -119,6 +125,16 @@ def main() -> None:
         what: sum(acc_separate[n][i] != acc_local[n][i] for n in acc_local)
         for i, what in enumerate(("before retraining", "after retraining", "dense control"))}
     figures["max_accuracy_difference_separate_vs_local"] = max(diffs)
+    # the points that differ, once more as separate runs with the sweep's threads: the same as the sweep?
+    one = {**os.environ, **dict.fromkeys(sweep.THREAD_VARS, str(sweep.task_threads("local", 2)))}
+    again = {}
+    for p in points:
+        if acc_separate[p.name] != acc_local[p.name]:
+            overrides = [x for k, v in p.values.items() for x in ("-p", f"{k}={v}")]
+            timed([*CLI, "run", *base, *overrides, "--run-dir", str(out / "separate-1-thread" / p.name), "--store",
+                   "none"], env=one)
+            again[p.name] = accuracies_of_run(out / "separate-1-thread" / p.name) == acc_local[p.name]
+    figures["differing_points_identical_at_the_sweeps_threads"] = again
     figures["threads"] = {"separate runs": "all cores", "sweep local": f"{sweep.task_threads('local', 2)} per job",
                           "sweep ray": sweep.task_threads("ray", 1)}
     figures["speedup_local"] = round(separate / figures["sweep_local_2_jobs_s"], 2)
@@ -135,7 +151,8 @@ def main() -> None:
           f"(goal: at least 4x); per-point accuracies identical, local and Ray: {figures['identical_local_and_ray']}; "
           f"separate runs and local sweep: {figures['identical_separate_and_local']} "
           f"(points that differ: {figures['points_differing_separate_vs_local']}, by at most "
-          f"{figures['max_accuracy_difference_separate_vs_local']:.4f}: threads differ, see docs/sweeps.md)")
+          f"{figures['max_accuracy_difference_separate_vs_local']:.4f}: threads differ, see docs/sweeps.md); "
+          f"those points run separately with the sweep's threads, identical to the sweep: {again}")
     (out / "bench_sweep.json").write_text(json.dumps(figures, indent=2))
 
 

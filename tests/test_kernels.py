@@ -105,6 +105,28 @@ def test_a_reset_or_warmed_kernel_starts_worker_processes_as_a_fresh_one(tmp_pat
         kernels.shutdown()
 
 
+def test_run_here_runs_code_in_the_processs_kernel_or_says_it_did_not(tmp_path, monkeypatch):
+    """kernels.run_here: False without a kernel (the caller computes in its own process); in a
+    warm kernel, the code runs there, in the kernel's process, with the runner's PRUNESTUDY_*
+    variables of the moment; False when the code fails there, and the kernel is still usable."""
+    kernels.shutdown()
+    out = tmp_path / "out.txt"
+    write = f"import os\nopen({str(out)!r}, 'w').write(f\"{{os.getpid()}} {{os.environ['PRUNESTUDY_PROBE']}}\")"
+    monkeypatch.setenv("PRUNESTUDY_PROBE", "no kernel")
+    assert kernels.run_here(write, "a probe") is False and not out.exists()
+    try:
+        kernels.warm(pipeline.ensure_kernel(), str(tmp_path), "import os")
+        monkeypatch.setenv("PRUNESTUDY_PROBE", "now")   # set after the kernel started: passed on
+        assert kernels.run_here(write, "a probe") is True
+        pid, probe = out.read_text().split()
+        assert probe == "now" and int(pid) != os.getpid()
+        assert kernels.run_here("raise ValueError('no')", "a failing probe") is False
+        assert kernels.run_here(write, "a probe") is True and out.read_text().split()[0] == pid   # the same kernel
+    finally:
+        kernels.shutdown()
+    assert kernels.run_here(write, "a probe") is False   # stopped: none left
+
+
 @pytest.mark.parametrize("start", ["warmed", "first notebook", "fresh kernels"])
 def test_a_kernel_keeps_its_history_in_memory_not_in_the_users_ipython_folder(tmp_path, monkeypatch, start):
     """Every stage's code went to ~/.ipython/profile_default/history.sqlite (nbclient keeps the

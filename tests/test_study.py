@@ -240,4 +240,11 @@ def test_sweep_points_fill_results_before_and_after_retraining(fresh):
     assert l1[0.7]["sparsity"] == pytest.approx(0.7, abs=2e-3) and l1[0.7]["macs"] == l1[0.7]["dense_macs"]
     fig = report.plot_tradeoff(res)
     assert len(fig.axes) == 3 and len(fig.axes[0].get_lines()) >= 2 * len(methods)   # accuracy, balanced, speedup
-    assert len(report.sweep_table(res)) == len(names)
+    assert "batch 4" in fig.axes[2].get_xlabel() and "masked points at 1×, not timed" in fig.axes[2].get_xlabel()
+    table = report.sweep_table(res)
+    assert len(table) == len(names)
+    masked = table[table["method"] == "l1_unstructured"]   # the dense computation: not timed, saves no time
+    assert (masked["saves time"] == "NO").all() and masked["latency, batch 4 (ms)"].isna().all()
+    assert (masked["measured speedup (×)"] == 1.0).all() and (masked["speedup 95% CI (×)"] == "—").all()
+    assert table[table["method"] == "channel"]["latency, batch 4 (ms)"].gt(0).all()
+    assert "l1\\_unstructured 1.00× (not timed: the dense computation)" in report.sweep_markdown(res)   # md-escaped
