@@ -26,7 +26,7 @@ from matplotlib.container import BarContainer  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle, StepPatch  # noqa: E402
 
-from prunestudy import kernels, methods, report, results, stages, states  # noqa: E402
+from prunestudy import efficiency, kernels, methods, report, results, stages, states  # noqa: E402
 from prunestudy.report import reference  # noqa: E402
 
 # class names that would break naive rendering: mathtext, HTML, markdown
@@ -707,6 +707,30 @@ def test_summary_shows_size_and_latency_measured_in_the_run(study):
     assert np.isnan(df.loc[report.CONTROL_LABEL, report.LATENCY])   # not measured: not made up
     html = report.summary_styler(study).to_html()
     assert "batch of 1 on cpu" in html and "judged at batch 64" in html
+
+
+def test_a_study_of_masked_pruning_says_its_models_were_not_timed(study):
+    """Masked pruning runs the dense computation: no latency (efficiency.untimed). The summary drops
+    its empty latency column and says why; the efficiency table gives 1.00x and 'NO' without an
+    interval, and its text does not claim a timing was taken over."""
+    res = copy.deepcopy(study)
+    for stage in ("prune", "retrain"):
+        eff = res[stage]["efficiency"]
+        eff.update({"macs": eff["dense_macs"], "params_total": eff["dense_params_total"],
+                    **efficiency.untimed(eff["theoretical_speedup"])})
+    res.pop("sweep", None)
+    df = report.summary_table(res)
+    assert df.attrs["latency"] is None and df[report.LATENCY].isna().all()
+    html = report.summary_styler(res).to_html()
+    assert "No latency column" in html and report.LATENCY not in html and "batch of 1 on cpu" not in html
+    table = report.efficiency_table(res)
+    assert not any("latency" in c for c in table.columns)
+    assert list(table["measured speedup (×; not timed)"]) == [1.0, 1.0, 1.0]
+    assert list(table["saves time"]) == ["reference", "NO", "NO"] and list(table["speedup 95% CI (×)"])[1:] == ["—"] * 2
+    caption = report.efficiency_styler(res).to_html()
+    assert "Latency: not timed" in caption and "interleaved runs" not in caption
+    text = report.efficiency_markdown(res)
+    assert text.count("not timed") == 2 and "Not timed again" not in text
 
 
 def test_summary_lists_every_sweep_point_after_the_control(study):

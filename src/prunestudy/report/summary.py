@@ -129,6 +129,11 @@ def summary_styler(results: dict):
     where = (f"Latency: median time for a batch of {point[1]} on {point[0]} in this run (masks folded, as "
              "deployed); whether pruning saves time is judged at batch "
              f"{_verdict_batch(results) or point[1]} (efficiency section). ") if point else ""
+    untimed = df[LATENCY].isna().all()
+    if untimed and dense_reference(results):   # masked pruning: the dense computation, not timed
+        where = ("No latency column: the study's pruned and retrained models run the dense model's computation "
+                 "(masked weights on dense kernels), so they are not timed; their speed is the dense model's "
+                 "(efficiency section). ")
     bal = ("Balanced accuracy: the mean of the per-class recalls; macro-F1: the mean of the per-class F1 "
            "(classes with test crops); accuracy stays the headline, comparable across seeds. ")
     seed = reference.seed_report()
@@ -144,6 +149,7 @@ def summary_styler(results: dict):
     return (df.style.format({ACC: "{:.2f}", BALANCED: "{:.2f}", MACRO_F1: "{:.2f}", LOSS: "{:.4f}",
                              SPARSITY: "{:.2f}", NONZERO: "{:,}", TOTAL: "{:,}", SIZE: "{:.2f}", LATENCY: "{:.2f}"},
                             na_rep="—")
+            .hide([LATENCY] if untimed else [], axis="columns")
             .set_caption(where + bal + seed_s))
 
 
