@@ -660,6 +660,35 @@ def test_the_grid_report_stays_readable_with_60_points():
     plt.close(fig)
 
 
+def test_the_grid_reports_bands_stay_within_0_and_100_and_its_speedup_axis_names_untimed_points():
+    """Two seeds far apart give a t-band of about ±250 points: drawn within 0-100%. Masked points,
+    not timed (speedup 1.0 by construction), are named on the speedup axis; timed ones alone are not."""
+    import matplotlib.pyplot as plt
+
+    from prunestudy import report
+
+    rows = [{"point": f"p{seed}", "method": "l1_unstructured", "amount": 0.5, "seed": seed, "sparsity": 0.5,
+             "compression_ratio": 2.0, "theoretical_speedup": 2.0, "measured_speedup": 1.0, "speedup_timed": False,
+             "dense_accuracy": 0.6, "accuracy_before": acc, "accuracy_after": acc, "balanced_accuracy_after": acc,
+             "control_accuracy": 0.6, "change_vs_dense": acc - 0.6, "change_vs_control": acc - 0.6,
+             "finished": True, "report": None, "prune.method": "l1_unstructured", "prune.amount": 0.5,
+             "floor_share": 0.1, "dense_at_floor": False, "before_at_floor": False, "after_at_floor": False}
+            for seed, acc in ((0, 0.05), (1, 0.45))]
+    table = pd.DataFrame(rows)
+    ops = report.operating_points(table)
+    assert ops["accuracy_after_lo"].iloc[0] < 0 < 1 < ops["accuracy_after_hi"].iloc[0]
+    fig = report.plot_grid_tradeoff(table)
+    for ax in fig.axes[:3]:
+        band = np.concatenate([p.vertices for c in ax.collections for p in c.get_paths()])
+        assert band[:, 1].min() >= 0 and band[:, 1].max() <= 100
+    assert "masked: 1x, not timed" in fig.axes[2].get_xlabel()
+    plt.close(fig)
+    table["speedup_timed"] = True
+    fig = report.plot_grid_tradeoff(table)
+    assert fig.axes[2].get_xlabel() == "measured speedup (x)"
+    plt.close(fig)
+
+
 @pytest.mark.e2e
 def test_the_grid_report_flags_a_real_coco_point_at_the_floor(coco_run, tmp_path):
     """A grid of one point: the one-epoch study on ../shared/coco-sample (every model answers

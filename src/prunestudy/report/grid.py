@@ -212,8 +212,9 @@ def plot_grid_tradeoff(table: pd.DataFrame) -> Figure:
             xs = group[x] * (100 if x == "sparsity" else 1)
             ax.plot(xs, 100 * group["accuracy_after"], color=colour, marker=marker, label=literal(f"{method} (after)"))
             if group["accuracy_after_lo"].notna().any():
-                ax.fill_between(xs, 100 * group["accuracy_after_lo"], 100 * group["accuracy_after_hi"], color=colour,
-                                alpha=0.3 if method == floor_method() else 0.15, lw=0)
+                # an accuracy lies in 0-100%: a t-band over 2 or 3 seeds can reach past both ends
+                lo, hi = (100 * group[f"accuracy_after_{end}"].clip(0, 1) for end in ("lo", "hi"))
+                ax.fill_between(xs, lo, hi, color=colour, alpha=0.3 if method == floor_method() else 0.15, lw=0)
             if "accuracy_before" in group:
                 ax.plot(xs, 100 * group["accuracy_before"], color=colour, marker=marker, ls="--", alpha=0.7,
                         label=literal(f"{method} (before)"))
