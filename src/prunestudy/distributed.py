@@ -27,9 +27,11 @@ result on the node that holds global rank 0, None on the others.
 from __future__ import annotations
 
 import collections
+import faulthandler
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -92,7 +94,7 @@ def launch(stage_fn_name: str, kwargs: dict, nproc_per_node: int, nnodes: int = 
         args_file, result = Path(tmp) / "args.json", Path(tmp) / "result.json"
         args_file.write_text(json.dumps({"stage": stage_fn_name, "kwargs": kwargs, "result": str(result)}))
         cmd = command(args_file, nproc_per_node, nnodes, rdzv_endpoint)
-        last: collections.deque[str] = collections.deque(maxlen=tail)
+        last: collections.deque[str] = collections.deque(maxlen=tail + _REPORT_LINES)
         with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                               env=_child_env(nproc_per_node, env)) as proc:
             for line in proc.stdout:
@@ -102,8 +104,39 @@ def launch(stage_fn_name: str, kwargs: dict, nproc_per_node: int, nnodes: int = 
             rc = proc.wait()
         if rc != 0:
             raise LaunchError(f"distributed run of {stage_fn_name} ({nnodes} node(s) x {nproc_per_node} "
-                              f"processes) failed with exit code {rc}; last lines:\n" + "\n".join(last))
+                              f"processes) failed with exit code {rc}" + failure_text(list(last), tail))
         return json.loads(result.read_text()) if result.is_file() else None
+
+
+# torchrun's own report of a failed process: a log line, its traceback and a box of ~20 lines
+# (ChildFailedError) that names the first failure's rank and exit code or signal
+_REPORT_LINES = 80
+_AGENT_FAILED = re.compile(r"torch/distributed/elastic/.*\] failed \(exitcode: ")
+_AGENT_LOG = re.compile(r"^[IWE]\d{4} .*torch/distributed/elastic/")
+_ROOT = re.compile(r"^\s*(rank|exitcode)\s*: (.*)$")
+
+
+def failure_text(lines: list[str], tail: int = 40) -> str:
+    """What a failed launch's message ends with: the first failure's rank and cause, then the
+    processes' own last `tail` lines (what the failing rank printed: its traceback, or for a
+    crash its fault handler's stack), not torchrun's traceback, which buries them."""
+    start = next((i for i, s in enumerate(lines) if _AGENT_FAILED.search(s)), None)
+    if start is None:
+        return "; last lines:\n" + "\n".join(lines[-tail:])
+    report = lines[start:]
+    root = next((i for i, s in enumerate(report) if "Root Cause" in s), None)
+    fields = {}
+    for s in report[root:] if root is not None else []:
+        m = _ROOT.match(s)
+        if m and m[1] not in fields:
+            fields[m[1]] = m[2].strip()
+    if fields:
+        cause = f"first failure: rank {fields.get('rank', '?')}, exitcode {fields.get('exitcode', '?')}"
+        cause = " ".join(cause.split())
+    else:
+        cause = report[0].split("] ", 1)[-1]
+    own = [s for s in lines[:start] if not _AGENT_LOG.match(s)]  # not its "Sending ... SIGTERM"
+    return f"; {cause}; the processes' last lines before torchrun's report:\n" + "\n".join(own[-tail:])
 
 
 def _backend(kwargs: dict) -> str:
@@ -119,6 +152,7 @@ def worker(args_file: str | os.PathLike) -> None:
 
     from . import store
 
+    faulthandler.enable()  # a crash (SIGABRT, SIGSEGV) prints this process's Python stack before it dies
     spec = json.loads(Path(args_file).read_text())
     fn = resolve_stage(spec["stage"])
     backend = _backend(spec["kwargs"])
@@ -144,4 +178,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    rc = main()
+    # The stage is done and written (its artifacts, rank 0's result file) and the process group
+    # destroyed: skip the interpreter's teardown. With gloo it could abort a finished rank under
+    # load ("terminate called without an active exception", SIGABRT: C++ threads of the process
+    # group's objects still alive at finalisation), and torchrun then fails the whole run.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
