@@ -343,6 +343,14 @@ def test_findings_sparsity_and_losses(run):
         r["test_loss"] = 2.0 - 0.1 * i
     assert not any("overfits" in s and "Training" in s for s in report.findings(res2))
     assert "no sign of overfitting" in _sentence(report.findings(res2), "Training: test loss fell")
+    # a rising test loss is not overfitting while training loss stays above it (the model has not
+    # fit its training data: 2 epochs on ../shared/coco-sample, at the floor, read "Training overfits")
+    res3 = copy.deepcopy(res)
+    for i, r in enumerate(res3["train"]["epochs"]):
+        r["train_loss"] = 3.0 - 0.01 * i
+    assert not any("overfits" in s and "Training" in s for s in report.findings(res3))
+    under = _sentence(report.findings(res3), "Training: test loss was lowest")
+    assert "epoch 7" in under and "still above test loss" in under and "no sign of overfitting" in under
 
 
 def test_findings_data_sentence(run):

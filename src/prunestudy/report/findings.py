@@ -156,6 +156,13 @@ def _f_overfit(results: dict, state: str) -> str | None:
         tail = (f"; test accuracy was highest in the last epoch ({pct(acc[-1])})" if acc[-1] >= acc[top] else
                 f"; test accuracy peaked at {pct(acc[top])} in epoch {top + 1} (last epoch {pct(acc[-1])})")
     phase = states.get(state).phase.capitalize()
+    if best < last and test[last] > test[best] and train[last] < train[best] and train[last] >= test[last]:
+        # training loss (with dropout and augmentation) still above test loss: the model has not
+        # fit its training data, so a rising test loss is not overfitting (e.g. a model at the floor)
+        return (f"{phase}: test loss was lowest ({test[best]:.3f}) in epoch {best + 1} and rose to "
+                f"{test[last]:.3f} by epoch {last + 1} while training loss fell ({train[best]:.3f} → "
+                f"{train[last]:.3f}), but training loss is still above test loss: the model has not fit its "
+                f"training data, so this is no sign of overfitting{tail}.")
     if best < last and test[last] > test[best] and train[last] < train[best]:
         return (f"{phase} overfits: test loss was lowest ({test[best]:.3f}) in epoch {best + 1} and rose to "
                 f"{test[last]:.3f} by epoch {last + 1} while training loss kept falling ({train[best]:.3f} → "
