@@ -683,10 +683,14 @@ def test_the_grid_reports_bands_stay_within_0_and_100_and_its_speedup_axis_names
         assert band[:, 1].min() >= 0 and band[:, 1].max() <= 100
     assert "masked: 1x, not timed" in fig.axes[2].get_xlabel()
     plt.close(fig)
+    speed = report.grid_operating_styler(table).data["measured speedup (x)"]
+    assert list(speed) == ["1.00 (not timed)"]   # not "1.00 ± 0.00", as if measured
     table["speedup_timed"] = True
     fig = report.plot_grid_tradeoff(table)
     assert fig.axes[2].get_xlabel() == "measured speedup (x)"
     plt.close(fig)
+    table["measured_speedup"] = [1.4, 1.6]
+    assert list(report.grid_operating_styler(table).data["measured speedup (x)"]) == ["1.50 ± 0.14"]
 
 
 @pytest.mark.e2e

@@ -106,6 +106,9 @@ def operating_points(table: pd.DataFrame) -> pd.DataFrame:
         row["seeds"] = len(group)
         for col in ("dense_at_floor", "after_at_floor"):
             row[col] = _flagged(group, col)
+        # False: no seed's model was timed (the dense computation, 1x by construction); None: unknown
+        timed = group["speedup_timed"].dropna() if "speedup_timed" in group else pd.Series(dtype=object)
+        row["speedup_timed"] = bool(timed.any()) if len(timed) else None
         for m in MEASURES:
             x = pd.to_numeric(group[m], errors="coerce").dropna().to_numpy(float)
             if not len(x):
@@ -132,13 +135,18 @@ def grid_operating_styler(table: pd.DataFrame):
         digits = 1 if m in PERCENT else 2
         shown[name] = [("—" if pd.isna(v) else f"{scale * v:.{digits}f}"
                         + ("" if pd.isna(s) else f" ± {scale * s:.{digits}f}")) for v, s in zip(ops[m], ops[f"{m}_sd"])]
+        if m == "measured_speedup":   # 1.00 by construction, not a measurement: say so
+            shown[name] = [f"{v:.2f} (not timed)" if t is False else c
+                           for v, t, c in zip(ops[m], ops["speedup_timed"], shown[name])]
     shown["at the majority floor"] = [_floor_cell(d, a, n) for d, a, n in
                                       zip(ops["dense_at_floor"], ops["after_at_floor"], ops["seeds"])]
     shown.columns = [literal(c) for c in shown.columns]
     return shown.style.hide(axis="index").set_caption(
         "Mean ± SD over seeds per operating point (points whose retraining finished). Accuracy in %, changes "
         "in percentage points (the point's retrained model against its own dense model and dense control, "
-        "paired by seed). Compression ratio: dense parameters / nonzero parameters. At the majority floor: "
+        "paired by seed). Compression ratio: dense parameters / nonzero parameters. Measured speedup: latency "
+        "against the dense model on this machine; 'not timed': a masked model runs the dense model's "
+        "computation (zeroed weights on dense kernels), so its speed is the dense model's. At the majority floor: "
         "seeds whose dense or retrained model is not above the majority-class floor or answers one class "
         "(each point's report says which); nothing about pruning can be read from those seeds.")
 
