@@ -136,7 +136,7 @@ def grid_operating_styler(table: pd.DataFrame):
         shown[name] = [("—" if pd.isna(v) else f"{scale * v:.{digits}f}"
                         + ("" if pd.isna(s) else f" ± {scale * s:.{digits}f}")) for v, s in zip(ops[m], ops[f"{m}_sd"])]
         if m == "measured_speedup":   # 1.00 by construction, not a measurement: say so
-            shown[name] = [f"{v:.2f} (not timed)" if t is False else c
+            shown[name] = [f"{v:.2f} (not timed)" if t is not None and not t else c
                            for v, t, c in zip(ops[m], ops["speedup_timed"], shown[name])]
     shown["at the majority floor"] = [_floor_cell(d, a, n) for d, a, n in
                                       zip(ops["dense_at_floor"], ops["after_at_floor"], ops["seeds"])]
