@@ -115,6 +115,32 @@ def test_the_dry_run_counts_a_stale_analysis_as_to_run(tmp_path):
     assert analyses() == "0"
 
 
+def test_a_stage_that_raises_outside_its_notebook_is_a_failed_stage_not_the_end_of_the_sweep(tmp_path, monkeypatch,
+                                                                                             capsys):
+    """An error outside the notebook's code (papermill saving the notebook: 'Too many open files',
+    a full disk, a bug) used to leave the task as an exception, which ended the local engine's
+    driver with a traceback and without the other points; it is a failed stage like any other."""
+    for var in (*sweep.THREAD_VARS, "PRUNESTUDY_PROGRESS"):   # run_task sets the task's threads here
+        monkeypatch.setenv(var, os.environ.get(var, ""))
+    pts = grid.points(SMALL)[:1]
+    st = stagestore.Store(tmp_path / "store")
+    sweep.prepare(pts, tmp_path / "grid", st)
+    todo = sweep.tasks(pts)
+    tid = next(t for t in todo if todo[t].stage == "data")
+    spec = sweep._spec(todo[tid], {p.name: p for p in pts}, tmp_path / "grid", st, {}, 1)
+
+    def save_fails(*args, **kwargs):
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(pipeline, "execute_stage", save_fails)
+    r = sweep.run_task(spec)
+    assert r["status"] == "failed" and r["error"] == "OSError: [Errno 24] Too many open files", r
+    assert r["id"] == tid and r["point"] == pts[0].name
+    out = capsys.readouterr().out
+    assert f"==> [{pts[0].name}] data: Traceback" in out and "in save_fails" in out
+    records.RunLock(paths.point_dir(tmp_path / "grid", pts[0].name), "the test").release()   # not left locked
+
+
 def test_a_pool_workers_warm_kernel_is_the_one_its_notebooks_run_in(tmp_path):
     """The local engine's workers start their kernel as they start (while the data stage runs
     elsewhere) and the grid report runs in one of them. A kernel is reused only while its

@@ -29,6 +29,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -144,6 +145,13 @@ def _run_task(spec: dict, *upstream: dict) -> dict:
         _interrupted = True
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         raise
+    except Exception as e:  # noqa: BLE001 - outside the notebook's code (saving it, the store, a bug): the
+        # stage failed all the same, and is reported as failed; raised, it ended the whole sweep (the local
+        # engine) with a traceback and without the other points' results
+        for line in traceback.format_exc().rstrip().splitlines():
+            log(f"==> [{spec['point']}] {stage}: {line}")
+        return {**info, "status": "failed", "error": f"{type(e).__name__}: {e}"[:300], "notebook": None,
+                "end": time.time()}
     return {**info, "status": "ran", "seconds": seconds, "end": time.time(), "kernel_starts": kernels.starts}
 
 
