@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .. import metrics, paths, states, store
+from .. import efficiency, metrics, paths, states, store
 from .seeds import t_interval
 from .style import figure, floor_method, label, legend_outside, literal, md_escape, method_style, placeholder
 
@@ -66,7 +66,7 @@ def point_row(sweep_dir: Path, row: dict) -> dict:
             "sparsity": pr.get("global_sparsity"), "compression_ratio": eff.get("compression_ratio"),
             "theoretical_speedup": eff.get("theoretical_speedup"), "measured_speedup": eff.get("measured_speedup"),
             # False: the dense model's computation (masked), not timed, 1x by construction (efficiency.untimed)
-            "speedup_timed": bool(eff.get("latency")) if eff else None,
+            "speedup_timed": efficiency.timed(eff) if eff else None,
             "dense_accuracy": dense, "accuracy_before": pr.get("test_accuracy"), "accuracy_after": after,
             "balanced_accuracy_after": re_.get("balanced_accuracy"),
             "control_accuracy": ctl.get("test_accuracy"),
