@@ -27,7 +27,7 @@ from pathlib import Path
 
 import nbformat
 
-from prunestudy import kernels, pipeline
+from prunestudy import execute, kernels
 
 BEFORE = {"CLIENT_CLASS": "jupyter_client.asynchronous.AsyncKernelClient",
           "COLLECT": "__import__('gc').collect()", "KERNEL_ARGUMENTS": ()}
@@ -35,7 +35,7 @@ NOW = {name: getattr(kernels, name) for name in BEFORE}
 
 
 def notebook(folder: Path) -> Path:
-    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": pipeline.ensure_kernel(), "language": "python",
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": execute.ensure_kernel(), "language": "python",
                                                            "display_name": "prunestudy"},
                                             "language_info": {"name": "python"}})
     params = nbformat.v4.new_code_cell("x = 1")
@@ -56,7 +56,7 @@ def per_notebook(src: Path, settings: dict, n: int) -> list[float]:
         times = []
         for i in range(n + 1):   # the first starts the kernel and imports: not counted
             start = time.perf_counter()
-            kernels.execute_notebook(src, out, kernel_name=pipeline.ensure_kernel(), parameters={"x": i})
+            kernels.execute_notebook(src, out, kernel_name=execute.ensure_kernel(), parameters={"x": i})
             if i:
                 times.append(time.perf_counter() - start)
         return times

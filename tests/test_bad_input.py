@@ -24,7 +24,7 @@ import yaml
 from conftest import ROOT, terminal_sigint
 from torch import nn
 
-from prunestudy import cli, coco, config, data, models, paths, pipeline, report, train
+from prunestudy import cli, coco, config, data, execute, models, paths, pipeline, report, train
 
 CLI = [sys.executable, "-m", "prunestudy.cli"]
 TWO = ["person", "car"]
@@ -164,7 +164,7 @@ def test_relative_paths_are_taken_from_the_current_directory(tmp_path, monkeypat
     cfg = config.load(ROOT / "params" / "smoke.yaml", ["data.root=coco", "train.weights=w.pt"])
     assert cfg["data"]["root"] == str(here / "coco") and cfg["train"]["weights"] == str(here / "w.pt")
     # the kernels run in notebooks/: they are given the absolute paths
-    injected = pipeline.notebook_parameters("data", cfg, here / "run")
+    injected = execute.notebook_parameters("data", cfg, here / "run")
     assert injected["root"] == str(here / "coco") and Path(injected["run_dir"]).is_absolute()
     assert config.load(ROOT / "params" / "smoke.yaml")["data"]["root"] == "embedded"   # not a path
     rc = cli.main(["params", "-f", str(ROOT / "params" / "smoke.yaml"), "-p", "data.root=nope", "-p",

@@ -1,6 +1,6 @@
 import yaml
 
-from prunestudy import cli, config
+from prunestudy import cli, config, execute
 
 
 def test_params_prints_the_effective_parameters(capsys):
@@ -22,12 +22,12 @@ def test_kernel_command_points_at_this_python(capsys):
     import json
     import sys
 
-    from prunestudy import pipeline
+    from prunestudy import kernels
 
     assert cli.main(["kernel"]) == 0
-    spec = json.loads((pipeline.kernel_dir() / "kernel.json").read_text())
+    spec = json.loads((execute.kernel_dir() / "kernel.json").read_text())
     assert spec["argv"][0] == sys.executable
-    assert spec["env"]["GLIBC_TUNABLES"] == pipeline.kernels.MALLOC_TUNABLES   # see prunestudy.kernels
+    assert spec["env"]["GLIBC_TUNABLES"] == kernels.MALLOC_TUNABLES   # see prunestudy.kernels
 
 
 HEAVY = ("torch", "pandas", "seaborn", "matplotlib", "scipy", "papermill")
@@ -40,7 +40,8 @@ def test_the_command_line_and_the_sweep_workers_start_without_the_heavy_librarie
     import subprocess
     import sys
 
-    probe = ("import sys, prunestudy.cli, prunestudy.sweep, prunestudy.pipeline, prunestudy.grid; "
+    probe = ("import sys, prunestudy.cli, prunestudy.sweep, prunestudy.pipeline, prunestudy.grid, prunestudy.status, "
+             "prunestudy.execute, prunestudy.graph, prunestudy.codedigest; "
              f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -1,6 +1,6 @@
 import pytest
 
-from prunestudy import config
+from prunestudy import config, graph
 
 
 def test_defaults_are_the_seed_configuration():
@@ -15,11 +15,11 @@ def test_defaults_are_the_seed_configuration():
 def test_the_sweep_file_shares_the_default_studys_stages():
     """params/sweep.yaml says it runs on default.yaml's data, training and retraining: its stage keys
     are the default study's, and its l1_unstructured-0.2 point is that study's chain."""
-    from prunestudy import grid, paths
+    from prunestudy import paths
 
-    default, sweep = (grid.point_keys(config.load(f"params/{n}.yaml")) for n in ("default", "sweep"))
+    default, sweep = (graph.all_keys(config.load(f"params/{n}.yaml")) for n in ("default", "sweep"))
     assert {k: sweep[k] for k in ("data", "train", "control")} == {k: default[k] for k in ("data", "train", "control")}
-    points = {name: grid.point_keys(pcfg) for name, pcfg in paths.sweep_points(config.load("params/sweep.yaml"))}
+    points = {name: graph.all_keys(pcfg) for name, pcfg in paths.sweep_points(config.load("params/sweep.yaml"))}
     assert len(points) == 16
     assert {k: points["l1_unstructured-0.2"][k] for k in ("prune", "retrain")} == \
         {k: default[k] for k in ("prune", "retrain")}

@@ -15,7 +15,7 @@ import nbformat
 import papermill as pm
 import pytest
 
-from prunestudy import kernels, pipeline
+from prunestudy import execute, kernels
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +26,7 @@ def _notebook(path: Path, *sources: str) -> Path:
 
 
 def _execute(src: Path, out: Path, **kw):
-    kernels.execute_notebook(src, out, kernel_name=pipeline.ensure_kernel(), **kw)
+    kernels.execute_notebook(src, out, kernel_name=execute.ensure_kernel(), **kw)
     return nbformat.read(out, as_version=4)
 
 
@@ -91,7 +91,7 @@ def test_a_reset_or_warmed_kernel_starts_worker_processes_as_a_fresh_one(tmp_pat
     kernels.shutdown()
     before = kernels.starts
     try:
-        kernels.warm(pipeline.ensure_kernel(), kernels.notebook_cwd(tmp_path / "p.ipynb"), "import os")
+        kernels.warm(execute.ensure_kernel(), kernels.notebook_cwd(tmp_path / "p.ipynb"), "import os")
         nb = _notebook(tmp_path / "p.ipynb", "from concurrent.futures import ProcessPoolExecutor\n"
                        "from multiprocessing import get_context\n"
                        "with ProcessPoolExecutor(1, mp_context=get_context('spawn')) as ex:\n"
@@ -115,7 +115,7 @@ def test_run_here_runs_code_in_the_processs_kernel_or_says_it_did_not(tmp_path, 
     monkeypatch.setenv("PRUNESTUDY_PROBE", "no kernel")
     assert kernels.run_here(write, "a probe") is False and not out.exists()
     try:
-        kernels.warm(pipeline.ensure_kernel(), str(tmp_path), "import os")
+        kernels.warm(execute.ensure_kernel(), str(tmp_path), "import os")
         monkeypatch.setenv("PRUNESTUDY_PROBE", "now")   # set after the kernel started: passed on
         assert kernels.run_here(write, "a probe") is True
         pid, probe = out.read_text().split()
@@ -136,7 +136,7 @@ def test_a_kernel_keeps_its_history_in_memory_not_in_the_users_ipython_folder(tm
     kernels.shutdown()
     try:
         if start == "warmed":
-            kernels.warm(pipeline.ensure_kernel(), kernels.notebook_cwd(tmp_path / "h.ipynb"), "import os")
+            kernels.warm(execute.ensure_kernel(), kernels.notebook_cwd(tmp_path / "h.ipynb"), "import os")
         nb = _notebook(tmp_path / "h.ipynb", "x = 1", "print(get_ipython().history_manager.hist_file)")
         for i in range(2):
             out = _execute(nb, tmp_path / f"h{i}.out.ipynb", fresh=start == "fresh kernels")
@@ -153,7 +153,7 @@ def test_a_new_client_of_a_reused_kernel_sees_every_output_of_its_first_request(
 
     kernels.shutdown()
     try:
-        kernels.warm(pipeline.ensure_kernel(), str(tmp_path), "import os")
+        kernels.warm(execute.ensure_kernel(), str(tmp_path), "import os")
         km = kernels._km
         for i in range(15):
             kc = km.client()

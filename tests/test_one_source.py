@@ -14,7 +14,7 @@ import yaml
 from conftest import sweep_by_hand
 from matplotlib.colors import to_hex
 
-from prunestudy import config, data, efficiency, methods, paths, pipeline, prune, report, stages, synth
+from prunestudy import config, data, efficiency, execute, graph, methods, paths, prune, report, stages, synth
 
 matplotlib.use("Agg")
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,20 +70,28 @@ def test_library_functions_use_the_schema_defaults():
 def test_runner_injects_exactly_the_stage_parameters():
     cfg = config.defaults()
     for stage in STAGE_FUNCTIONS:
-        injected = pipeline.notebook_parameters(stage, cfg, Path("/tmp/run"))
+        injected = execute.notebook_parameters(stage, cfg, Path("/tmp/run"))
         mapping = config.stage_parameters(stage)
         assert set(mapping) <= set(injected) and set(injected) - set(mapping) <= NOT_PARAMETERS
 
 
 def test_params_hash_and_stage_keys_are_pinned():
     """A refactor that silently renamed every run folder (and voided every cache) fails here.
-    If a change of hashes is intended, say so in the change and update these values."""
+    If a change of hashes is intended, say so in the change and update these values. A key also
+    holds the digest of the code that computes its stage (graph.code_digest), which changes with any
+    edit of that code: the pins fix it (`code=`), so that they pin how parameters and the chain make
+    a key; tests/test_codedigest.py checks what the code digest covers."""
     cfg = config.load(ROOT / "params" / "default.yaml")
     assert config.stage_hash(cfg) == "6352af093fd1"   # issue 16 added prune.latency_repeats
-    keys = pipeline.stage_keys(cfg, Path("/anywhere/runs/default"))
-    # issue 14's data.min_test_per_class and the data stage's defining parameters (records.defining)
-    assert keys["data"] == "06f22709dfdd" and keys["train"] == "b412cc682462"
-    assert pipeline.stage_keys(cfg, Path("/elsewhere")) == keys  # where a run lives is not what it is
+    fixed = "0" * 16
+    keys = graph.all_keys(cfg, code=fixed)
+    # issue 29: keys hold the code's digest (fixed here); the parameters and the chain are those of issue 14
+    assert keys == {"data": "350a7bcd2a32", "train": "beae56b9603f", "prune": "6664eade857d",
+                    "retrain": "bb6e10931de8", "analysis": "89fcbb5b0040", "control": "b11cdbe80e9b"}
+    live = graph.all_keys(cfg)
+    assert set(live) == set(keys) and all(live[s] != keys[s] for s in keys)   # the real digest is in every key
+    assert graph.chain_keys(cfg) == {s: live[s] for s in graph.CHAIN}
+    assert set(execute.notebook_parameters("train", cfg, Path("/elsewhere"))) > set(graph.key_params("train", cfg))
 
 
 def test_run_folder_names_come_from_paths_only():
@@ -108,7 +116,7 @@ def test_the_documented_run_folder_matches_paths(smoke_run):
     known |= {paths.images(s) for s in paths.SPLITS} | {paths.labels(s) for s in paths.SPLITS}
     for expected in (paths.PARAMS, paths.RESULTS, paths.REPORT):
         assert (run_dir / expected).is_file()
-    for stage in paths.STAGES:
+    for stage in graph.CHAIN:
         assert paths.stage_record(run_dir, stage).is_file() and paths.executed_notebook(run_dir, stage).is_file()
         assert paths.completion_marker(run_dir, stage).is_file()
     for name in (paths.MODEL, paths.HISTORY, paths.METRICS, paths.PREDICTIONS):

@@ -9,7 +9,7 @@ import nbformat
 import pytest
 import yaml
 
-from prunestudy import config, paths, pipeline
+from prunestudy import config, execute, paths
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -42,7 +42,7 @@ def test_notebook_has_literal_parameters_no_outputs_and_the_project_kernel(path)
     for cell in nb.cells:
         if cell.cell_type == "code":
             assert not cell.outputs and cell.execution_count is None, "commit notebooks without outputs"
-    assert nb.metadata.kernelspec.name == pipeline.KERNEL_NAME
+    assert nb.metadata.kernelspec.name == execute.KERNEL_NAME
 
 
 @pytest.mark.parametrize("stage", ["data", "train", "prune", "retrain", "analysis"])
@@ -50,7 +50,7 @@ def test_notebook_defaults_match_default_params_and_accept_every_runner_paramete
     nb = nbformat.read(ROOT / "notebooks" / paths.NOTEBOOK_OF[stage], as_version=4)
     defaults = _defaults(nb)
     cfg = config.load(ROOT / "params" / "default.yaml")
-    injected = pipeline.notebook_parameters(stage, cfg, Path("/tmp/run"))
+    injected = execute.notebook_parameters(stage, cfg, Path("/tmp/run"))
     assert set(injected) <= set(defaults), (
         f"runner passes parameters the notebook lacks: {set(injected) - set(defaults)}")
     section = cfg.get(stage, {})

@@ -18,7 +18,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from prunestudy import browser, cli, config, lab, paths, pipeline, records, stages, store, synth
+from prunestudy import browser, cli, config, execute, graph, lab, paths, records, stages, store, synth
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "prunestudy.cli"]
@@ -123,19 +123,19 @@ def test_a_stage_called_from_python_records_its_key_inputs_and_files(tmp_path):
     cfg = config.load(overrides=[f"data.root={root}", "data.min_box=8", "data.min_per_class=1", "train.epochs=1"])
     stages.run_data(tmp_path / "run", **config.stage_params("data", cfg), log=lambda m: None)
     stages.run_train(tmp_path / "run", **config.stage_params("train", cfg), log=lambda m: None)
-    keys = pipeline.stage_keys(cfg, tmp_path / "run")
+    keys = graph.chain_keys(cfg)
     data_rec, train_rec = records.read(tmp_path / "run" / "data"), records.read(tmp_path / "run" / "train")
     assert data_rec["key"] == keys["data"] and train_rec["key"] == keys["train"]  # what the runner computes
     assert train_rec["inputs"] == {"data": {"key": data_rec["key"], "id": data_rec["id"]}}
     assert set(train_rec["outputs"]) == {"model.pt", "history.json", "metrics.json", "predictions.npy"}
     assert train_rec["by"] == "python"
-    assert pipeline.problem(cfg, tmp_path / "run", "train", keys["train"]) is None
+    assert execute.problem(cfg, tmp_path / "run", "train", keys["train"]) is None
     (tmp_path / "run" / "train" / "model.pt").unlink()
-    assert pipeline.problem(cfg, tmp_path / "run", "train", keys["train"]) == "output model.pt is missing"
+    assert execute.problem(cfg, tmp_path / "run", "train", keys["train"]) == "output model.pt is missing"
     # a rerun of the data stage (same parameters) makes the training stale: it read the old record
     stages.run_data(tmp_path / "run", **config.stage_params("data", cfg), log=lambda m: None)
     assert "stale" in records.read(tmp_path / "run" / "train")
-    assert pipeline.problem(cfg, tmp_path / "run", "train", keys["train"]).startswith("stale: data was recomputed")
+    assert execute.problem(cfg, tmp_path / "run", "train", keys["train"]).startswith("stale: data was recomputed")
 
 
 # --------------------------------------------------------------------------- one writer per run folder

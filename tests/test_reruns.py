@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import terminal_sigint
 
-from prunestudy import config, paths, pipeline, stages, store
+from prunestudy import config, execute, graph, paths, stages, store
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "prunestudy.cli"]
@@ -128,7 +128,7 @@ def test_sigkill_in_stages_with_partial_work_then_rerun_gives_the_same_results(s
         proc.wait()
         keys, cfg = _keys(run_dir), config.load(ROOT / "params" / "smoke.yaml")
         for earlier in STAGES[: i - 1]:  # finished stages are kept as complete
-            assert pipeline.problem(cfg, run_dir, earlier, keys[earlier]) is None, (stage, earlier)
+            assert execute.problem(cfg, run_dir, earlier, keys[earlier]) is None, (stage, earlier)
     proc = run_cli("run", "-f", "params/smoke.yaml", "--run-dir", str(run_dir), *no_sweep)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert scores(run_dir) == scores(smoke_run[0])
@@ -137,7 +137,7 @@ def test_sigkill_in_stages_with_partial_work_then_rerun_gives_the_same_results(s
 
 
 def _keys(run_dir: Path) -> dict:
-    return pipeline.stage_keys(config.load(ROOT / "params" / "smoke.yaml"), run_dir)
+    return graph.chain_keys(config.load(ROOT / "params" / "smoke.yaml"))
 
 
 @pytest.mark.e2e

@@ -20,7 +20,20 @@ import pandas as pd
 import pytest
 from conftest import built_once, completed, saved, terminal_sigint
 
-from prunestudy import browser, cli, config, grid, kernels, metrics, paths, pipeline, records, stagestore, sweep
+from prunestudy import (
+    browser,
+    cli,
+    config,
+    execute,
+    graph,
+    grid,
+    kernels,
+    metrics,
+    paths,
+    records,
+    stagestore,
+    sweep,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ROOT / "params" / "grid-small.yaml"
@@ -61,7 +74,7 @@ def test_grid_points_share_stages_and_are_named_by_their_values():
     alone = config.load(ROOT / "params" / "smoke.yaml", ["prune.method=random_unstructured", "prune.amount=0.8",
                                                           "seed=1", "prune.amounts=null"])
     point = next(p for p in pts if p.values == {"prune.method": "random_unstructured", "prune.amount": 0.8, "seed": 1})
-    assert pipeline.stage_keys(point.cfg, Path("."))["train"] == pipeline.stage_keys(alone, Path("."))["train"]
+    assert graph.chain_keys(point.cfg)["train"] == graph.chain_keys(alone)["train"]
 
 
 def test_every_bad_point_is_listed_before_any_work(tmp_path):
@@ -105,7 +118,7 @@ def test_the_dry_run_counts_a_stale_analysis_as_to_run(tmp_path):
     pts = grid.points(SMALL)
     folder = paths.stage_dir(paths.point_dir(tmp_path / "grid", pts[0].name), "analysis")
     folder.mkdir(parents=True)
-    records.write(folder, "analysis", grid.point_keys(pts[0].cfg)["analysis"], {}, {}, 1.0, "test")
+    records.write(folder, "analysis", graph.all_keys(pts[0].cfg)["analysis"], {}, {}, 1.0, "test")
 
     def analyses() -> str:
         plan = grid.dry_run_text(pts, tmp_path / "grid", tmp_path / "store")
@@ -132,7 +145,7 @@ def test_a_stage_that_raises_outside_its_notebook_is_a_failed_stage_not_the_end_
     def save_fails(*args, **kwargs):
         raise OSError(24, "Too many open files")
 
-    monkeypatch.setattr(pipeline, "execute_stage", save_fails)
+    monkeypatch.setattr(execute, "execute_stage", save_fails)
     r = sweep.run_task(spec)
     assert r["status"] == "failed" and r["error"] == "OSError: [Errno 24] Too many open files", r
     assert r["id"] == tid and r["point"] == pts[0].name
@@ -149,7 +162,7 @@ def test_a_pool_workers_warm_kernel_is_the_one_its_notebooks_run_in(tmp_path):
     pts = grid.points(SMALL)
     st = stagestore.Store(tmp_path / "store")
     by_name = {p.name: p for p in pts}
-    pipeline.ensure_kernel()
+    execute.ensure_kernel()
     specs = {tid: sweep._spec(t, by_name, tmp_path / "grid", st, sweep.task_env(), sweep.task_threads("local", 2))
              for tid, t in sweep.tasks(pts).items()}
     warm = sweep.warm_settings(specs)
@@ -158,12 +171,12 @@ def test_a_pool_workers_warm_kernel_is_the_one_its_notebooks_run_in(tmp_path):
     try:
         sweep._apply_env(warm["env"], warm["threads"])   # what _worker_init does before kernels.warm
         warmed = kernels.fingerprint(warm["kernel"], warm["cwd"])
-        notebooks = [pipeline.notebooks_dir() / paths.NOTEBOOK_OF[s] for s in sweep.ORDER]
+        notebooks = [execute.notebooks_dir() / paths.NOTEBOOK_OF[s] for s in graph.CHAIN]
         for spec in specs.values():   # what run_task does before its notebook
             sweep._apply_env(spec["env"], spec["threads"])
             os.environ[records.TOKEN_ENV] = "a run lock's token"   # PRUNESTUDY_*: reset, not fingerprinted
-            for nb in [*notebooks, pipeline.notebooks_dir() / paths.SWEEP_NOTEBOOK]:
-                fp = kernels.fingerprint(pipeline.ensure_kernel(), kernels.notebook_cwd(nb))
+            for nb in [*notebooks, execute.notebooks_dir() / paths.SWEEP_NOTEBOOK]:
+                fp = kernels.fingerprint(execute.ensure_kernel(), kernels.notebook_cwd(nb))
                 assert fp == warmed, (spec["id"], nb)
         os.environ["OMP_NUM_THREADS"] = "7"   # another environment: another kernel
         assert kernels.fingerprint(warm["kernel"], warm["cwd"]) != warmed
@@ -391,7 +404,7 @@ def test_a_failing_stage_and_a_killed_worker(local_sweep, tmp_path):
             "-g", "prune.amount=0.5"]
     target = next(p for p in grid.points(SMALL, [], ["seed=0", "prune.amount=0.5"])
                   if p.values["prune.method"] == "random_unstructured")
-    prune_key = grid.point_keys(target.cfg)["prune"]
+    prune_key = graph.all_keys(target.cfg)["prune"]
     env = {**os.environ, "PRUNESTUDY_INJECT_FAULT": f"prune:{prune_key}"}
     proc = subprocess.Popen([*CLI, "sweep", "-f", str(SMALL), *args],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -434,7 +447,7 @@ def test_ray_engine_with_fake_gpus(local_sweep, tmp_path):
     base, _, _ = local_sweep
     pts = grid.points(SMALL)
     summary = sweep.run(pts, tmp_path / "grid", engine="ray", log=lambda m: None, store_root=tmp_path / "store",
-                        ray_init={"num_cpus": 2, "num_gpus": 2}, kinds=sweep.ORDER[:4])
+                        ray_init={"num_cpus": 2, "num_gpus": 2}, kinds=graph.CHAIN[:4])
     assert summary["failed"] == [] and summary["ran"]["data"] == 1 and summary["ran"]["train"] == 2
     assert summary["ran"]["prune"] == summary["ran"]["retrain"] == 8 and summary["ran"]["analysis"] == 0
     results = [r for r in summary["results"].values() if r["status"] == "ran"]

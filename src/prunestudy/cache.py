@@ -29,19 +29,14 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import config, data, records, store
+from . import config, data, graph, store
+from .config import CACHE_ENV as ENV  # noqa: F401  (the caches' folder and its variable: config)
+from .config import cache_root
 
 FORMAT = 4  # bump when the crop rule, the file layout or the checks change: old entries are then not reused
 DIGESTS = "digests.json"
 
 
-ENV = "PRUNESTUDY_CACHE"   # another folder for the crop sets (and the digests), e.g. on a scratch disk
-
-
-def cache_root() -> Path:
-    """<project>/data/cache, or $PRUNESTUDY_CACHE (the test suite points it at its temp folder: its
-    COCO roots are temp folders, part of each crop set's key, so their sets would never be reused)."""
-    return Path(os.environ[ENV]).resolve() if os.environ.get(ENV) else config.project_root() / "data" / "cache"
 
 
 def annotation_digest(path: Path) -> str:
@@ -67,7 +62,7 @@ def crop_key(root: Path, params: dict) -> str:
     digests = {split: annotation_digest(data._annotation_path(root, split)) for split in data.SPLITS}
     images = {split: images_digest(data._image_dir(root, split)) for split in data.SPLITS}
     return config.stage_hash({"format": FORMAT, "root": str(root), "annotations": digests, "images": images,
-                              "params": records.defining("data", params)})
+                              "params": graph.defining("data", params)})
 
 
 def images_digest(folder: Path) -> str:

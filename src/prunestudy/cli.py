@@ -9,7 +9,7 @@ import sys
 
 import yaml
 
-from . import config, download, lab, paths, pipeline, records, sweep
+from . import config, download, execute, graph, lab, paths, pipeline, records, sweep
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,8 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--jobs", type=int, default=1, metavar="N",
                      help="with `seeds`: compute the repeats N stages at a time first (the sweep's local engine, "
                           "cores/N threads each), then link them (default 1: one after another)")
-    run.add_argument("--force", metavar="STAGE", choices=pipeline.STAGES,
-                     help=f"rerun from this stage on even if up to date ({', '.join(pipeline.STAGES)})")
+    run.add_argument("--force", metavar="STAGE", choices=graph.CHAIN,
+                     help=f"rerun from this stage on even if up to date ({', '.join(graph.CHAIN)})")
     show = sub.add_parser("params", help="print the effective parameters (defaults, file, overrides)")
     _add_params_args(show)
     show.add_argument("--show", action="store_true",
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
 
     if args.command == "kernel":
-        print(f"kernel '{pipeline.ensure_kernel()}' -> {sys.executable} ({pipeline.kernel_dir()}); "
+        print(f"kernel '{execute.ensure_kernel()}' -> {sys.executable} ({execute.kernel_dir()}); "
               f"JupyterLab settings {lab.ensure_settings()}")
         return 0
     if args.command == "lab":
@@ -70,10 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         res = pipeline.run(cfg, run_dir, force=args.force, log=lambda m: print(m, flush=True), store_root=args.store,
                            fresh_kernels=args.fresh_kernels, jobs=args.jobs)
-    except (FileNotFoundError, pipeline.PreflightError, records.LockedError) as e:
+    except (FileNotFoundError, execute.PreflightError, records.LockedError) as e:
         print(f"prunestudy: {e}", file=sys.stderr)
         return 2
-    except pipeline.StageFailed as e:
+    except execute.StageFailed as e:
         print(f"prunestudy: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

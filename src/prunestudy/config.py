@@ -187,6 +187,15 @@ def project_root(start: str | os.PathLike | None = None) -> Path:
     return here
 
 
+CACHE_ENV = "PRUNESTUDY_CACHE"     # another folder for the caches (crop sets, digests, code summaries)
+
+
+def cache_root() -> Path:
+    """<project>/data/cache, or $PRUNESTUDY_CACHE (the test suite points it at its temp folder: its
+    COCO roots are temp folders, part of each crop set's key, so their sets would never be reused)."""
+    return Path(os.environ[CACHE_ENV]).resolve() if os.environ.get(CACHE_ENV) else project_root() / "data" / "cache"
+
+
 def load(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
     """Defaults, then the YAML file, then `key=value` overrides (values parsed as YAML); validated."""
     cfg = defaults()

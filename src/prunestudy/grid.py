@@ -25,14 +25,9 @@ from pathlib import Path
 
 import yaml
 
-from . import config, paths, pipeline, records
+from . import config, graph, paths, records
 
 GRID_KEY = "grid"
-STAGES = ("data", "train", "control", "prune", "retrain", "analysis")
-# what each kind of stage is shared by (for the plan's wording)
-SHARED_BY = {"data": "data parameters", "train": "seed and training parameters",
-             "control": "training and retraining parameters", "prune": "point", "retrain": "point",
-             "analysis": "point"}
 
 
 @dataclass(frozen=True)
@@ -148,27 +143,11 @@ def _name(values: dict) -> str:
 
 
 # --- the plan ----------------------------------------------------------------------------------
-def control_params(cfg: dict) -> dict:
-    """What defines a point's dense control: its training, and the retraining settings over as many
-    epochs as the pruned model gets (between rounds included)."""
-    rounds, per_round, re_ = cfg["prune"]["rounds"], cfg["retrain"]["epochs_per_round"], cfg["retrain"]
-    return records.control_params(re_["epochs"] + (rounds - 1) * per_round, re_["lr"], re_["batch_size"],
-                                 cfg["seed"], cfg["train"]["device"])
-
-
-def point_keys(cfg: dict) -> dict[str, str]:
-    """The stage keys of one point (the run folder does not enter a key), and its control's."""
-    keys = pipeline.stage_keys(cfg, Path("."))
-    if cfg["retrain"]["control"]:
-        keys["control"] = records.stage_key("control", control_params(cfg), keys["train"])
-    return keys
-
-
 def plan(pts: list[Point]) -> dict:
     """{stage kind: {key: [point names]}}: the unique stages and the points that share each."""
-    out: dict[str, dict[str, list[str]]] = {s: {} for s in STAGES}
+    out: dict[str, dict[str, list[str]]] = {s: {} for s in graph.KINDS}
     for p in pts:
-        for stage, key in point_keys(p.cfg).items():
+        for stage, key in graph.all_keys(p.cfg).items():
             out[stage].setdefault(key, []).append(p.name)
     return out
 
@@ -189,17 +168,17 @@ def dry_run_text(pts: list[Point], sweep_dir: Path, store_root: Path) -> str:
     the_plan = plan(pts)
     done = done_keys(store_root, the_plan)
     for point in pts:   # analyses live in the point folders, not in the store
-        key = point_keys(point.cfg)["analysis"]
+        key = graph.all_keys(point.cfg)["analysis"]
         if records.recorded(paths.stage_dir(paths.point_dir(sweep_dir, point.name), "analysis"), key):
             done["analysis"].add(key)
     seconds = measured_seconds(store_root)
     lines = [f"{len(pts)} points; stages (unique, done, to run; shared per ...):"]
     left, unknown = 0.0, []
-    for stage in STAGES:
+    for stage in graph.KINDS:
         keys = the_plan[stage]
         todo = len(keys) - len(done[stage])
         lines.append(f"  {stage:9s} {len(keys):5d} unique, {len(done[stage]):5d} done, {todo:5d} to run"
-                     f"   (one per {SHARED_BY[stage]})")
+                     f"   (one per {graph.stage(stage).shared_by})")
         if todo and stage in seconds:
             left += todo * seconds[stage]
         elif todo:
@@ -217,7 +196,7 @@ def measured_seconds(store_root: Path, most: int = 500) -> dict[str, float]:
     folders, not in the store) over the runs and sweep points beside the store (at most `most`)."""
     root = Path(store_root)
     out = {}
-    for stage in STAGES:
+    for stage in graph.KINDS:
         if stage == "analysis":
             folders = itertools.islice(itertools.chain(root.parent.glob(f"*/{paths.SWEEP_POINTS}/*/{stage}"),
                                                        root.parent.glob(f"*/{stage}")), most)

@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import pipeline, store
+from . import execute, store
 
 # What JupyterLab would otherwise ask or fetch at start (docs: user/announcements).
 OVERRIDES = {"@jupyterlab/apputils-extension:notification": {"fetchNews": "false", "checkForUpdates": False}}
@@ -56,9 +56,9 @@ def command(notebook_dir: Path, *, ip: str = "127.0.0.1", port: int | None = Non
 
 def main(port: int | None = None, open_browser: bool = True) -> int:
     """Start JupyterLab in the foreground (Ctrl-C stops it)."""
-    pipeline.ensure_kernel()
+    execute.ensure_kernel()
     ensure_settings()
-    args = command(pipeline.notebooks_dir(), port=port, open_browser=open_browser)
-    print(f"prunestudy: JupyterLab on {pipeline.notebooks_dir()} with the kernel 'Python (prunestudy)'", flush=True)
+    args = command(execute.notebooks_dir(), port=port, open_browser=open_browser)
+    print(f"prunestudy: JupyterLab on {execute.notebooks_dir()} with the kernel 'Python (prunestudy)'", flush=True)
     os.execv(args[0], args)
     return 0  # not reached

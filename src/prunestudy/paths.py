@@ -27,9 +27,7 @@ from pathlib import Path
 
 from . import config
 
-STAGES = ("data", "train", "prune", "retrain", "analysis")
-REPEAT_STAGES = ("train", "prune", "retrain")   # what a repeat with another seed has of its own (the data is shared)
-POINT_STAGES = ("prune", "retrain")   # what a sweep point has of its own (the data and the training are the study's)
+# each stage of a run folder and its notebook (the stage graph, prunestudy.graph, orders them)
 NOTEBOOK_OF = {"data": "01_data.ipynb", "train": "02_train.ipynb", "prune": "03_prune.ipynb",
                "retrain": "04_retrain.ipynb", "analysis": "05_analysis.ipynb"}
 
@@ -111,8 +109,8 @@ def rejects(split: str) -> str:
 
 def stage_dir(run_dir: str | Path, stage: str) -> Path:
     """run/<stage>/ (data, train, prune, retrain, analysis)."""
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}: one of {', '.join(STAGES)}")
+    if stage not in NOTEBOOK_OF:
+        raise ValueError(f"unknown stage {stage!r}: one of {', '.join(NOTEBOOK_OF)}")
     return Path(run_dir) / stage
 
 

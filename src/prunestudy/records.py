@@ -2,8 +2,9 @@
 
 **Stage records.** Whoever computes a stage (the runner, a notebook in JupyterLab, papermill
 called directly, the stage function from Python) writes `<stage>/stage.json` last, atomically,
-after the outputs: the stage key (hash of its parameters and of the key of the stage before it),
-a unique id of this computation, the key and id of every input stage it read, and the size and
+after the outputs: the stage key (prunestudy.graph: its parameters, the key of the stage before
+it, the code that computes it), its parameters and the digest of each code file, a unique id of
+this computation, the key and id of every input stage it read, and the size and
 modification time of every output file. A stage is complete only if its record says so *and* the
 files are still what it recorded *and* its inputs are still the records it read: a notebook rerun
 of an earlier stage, a deleted model or an edited file makes it stale, with a reason.
@@ -26,41 +27,15 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import config, paths, store
+from . import graph, paths, store
 
-FORMAT = 1
+FORMAT = 2                               # 2: the record holds the digests of the code that computed it
 TOKEN_ENV = "PRUNESTUDY_LOCK_TOKEN"      # set by the runner for the kernels it starts
-UPSTREAM = {"data": None, "train": "data", "prune": "train", "retrain": "prune", "analysis": "retrain"}
-INPUTS = {"data": (), "train": ("data",), "prune": ("data", "train"), "retrain": ("data", "train", "prune"),
-          "analysis": ("data", "train", "prune", "retrain")}
 _SKIP_SUFFIXES = (".tmp", ".building", ".link", ".claim")
 
 
 class LockedError(RuntimeError):
     """The run folder is being written by another process (the CLI exits 2)."""
-
-
-# --- keys ------------------------------------------------------------------------------------
-def control_params(epochs: int, lr: float, batch_size: int, seed: int, device: str) -> dict:
-    """What defines the dense control beside the training it starts from (its key's parameters)."""
-    return {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed, "device": device}
-
-
-def stage_key(stage: str, params: dict, after: str | None, **extra) -> str:
-    """The key of a stage: what defines its result (its parameters, not where it reads or writes
-    nor how fast) and the key before it."""
-    return config.stage_hash({"stage": stage, "params": defining(stage, params), "after": after, **extra})
-
-
-def defining(stage: str, params: dict) -> dict:
-    """The parameters that define a stage's result. The data stage's `workers` never changes it
-    (tested), and its `seed` only draws the capped subsets (data.max_per_class, max_test_per_class):
-    without caps, points and repeats that differ only in seed share one data stage."""
-    if stage != "data":
-        return params
-    drop = {"workers"} | ({"seed"} if params.get("max_per_class") is None
-                          and params.get("max_test_per_class") is None else set())
-    return {k: v for k, v in params.items() if k not in drop}
 
 
 def read(stage_folder: Path) -> dict | None:
@@ -96,10 +71,12 @@ def outputs(stage_folder: Path) -> dict[str, list[int]]:
 
 
 def write(stage_folder: Path, stage: str, key: str, params: dict, inputs: dict, seconds: float,
-          by: str) -> dict:
-    """The record of a finished computation, written last (the completion mark)."""
+          by: str, code: dict | None = None) -> dict:
+    """The record of a finished computation, written last (the completion mark). `code`: the digest
+    of each file that computed it (graph.code_files; the stage's own, by default)."""
     record = {"format": FORMAT, "stage": stage, "key": key, "id": uuid.uuid4().hex, "inputs": inputs,
-              "params": params, "seconds": round(seconds, 2), "by": by,
+              "params": params, "code": graph.code_files(stage) if code is None else code,
+              "seconds": round(seconds, 2), "by": by,
               "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "outputs": outputs(stage_folder)}
     store.write_json(Path(stage_folder) / paths.STAGE_RECORD, record)
     return record
@@ -119,16 +96,18 @@ def input_ids(stage_folders: dict[str, Path]) -> dict[str, dict]:
     return out
 
 
-def problem(stage_folder: Path, key: str | None = None, inputs: dict[str, Path] | None = None) -> str | None:
-    """Why the stage in this folder is not complete (None when it is): no record, another key,
-    an input recomputed since, a missing or changed output file, marked stale."""
+def problem(stage_folder: Path, key: str | None = None, inputs: dict[str, Path] | None = None,
+            expect: tuple[dict, dict] | None = None) -> str | None:
+    """Why the stage in this folder is not complete (None when it is): no record, another key (with
+    `expect`, the (parameters, code files) of the key asked for: which of them differ), an input
+    recomputed since, a missing or changed output file, marked stale."""
     rec = read(stage_folder)
     if rec is None:
         return "not computed yet (no stage record)"
     if rec.get("stale"):
         return f"stale: {rec['stale']}"
     if key is not None and rec["key"] != key:
-        return f"computed with other parameters (key {rec['key']}, now {key})"
+        return key_change(rec, key, expect)
     for stage, folder in (inputs or {}).items():
         now, then = read(folder), (rec.get("inputs") or {}).get(stage)
         if now is None:
@@ -142,6 +121,34 @@ def problem(stage_folder: Path, key: str | None = None, inputs: dict[str, Path] 
         if found[name] != [size, mtime]:
             return f"output {name} changed after the stage finished"
     return None
+
+
+def key_change(rec: dict, key: str, expect: tuple[dict, dict] | None = None) -> str:
+    """Why a record's key is not the one asked for: the code files and parameters that differ, else
+    the stage it follows (whose key its key holds)."""
+    head = f"computed with another key ({rec['key']}, now {key})"
+    if expect is None:
+        return head
+    params, code = expect
+    if "code" not in rec:
+        return f"{head}: computed by an earlier prunestudy, whose keys held no digest of the code"
+    files, names = key_diff(rec, params, code)
+    reasons = [f"code changed: {', '.join(files)}"] if files else []
+    old = rec.get("params") or {}
+    if names:
+        shown = "; ".join(f"{n} {old.get(n)!r} -> {params.get(n)!r}" for n in names[:6])
+        reasons.append(f"parameters changed: {shown}" + (f" (and {len(names) - 6} more)" if len(names) > 6 else ""))
+    if not reasons:
+        reasons.append("the stage it follows changed (another key before it)")
+    return f"{head}: {'; '.join(reasons)}"
+
+
+def key_diff(rec: dict, params: dict, code: dict) -> tuple[list[str], list[str]]:
+    """(code files, parameter names) whose digest or value differ between a record and these."""
+    was, old = rec.get("code") or {}, rec.get("params") or {}
+    files = sorted(f for f in {*was, *code} if was.get(f) != code.get(f)) if "code" in rec else []
+    names = sorted(n for n in {*old, *params} if old.get(n) != params.get(n))
+    return files, names
 
 
 def mark_stale(stage_folder: Path, reason: str) -> bool:
@@ -251,14 +258,14 @@ def chain_problems(run_dir: Path) -> list[tuple[str, str]]:
     was computed from (data -> train -> prune -> retrain): stale, recomputed inputs, changed or
     missing outputs. Stages never computed are left out; empty when the chain holds."""
     found = []
-    for stage in ("data", "train", "prune", "retrain"):
+    for stage in graph.stage("analysis").reads:
         folder = paths.stage_dir(run_dir, stage)
         if read(folder) is None:
             if (folder / paths.marker(stage)).is_file():
                 found.append((stage, "has outputs but no stage record (computed by an older version, or "
                                      "interrupted): its provenance cannot be checked"))
             continue
-        why = problem(folder, None, {up: paths.stage_dir(run_dir, up) for up in INPUTS[stage]})
+        why = problem(folder, None, {up: paths.stage_dir(run_dir, up) for up in graph.stage(stage).reads})
         if why:
             found.append((stage, why))
     return found

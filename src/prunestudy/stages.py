@@ -25,6 +25,7 @@ from . import (
     data,
     distributed,
     efficiency,
+    graph,
     models,
     paths,
     progress,
@@ -55,9 +56,6 @@ def embedded_root(embedded: dict | None) -> tuple[Path, dict]:
 
 
 # --- records: a stage function owns the record of what it computed --------------------------------
-_INPUT_ARG = {"data": "data_dir", "train": "model_dir", "prune": "pruned_dir"}   # where each input is read
-
-
 def _recorded(stage: str):
     """Make a stage function own its record (see prunestudy.records): it takes the run folder's
     lock (or shares that of the `prunestudy run` that started it), warns when it recomputes a
@@ -76,7 +74,8 @@ def _recorded(stage: str):
             args = bound.arguments
             run_dir = paths.resolve_run_dir(args["run_dir"])
             out = stage_dir(run_dir, stage, args["out_dir"])
-            inputs = {up: stage_dir(run_dir, up, args.get(_INPUT_ARG[up])) for up in records.INPUTS[stage]}
+            inputs = {up: stage_dir(run_dir, up, args.get(graph.stage(up).read_as))
+                      for up in graph.stage(stage).reads}
             with _computing(stage, run_dir, out, args, inputs, args["log"]):
                 return fn(*a, **kw)
         return run
@@ -86,9 +85,9 @@ def _recorded(stage: str):
 @contextmanager
 def _computing(stage: str, run_dir: Path, out: Path, args: dict, inputs: dict[str, Path], log):
     params = json.loads(json.dumps({n: args[n] for n in config.stage_parameters(stage)}, default=str))
-    up = records.UPSTREAM[stage]
+    up = graph.stage(stage).after
     after = (records.read(inputs[up]) or {}).get("key") if up else None
-    key = records.stage_key(stage, params, after)
+    key = graph.key(stage, params, after)
     runner = records.under_runner(run_dir)
     by = "prunestudy run" if runner else ("notebook" if progress.in_kernel() else "python")
     with records.writing(run_dir, f"the {stage} stage ({by})"):
@@ -111,7 +110,7 @@ def _computing(stage: str, run_dir: Path, out: Path, args: dict, inputs: dict[st
 
 def _later_stages(run_dir: Path, stage: str) -> list[str]:
     """The stages after `stage` that have a record in the run folder (computed from the old one)."""
-    return [s for s in paths.STAGES[paths.STAGES.index(stage) + 1:] if records.read(paths.stage_dir(run_dir, s))]
+    return [s for s in graph.later(stage) if records.read(paths.stage_dir(run_dir, s))]
 
 
 def _announce(stage: str, run_dir: Path, params: dict, later: list[str], log) -> None:
@@ -360,7 +359,7 @@ def run_retrain(run_dir=None, *, epochs=default("retrain.epochs"), lr=default("r
     settings = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed}
     control_epochs = epochs + pm.get("between_round_epochs", 0)
     if control:
-        params = records.control_params(control_epochs, lr, batch_size, seed, device)
+        params = graph.control_params(control_epochs, lr, batch_size, seed, device)
         with _shared_control(out / paths.CONTROL, model_dir, params, log) as todo:
             if todo:
                 _control(out / paths.CONTROL, dense, trainset, testset, epochs=control_epochs, batch_size=batch_size,
@@ -385,7 +384,7 @@ def _shared_control(out: Path, model_dir: Path, params: dict, log):
     from and its settings, so that points of a sweep (or runs) with the same training and
     retraining settings share one (`out` then links into the stage store). Yields True when it must
     be computed (under an exclusive claim), False when a complete one is there; records it after."""
-    key = records.stage_key("control", params, (records.read(model_dir) or {}).get("key"))
+    key = graph.key("control", params, (records.read(model_dir) or {}).get("key"))
     inputs = {"train": model_dir}
     if torch.distributed.is_initialized():   # every rank decides alike; rank 0 records
         todo = records.problem(out, key, inputs) is not None

@@ -26,7 +26,6 @@ from pathlib import Path
 from . import paths
 
 ENV = "PRUNESTUDY_STORE"
-STORED = ("data", "train", "prune", "retrain")     # the analysis stays in its run folder (the report)
 
 
 def default_root(run_dir: Path) -> Path:

@@ -37,10 +37,8 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
-from . import config, grid, kernels, paths, pipeline, progress, records, stagestore, store
+from . import config, execute, graph, grid, kernels, paths, progress, records, stagestore, store
 
-ORDER = ("data", "train", "prune", "retrain", "analysis")
-UPSTREAM = {"train": "data", "prune": "train", "retrain": "prune", "analysis": "retrain"}
 GPU_STAGES = ("train", "prune", "retrain")   # what may fine-tune: a GPU each on a cluster with GPUs
 RETRIES = 2                                  # a stage whose process died is tried this many more times
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")   # read by PyTorch when the stage's kernel starts
@@ -56,19 +54,20 @@ class Task:
     points: tuple[str, ...]  # every point that uses it
 
 
-def tasks(pts: list[grid.Point], kinds: tuple[str, ...] = ORDER) -> dict[str, Task]:
+def tasks(pts: list[grid.Point], kinds: tuple[str, ...] = graph.CHAIN) -> dict[str, Task]:
     """The unique stages of the grid, in an order where every task comes after its inputs; `kinds`:
-    the stage kinds to compute (a prefix of ORDER)."""
+    the stage kinds to compute (a prefix of the chain)."""
     users: dict[str, list[str]] = {}
     first: dict[str, tuple[str, str, str, tuple[str, ...]]] = {}
     for p in pts:
-        keys = pipeline.stage_keys(p.cfg, Path("."))
+        keys = graph.chain_keys(p.cfg)
         for stage in kinds:
             tid = f"{stage}:{keys[stage]}"
             users.setdefault(tid, []).append(p.name)
-            deps = (f"{UPSTREAM[stage]}:{keys[UPSTREAM[stage]]}",) if stage in UPSTREAM else ()
+            up = graph.stage(stage).after
+            deps = (f"{up}:{keys[up]}",) if up else ()
             first.setdefault(tid, (stage, keys[stage], p.name, deps))
-    ordered = sorted(first, key=lambda t: ORDER.index(first[t][0]))
+    ordered = sorted(first, key=lambda t: graph.CHAIN.index(first[t][0]))
     return {t: Task(t, *first[t][:3], first[t][3], tuple(users[t])) for t in ordered}
 
 
@@ -79,8 +78,8 @@ def prepare(pts: list[grid.Point], sweep_dir: Path, st: stagestore.Store) -> Non
         folder = paths.point_dir(sweep_dir, p.name)
         paths.notebooks_dir(folder).mkdir(parents=True, exist_ok=True)
         store.write_json(folder / paths.PARAMS, p.cfg)
-        keys = grid.point_keys(p.cfg)
-        for stage in stagestore.STORED:
+        keys = graph.all_keys(p.cfg)
+        for stage in graph.STORED:
             entry = st.entry(stage, keys[stage])
             entry.mkdir(parents=True, exist_ok=True)
             if not paths.stage_dir(folder, stage).is_symlink():   # a private, complete folder stays
@@ -129,14 +128,14 @@ def _run_task(spec: dict, *upstream: dict) -> dict:
                 return {**info, "status": "done earlier", "end": time.time()}
             if stage == "analysis":
                 _finish(folder, cfg, spec.get("fresh_kernels", False))
-            seconds = pipeline.execute_stage(cfg, folder, stage, key, kernel=pipeline.ensure_kernel(), stage_store=st,
+            seconds = execute.execute_stage(cfg, folder, stage, key, kernel=execute.ensure_kernel(), stage_store=st,
                                              log=log, tag=f"==> [{spec['point']}] {stage}",
                                              fresh_kernel=spec.get("fresh_kernels", False))
             if seconds is None:   # another sweep or run computed it while this one waited for its claim
                 return {**info, "status": "done earlier", "end": time.time()}
             if stage == "analysis":
                 _finish(folder, cfg, spec.get("fresh_kernels", False))
-    except pipeline.StageFailed as e:
+    except execute.StageFailed as e:
         return {**info, "status": "failed", "error": str(e).splitlines()[0], "notebook": str(e.notebook),
                 "end": time.time()}
     except records.LockedError as e:
@@ -156,22 +155,22 @@ def _run_task(spec: dict, *upstream: dict) -> dict:
 
 
 def _finish(folder: Path, cfg: dict, fresh_kernels: bool) -> None:
-    """A point's results.json (pipeline._finish), computed in this worker's kernel, where PyTorch,
+    """A point's results.json (execute.write_results), computed in this worker's kernel, where PyTorch,
     pandas and the package are imported already: importing them into the worker process itself cost
     each worker about 2 s at its first analysis, while both cores waited. In this process when it has
     no kernel to reuse (fresh kernels) or the kernel could not do it."""
-    keys = pipeline.stage_keys(cfg, folder)
-    code = (f"from prunestudy import pipeline as _p\n"
-            f"_p._finish(_p.Path({str(folder)!r}), __import__('json').loads({json.dumps(cfg)!r}), {{}}, "
+    keys = graph.chain_keys(cfg)
+    code = (f"from prunestudy import execute as _p\n"
+            f"_p.write_results(_p.Path({str(folder)!r}), __import__('json').loads({json.dumps(cfg)!r}), {{}}, "
             f"{keys!r})")
     if fresh_kernels or not kernels.run_here(code, f"results.json of {folder.name}"):
-        pipeline._finish(folder, cfg, {}, keys)
+        execute.write_results(folder, cfg, {}, keys)
 
 
 def _to_run(todo: dict[str, Task], sweep_dir: Path, st: stagestore.Store) -> int:
     """How many tasks have no record of their key yet (in the store, or the point's analysis): an
     estimate for starting workers; each task checks its stage again before it skips it."""
-    return sum(not records.recorded(st.entry(t.stage, t.key) if t.stage in stagestore.STORED
+    return sum(not records.recorded(st.entry(t.stage, t.key) if t.stage in graph.STORED
                                     else paths.stage_dir(paths.point_dir(sweep_dir, t.point), t.stage), t.key)
                for t in todo.values())
 
@@ -186,9 +185,9 @@ def _apply_env(env: dict, threads: int) -> None:
 
 
 def _complete(cfg: dict, folder: Path, stage: str, key: str, st: stagestore.Store) -> bool:
-    if pipeline.problem(cfg, folder, stage, key) is None:
+    if execute.problem(cfg, folder, stage, key) is None:
         return True
-    return stage in stagestore.STORED and pipeline.reuse(st, cfg, folder, stage, key)
+    return stage in graph.STORED and execute.reuse(st, cfg, folder, stage, key)
 
 
 def _print(message: str) -> None:
@@ -205,7 +204,7 @@ def _spec(task: Task, pts: dict[str, grid.Point], sweep_dir: Path, st: stagestor
 
 
 def task_env() -> dict:
-    """The environment variables the driver gives every task (after `pipeline.ensure_kernel`)."""
+    """The environment variables the driver gives every task (after `execute.ensure_kernel`)."""
     return {"PRUNESTUDY_HOME": str(config.project_root()), progress.ENV: "log",
             "JUPYTER_PATH": os.environ.get("JUPYTER_PATH", "")}
 
@@ -269,8 +268,8 @@ def warm_settings(specs: dict[str, dict]) -> dict | None:
     env, threads, fresh = shared.pop()
     if fresh:
         return None
-    return {"env": dict(env), "threads": threads, "kernel": pipeline.ensure_kernel(),
-            "cwd": str(pipeline.notebooks_dir())}
+    return {"env": dict(env), "threads": threads, "kernel": execute.ensure_kernel(),
+            "cwd": str(execute.notebooks_dir())}
 
 
 def _processes(train: dict) -> int:
@@ -502,20 +501,20 @@ def _log_result(r: dict, log: Callable[[str], None]) -> None:
 # --- the sweep -------------------------------------------------------------------------------------
 def run(pts: list[grid.Point], sweep_dir: str | Path, *, engine: str = "local", jobs: int = 2,
         address: str | None = None, store_root: str | Path | None = None, log: Callable[[str], None] = print,
-        ray_init: dict | None = None, fresh_kernels: bool = False, kinds: tuple[str, ...] = ORDER,
+        ray_init: dict | None = None, fresh_kernels: bool = False, kinds: tuple[str, ...] = graph.CHAIN,
         gpus: str | None = "auto") -> dict:
     """Run every point of the grid into sweep_dir, each unique stage once; then the grid report.
     Each worker runs its stages' notebooks in one kernel, reset between them (prunestudy.kernels);
-    `fresh_kernels`: a kernel per notebook. `kinds`: only these stage kinds (a prefix of ORDER; without
+    `fresh_kernels`: a kernel per notebook. `kinds`: only these stage kinds (a prefix of the chain; without
     the analysis there is no grid report: `prunestudy run --jobs` computes its repeats so).
     `gpus`: the local engine's workers' GPUs (`gpu_ids`; Ray gives each GPU task its own itself).
     Returns {"results": {task id: result}, "failed": [...], "ran": {stage: count}}."""
     sweep_dir = config.resolve_path(sweep_dir)
     pinned = gpu_ids(gpus, pts) if engine == "local" else []
     for p in pts:
-        pipeline.preflight(p.cfg, paths.point_dir(sweep_dir, p.name))
+        execute.preflight(p.cfg, paths.point_dir(sweep_dir, p.name))
     st = stagestore.Store(store_root or stagestore.default_root(sweep_dir))
-    pipeline.ensure_kernel()
+    execute.ensure_kernel()
     with records.RunLock(sweep_dir, f"prunestudy sweep (pid {os.getpid()})"):
         prepare(pts, sweep_dir, st)
         todo = tasks(pts, kinds)
@@ -533,7 +532,7 @@ def run(pts: list[grid.Point], sweep_dir: str | Path, *, engine: str = "local", 
             results, page = run_local(todo, specs, jobs, log, final, prestart=min(jobs, _to_run(todo, sweep_dir, st)),
                                       gpus=pinned)
         failed = [r for r in results.values() if r["status"] == "failed"]
-        ran = {s: sum(1 for r in results.values() if r["status"] == "ran" and r["stage"] == s) for s in ORDER}
+        ran = {s: sum(1 for r in results.values() if r["status"] == "ran" and r["stage"] == s) for s in graph.CHAIN}
         summary = {"results": results, "failed": failed, "ran": ran, "points": len(pts), "unique": len(todo)}
         if page:   # a worker of the pool or of Ray rendered it
             log(f"==> sweep report: {page}")
@@ -545,12 +544,12 @@ def run(pts: list[grid.Point], sweep_dir: str | Path, *, engine: str = "local", 
 def report(sweep_dir: Path, log: Callable[[str], None] = print, fresh_kernel: bool = False) -> Path:
     """Run notebooks/06_sweep.ipynb on the sweep (tables, curves, sweep.csv and sweep.json), render
     sweep.html with the code hidden."""
-    src = pipeline.notebooks_dir() / paths.SWEEP_NOTEBOOK
+    src = execute.notebooks_dir() / paths.SWEEP_NOTEBOOK
     out = paths.notebooks_dir(sweep_dir) / paths.SWEEP_NOTEBOOK
     out.parent.mkdir(parents=True, exist_ok=True)
-    kernels.execute_notebook(src, out, kernel_name=pipeline.ensure_kernel(), fresh=fresh_kernel,
+    kernels.execute_notebook(src, out, kernel_name=execute.ensure_kernel(), fresh=fresh_kernel,
                              parameters={"sweep_dir": str(sweep_dir)}, stdout_file=sys.stdout, stderr_file=sys.stderr)
-    page = pipeline.render_html(out, Path(sweep_dir) / paths.SWEEP_REPORT, hide_code=True,
+    page = execute.render_html(out, Path(sweep_dir) / paths.SWEEP_REPORT, hide_code=True,
                                 title=f"prunestudy sweep: {Path(sweep_dir).name}")
     log(f"==> sweep report: {page}")
     return page
@@ -610,7 +609,7 @@ def _cli(args) -> int:
     try:
         summary = run(pts, sweep_dir, engine=args.engine, jobs=args.jobs, address=args.address, store_root=root,
                       log=lambda m: print(m, flush=True), fresh_kernels=args.fresh_kernels, gpus=args.gpus)
-    except (FileNotFoundError, pipeline.PreflightError, records.LockedError) as e:
+    except (FileNotFoundError, execute.PreflightError, records.LockedError) as e:
         print(f"prunestudy: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -618,7 +617,7 @@ def _cli(args) -> int:
         print(f"prunestudy: interrupted; finished stages are kept in the store ({root}): rerun the same command to "
               "go on", file=sys.stderr)
         return 130
-    except pipeline.StageFailed as e:   # the grid report itself
+    except execute.StageFailed as e:   # the grid report itself
         print(f"prunestudy: {e}", file=sys.stderr)
         return 1
     ran = ", ".join(f"{n} {s}" for s, n in summary["ran"].items() if n) or "nothing (every stage was done)"

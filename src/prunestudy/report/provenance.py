@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .. import config, paths, states
+from .. import config, graph, paths, states
 from .style import md_escape
 
 
@@ -69,12 +69,12 @@ def provenance_markdown(results: dict) -> str:
     rows += [(f"parameter: {k}", json.dumps(v)) for k, v in config.flatten(params).items()]
     lines = ["| item | value |", "|---|---|"] + [f"| {md_escape(k)} | {md_escape(v if v is not None else '—')} |"
                                                  for k, v in rows]
-    lines += ["", f"Each stage's executed notebook, with its code and outputs: {_pages('.', paths.STAGES)}."]
+    lines += ["", f"Each stage's executed notebook, with its code and outputs: {_pages('.', graph.CHAIN)}."]
     for r in results.get("repeats") or []:
         seed = int(r["seed"])   # an int (config checks it): safe in a link
         folder = paths.repeat_name(seed)
-        lines.append(f"Repeat with seed {seed} (folder {folder}): {_pages(folder, paths.REPEAT_STAGES)}.")
+        lines.append(f"Repeat with seed {seed} (folder {folder}): {_pages(folder, graph.REPEAT)}.")
     for e in results.get("sweep") or []:   # folder names from the method registry and a float: safe in a link
         lines.append(f"Sweep point {md_escape(e['name'])} (folder {md_escape(e['dir'])}): "
-                     f"{_pages(e['dir'], paths.POINT_STAGES)}.")
+                     f"{_pages(e['dir'], graph.POINT)}.")
     return "\n".join(lines)

@@ -1,0 +1,294 @@
+"""One stage of one run folder: its notebook executed under papermill in the project's own kernel
+(prunestudy.kernels), in its stage-store entry (claimed: computed once, whoever asks) or in the run
+folder; or a complete entry of the same key linked instead. Also what every engine needs around
+it: the kernelspec, the checks before any work, results.json, and the HTML pages (nbconvert).
+The runner (prunestudy.pipeline) and the grid engine (prunestudy.sweep) both run stages through
+here."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+
+from . import config, graph, kernels, paths, records, stagestore, store
+
+KERNEL_NAME = "prunestudy"
+TEMPLATES = Path(__file__).parent / "templates"
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, stage: str, notebook: Path, reason: str, page: Path | None = None):
+        self.stage, self.notebook = stage, notebook
+        shown = f"\n  the same as a web page: {page}" if page else ""
+        super().__init__(f"stage '{stage}' failed: {reason}\n  executed notebook (with the traceback): {notebook}"
+                         f"{shown}\n  finished stages are kept: fix the cause and rerun the same command")
+
+
+def kernel_dir() -> Path:
+    return Path(sys.prefix) / "share" / "jupyter" / "kernels" / KERNEL_NAME
+
+
+def ensure_kernel() -> str:
+    """Install (or repair) the `prunestudy` kernelspec for *this* Python in sys.prefix, and put
+    that folder first on JUPYTER_PATH, so papermill and JupyterLab start this environment's
+    interpreter whatever other kernels of that name exist for the user or the system."""
+    # log_level=CRITICAL: ipykernel warns on every start that loopback TCP is unencrypted (that line
+    # would repeat five times per run in the terminal and in CI logs), and when Ctrl-C stops a cell
+    # while the runner shuts the kernel down, it logs its failed reply as an ERROR (a ZMQError
+    # traceback). The kernel's log is its own plumbing: cell errors reach the notebook, a dead
+    # kernel is reported by papermill.
+    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}",
+                     "--IPKernelApp.log_level=CRITICAL"],
+            "display_name": "Python (prunestudy)", "language": "python",
+            "env": {"PYTHONUNBUFFERED": "1", "GLIBC_TUNABLES": kernels.MALLOC_TUNABLES},   # see kernels
+            "metadata": {"debugger": True}}
+    path = kernel_dir() / "kernel.json"
+    if not path.is_file() or json.loads(path.read_text()) != spec:
+        store.write_json(path, spec)
+    data_dir = str(kernel_dir().parent.parent)
+    paths = os.environ.get("JUPYTER_PATH", "").split(os.pathsep)
+    if paths[0] != data_dir:
+        os.environ["JUPYTER_PATH"] = os.pathsep.join([data_dir, *[p for p in paths if p]])
+    return KERNEL_NAME
+
+
+def notebooks_dir() -> Path:
+    return config.project_root() / "notebooks"
+
+
+def notebook_parameters(stage: str, cfg: dict, run_dir: Path) -> dict:
+    """What papermill injects into each notebook: its stage's parameters and its input paths."""
+    if stage == "analysis":
+        return {"run_dir": str(run_dir)}
+    return {"run_dir": str(run_dir), **graph.key_params(stage, cfg),
+            **{graph.stage(up).read_as: str(paths.stage_dir(run_dir, up)) for up in graph.stage(stage).reads}}
+
+
+class PreflightError(ValueError):
+    """A problem found before any work starts (the runner exits 2)."""
+
+
+sweep_points = paths.sweep_points   # (folder name, parameters) of each in-run sweep point
+
+
+def stage_inputs(cfg: dict, run_dir: Path, stage: str) -> dict[str, Path]:
+    """The stage folders a stage reads (its record holds their keys and ids): for the analysis,
+    the repeats' and the sweep points' last stages too."""
+    inputs = {up: paths.stage_dir(run_dir, up) for up in graph.stage(stage).reads}
+    if stage == "analysis":
+        inputs |= {f"seed-{s}/retrain": paths.stage_dir(paths.repeat_dir(run_dir, s), "retrain")
+                   for s in config.repeat_seeds(cfg)}
+        inputs |= {f"{paths.SWEEP}/{name}/{stage}": paths.sweep_point(run_dir, stage, name)
+                   for name, _ in sweep_points(cfg) for stage in graph.POINT}
+    return inputs
+
+
+def problem(cfg: dict, run_dir: Path, stage: str, key: str) -> str | None:
+    """Why `stage` must (re)run in run_dir, or None when it is complete with this key: its record,
+    its inputs (recomputed since?), its output files (missing, changed?) are all checked."""
+    why = records.problem(paths.stage_dir(run_dir, stage), key, stage_inputs(cfg, run_dir, stage),
+                          (graph.key_params(stage, cfg), graph.code_files(stage)))
+    if why is None and not paths.completion_marker(run_dir, stage).is_file():
+        why = f"{paths.completion_marker(run_dir, stage).name} is missing"
+    return why
+
+
+def reusable(st: stagestore.Store, cfg: dict, run_dir: Path, stage: str, key: str) -> bool:
+    """Whether the store holds a complete entry of this key, computed from the run folder's inputs."""
+    entry = st.entry(stage, key)
+    return records.problem(entry, key, stage_inputs(cfg, run_dir, stage)) is None \
+        and (entry / paths.marker(stage)).is_file()
+
+
+def reuse(st: stagestore.Store, cfg: dict, run_dir: Path, stage: str, key: str) -> bool:
+    """Link the run folder's stage to a complete store entry of this key, if there is one."""
+    entry = st.entry(stage, key)
+    if not reusable(st, cfg, run_dir, stage, key):
+        return False
+    stagestore.link(paths.stage_dir(run_dir, stage), entry)
+    if st.notebook(stage, key).is_file():
+        stagestore.link(paths.executed_notebook(run_dir, stage), st.notebook(stage, key))
+    return True
+
+
+def execute_stage(cfg: dict, run_dir: Path, stage: str, key: str, *, kernel: str, stage_store: stagestore.Store | None,
+                  log: Callable[[str], None], tag: str, refresh: bool = False, recheck: bool = True,
+                  on_failure: Callable[[], object] = lambda: None, fresh_kernel: bool = False) -> float | None:
+    """Run one stage's notebook for run_dir under papermill, in the project's kernel: in its store
+    entry (claimed: computed once, whoever asks) when the stage is stored, else in the run folder;
+    check the record it wrote; returns its wall time. With `recheck`, a stored stage that another
+    process completed while this one waited for its claim is linked, not recomputed: returns None.
+    Raises StageFailed (the stage, the error's last line, the executed notebook) or
+    KeyboardInterrupt; `on_failure` runs first. The notebook runs in this process's kernel, reset
+    for it (prunestudy.kernels), or with `fresh_kernel` in a kernel of its own."""
+    import papermill as pm
+
+    src = notebooks_dir() / paths.NOTEBOOK_OF[stage]
+    out = shown = paths.executed_notebook(run_dir, stage)   # shown: where the run folder has it
+    stored = stage_store is not None and stage in graph.STORED
+    paths.notebooks_dir(run_dir).mkdir(parents=True, exist_ok=True)
+    log(f"{tag}: start ({src.name}, key {key})")
+    start = time.perf_counter()
+    parameters = notebook_parameters(stage, cfg, run_dir)
+    if refresh:
+        parameters["refresh_cache"] = True   # --force data: never reuse a cached crop set
+    try:
+        with stage_store.claim(stage, key, log) if stored else nullcontext():
+            if stored and recheck and reuse(stage_store, cfg, run_dir, stage, key):
+                log(f"{tag}: completed meanwhile by another process (key {key}); linked, not recomputed")
+                return None
+            if stored:   # computed in its store entry, which the run folder links to
+                stagestore.link(paths.stage_dir(run_dir, stage), stage_store.entry(stage, key))
+                out = stage_store.notebook(stage, key)
+                stagestore.link(shown, out)   # before it runs: a failure's notebook is found in the run folder
+                if stage == "retrain" and cfg["retrain"]["control"]:   # the control: shared by its own key
+                    control = stage_store.entry("control", graph.all_keys(cfg)["control"])
+                    control.mkdir(parents=True, exist_ok=True)
+                    stagestore.link(stage_store.entry(stage, key) / paths.CONTROL, control)
+            elif shown.is_symlink():   # a link left by a stored run or a sweep point: never written through
+                shown.unlink()
+            try:
+                kernels.execute_notebook(src, out, kernel_name=kernel, fresh=fresh_kernel, parameters=parameters,
+                                         stdout_file=sys.stdout, stderr_file=sys.stderr)
+            except BaseException:
+                # a stage is done only once its whole notebook ran: the stage function may have
+                # recorded its outputs before a later cell failed or Ctrl-C stopped it
+                records.clear(paths.stage_dir(run_dir, stage))
+                raise
+            seconds = round(time.perf_counter() - start, 2)
+            folder = paths.stage_dir(run_dir, stage)
+            if stage == "analysis":   # the one stage the runner records: the report is rendered here
+                log(f"==> report: {render_report(run_dir, cfg)}")
+                records.write(folder, stage, key, {}, records.input_ids(stage_inputs(cfg, run_dir, stage)), seconds,
+                              "prunestudy run")
+            rec = records.read(folder)
+            if rec is None or rec["key"] != key:
+                raise StageFailed(stage, out, f"the stage finished without the record of key {key} (found: "
+                                  f"{rec and rec['key']}): its notebook must call the stage function with the "
+                                  "parameters it was given")
+            store.write_json(folder / paths.STAGE_RECORD, {**rec, "wall_seconds": seconds})   # still claimed
+    except pm.PapermillExecutionError as e:
+        on_failure()
+        if e.ename == "KeyboardInterrupt":  # Ctrl-C reached the kernel first
+            raise KeyboardInterrupt from None
+        log(f"{tag}: FAILED after {time.perf_counter() - start:.1f} s")
+        page = _render_failed(shown)
+        raise StageFailed(stage, shown, f"{e.ename}: {_last_line(e.evalue)}{_hint(e)}", page) from None
+    return seconds
+
+
+def _last_line(text: str) -> str:
+    lines = [l for l in str(text).strip().splitlines() if l.strip()]
+    return lines[-1] if lines else ""
+
+
+def _hint(e) -> str:
+    if "No space left on device" in str(e.evalue) or "Errno 28" in str(e.evalue):
+        return "\n  the disk is full: free some space and rerun the same command; finished stages are kept"
+    return ""
+
+
+def _render_failed(notebook: Path) -> Path | None:
+    """The failed stage's executed notebook as HTML beside it (best effort: never hides the error)."""
+    try:
+        return render_html(notebook, notebook.with_suffix(".html"), hide_code=False)
+    except Exception:  # noqa: BLE001 - the stage's own error is what matters
+        return None
+
+
+def preflight(cfg: dict, run_dir: Path | None = None) -> None:
+    """Checks that need the file system, before any work starts."""
+    if cfg["data"]["root"] != "embedded":
+        from . import data
+
+        data.check_layout(config.resolve_path(cfg["data"]["root"]))
+    missing = [nb for nb in paths.NOTEBOOK_OF.values() if not (notebooks_dir() / nb).is_file()]
+    if missing:
+        raise FileNotFoundError(f"notebooks {', '.join(missing)} not found in {notebooks_dir()}: run "
+                                "prunestudy from the project's checkout (or set PRUNESTUDY_HOME to it)")
+    if run_dir is not None:
+        check_not_project(Path(run_dir))
+        check_writable(Path(run_dir))
+
+
+def check_not_project(run_dir: Path) -> None:
+    """A run folder is never the project, nor holds it, nor lives in its notebooks/: a run writes
+    its executed notebooks and stage folders there."""
+    root, rd = config.project_root().resolve(), Path(run_dir).resolve()
+    nb = root / "notebooks"
+    if root.is_relative_to(rd) or rd.is_relative_to(nb):
+        raise PreflightError(f"the run folder {rd} is, or contains, the project {root} (or lies in its "
+                             "notebooks/): a run writes executed notebooks and stage folders into its folder, "
+                             "over the project's own files; choose a folder of its own, e.g. --run-dir runs/mine")
+
+
+def check_writable(run_dir: Path) -> None:
+    """The run folder can be created and written, or a PreflightError saying so."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        store.write_bytes(run_dir / ".write-test", b"ok")
+        (run_dir / ".write-test").unlink()
+    except OSError as e:
+        raise PreflightError(f"the run folder {run_dir} cannot be written ({e.strerror or e}): choose another "
+                             f"with --run-dir, or fix its permissions / free space") from None
+
+
+def write_results(run_dir: Path, cfg: dict, timings: dict, keys: dict) -> dict:
+    """results.json from the stages completed so far, with their timings and keys."""
+    from . import stages  # PyTorch and the statistics: the runner itself needs them only here
+
+    results = stages.collect_results(run_dir, cfg, timings)
+    results["stage_keys"] = keys
+    store.write_json(run_dir / paths.RESULTS, results)
+    return results
+
+
+def render_html(notebook: Path, target: Path, *, hide_code: bool, title: str | None = None) -> Path:
+    """One executed notebook as a self-contained HTML page (figures embedded, nothing fetched)."""
+    import nbformat
+
+    resources = {"metadata": {"name": title or Path(notebook).stem}}
+    body, _ = _exporter(hide_code).from_notebook_node(nbformat.read(notebook, as_version=4), resources=resources)
+    store.write_bytes(target, body.encode())
+    return target
+
+
+@functools.cache
+def _exporter(hide_code: bool):
+    """nbconvert's HTML exporter with the project's template, made once per process: a new one
+    compiles its Jinja templates again, about 40% of a page's time."""
+    from nbconvert import HTMLExporter
+
+    return HTMLExporter(template_name="prunestudy_report", extra_template_basedirs=[str(TEMPLATES)],
+                        exclude_input=hide_code, exclude_input_prompt=hide_code,
+                        exclude_output_prompt=hide_code, embed_images=True)
+
+
+def render_report(run_dir: Path, cfg: dict) -> Path:
+    """report.html from the analysis notebook (code hidden); every stage notebook (the repeats' and
+    the sweep points' of these parameters too) as HTML beside it."""
+    nb_dir = paths.notebooks_dir(run_dir)
+    repeats = [nb for s in config.repeat_seeds(cfg) for nb in paths.notebooks_dir(paths.repeat_dir(run_dir, s))
+               .glob("0*.ipynb")]
+    points = [nb for name, _ in sweep_points(cfg) for nb in paths.notebooks_dir(paths.sweep_point_dir(run_dir, name))
+              .glob("0*.ipynb")]   # a folder of a point no longer asked for keeps its old pages
+    for nb in sorted([*nb_dir.glob("0*.ipynb"), *repeats, *points]):
+        if nb.is_symlink() and not nb.exists():   # the study's notebook, gone: computed outside the runner
+            continue
+        if nb.is_symlink():   # a stage of the store: its page is rendered once, beside its notebook there
+            target = nb.resolve()
+            page = target.with_suffix(".html")
+            if not page.is_file() or page.stat().st_mtime_ns < target.stat().st_mtime_ns:
+                render_html(target, page, hide_code=False, title=nb.stem)
+            stagestore.link(nb.with_suffix(".html"), page)
+        else:
+            render_html(nb, nb.with_suffix(".html"), hide_code=False)
+    return render_html(paths.executed_notebook(run_dir, "analysis"), Path(run_dir) / paths.REPORT, hide_code=True,
+                       title=f"prunestudy report: {Path(run_dir).name}")
+

@@ -1,0 +1,159 @@
+"""The stage graph, written once: every stage, what it reads, where it is kept, the code that computes
+it, and its key. Every other module (paths, records, the stage functions, the runner, the grid,
+the sweep engine, the command line) reads it from here.
+
+    data -> train -> prune -> retrain -> analysis          the chain of a run folder (its notebooks)
+                 \\-> control                               the dense control (within retraining)
+
+A stage's **key** names what defines its result (open_lth's run hash, DVC's stage hash): its
+defining parameters, the key of the stage it follows (so a change reruns that stage and every
+one after it, nothing before), and the digest of what computes it (`codedigest`: the package code
+its entry points reach, its notebook's code cells, the lock file). Where a run folder lives, how
+many threads or workers compute it, and which process does, are not part of it.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import codedigest, config, paths
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    after: str | None          # the stage whose key its key holds (the one it follows)
+    reads: tuple[str, ...]     # the stages whose outputs it reads (their records' ids are in its record)
+    stored: bool               # kept once per key in the stage store (the analysis stays in its run folder)
+    code: tuple[str, ...]      # entry points ("module:name") of the code that computes it
+    read_as: str | None = None   # the argument naming this stage's folder in the functions of later stages
+    shared_by: str = "point"     # what the stages of a grid share one of this stage by (the plan's wording)
+    follow_notebook: bool = False   # its notebook's calls compute it (the analysis), not only display it
+    files: tuple[str, ...] = ()     # package folders whose files compute it too (the report's template)
+
+
+_ALL = (
+    Stage("data", None, (), True, ("stages:run_data",), "data_dir", "data parameters"),
+    Stage("train", "data", ("data",), True, ("stages:run_train",), "model_dir", "seed and training parameters"),
+    Stage("control", "train", ("train",), True, ("stages:_control",), None, "training and retraining parameters"),
+    Stage("prune", "train", ("data", "train"), True, ("stages:run_prune",), "pruned_dir"),
+    Stage("retrain", "prune", ("data", "train", "prune"), True, ("stages:run_retrain",)),
+    Stage("analysis", "retrain", ("data", "train", "prune", "retrain"), False,
+          ("execute:render_report", "execute:write_results"), follow_notebook=True, files=("templates",)),
+)
+STAGES: dict[str, Stage] = {s.name: s for s in _ALL}
+KINDS = tuple(STAGES)                                             # every kind of stage, inputs first
+# a run folder's stages, in order: those with a notebook of their own (paths.NOTEBOOK_OF; the control
+# is computed within the retraining's)
+CHAIN = tuple(s.name for s in _ALL if s.name in paths.NOTEBOOK_OF)
+STORED = tuple(s for s in CHAIN if STAGES[s].stored)               # a run folder's stages kept in the store
+REPEAT = ("train", "prune", "retrain")   # what a repeat with another seed computes (the data is shared)
+POINT = ("prune", "retrain")             # what an in-run point of prune.amounts computes (the training is shared)
+
+
+def stage(name: str) -> Stage:
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}: one of {', '.join(STAGES)}")
+    return STAGES[name]
+
+
+def later(name: str) -> tuple[str, ...]:
+    """The chain's stages after `name`."""
+    return CHAIN[CHAIN.index(name) + 1:]
+
+
+# --- what computes a stage ---------------------------------------------------------------------
+@functools.cache
+def _code_files(name: str, root: str) -> dict[str, str]:
+    s = stage(name)
+    return codedigest.files(s.code, Path(root), paths.NOTEBOOK_OF.get(name), s.follow_notebook, s.files)
+
+
+def code_files(name: str) -> dict[str, str]:
+    """{file: digest} of what computes the stage (codedigest), computed once per process."""
+    return dict(_code_files(name, str(config.project_root())))
+
+
+def code_digest(name: str) -> str:
+    return codedigest.combined(code_files(name))
+
+
+def forget_code() -> None:
+    """Digest the code again (tests that edit it)."""
+    _code_files.cache_clear()
+    codedigest.clear()
+
+
+# --- keys ----------------------------------------------------------------------------------------
+def defining(name: str, params: dict) -> dict:
+    """The parameters that define a stage's result. The data stage's `workers` never changes it
+    (tested), and its `seed` only draws the capped subsets (data.max_per_class, max_test_per_class):
+    without caps, points and repeats that differ only in seed share one data stage."""
+    if name != "data":
+        return params
+    drop = {"workers"} | ({"seed"} if params.get("max_per_class") is None
+                          and params.get("max_test_per_class") is None else set())
+    return {k: v for k, v in params.items() if k not in drop}
+
+
+def key(name: str, params: dict, after: str | None, *, code: str | None = None, **extra) -> str:
+    """The key of a stage: its defining parameters, the key of the stage it follows, and the digest
+    of the code that computes it (`code`: that digest given, for the pinned-key tests)."""
+    return config.stage_hash({"stage": name, "params": defining(name, params), "after": after,
+                              "code": code_digest(name) if code is None else code, **extra})
+
+
+def key_params(name: str, cfg: dict) -> dict:
+    """A stage's parameters in cfg (what its notebook is run with, where it reads and writes aside)."""
+    return {} if name == "analysis" else config.stage_params(name, cfg)
+
+
+def chain_keys(cfg: dict, *, after: str | None = None, names: tuple[str, ...] = CHAIN,
+               code: str | None = None) -> dict[str, str]:
+    """Each stage's key in a run folder with these parameters. The analysis' key also holds the keys
+    of the repeats' (`seeds`) and the in-run points' (`prune.amounts`) last stages."""
+    keys, previous = {}, after
+    for name in names:
+        extra = {}
+        if name == "analysis" and config.repeat_seeds(cfg):
+            extra["repeats"] = {str(s): repeat_keys(cfg, s, keys["data"], code=code)["retrain"]
+                                for s in config.repeat_seeds(cfg)}
+        if name == "analysis" and config.sweep_points(cfg):
+            extra["sweep"] = [point_keys(p, keys["data"], code=code)["retrain"] for p in config.sweep_points(cfg)]
+        keys[name] = key(name, key_params(name, cfg), previous, code=code, **extra)
+        previous = keys[name]
+    return keys
+
+
+def repeat_keys(cfg: dict, seed: int, data_key: str, *, code: str | None = None) -> dict[str, str]:
+    """Keys of a repeat's stages: its parameters (the study's, with `seed`) after the shared data."""
+    return chain_keys(config.repeat_config(cfg, seed), after=data_key, names=REPEAT, code=code)
+
+
+def point_keys(pcfg: dict, data_key: str, *, code: str | None = None) -> dict[str, str]:
+    """Keys of an in-run point's stages (prune.amounts): its parameters after the shared data (its
+    training is the study's: the same key)."""
+    return chain_keys(pcfg, after=data_key, names=REPEAT, code=code)
+
+
+def control_params(epochs: int, lr: float, batch_size: int, seed: int, device: str) -> dict:
+    """What defines the dense control beside the training it starts from (its key's parameters)."""
+    return {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed, "device": device}
+
+
+def control_params_of(cfg: dict) -> dict:
+    """The dense control's parameters in cfg: its training, and the retraining settings over as many
+    epochs as the pruned model gets (between rounds included)."""
+    rounds, per_round, re_ = cfg["prune"]["rounds"], cfg["retrain"]["epochs_per_round"], cfg["retrain"]
+    return control_params(re_["epochs"] + (rounds - 1) * per_round, re_["lr"], re_["batch_size"], cfg["seed"],
+                          cfg["train"]["device"])
+
+
+def all_keys(cfg: dict, *, code: str | None = None) -> dict[str, str]:
+    """Every stage key of one study (a grid point): its chain's, and its control's."""
+    keys = chain_keys(cfg, code=code)
+    if cfg["retrain"]["control"]:
+        keys["control"] = key("control", control_params_of(cfg), keys["train"], code=code)
+    return keys
