@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
                           "cores/N threads each), then link them (default 1: one after another)")
     run.add_argument("--force", metavar="STAGE", choices=graph.CHAIN,
                      help=f"rerun from this stage on even if up to date ({', '.join(graph.CHAIN)})")
+    run.add_argument("--dry-run", action="store_true",
+                     help="print what the run would do, stage by stage (up to date, linked from the store, or "
+                          "computed, and why), and stop: `prunestudy status` for these parameters")
     show = sub.add_parser("params", help="print the effective parameters (defaults, file, overrides)")
     _add_params_args(show)
     show.add_argument("--show", action="store_true",
@@ -41,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     download.add_cli(sub)
     _add_compare_cli(sub)
     sweep.add_cli(sub)
+    _add_status_cli(sub)
     _add_cache_cli(sub)
     args = parser.parse_args(argv)
     if getattr(args, "handler", None):
@@ -66,6 +70,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run_dir = (config.resolve_path(args.run_dir) if args.run_dir
                else pipeline.default_run_dir(args.file, args.param, cfg))
+    if args.dry_run:
+        from . import status
+
+        result = status.status(run_dir, cfg, args.store)
+        print(status.text(result))
+        return 0
     print(f"prunestudy: run folder {run_dir} (params hash {config.stage_hash(cfg)})", flush=True)
     try:
         res = pipeline.run(cfg, run_dir, force=args.force, log=lambda m: print(m, flush=True), store_root=args.store,
@@ -117,6 +127,32 @@ def _compare(args: argparse.Namespace) -> int:
         return 2
     print(f"prunestudy compare: {len(args.runs)} runs -> {out}")
     return 0
+
+
+def _add_status_cli(sub) -> None:
+    p = sub.add_parser(
+        "status", help="which stages of a run or sweep are up to date, and why the others are not (exit 1)",
+        description="For each stage of a run folder (or each point and stage of a sweep folder): up to date, "
+                    "linked from the stage store, or to be computed, and why: a parameter, a code file, an input "
+                    "recomputed, an output edited, no record. Computes and writes nothing. Exit 0 when every "
+                    "stage is up to date, 1 otherwise, 2 for bad input.")
+    p.add_argument("folder", metavar="RUN_OR_SWEEP", help="a run folder (prunestudy run) or a sweep folder")
+    p.add_argument("--json", action="store_true", help="print the status as JSON (for scripts)")
+    p.add_argument("--store", metavar="DIR", help="a run's stage store, if not the default (as given to `run`)")
+    p.add_argument("--stale", action="store_true", help="print only the stages that are not up to date")
+    p.set_defaults(handler=_status)
+
+
+def _status(args) -> int:
+    from . import status
+
+    try:
+        result = status.status(args.folder, store_root=args.store)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"prunestudy status: {e}", file=sys.stderr)
+        return 2
+    print(status.as_json(result) if args.json else status.text(result, everything=not args.stale))
+    return 1 if result["stale"] else 0
 
 
 def _add_cache_cli(sub) -> None:
