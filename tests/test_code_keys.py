@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from prunestudy import codedigest, paths
+from prunestudy import codedigest, config, graph, paths
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.e2e
@@ -37,8 +37,8 @@ def project(tmp_path_factory) -> Path:
     return proj
 
 
-def cli(project: Path, *args, rc: int | None = 0) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PRUNESTUDY_HOME": str(project), "PYTHONPATH": str(project / "src")}
+def cli(project: Path, *args, rc: int | None = 0, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PRUNESTUDY_HOME": str(project), "PYTHONPATH": str(project / "src"), **(env or {})}
     proc = subprocess.run([sys.executable, "-m", "prunestudy.cli", *map(str, args)], cwd=project, env=env,
                           capture_output=True, text=True, timeout=600)
     if rc is not None:
@@ -158,3 +158,58 @@ def test_dry_run_shows_the_plan_for_other_parameters_and_a_fresh_folder(project)
     assert not (project.parent / "fresh").exists()
     bad = cli(project, "status", project.parent / "nowhere", rc=2)
     assert "neither a run folder" in bad.stderr
+
+
+def record(folder: Path) -> dict:
+    return json.loads((folder / paths.STAGE_RECORD).read_text())
+
+
+def test_latency_is_keyed_on_the_machine_and_timed_again_without_recomputing_a_model(project):
+    """A channel-pruned model is timed by the timing stage, keyed on the machine's description: under
+    another description (here other threads) the analysis reruns and the models are timed again,
+    while pruning and retraining are linked; `--force timing` times again and computes nothing else;
+    the report says where and when the times were taken."""
+    run_dir = project.parent / "timed"
+    args = [*RUN, "-p", "prune.method=channel", "--run-dir", run_dir]
+    cli(project, "run", *args, env={"OMP_NUM_THREADS": "2"})
+    res = results(run_dir)
+    eff, timing = res["prune"]["efficiency"], res["timing"]
+    assert eff["latency_from"] is None and eff["latency"]["cpu"]["threads"] == timing["machine"]["threads"] == 2
+    assert timing["machine"]["cpu"] == config.cpu_name() and timing["machine"]["isa"] == config.cpu_isa()
+    assert res["retrain"]["efficiency"]["measured_speedup"] == eff["measured_speedup"]   # the same computation
+    html = (run_dir / paths.REPORT).read_text()
+    assert "timed on" in html and config.cpu_name() in html and timing["measured"][:10] in html
+    first = {s: record(paths.stage_dir(run_dir, s)) for s in ("prune", "retrain")}
+    first_timing = record(paths.timing_dir(run_dir))
+
+    out = cli(project, "run", *args, env={"OMP_NUM_THREADS": "1"}).stdout
+    assert "prune: up to date" in out and "retrain: up to date" in out, out
+    assert "analysis: computed with another key" in out and "machine.threads 2 -> 1" in out
+    again = results(run_dir)
+    assert again["timing"]["machine"]["threads"] == 1 and again["prune"]["efficiency"]["latency"]["cpu"]["threads"] == 1
+    assert record(paths.timing_dir(run_dir))["key"] != first_timing["key"]
+    assert all(record(paths.stage_dir(run_dir, s))["id"] == first[s]["id"] for s in first)   # not recomputed
+    store = run_dir.parent / paths.STORE
+    assert (store / "timing" / first_timing["key"] / paths.METRICS).is_file()   # the other machine's, kept
+
+    timed = record(paths.timing_dir(run_dir))
+    out = cli(project, "run", *args, "--force", "timing", env={"OMP_NUM_THREADS": "1"}).stdout
+    assert [s for s in paths.NOTEBOOK_OF if f"] {s}: start" in out] == ["analysis"], out
+    retimed = record(paths.timing_dir(run_dir))
+    assert retimed["key"] == timed["key"] and retimed["id"] != timed["id"]
+    assert all(record(paths.stage_dir(run_dir, s))["id"] == first[s]["id"] for s in first)
+
+
+def test_the_timing_key_and_the_analysis_key_hold_the_machine(monkeypatch):
+    """Another processor (faked), another instruction set or other threads: another timing key and
+    another analysis key; the keys of every stage that computes a model stay."""
+    cfg = config.load(ROOT / "params" / "smoke.yaml")
+    keys, timing = graph.all_keys(cfg), graph.timing_key("r" * 12, 5, "auto")
+    for var, value in (("cpu_name", lambda: "Another CPU"), ("cpu_isa", lambda: "avx512"),
+                       ("threads", lambda: 7)):
+        with monkeypatch.context() as m:
+            m.setattr(config, var, value)
+            other = graph.all_keys(cfg)
+            assert graph.timing_key("r" * 12, 5, "auto") != timing, var
+            assert other["analysis"] != keys["analysis"], var
+            assert {s: other[s] for s in other if s != "analysis"} == {s: keys[s] for s in keys if s != "analysis"}

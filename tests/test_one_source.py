@@ -75,7 +75,7 @@ def test_runner_injects_exactly_the_stage_parameters():
         assert set(mapping) <= set(injected) and set(injected) - set(mapping) <= NOT_PARAMETERS
 
 
-def test_params_hash_and_stage_keys_are_pinned():
+def test_params_hash_and_stage_keys_are_pinned(monkeypatch):
     """A refactor that silently renamed every run folder (and voided every cache) fails here.
     If a change of hashes is intended, say so in the change and update these values. A key also
     holds the digest of the code that computes its stage (graph.code_digest), which changes with any
@@ -84,10 +84,12 @@ def test_params_hash_and_stage_keys_are_pinned():
     cfg = config.load(ROOT / "params" / "default.yaml")
     assert config.stage_hash(cfg) == "6352af093fd1"   # issue 16 added prune.latency_repeats
     fixed = "0" * 16
+    monkeypatch.setattr(config, "machine", lambda: {"cpu": "pinned", "isa": "avx2", "dispatch": {}, "threads": 2,
+                                                    "gpus": []})   # the analysis' key holds the machine
     keys = graph.all_keys(cfg, code=fixed)
     # issue 29: keys hold the code's digest (fixed here); the parameters and the chain are those of issue 14
     assert keys == {"data": "350a7bcd2a32", "train": "beae56b9603f", "prune": "6664eade857d",
-                    "retrain": "bb6e10931de8", "analysis": "89fcbb5b0040", "control": "b11cdbe80e9b"}
+                    "retrain": "bb6e10931de8", "analysis": "35c50f5fae07", "control": "b11cdbe80e9b"}
     live = graph.all_keys(cfg)
     assert set(live) == set(keys) and all(live[s] != keys[s] for s in keys)   # the real digest is in every key
     assert graph.chain_keys(cfg) == {s: live[s] for s in graph.CHAIN}

@@ -133,7 +133,7 @@ def test_a_stage_that_raises_outside_its_notebook_is_a_failed_stage_not_the_end_
     """An error outside the notebook's code (papermill saving the notebook: 'Too many open files',
     a full disk, a bug) used to leave the task as an exception, which ended the local engine's
     driver with a traceback and without the other points; it is a failed stage like any other."""
-    for var in (*sweep.THREAD_VARS, "PRUNESTUDY_PROGRESS"):   # run_task sets the task's threads here
+    for var in (*config.THREAD_VARS, "PRUNESTUDY_PROGRESS"):   # run_task sets the task's threads here
         monkeypatch.setenv(var, os.environ.get(var, ""))
     pts = grid.points(SMALL)[:1]
     st = stagestore.Store(tmp_path / "store")

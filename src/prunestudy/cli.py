@@ -28,8 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--jobs", type=int, default=1, metavar="N",
                      help="with `seeds`: compute the repeats N stages at a time first (the sweep's local engine, "
                           "cores/N threads each), then link them (default 1: one after another)")
-    run.add_argument("--force", metavar="STAGE", choices=graph.CHAIN,
-                     help=f"rerun from this stage on even if up to date ({', '.join(graph.CHAIN)})")
+    run.add_argument("--force", metavar="STAGE", choices=pipeline.FORCEABLE,
+                     help=f"rerun from this stage on even if up to date ({', '.join(graph.CHAIN)}); 'timing': "
+                          "measure the latencies again on this machine (and rerun the analysis) without "
+                          "recomputing any model")
     run.add_argument("--dry-run", action="store_true",
                      help="print what the run would do, stage by stage (up to date, linked from the store, or "
                           "computed, and why), and stop: `prunestudy status` for these parameters")

@@ -12,6 +12,8 @@ import difflib
 import hashlib
 import json
 import os
+import platform
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +187,86 @@ def project_root(start: str | os.PathLike | None = None) -> Path:
         if (d / "pyproject.toml").is_file() and (d / "params").is_dir():
             return d
     return here
+
+
+def git_commit() -> str | None:
+    """The project's git commit, '+dirty' when tracked files differ from it; None outside a checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project_root(), capture_output=True, text=True,
+                             timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=project_root(),
+                               capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# Variables that restrict which CPU kernels PyTorch runs (the instruction sets of ATen's, oneDNN's and
+# MKL's): the same code and packages compute other floats with other instructions (docs/results.md).
+CPU_DISPATCH_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
+                     "MKL_CBWR")
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")   # PyTorch's CPU threads, read when it starts
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else what the platform says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_dispatch() -> dict:
+    """The variables of CPU_DISPATCH_VARS that are set."""
+    return {k: os.environ[k] for k in CPU_DISPATCH_VARS if k in os.environ}
+
+
+def cpu_isa() -> str:
+    """The widest vector instruction set of the CPU that PyTorch's CPU kernels dispatch to (read from
+    /proc/cpuinfo's flags without importing PyTorch; ATEN_CPU_CAPABILITY may lower it): avx512,
+    avx2 or default."""
+    try:
+        flags = next((set(line.split(":", 1)[1].split()) for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), set())
+    except OSError:
+        flags = set()
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        return "avx512"
+    return "avx2" if {"avx2", "fma"} <= flags else "default"
+
+
+def threads() -> int:
+    """The CPU threads PyTorch computes with here: OMP_NUM_THREADS when set (a sweep sets it per task),
+    else the cores this process may use."""
+    try:
+        return max(1, int(os.environ.get("OMP_NUM_THREADS", "")))
+    except ValueError:
+        return usable_cpus()
+
+
+def gpus() -> list[str]:
+    """The NVIDIA GPUs of this machine and those this process was given (CUDA_VISIBLE_DEVICES), read
+    from the driver's files without importing PyTorch."""
+    models = []
+    for info in sorted(Path("/proc/driver/nvidia/gpus").glob("*/information")):
+        try:
+            models += [line.split(":", 1)[1].strip() for line in info.read_text().splitlines()
+                       if line.startswith("Model:")]
+        except OSError:
+            continue
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return models + ([f"CUDA_VISIBLE_DEVICES={visible}"] if models and visible is not None else [])
+
+
+def machine() -> dict:
+    """What a measurement of speed depends on besides the model and its settings: the processor, the
+    instruction set of PyTorch's CPU kernels (and any variable restricting it), the threads, the
+    GPUs. A timing measured under one description is not used under another (graph: the timing
+    stage's key)."""
+    return {"cpu": cpu_name(), "isa": cpu_isa(), "dispatch": cpu_dispatch(), "threads": threads(), "gpus": gpus()}
 
 
 CACHE_ENV = "PRUNESTUDY_CACHE"     # another folder for the caches (crop sets, digests, code summaries)

@@ -62,7 +62,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import prune
+from . import graph, prune
 
 INPUT_SIZE = (3, 64, 64)
 CONFIDENCE = 0.95   # of the speed ratio's interval
@@ -279,7 +279,7 @@ MIN_SPEEDUP = 1.05   # "saves time": the speedup's interval lies above this (see
 def summary(model: nn.Module, dense_model: nn.Module, batch_sizes=(1, 64), repeats: int = 20,
             threads: int | None = None, devices: tuple[str, ...] | None = None,
             input_size: tuple[int, ...] = INPUT_SIZE, warmup: int = 3, same_as: dict | None = None,
-            memory_format: str = MEMORY_FORMAT) -> dict:
+            memory_format: str = MEMORY_FORMAT, measure: bool = True) -> dict:
     """Parameters, FLOPs, sizes and measured latency of `model` against `dense_model`, as plain
     JSON data. Latency is measured on the CPU (and CUDA when available, unless `devices` says
     otherwise) with masks folded (`deployable`), in `memory_format`. `saves_time` is judged on the CPU (else the first
@@ -291,8 +291,9 @@ def summary(model: nn.Module, dense_model: nn.Module, batch_sizes=(1, 64), repea
     when its MACs, nonzero weights, parameter count and latency settings are this model's: the
     dense kernels' time does not depend on the weights' values. `latency_from` says which.
     A model that runs the dense model's computation (masked pruning: the same layer shapes) is not
-    timed at all (`untimed`): its speed is the dense model's."""
-    devices = devices or (("cpu", "cuda") if torch.cuda.is_available() else ("cpu",))
+    timed at all (`untimed`): its speed is the dense model's. With `measure` False, a model of its
+    own computation is left to the timing stage (`pending`; `measured` times it there): a time is a
+    measurement of a machine, keyed on it, while these figures are the model's."""
     f, fd = flops(model, input_size), flops(dense_model, input_size)
     out = {**parameters(model, dense_model), "macs": f["macs"], "effective_macs": f["effective_macs"],
            "dense_macs": fd["macs"], "theoretical_speedup": fd["macs"] / max(f["effective_macs"], 1e-9),
@@ -301,27 +302,56 @@ def summary(model: nn.Module, dense_model: nn.Module, batch_sizes=(1, 64), repea
            **sizes(model), "dense_state_dict_bytes": _saved_bytes(prune.export(dense_model)[0]), "latency": {}}
     if _dense_computation(f, fd, out):
         out.update(untimed(out["theoretical_speedup"]))
-        return out
-    if _same_computation(out, same_as, batch_sizes, repeats, devices, memory_format):
-        for field in ("latency", "measured_speedup", "speedup_ci", "verdict_batch", "saves_time", "remark"):
-            out[field] = same_as[field]
+    elif not measure:
+        out.update(pending())
+    else:
+        out.update(measured(model, dense_model, out, batch_sizes, repeats, threads, devices, input_size, warmup,
+                            same_as, memory_format))
+    return out
+
+
+LATENCY_FIELDS = ("latency", "latency_from", "measured_speedup", "speedup_ci", "verdict_batch", "saves_time", "remark")
+
+
+def measured(model: nn.Module, dense_model: nn.Module, costs: dict, batch_sizes=(1, 64), repeats: int = 20,
+             threads: int | None = None, devices: tuple[str, ...] | None = None,
+             input_size: tuple[int, ...] = INPUT_SIZE, warmup: int = 3, same_as: dict | None = None,
+             memory_format: str = MEMORY_FORMAT) -> dict:
+    """The latency fields (LATENCY_FIELDS) of `model` against `dense_model`, whose other figures
+    (`costs`: MACs, parameters) `summary` computed: taken over from `same_as` when it measured the
+    same computation with these settings, else timed now."""
+    devices = devices or (("cpu", "cuda") if torch.cuda.is_available() else ("cpu",))
+    if _same_computation(costs, same_as, batch_sizes, repeats, devices, memory_format):
+        out = {field: same_as[field] for field in LATENCY_FIELDS}
         out["latency_from"] = same_as.get("latency_from") or "the pruned model (same MACs and nonzero weights)"
         return out
     pair = {"dense": deployable(dense_model), "pruned": deployable(model)}
-    for dev in devices:
-        out["latency"][dev] = latency_table(pair, batch_sizes, repeats, dev, threads, warmup, input_size=input_size,
-                                            memory_format=memory_format)
-    out["latency_from"] = None   # measured here
+    out = {"latency": {dev: latency_table(pair, batch_sizes, repeats, dev, threads, warmup, input_size=input_size,
+                                          memory_format=memory_format) for dev in devices},
+           "latency_from": None}   # measured here
     table = out["latency"]["cpu" if "cpu" in devices else devices[0]]
     rows = {r["batch"]: r for r in table["rows"] if r["model"] == "pruned"}
     largest = max(batch_sizes)
     out["measured_speedup"] = rows[largest]["speedup_vs_dense"]
     out["speedup_ci"] = [rows[largest]["speedup_ci_low"], rows[largest]["speedup_ci_high"]]
     out["verdict_batch"] = largest
-    out["saves_time"], out["remark"] = _verdict(rows, largest, out["theoretical_speedup"],
+    out["saves_time"], out["remark"] = _verdict(rows, largest, costs["theoretical_speedup"],
                                                 f"{table['repeats']} paired runs in random order on {table['device']}, "
                                                 f"{memory_format.replace('_', ' ')}")
     return out
+
+
+def pending() -> dict:
+    """The latency fields of a model of its own computation before the timing stage timed it."""
+    return {"latency": {}, "latency_from": graph.TIMING_PENDING, "measured_speedup": None, "speedup_ci": None,
+            "verdict_batch": None, "saves_time": None,
+            "remark": ("not timed yet: its latency is measured by the timing stage, on the machine of the run that "
+                       "reads it (the analysis runs it; `prunestudy run --force timing` measures again).")}
+
+
+def is_pending(eff: dict | None) -> bool:
+    """Whether an efficiency summary's latency is left to the timing stage (and not taken yet)."""
+    return bool(eff) and eff.get("latency_from") == graph.TIMING_PENDING
 
 
 DENSE_COMPUTATION = ("the dense model: the same layers with weights of the same shapes, its zeros multiplied by "

@@ -62,6 +62,27 @@ def notebooks_dir() -> Path:
     return config.project_root() / "notebooks"
 
 
+def link_timing(cfg: dict, run_dir: Path, st: stagestore.Store) -> None:
+    """Before the analysis runs: each chain's timing/ (the study's, each in-run point's) a link to
+    the store entry of its timing key on this machine (graph.timing_key), when its pruning left the
+    latency to the timing stage; the analysis' run_timing claims and fills it, or finds it done."""
+    keys = graph.chain_keys(cfg)
+    chains = [(run_dir, keys["retrain"])]
+    chains += [(paths.sweep_point_dir(run_dir, name), graph.point_keys(p, keys["data"])["retrain"])
+               for name, p in sweep_points(cfg)]
+    for folder, retrain_key in chains:
+        try:
+            pm = store.read_json(paths.stage_dir(folder, "prune") / paths.METRICS)
+        except (OSError, ValueError):
+            continue
+        if (pm.get("efficiency") or {}).get("latency_from") != graph.TIMING_PENDING:
+            continue
+        entry = st.entry("timing", graph.timing_key(retrain_key, cfg["prune"]["latency_repeats"],
+                                                    cfg["train"]["device"]))
+        entry.mkdir(parents=True, exist_ok=True)
+        stagestore.link(paths.timing_dir(folder), entry)
+
+
 def notebook_parameters(stage: str, cfg: dict, run_dir: Path) -> dict:
     """What papermill injects into each notebook: its stage's parameters and its input paths."""
     if stage == "analysis":
@@ -119,7 +140,8 @@ def reuse(st: stagestore.Store, cfg: dict, run_dir: Path, stage: str, key: str) 
 
 def execute_stage(cfg: dict, run_dir: Path, stage: str, key: str, *, kernel: str, stage_store: stagestore.Store | None,
                   log: Callable[[str], None], tag: str, refresh: bool = False, recheck: bool = True,
-                  on_failure: Callable[[], object] = lambda: None, fresh_kernel: bool = False) -> float | None:
+                  on_failure: Callable[[], object] = lambda: None, fresh_kernel: bool = False,
+                  retime: bool = False) -> float | None:
     """Run one stage's notebook for run_dir under papermill, in the project's kernel: in its store
     entry (claimed: computed once, whoever asks) when the stage is stored, else in the run folder;
     check the record it wrote; returns its wall time. With `recheck`, a stored stage that another
@@ -138,6 +160,8 @@ def execute_stage(cfg: dict, run_dir: Path, stage: str, key: str, *, kernel: str
     parameters = notebook_parameters(stage, cfg, run_dir)
     if refresh:
         parameters["refresh_cache"] = True   # --force data: never reuse a cached crop set
+    if retime:
+        parameters["retime"] = True   # --force timing: the analysis times the models again
     try:
         with stage_store.claim(stage, key, log) if stored else nullcontext():
             if stored and recheck and reuse(stage_store, cfg, run_dir, stage, key):
@@ -153,6 +177,8 @@ def execute_stage(cfg: dict, run_dir: Path, stage: str, key: str, *, kernel: str
                     stagestore.link(stage_store.entry(stage, key) / paths.CONTROL, control)
             elif shown.is_symlink():   # a link left by a stored run or a sweep point: never written through
                 shown.unlink()
+            if stage == "analysis" and stage_store is not None:
+                link_timing(cfg, run_dir, stage_store)
             try:
                 kernels.execute_notebook(src, out, kernel_name=kernel, fresh=fresh_kernel, parameters=parameters,
                                          stdout_file=sys.stdout, stderr_file=sys.stderr)
@@ -165,8 +191,8 @@ def execute_stage(cfg: dict, run_dir: Path, stage: str, key: str, *, kernel: str
             folder = paths.stage_dir(run_dir, stage)
             if stage == "analysis":   # the one stage the runner records: the report is rendered here
                 log(f"==> report: {render_report(run_dir, cfg)}")
-                records.write(folder, stage, key, {}, records.input_ids(stage_inputs(cfg, run_dir, stage)), seconds,
-                              "prunestudy run")
+                records.write(folder, stage, key, graph.key_params(stage, cfg),
+                              records.input_ids(stage_inputs(cfg, run_dir, stage)), seconds, "prunestudy run")
             rec = records.read(folder)
             if rec is None or rec["key"] != key:
                 raise StageFailed(stage, out, f"the stage finished without the record of key {key} (found: "

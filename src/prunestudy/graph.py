@@ -4,12 +4,16 @@ the sweep engine, the command line) reads it from here.
 
     data -> train -> prune -> retrain -> analysis          the chain of a run folder (its notebooks)
                  \\-> control                               the dense control (within retraining)
+                                      \\-> timing           latency on this machine (within the analysis)
 
 A stage's **key** names what defines its result (open_lth's run hash, DVC's stage hash): its
 defining parameters, the key of the stage it follows (so a change reruns that stage and every
 one after it, nothing before), and the digest of what computes it (`codedigest`: the package code
 its entry points reach, its notebook's code cells, the lock file). Where a run folder lives, how
-many threads or workers compute it, and which process does, are not part of it.
+many threads or workers compute it, and which process does, are not part of it, except for the
+timing stage: a latency is a measurement of a machine, so its key holds the machine's description
+(`config.machine`: processor, instruction set, threads, GPUs), and so does the analysis' key (the
+analysis runs the timing stage); the pruning it times is not computed again on another machine.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class Stage:
     shared_by: str = "point"     # what the stages of a grid share one of this stage by (the plan's wording)
     follow_notebook: bool = False   # its notebook's calls compute it (the analysis), not only display it
     files: tuple[str, ...] = ()     # package folders whose files compute it too (the report's template)
+    measures: bool = False          # a measurement of the machine (keyed on it), not a stage of a grid's plan
 
 
 _ALL = (
@@ -40,16 +45,20 @@ _ALL = (
     Stage("control", "train", ("train",), True, ("stages:_control",), None, "training and retraining parameters"),
     Stage("prune", "train", ("data", "train"), True, ("stages:run_prune",), "pruned_dir"),
     Stage("retrain", "prune", ("data", "train", "prune"), True, ("stages:run_retrain",)),
+    Stage("timing", "retrain", ("train", "prune", "retrain"), True, ("stages:run_timing",), None,
+          "point and machine", measures=True),
     Stage("analysis", "retrain", ("data", "train", "prune", "retrain"), False,
           ("execute:render_report", "execute:write_results"), follow_notebook=True, files=("templates",)),
 )
 STAGES: dict[str, Stage] = {s.name: s for s in _ALL}
 KINDS = tuple(STAGES)                                             # every kind of stage, inputs first
+PLANNED = tuple(s for s in KINDS if not STAGES[s].measures)       # what a grid's plan counts
 # a run folder's stages, in order: those with a notebook of their own (paths.NOTEBOOK_OF; the control
 # is computed within the retraining's)
 CHAIN = tuple(s.name for s in _ALL if s.name in paths.NOTEBOOK_OF)
 STORED = tuple(s for s in CHAIN if STAGES[s].stored)               # a run folder's stages kept in the store
 REPEAT = ("train", "prune", "retrain")   # what a repeat with another seed computes (the data is shared)
+TIMING_PENDING = "the timing stage"      # an efficiency summary's latency_from: left to the timing stage
 POINT = ("prune", "retrain")             # what an in-run point of prune.amounts computes (the training is shared)
 
 
@@ -106,8 +115,10 @@ def key(name: str, params: dict, after: str | None, *, code: str | None = None, 
 
 
 def key_params(name: str, cfg: dict) -> dict:
-    """A stage's parameters in cfg (what its notebook is run with, where it reads and writes aside)."""
-    return {} if name == "analysis" else config.stage_params(name, cfg)
+    """A stage's parameters in cfg (what its notebook is run with, where it reads and writes aside).
+    The analysis has none but the machine: it runs the timing stage, so on another machine (or with
+    other threads) it runs again, and the latencies are measured there."""
+    return {"machine": config.machine()} if name == "analysis" else config.stage_params(name, cfg)
 
 
 def chain_keys(cfg: dict, *, after: str | None = None, names: tuple[str, ...] = CHAIN,
@@ -149,6 +160,17 @@ def control_params_of(cfg: dict) -> dict:
     rounds, per_round, re_ = cfg["prune"]["rounds"], cfg["retrain"]["epochs_per_round"], cfg["retrain"]
     return control_params(re_["epochs"] + (rounds - 1) * per_round, re_["lr"], re_["batch_size"], cfg["seed"],
                           cfg["train"]["device"])
+
+
+def timing_params(latency_repeats: int, device: str) -> dict:
+    """What defines a timing beside the models it times: the prune stage's latency settings and the
+    machine it is measured on."""
+    return {"latency_repeats": latency_repeats, "device": device, "machine": config.machine()}
+
+
+def timing_key(retrain_key: str, latency_repeats: int, device: str) -> str:
+    """The key of the timing of the models of a chain whose retraining has `retrain_key`, on this machine."""
+    return key("timing", timing_params(latency_repeats, device), retrain_key)
 
 
 def all_keys(cfg: dict, *, code: str | None = None) -> dict[str, str]:

@@ -145,7 +145,7 @@ def _name(values: dict) -> str:
 # --- the plan ----------------------------------------------------------------------------------
 def plan(pts: list[Point]) -> dict:
     """{stage kind: {key: [point names]}}: the unique stages and the points that share each."""
-    out: dict[str, dict[str, list[str]]] = {s: {} for s in graph.KINDS}
+    out: dict[str, dict[str, list[str]]] = {s: {} for s in graph.PLANNED}
     for p in pts:
         for stage, key in graph.all_keys(p.cfg).items():
             out[stage].setdefault(key, []).append(p.name)
@@ -174,7 +174,7 @@ def dry_run_text(pts: list[Point], sweep_dir: Path, store_root: Path) -> str:
     seconds = measured_seconds(store_root)
     lines = [f"{len(pts)} points; stages (unique, done, to run; shared per ...):"]
     left, unknown = 0.0, []
-    for stage in graph.KINDS:
+    for stage in graph.PLANNED:
         keys = the_plan[stage]
         todo = len(keys) - len(done[stage])
         lines.append(f"  {stage:9s} {len(keys):5d} unique, {len(done[stage]):5d} done, {todo:5d} to run"
@@ -196,7 +196,7 @@ def measured_seconds(store_root: Path, most: int = 500) -> dict[str, float]:
     folders, not in the store) over the runs and sweep points beside the store (at most `most`)."""
     root = Path(store_root)
     out = {}
-    for stage in graph.KINDS:
+    for stage in graph.PLANNED:
         if stage == "analysis":
             folders = itertools.islice(itertools.chain(root.parent.glob(f"*/{paths.SWEEP_POINTS}/*/{stage}"),
                                                        root.parent.glob(f"*/{stage}")), most)

@@ -11,6 +11,8 @@
       prune/                      MODEL, MASKS, ARCHITECTURE, METRICS, PREDICTIONS, [HISTORY, REWOUND]
       retrain/                    MODEL, MASKS, ARCHITECTURE, EXPORT, EXPORT_META, HISTORY, METRICS,
                                   PREDICTIONS, [CHECKPOINT], control/ (control_dir)
+      timing/                     timing_dir(run): METRICS, the latency of the pruned and retrained models
+                                  against the dense one on this machine (when they are not of its shape)
       analysis/figures/*.png      figures_dir(run)
       <stage>/stage.json          stage_record(run, stage): what the stage was computed from (records)
       run.lock                    lock_file(run): the lock of the process writing the folder
@@ -59,6 +61,7 @@ REWIND = "rewind.pt"               # train/: the weights after training step pru
 REWOUND = "rewound.pt"             # prune/: the surviving weights reset to that step
 CHECKPOINT = "checkpoint.pt"       # train/, retrain/: end-of-epoch state while a stage runs
 CONTROL = "control"                # retrain/control/: the dense control
+TIMING = "timing"                  # timing/: the latency of a chain's models on one machine (the timing stage)
 FIGURES = Path("analysis") / "figures"
 
 SPLITS = ("train", "test")
@@ -130,6 +133,11 @@ def completion_marker(run_dir: str | Path, stage: str) -> Path:
 
 def control_dir(run_dir: str | Path) -> Path:
     return stage_dir(run_dir, "retrain") / CONTROL
+
+
+def timing_dir(run_dir: str | Path) -> Path:
+    """A chain's timing stage (latency measured on this machine): run/timing/ (a point's: its own)."""
+    return Path(run_dir) / TIMING
 
 
 def sweep_point_dir(run_dir: str | Path, name: str) -> Path:

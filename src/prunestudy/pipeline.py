@@ -13,6 +13,7 @@ from pathlib import Path
 from . import config, execute, graph, grid, paths, progress, records, stagestore, store, sweep
 
 STAGES = graph.CHAIN   # a run folder's stages, in order
+FORCEABLE = (*STAGES, "timing")   # --force timing: the analysis times the models again, nothing else reruns
 def default_run_dir(params_file: str | None, overrides: list[str], cfg: dict) -> Path:
     stem = Path(params_file).stem if params_file else "defaults"
     name = f"{stem}-{config.stage_hash(cfg)}" if overrides else stem
@@ -32,8 +33,8 @@ def run(cfg: dict, run_dir: str | Path, *, force: str | None = None, log: Callab
     import papermill  # noqa: F401  (fail here, before any work, if it is missing)
 
     run_dir = config.resolve_path(run_dir)
-    if force is not None and force not in STAGES:
-        raise execute.PreflightError(f"--force must name a stage ({', '.join(STAGES)}), got {force!r}")
+    if force is not None and force not in FORCEABLE:
+        raise execute.PreflightError(f"--force must name a stage ({', '.join(FORCEABLE)}), got {force!r}")
     execute.preflight(cfg, run_dir)
     if execute.sweep_points(cfg) and config.repeat_seeds(cfg):
         log(f"==> note: the sweep (prune.amounts) runs on the study's seed ({cfg['seed']}) only, not on the repeats of "
@@ -93,10 +94,11 @@ def _run(cfg: dict, run_dir: Path, force: str | None, log: Callable[[str], None]
     kernel = execute.ensure_kernel()
     os.environ.setdefault(progress.ENV, "log")  # kernels inherit it: progress bars paced for a log
     keys = graph.chain_keys(cfg)
-    forced = STAGES[STAGES.index(force):] if force else ()
+    forced = ("analysis",) if force == "timing" else STAGES[STAGES.index(force):] if force else ()
     timings: dict[str, float] = {}
     chain = _Chain(kernel, forced, log, invalidate=paths.stage_record(run_dir, "analysis"), store=stage_store,
-                   fresh_kernels=fresh_kernels)
+                   fresh_kernels=fresh_kernels, retime=force == "timing")
+
     def finish() -> dict:   # results.json from the stages so far
         return execute.write_results(run_dir, cfg, timings, keys)
 
@@ -163,8 +165,9 @@ class _Chain:
     same key until one runs; from there on every later stage reruns (its inputs changed)."""
 
     def __init__(self, kernel: str, forced: tuple[str, ...], log: Callable[[str], None], invalidate: Path,
-                 store: stagestore.Store | None = None, fresh_kernels: bool = False):
+                 store: stagestore.Store | None = None, fresh_kernels: bool = False, retime: bool = False):
         self.kernel, self.forced, self.log, self.label = kernel, forced, log, ""
+        self.retime = retime   # --force timing: the analysis measures the timings again
         self.fresh_kernels = fresh_kernels
         self.invalidate = invalidate   # the analysis' record: outdated as soon as any stage reruns
         self.store = store
@@ -204,7 +207,8 @@ class _Chain:
             seconds = execute.execute_stage(cfg, run_dir, stage, keys[stage], kernel=self.kernel,
                                             stage_store=self.store, log=self.log, tag=tag,
                                             refresh=stage == "data" and stage in self.forced, recheck=recheck,
-                                            on_failure=finish, fresh_kernel=self.fresh_kernels)
+                                            on_failure=finish, fresh_kernel=self.fresh_kernels,
+                                            retime=self.retime and stage == "analysis")
             if seconds is None:   # found complete in the store once claimed: nothing after it must rerun
                 rec = records.read(paths.stage_dir(run_dir, stage)) or {}
                 timings[stage] = rec.get("wall_seconds", rec.get("seconds", 0.0))

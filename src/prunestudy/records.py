@@ -27,7 +27,7 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import graph, paths, store
+from . import config, graph, paths, store
 
 FORMAT = 2                               # 2: the record holds the digests of the code that computed it
 TOKEN_ENV = "PRUNESTUDY_LOCK_TOKEN"      # set by the runner for the kernels it starts
@@ -76,7 +76,7 @@ def write(stage_folder: Path, stage: str, key: str, params: dict, inputs: dict, 
     of each file that computed it (graph.code_files; the stage's own, by default)."""
     record = {"format": FORMAT, "stage": stage, "key": key, "id": uuid.uuid4().hex, "inputs": inputs,
               "params": params, "code": graph.code_files(stage) if code is None else code,
-              "seconds": round(seconds, 2), "by": by,
+              "commit": config.git_commit(), "seconds": round(seconds, 2), "by": by,
               "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "outputs": outputs(stage_folder)}
     store.write_json(Path(stage_folder) / paths.STAGE_RECORD, record)
     return record
@@ -136,11 +136,19 @@ def key_change(rec: dict, key: str, expect: tuple[dict, dict] | None = None) -> 
     reasons = [f"code changed: {', '.join(files)}"] if files else []
     old = rec.get("params") or {}
     if names:
-        shown = "; ".join(f"{n} {old.get(n)!r} -> {params.get(n)!r}" for n in names[:6])
+        shown = "; ".join(_change(n, old.get(n), params.get(n)) for n in names[:6])
         reasons.append(f"parameters changed: {shown}" + (f" (and {len(names) - 6} more)" if len(names) > 6 else ""))
     if not reasons:
         reasons.append("the stage it follows changed (another key before it)")
     return f"{head}: {'; '.join(reasons)}"
+
+
+def _change(name: str, old, new) -> str:
+    """'amount 0.2 -> 0.5'; for a mapping, its entries that differ ('machine.threads 2 -> 1')."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return "; ".join(_change(f"{name}.{k}", old.get(k), new.get(k)) for k in sorted({*old, *new})
+                         if old.get(k) != new.get(k))
+    return f"{name} {old!r} -> {new!r}"
 
 
 def key_diff(rec: dict, params: dict, code: dict) -> tuple[list[str], list[str]]:

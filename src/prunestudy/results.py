@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import platform
-import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import config, data, methods, metrics, paths, records, states, store
+from . import codedigest, config, data, graph, methods, metrics, paths, records, states, store
 
 
 def collect_results(run_dir, params: dict | None = None, timings: dict | None = None) -> dict:
@@ -30,6 +29,12 @@ def collect_results(run_dir, params: dict | None = None, timings: dict | None = 
         path = states.folder(run_dir, state.key) / paths.METRICS
         if path.is_file() and (state is not states.CONTROL or (res.get("retrain") or {}).get("control")):
             res[state.stage] = _scored(store.read_json(path), states.folder(run_dir, state.key), test)
+    timing = timing_of(run_dir)
+    if timing is not None:
+        for stage in ("prune", "retrain"):
+            if stage in res:
+                res[stage]["efficiency"] = with_timing(res[stage].get("efficiency"), timing, stage)
+        res["timing"] = {k: timing.get(k) for k in ("machine", "device", "measured")}
     names = sweep_names(run_dir, params)
     if names:
         res["sweep"] = sweep_results(run_dir, names)
@@ -42,8 +47,40 @@ def collect_results(run_dir, params: dict | None = None, timings: dict | None = 
             res["repeats"] = [seed_results(run_dir, s, paths.repeat_name(s)) for s in config.repeat_seeds(params)]
     if timings is not None:
         res["timings_s"] = timings
+    res["computed"] = computed(run_dir)
     res["provenance"] = provenance()
     return res
+
+
+def timing_of(folder) -> dict | None:
+    """The timing stage's metrics of a chain (stages.run_timing), when it timed these very models."""
+    out = paths.timing_dir(folder)
+    inputs = {s: paths.stage_dir(folder, s) for s in ("train", "prune", "retrain")}
+    if not (out / paths.METRICS).is_file() or records.problem(out, None, inputs) is not None:
+        return None
+    return store.read_json(out / paths.METRICS)
+
+
+def with_timing(eff: dict | None, timing: dict | None, stage: str) -> dict | None:
+    """An efficiency summary with the latency its stage left to the timing stage, once measured."""
+    fields = ((timing or {}).get("models") or {}).get(stage)
+    if not eff or not fields or eff.get("latency_from") != graph.TIMING_PENDING:
+        return eff
+    return {**eff, **fields}
+
+
+def computed(run_dir) -> dict:
+    """{stage: its key, the digest of its code, the commit and time it was computed at, by whom}
+    from the stage records of the run folder: a stage linked from the store was computed by the
+    code of its own record, which may be another commit than the report's."""
+    out = {}
+    folders = {**{s: paths.stage_dir(run_dir, s) for s in graph.CHAIN}, "timing": paths.timing_dir(run_dir)}
+    for stage, folder in folders.items():
+        rec = records.read(folder)
+        if rec:
+            out[stage] = {"key": rec["key"], "code": codedigest.combined(rec["code"]) if rec.get("code") else None,
+                          "commit": rec.get("commit"), "finished": rec.get("finished"), "by": rec.get("by")}
+    return out
 
 
 def seed_results(run_dir, seed: int, where: str = ".") -> dict:
@@ -86,7 +123,7 @@ def sweep_results(run_dir, names: list[str]) -> list[dict]:
         r = None   # retrained from this very pruning (its record says so), or not yet
         if (retrained / paths.METRICS).is_file() and records.problem(retrained, None, {"prune": pruned}) is None:
             r = store.read_json(retrained / paths.METRICS)
-        eff = p["efficiency"]
+        eff = with_timing(p["efficiency"], timing_of(paths.sweep_point_dir(run_dir, name)), "prune")
         # none for a model of the dense computation (efficiency.untimed): its speed is the dense model's
         table = eff["latency"].get("cpu") or next(iter(eff["latency"].values()), None)
         batch = max(row["batch"] for row in table["rows"]) if table else None
@@ -204,12 +241,6 @@ def load_results(run_dir=None) -> dict:
     return res
 
 
-# Variables that restrict which CPU kernels PyTorch runs (the instruction sets of ATen's, oneDNN's and
-# MKL's): the same code and packages compute other floats with other instructions (docs/results.md).
-CPU_DISPATCH_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
-                     "MKL_CBWR")
-
-
 def environment(device: torch.device) -> dict:
     """Where a stage computed: its device (and GPU model), the GPUs its process was given
     (CUDA_VISIBLE_DEVICES: a sweep's worker, a Ray task, a SLURM job), its Python, its threads, its
@@ -219,22 +250,12 @@ def environment(device: torch.device) -> dict:
     return {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "python": sys.executable,
             "torch_threads": torch.get_num_threads(), "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
-            "cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cpu_dispatch": {k: os.environ[k] for k in CPU_DISPATCH_VARS if k in os.environ}}
+            "cpu": config.cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_dispatch": config.cpu_dispatch()}
 
 
-def cpu_name() -> str:
-    """The CPU's model name (/proc/cpuinfo on Linux), else what the platform says."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-LOCK_FILE = "requirements.lock"   # the project's pinned environment (make setup installs it)
+cpu_name = config.cpu_name   # (benchmarks and older callers)
+LOCK_FILE = codedigest.LOCK   # the project's pinned environment (make setup installs it)
 
 
 def provenance() -> dict:
@@ -247,18 +268,10 @@ def provenance() -> dict:
             versions[pkg] = None
     lock = config.project_root() / LOCK_FILE
     return {"versions": versions, "python": platform.python_version(), "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(), "cpu": cpu_name(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "git_commit": _git_commit(),
+            "processor": platform.processor() or platform.machine(), "cpu": config.cpu_name(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "git_commit": config.git_commit(),
             "lock_file": LOCK_FILE, "lock_sha256": data.sha256_file(lock) if lock.is_file() else None,
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=config.project_root(), capture_output=True,
-                             text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=config.project_root(), capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
+

@@ -277,7 +277,7 @@ def run_prune(run_dir=None, *, method=default("prune.method"), amount=default("p
         rewind = {"step": rewind_step, "file": paths.REWOUND, "test_accuracy": ev_r["accuracy"],
                   "test_loss": ev_r["loss"]}
         log(f"[prune] surviving weights rewound to training step {rewind_step}: test acc {ev_r['accuracy']:.1%}")
-    eff = _efficiency(net, dense, latency_repeats, speed, testset)
+    eff = _efficiency(net, dense, latency_repeats, speed, testset)   # its latency: the timing stage's
     artifacts.save_model(out, net, arch, len(classes))
     artifacts.save_predictions(out, ev["predictions"])
     if steps:
@@ -502,13 +502,87 @@ def _rewind_state(model_dir: Path, step: int, method: str) -> dict:
 
 
 def _efficiency(net, dense, repeats: int, speed: dict, testset, same_as: dict | None = None) -> dict:
-    """efficiency.summary of `net` against `dense` with the LATENCY settings, `repeats`
-    (prune.latency_repeats) and the training's memory format (`speed`), for inputs of the test
-    images' shape; `same_as`: the summary of a model with the same computation, whose latency is
-    taken over (see there)."""
+    """efficiency.summary of `net` against `dense` for inputs of the test images' shape, its latency
+    left to the timing stage (`run_timing`, which times it with the LATENCY settings, `repeats` and
+    the training's memory format on the machine of the run that reads it); `same_as` is unused then."""
     return efficiency.summary(net, dense, batch_sizes=tuple(LATENCY["batch_sizes"]), repeats=repeats,
                               same_as=same_as, memory_format=_memory_format(speed), warmup=LATENCY["warmup"],
-                              devices=LATENCY["devices"], input_size=tuple(testset[0].shape[1:]))
+                              devices=LATENCY["devices"], input_size=tuple(testset[0].shape[1:]), measure=False)
+
+
+# --- the timing stage ----------------------------------------------------------------------------
+def run_timing(run_dir=None, *, force: bool = False, log=print) -> dict:
+    """Time the pruned and retrained models of the run folder (the study's, and each in-run point's)
+    against the dense model on this machine: the timing stage. A model of the dense computation is
+    never timed (efficiency.untimed); one of its own computation was left here by its stage
+    (efficiency.pending). Each chain's timing is keyed on its retraining, the latency settings and
+    this machine (graph.timing_key), kept in <chain>/timing/ (an entry of the stage store when the
+    runner linked it), and reused while that key holds; `force` measures again. Returns
+    {chain folder: its timing metrics} for the chains that needed one; `log` None: silent."""
+    run_dir = paths.resolve_run_dir(run_dir)
+    say = log or (lambda _: None)
+    chains = [run_dir] + sorted({c.parent for c in Path(run_dir).glob(f"{paths.SWEEP}/*/prune")})
+    out = {}
+    for folder in chains:
+        timing = _chain_timing(run_dir, folder, force, say)
+        if timing is not None:
+            out[str(folder)] = timing
+    return out
+
+
+def _chain_timing(run_dir: Path, folder: Path, force: bool, log) -> dict | None:
+    """One chain's timing (see run_timing), or None when it has nothing to time (or no retraining)."""
+    dirs = {s: paths.stage_dir(folder, s) for s in ("data", "train", "prune", "retrain")}
+    recs = {s: records.read(d) for s, d in dirs.items()}
+    if any(r is None for r in recs.values()) or not (dirs["retrain"] / paths.METRICS).is_file():
+        return None
+    pm, rm = (store.read_json(dirs[s] / paths.METRICS) for s in ("prune", "retrain"))
+    if not (efficiency.is_pending(pm.get("efficiency")) or efficiency.is_pending(rm.get("efficiency"))):
+        return None
+    repeats, device = recs["prune"]["params"]["latency_repeats"], recs["prune"]["params"]["device"]
+    params = graph.timing_params(repeats, device)
+    key = graph.key("timing", params, recs["retrain"]["key"])
+    out, inputs = paths.timing_dir(folder), {s: dirs[s] for s in ("train", "prune", "retrain")}
+    with records.writing(run_dir, "the timing stage"):
+        if not records.under_runner(run_dir):
+            stagestore.detach(out)   # never write another key into a shared store entry
+        out.mkdir(parents=True, exist_ok=True)
+        with stagestore.claim_dir(out, log):
+            if not force and records.problem(out, key, inputs) is None:
+                log(f"[timing] timed on this machine already (key {key}): reused")
+                return store.read_json(out / paths.METRICS)
+            records.clear(out)
+            (out / paths.METRICS).unlink(missing_ok=True)
+            start = time.perf_counter()
+            timing = _time_models(dirs, pm, rm, repeats, device, params["machine"])
+            store.write_json(out / paths.METRICS, timing)
+            records.write(out, "timing", key, params, records.input_ids(inputs), time.perf_counter() - start,
+                          "prunestudy run" if records.under_runner(run_dir) else "python")
+            said = "; ".join(f"{name}: {t['remark'].split(':')[0]}" for name, t in timing["models"].items())
+            log(f"[timing] {said} ({time.perf_counter() - start:.1f} s on this machine, key {key})")
+            return timing
+
+
+def _time_models(dirs: dict, pm: dict, rm: dict, repeats: int, device: str, machine: dict) -> dict:
+    """The latency fields of the pruned and the retrained model (the latter taken over when it runs
+    the pruned model's computation), timed against the dense model with the LATENCY settings."""
+    dev = train.select_device(device)
+    speed = _train_speed(dirs["train"])
+    size = data.read_info(dirs["data"])["image_size"]
+    dense = artifacts.load_model(dirs["train"], dev)
+    settings = {"batch_sizes": tuple(LATENCY["batch_sizes"]), "repeats": repeats, "threads": machine["threads"],
+                "devices": LATENCY["devices"], "input_size": (3, size, size), "warmup": LATENCY["warmup"],
+                "memory_format": _memory_format(speed)}
+    models, pruned = {}, None
+    if efficiency.is_pending(pm.get("efficiency")):
+        net = artifacts.load_model(dirs["prune"], dev, masks=True)
+        pruned = models["prune"] = efficiency.measured(net, dense, pm["efficiency"], **settings)
+    if efficiency.is_pending(rm.get("efficiency")):
+        net = artifacts.load_model(dirs["retrain"], dev, masks=True)
+        same = {**pm["efficiency"], **pruned} if pruned else None
+        models["retrain"] = efficiency.measured(net, dense, rm["efficiency"], same_as=same, **settings)
+    return {"models": models, "machine": machine, "device": str(dev), "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "environment": results.environment(dev)}
 
 
 def _load_data(data_dir: Path, dev: torch.device, train_split: bool = True):

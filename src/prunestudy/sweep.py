@@ -41,7 +41,6 @@ from . import config, execute, graph, grid, kernels, paths, progress, records, s
 
 GPU_STAGES = ("train", "prune", "retrain")   # what may fine-tune: a GPU each on a cluster with GPUs
 RETRIES = 2                                  # a stage whose process died is tried this many more times
-THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")   # read by PyTorch when the stage's kernel starts
 
 
 @dataclass(frozen=True)
@@ -179,7 +178,7 @@ def _apply_env(env: dict, threads: int) -> None:
     """A task's environment in its worker process (and so in the kernel it starts): the sweep's
     variables and the threads this task was given."""
     os.environ.update(env)
-    for var in THREAD_VARS:   # the stage's kernel computes with the threads this task was given
+    for var in config.THREAD_VARS:   # the stage's kernel computes with the threads this task was given
         os.environ[var] = str(threads)
     os.environ.setdefault(progress.ENV, "log")
 

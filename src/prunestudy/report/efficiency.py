@@ -54,7 +54,8 @@ def _eff_row(eff: dict, which: str) -> dict:
     speedup = f"measured speedup, batch {largest} (×)" if largest else "measured speedup (×; not timed)"
     row[speedup] = 1.0 if dense else eff["measured_speedup"]
     row["speedup 95% CI (×)"] = "" if dense else ("—" if low is None else f"{low:.2f}–{high:.2f}")
-    row["saves time"] = "reference" if dense else ("not judged" if "speedup_ci" not in eff else
+    row["saves time"] = "reference" if dense else ("not timed yet" if efficiency.is_pending(eff) else
+                                                   "not judged" if "speedup_ci" not in eff else
                                                    "yes" if eff["saves_time"] else "NO")
     return row
 
@@ -83,19 +84,40 @@ def efficiency_styler(results: dict):
     df = efficiency_table(results)
     fmt = {c: "{:,.0f}" for c in df.columns if c.startswith("params")}
     fmt.update({c: "{:.2f}" for c in df.columns if df[c].dtype.kind == "f" and c not in fmt})
-    timed = any(efficiency.timed(states.metrics(results, s.key).get("efficiency") or {}) for s in COSTED)
-    latency = ("Latency: median of interleaved runs in random order on this machine (masks folded, "
-               f"as deployed; {_formats(results)}; {_allocators(results)}). Measured speedup: the "
-               "geometric mean of the paired ratios dense time / pruned time, one per run, with its 95% "
-               "Student-t interval; "
-               f"'saves time' only when that interval lies above {efficiency.MIN_SPEEDUP:.2f}×. ") if timed else (
-        "Latency: not timed; the pruned models run the dense model's computation (masked weights, folded as "
-        "deployed, are multiplied by the same dense kernels), so their speed is the dense model's: 1.00×. ")
+    effs = [states.metrics(results, s.key).get("efficiency") or {} for s in COSTED]
+    where = timed_where(results)
+    if any(efficiency.timed(e) for e in effs):
+        latency = ("Latency: median of interleaved runs in random order "
+                   f"{'on ' + where if where else 'on this machine'} (masks folded, as deployed; "
+                   f"{_formats(results)}; {_allocators(results)}). Measured speedup: the "
+                   "geometric mean of the paired ratios dense time / pruned time, one per run, with its 95% "
+                   "Student-t interval; "
+                   f"'saves time' only when that interval lies above {efficiency.MIN_SPEEDUP:.2f}×. ")
+    elif any(efficiency.is_pending(e) for e in effs):
+        latency = ("Latency: not timed yet; the timing stage measures it on the machine of the run that reads these "
+                   "models (the analysis runs it), so that a time taken on one machine is never shown for another. ")
+    else:
+        latency = ("Latency: not timed; the pruned models run the dense model's computation (masked weights, folded "
+                   "as deployed, are multiplied by the same dense kernels), so their speed is the dense model's: "
+                   "1.00×. ")
     return (df.style.format(fmt, na_rep="—")
             .set_caption(latency +
                          "MMACs: multiply-accumulates of the conv and linear layers per image. Sizes in MB of "
                          "10^6 bytes; 'sparse + zlib' is a size estimate (nonzero values + bitmask, zlib), not a "
                          "format any runtime loads."))
+
+
+def timed_where(results: dict) -> str | None:
+    """'AMD EPYC 9B14 (avx512 kernels, 2 threads) on 2026-12-07 18:02': the machine and the time the
+    timing stage measured this run's latencies at, or None when it measured nothing."""
+    t = results.get("timing") or {}
+    m = t.get("machine") or {}
+    if not m:
+        return None
+    gpus = f", {', '.join(m['gpus'])}" if m.get("gpus") else ""
+    when = (t.get("measured") or "")[:16].replace("T", " ")
+    where = f"{m.get('cpu')} ({m.get('isa')} kernels, {m.get('threads')} threads{gpus})"
+    return where + (f" on {when}" if when else "")
 
 
 FORMAT_TEXT = {"channels_last": "channels-last (NHWC) tensors", "contiguous": "NCHW tensors"}
@@ -131,6 +153,11 @@ def efficiency_markdown(results: dict) -> str:
                      f"{eff['state_dict_bytes'] / MB:.2f} MB as a plain state_dict "
                      f"(dense model {eff['dense_state_dict_bytes'] / MB:.2f} MB), "
                      f"{eff['sparse_compressed_bytes'] / MB:.2f} MB stored sparse and compressed.")
+    where = timed_where(results)
+    if lines and where:
+        lines.append(f"- **Where and when**: the latencies were timed on {md_escape(where)}, by the timing stage: "
+                     "a run on another machine (or `prunestudy run --force timing`) times them again, and never "
+                     "recomputes the models.")
     return "\n".join(lines) or "No efficiency figures: the prune stage has not run in this run folder."
 
 

@@ -39,6 +39,13 @@ def _processor(prov: dict) -> str | None:
     return text
 
 
+def _computed(c: dict) -> str:
+    """'key ..., code ..., commit ... (2026-12-07T17:40:01+0000, prunestudy run)': what computed a stage."""
+    commit = c.get("commit") or "no git checkout"
+    when = ", ".join(x for x in (c.get("finished"), c.get("by")) if x)
+    return f"key {c['key']}, code {c.get('code') or '—'}, commit {commit}" + (f" ({when})" if when else "")
+
+
 def _per_split(value) -> str | None:
     """{split: hash} as 'train: ..., test: ...' (a value of another form as it is)."""
     if isinstance(value, dict):
@@ -65,7 +72,9 @@ def provenance_markdown(results: dict) -> str:
         rows.append((f"{split} crops per class", ", ".join(f"{c}: {n}" for c, n in by_class.items())))
     rows += [(pkg, v) for pkg, v in (prov.get("versions") or {}).items()]
     rows += [(f"time: {stage}", f"{s:.1f} s") for stage, s in (results.get("timings_s") or {}).items()]
-    rows += [(f"stage key: {stage}", key) for stage, key in (results.get("stage_keys") or {}).items()]
+    done = results.get("computed") or {}
+    rows += [(f"stage: {stage}", _computed(done[stage]) if stage in done else f"key {key}")
+             for stage, key in (results.get("stage_keys") or {}).items()]
     rows += [(f"parameter: {k}", json.dumps(v)) for k, v in config.flatten(params).items()]
     lines = ["| item | value |", "|---|---|"] + [f"| {md_escape(k)} | {md_escape(v if v is not None else '—')} |"
                                                  for k, v in rows]
