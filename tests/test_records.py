@@ -85,7 +85,7 @@ def test_notebook_rerun_with_other_parameters_is_seen_and_rerun(smoke_run, tmp_p
     proc = run_cli("run", "-f", "params/smoke.yaml", "--run-dir", str(run_dir))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert started(proc.stdout) == ["prune", "retrain", "analysis"], proc.stdout
-    assert "computed with other parameters" in proc.stdout
+    assert "parameters changed: amount 0.5 -> 0.2" in proc.stdout
     res = store.read_json(run_dir / "results.json")
     assert res["prune"]["amount"] == 0.2 and res["prune"]["global_sparsity"] == pytest.approx(0.2, abs=1e-4)
     assert res["retrain"]["global_sparsity"] == pytest.approx(0.2, abs=1e-4)

@@ -333,6 +333,18 @@ def test_each_unique_stage_runs_once_and_the_rerun_runs_nothing(local_sweep):
 
 
 @pytest.mark.e2e
+def test_status_of_a_finished_sweep_is_every_point_and_stage_up_to_date(local_sweep):
+    """`prunestudy status` on a sweep folder: one line per point and stage, exit 0 when all are done."""
+    base, _, _ = local_sweep
+    proc = subprocess.run([sys.executable, "-m", "prunestudy.cli", "status", str(base / "grid"), "--json"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["kind"] == "sweep" and result["stale"] == 0 and len(result["stages"]) == 8 * len(graph.CHAIN)
+    assert {s["where"] for s in result["stages"]} == {f"points/{p.name}" for p in grid.points(SMALL)}
+
+
+@pytest.mark.e2e
 def test_a_later_run_reuses_the_sweeps_stages(local_sweep):
     base, _, _ = local_sweep
     proc = subprocess.run([*CLI, "run", "-f", "params/smoke.yaml", "-p", "prune.amounts=null", "-p",

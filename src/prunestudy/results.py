@@ -52,10 +52,13 @@ def collect_results(run_dir, params: dict | None = None, timings: dict | None = 
     return res
 
 
-def timing_of(folder) -> dict | None:
-    """The timing stage's metrics of a chain (stages.run_timing), when it timed these very models."""
+def timing_of(folder, run_dir=None) -> dict | None:
+    """The timing stage's metrics of a chain (stages.run_timing), when it timed these very models (an
+    in-run point without a train/ of its own: the study's, in run_dir)."""
     out = paths.timing_dir(folder)
     inputs = {s: paths.stage_dir(folder, s) for s in ("train", "prune", "retrain")}
+    if run_dir is not None and not inputs["train"].exists():
+        inputs["train"] = paths.stage_dir(run_dir, "train")
     if not (out / paths.METRICS).is_file() or records.problem(out, None, inputs) is not None:
         return None
     return store.read_json(out / paths.METRICS)
@@ -123,7 +126,7 @@ def sweep_results(run_dir, names: list[str]) -> list[dict]:
         r = None   # retrained from this very pruning (its record says so), or not yet
         if (retrained / paths.METRICS).is_file() and records.problem(retrained, None, {"prune": pruned}) is None:
             r = store.read_json(retrained / paths.METRICS)
-        eff = with_timing(p["efficiency"], timing_of(paths.sweep_point_dir(run_dir, name)), "prune")
+        eff = with_timing(p["efficiency"], timing_of(paths.sweep_point_dir(run_dir, name), run_dir), "prune")
         # none for a model of the dense computation (efficiency.untimed): its speed is the dense model's
         table = eff["latency"].get("cpu") or next(iter(eff["latency"].values()), None)
         batch = max(row["batch"] for row in table["rows"]) if table else None

@@ -532,7 +532,7 @@ def run_timing(run_dir=None, *, force: bool = False, log=print) -> dict:
 
 def _chain_timing(run_dir: Path, folder: Path, force: bool, log) -> dict | None:
     """One chain's timing (see run_timing), or None when it has nothing to time (or no retraining)."""
-    dirs = {s: paths.stage_dir(folder, s) for s in ("data", "train", "prune", "retrain")}
+    dirs = {s: _chain_dir(run_dir, folder, s) for s in ("data", "train", "prune", "retrain")}
     recs = {s: records.read(d) for s, d in dirs.items()}
     if any(r is None for r in recs.values()) or not (dirs["retrain"] / paths.METRICS).is_file():
         return None
@@ -561,6 +561,12 @@ def _chain_timing(run_dir: Path, folder: Path, force: bool, log) -> dict | None:
             said = "; ".join(f"{name}: {t['remark'].split(':')[0]}" for name, t in timing["models"].items())
             log(f"[timing] {said} ({time.perf_counter() - start:.1f} s on this machine, key {key})")
             return timing
+
+
+def _chain_dir(run_dir: Path, folder: Path, stage: str) -> Path:
+    """A chain's stage folder; an in-run point without data/ or train/ of its own reads the study's."""
+    own = paths.stage_dir(folder, stage)
+    return own if own.exists() or stage in ("prune", "retrain") else paths.stage_dir(run_dir, stage)
 
 
 def _time_models(dirs: dict, pm: dict, rm: dict, repeats: int, device: str, machine: dict) -> dict:

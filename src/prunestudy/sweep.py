@@ -126,14 +126,14 @@ def _run_task(spec: dict, *upstream: dict) -> dict:
             if _complete(cfg, folder, stage, key, st):
                 return {**info, "status": "done earlier", "end": time.time()}
             if stage == "analysis":
-                _finish(folder, cfg, spec.get("fresh_kernels", False))
+                _finish(folder, cfg, spec.get("fresh_kernels", False), spec.get("keys"))
             seconds = execute.execute_stage(cfg, folder, stage, key, kernel=execute.ensure_kernel(), stage_store=st,
                                              log=log, tag=f"==> [{spec['point']}] {stage}",
                                              fresh_kernel=spec.get("fresh_kernels", False))
             if seconds is None:   # another sweep or run computed it while this one waited for its claim
                 return {**info, "status": "done earlier", "end": time.time()}
             if stage == "analysis":
-                _finish(folder, cfg, spec.get("fresh_kernels", False))
+                _finish(folder, cfg, spec.get("fresh_kernels", False), spec.get("keys"))
     except execute.StageFailed as e:
         return {**info, "status": "failed", "error": str(e).splitlines()[0], "notebook": str(e.notebook),
                 "end": time.time()}
@@ -153,12 +153,13 @@ def _run_task(spec: dict, *upstream: dict) -> dict:
     return {**info, "status": "ran", "seconds": seconds, "end": time.time(), "kernel_starts": kernels.starts}
 
 
-def _finish(folder: Path, cfg: dict, fresh_kernels: bool) -> None:
+def _finish(folder: Path, cfg: dict, fresh_kernels: bool, keys: dict | None = None) -> None:
     """A point's results.json (execute.write_results), computed in this worker's kernel, where PyTorch,
     pandas and the package are imported already: importing them into the worker process itself cost
     each worker about 2 s at its first analysis, while both cores waited. In this process when it has
-    no kernel to reuse (fresh kernels) or the kernel could not do it."""
-    keys = graph.chain_keys(cfg)
+    no kernel to reuse (fresh kernels) or the kernel could not do it. `keys`: the point's stage keys as
+    the driver computed them (the analysis' holds the machine, with the driver's threads)."""
+    keys = keys or graph.chain_keys(cfg)
     code = (f"from prunestudy import execute as _p\n"
             f"_p.write_results(_p.Path({str(folder)!r}), __import__('json').loads({json.dumps(cfg)!r}), {{}}, "
             f"{keys!r})")
@@ -197,7 +198,7 @@ def _print(message: str) -> None:
 def _spec(task: Task, pts: dict[str, grid.Point], sweep_dir: Path, st: stagestore.Store, env: dict,
           threads: int, fresh_kernels: bool = False) -> dict:
     return {"id": task.id, "stage": task.stage, "key": task.key, "point": task.point, "cfg": pts[task.point].cfg,
-            "threads": threads, "fresh_kernels": fresh_kernels,
+            "threads": threads, "fresh_kernels": fresh_kernels, "keys": graph.chain_keys(pts[task.point].cfg),
             "point_dir": str(paths.point_dir(sweep_dir, task.point)), "store": str(st.root), "env": env,
             "inject": os.environ.get("PRUNESTUDY_INJECT_FAULT")}
 
