@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import hashlib
 import json
 import os
@@ -208,8 +209,9 @@ CPU_DISPATCH_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")   # PyTorch's CPU threads, read when it starts
 
 
+@functools.cache
 def cpu_name() -> str:
-    """The CPU's model name (/proc/cpuinfo on Linux), else what the platform says."""
+    """The CPU's model name (/proc/cpuinfo on Linux), else what the platform says (read once)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -224,6 +226,7 @@ def cpu_dispatch() -> dict:
     return {k: os.environ[k] for k in CPU_DISPATCH_VARS if k in os.environ}
 
 
+@functools.cache
 def cpu_isa() -> str:
     """The widest vector instruction set of the CPU that PyTorch's CPU kernels dispatch to (read from
     /proc/cpuinfo's flags without importing PyTorch; ATEN_CPU_CAPABILITY may lower it): avx512,
@@ -247,9 +250,8 @@ def threads() -> int:
         return usable_cpus()
 
 
-def gpus() -> list[str]:
-    """The NVIDIA GPUs of this machine and those this process was given (CUDA_VISIBLE_DEVICES), read
-    from the driver's files without importing PyTorch."""
+@functools.cache
+def _gpu_models() -> tuple[str, ...]:
     models = []
     for info in sorted(Path("/proc/driver/nvidia/gpus").glob("*/information")):
         try:
@@ -257,6 +259,13 @@ def gpus() -> list[str]:
                        if line.startswith("Model:")]
         except OSError:
             continue
+    return tuple(models)
+
+
+def gpus() -> list[str]:
+    """The NVIDIA GPUs of this machine (read once from the driver's files, without importing
+    PyTorch) and those this process was given (CUDA_VISIBLE_DEVICES)."""
+    models = list(_gpu_models())
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     return models + ([f"CUDA_VISIBLE_DEVICES={visible}"] if models and visible is not None else [])
 

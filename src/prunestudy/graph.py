@@ -19,8 +19,8 @@ analysis runs the timing stage); the pruning it times is not computed again on a
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from . import codedigest, config, paths
 
@@ -75,18 +75,26 @@ def later(name: str) -> tuple[str, ...]:
 
 # --- what computes a stage ---------------------------------------------------------------------
 @functools.cache
-def _code_files(name: str, root: str) -> dict[str, str]:
+def _code_files(name: str, where: tuple) -> tuple[dict[str, str], str]:
+    """(files, combined digest) of a stage's code for the project found from `where` (its
+    PRUNESTUDY_HOME and the current folder, which config.project_root reads)."""
     s = stage(name)
-    return codedigest.files(s.code, Path(root), paths.NOTEBOOK_OF.get(name), s.follow_notebook, s.files)
+    files = codedigest.files(s.code, config.project_root(), paths.NOTEBOOK_OF.get(name), s.follow_notebook, s.files)
+    return files, codedigest.combined(files)
+
+
+def _where() -> tuple:
+    return os.environ.get("PRUNESTUDY_HOME"), os.getcwd()
 
 
 def code_files(name: str) -> dict[str, str]:
     """{file: digest} of what computes the stage (codedigest), computed once per process."""
-    return dict(_code_files(name, str(config.project_root())))
+    return dict(_code_files(name, _where())[0])
 
 
 def code_digest(name: str) -> str:
-    return codedigest.combined(code_files(name))
+    """The digest of everything that computes the stage (one digest of code_files)."""
+    return _code_files(name, _where())[1]
 
 
 def forget_code() -> None:
