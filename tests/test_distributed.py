@@ -17,9 +17,9 @@ JOB = textwrap.dedent("""
     import os
     import torch
     from torch import nn
-    from prunestudy import store, train
+    from prunestudy import atomic, train
 
-    _save_tensors, _write_json = store.save_tensors, store.write_json
+    _save_tensors, _write_json = atomic.save_tensors, atomic.write_json
 
     def _record(fn):
         def wrapped(path, obj):
@@ -28,7 +28,7 @@ JOB = textwrap.dedent("""
             return fn(path, obj)
         return wrapped
 
-    store.save_tensors, store.write_json = _record(_save_tensors), _record(_write_json)
+    atomic.save_tensors, atomic.write_json = _record(_save_tensors), _record(_write_json)
 
     class Net(nn.Module):
         def __init__(self):
@@ -51,8 +51,8 @@ JOB = textwrap.dedent("""
         h = train.fit(m, data(101, 1), data(40, 2), epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                       checkpoint=os.path.join(out_dir, "ckpt.pt"))
         if train.is_main_process():
-            store.save_tensors(os.path.join(out_dir, "model.pt"), m.state_dict())
-            store.write_json(os.path.join(out_dir, "history.json"), h)
+            atomic.save_tensors(os.path.join(out_dir, "model.pt"), m.state_dict())
+            atomic.write_json(os.path.join(out_dir, "history.json"), h)
         return {"samples_per_rank": h["samples_per_rank"], "world_size": h["world_size"]}
 
     def crash(rank=1):
@@ -82,14 +82,14 @@ def one_thread():
 
 @pytest.fixture
 def job_module(tmp_path, monkeypatch):
-    from prunestudy import store
+    from prunestudy import atomic
 
     (tmp_path / "ddp_job.py").write_text(JOB)
     monkeypatch.setenv("WRITES_LOG", str(tmp_path / "writes.log"))
     monkeypatch.syspath_prepend(str(tmp_path))
-    # importing the job here wraps store's writers in this process too: undo that afterwards
-    monkeypatch.setattr(store, "save_tensors", store.save_tensors)
-    monkeypatch.setattr(store, "write_json", store.write_json)
+    # importing the job here wraps atomic's writers in this process too: undo that afterwards
+    monkeypatch.setattr(atomic, "save_tensors", atomic.save_tensors)
+    monkeypatch.setattr(atomic, "write_json", atomic.write_json)
     sys.modules.pop("ddp_job", None)
     yield tmp_path
     sys.modules.pop("ddp_job", None)

@@ -18,7 +18,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from prunestudy import browser, cli, config, execute, graph, lab, paths, records, stages, store, synth
+from prunestudy import atomic, browser, cli, config, execute, graph, lab, paths, records, stages, synth
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "prunestudy.cli"]
@@ -42,7 +42,7 @@ def started(out: str) -> list[str]:
 
 
 def sparsity_of_masks(stage_dir: Path) -> float:
-    masks = store.load_tensors(stage_dir / paths.MASKS)
+    masks = atomic.load_tensors(stage_dir / paths.MASKS)
     kept = sum(int(m.sum()) for m in masks.values())
     return 1 - kept / sum(m.numel() for m in masks.values())
 
@@ -74,7 +74,7 @@ def test_notebook_rerun_with_other_parameters_is_seen_and_rerun(smoke_run, tmp_p
     out = notebook_text(tmp_path / "out.ipynb")
     assert "differ from the run folder's params.json" in out and "amount = 0.5 here, 0.2 in params.json" in out
     assert "retrain, analysis were computed from the previous prune stage" in out
-    assert store.read_json(run_dir / "prune" / "metrics.json")["amount"] == 0.5
+    assert atomic.read_json(run_dir / "prune" / "metrics.json")["amount"] == 0.5
     assert sparsity_of_masks(run_dir / "prune") == pytest.approx(0.5, abs=1e-3)
     rec = records.read(run_dir / "prune")
     assert rec["by"] == "notebook" and rec["params"]["amount"] == 0.5
@@ -86,7 +86,7 @@ def test_notebook_rerun_with_other_parameters_is_seen_and_rerun(smoke_run, tmp_p
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert started(proc.stdout) == ["prune", "retrain", "analysis"], proc.stdout
     assert "parameters changed: amount 0.5 -> 0.2" in proc.stdout
-    res = store.read_json(run_dir / "results.json")
+    res = atomic.read_json(run_dir / "results.json")
     assert res["prune"]["amount"] == 0.2 and res["prune"]["global_sparsity"] == pytest.approx(0.2, abs=1e-4)
     assert res["retrain"]["global_sparsity"] == pytest.approx(0.2, abs=1e-4)
     assert sparsity_of_masks(run_dir / "prune") == pytest.approx(0.2, abs=1e-3)
@@ -113,7 +113,7 @@ def test_notebook_result_is_kept_when_the_run_asks_for_it(smoke_run, tmp_path):
     proc = run_cli("run", "-f", "params/smoke.yaml", "-p", "prune.amount=0.5", "--run-dir", str(run_dir))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert started(proc.stdout) == ["retrain", "analysis"], proc.stdout
-    res = store.read_json(run_dir / "results.json")
+    res = atomic.read_json(run_dir / "results.json")
     assert res["prune"]["amount"] == 0.5 and res["retrain"]["global_sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert records.read(run_dir / "prune")["by"] == "notebook"   # kept, not recomputed
 
@@ -161,7 +161,7 @@ def test_second_writer_refused_and_a_killed_holder_taken_over(smoke_run, tmp_pat
     assert records.holder(run_dir) is None   # the lock died with its process
     third = run_cli("run", "-f", "params/smoke.yaml", *no_sweep, "--run-dir", str(run_dir))
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
-    ours, smoke = (store.read_json(d / "results.json") for d in (run_dir, smoke_run[0]))
+    ours, smoke = (atomic.read_json(d / "results.json") for d in (run_dir, smoke_run[0]))
     for s in ("train", "prune", "retrain"):
         assert (ours[s]["test_accuracy"], ours[s]["test_loss"]) == (smoke[s]["test_accuracy"], smoke[s]["test_loss"])
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import terminal_sigint
 
-from prunestudy import config, execute, graph, paths, stages, store
+from prunestudy import atomic, config, execute, graph, paths, stages
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "prunestudy.cli"]
@@ -204,27 +204,27 @@ def test_unwritable_run_folder_is_refused_before_any_work(tmp_path):
 def test_written_files_get_the_mode_of_a_plain_open_not_the_temp_files_0600(tmp_path, smoke_run):
     """Results, reports and models are written atomically through a temp file (0600); they used to
     keep that mode, so a colleague or a web server on a shared file system could not read a report."""
-    target = store.write_bytes(tmp_path / "page.html", b"<html></html>")
-    assert target.stat().st_mode & 0o777 == store.FILE_MODE
-    probe = "import os; os.umask(0o027); from prunestudy import store; print(oct(store.FILE_MODE))"
+    target = atomic.write_bytes(tmp_path / "page.html", b"<html></html>")
+    assert target.stat().st_mode & 0o777 == atomic.FILE_MODE
+    probe = "import os; os.umask(0o027); from prunestudy import atomic; print(oct(atomic.FILE_MODE))"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                           check=True).stdout.strip() == "0o640"   # the umask decides, as for open()
     run_dir, _ = smoke_run   # the study's own files, under this process's umask
     for name in ("report.html", "results.json", "notebooks/05_analysis.html", "train/metrics.json",
                  "train/model.pt"):
-        assert (run_dir / name).resolve().stat().st_mode & 0o777 == store.FILE_MODE, name
+        assert (run_dir / name).resolve().stat().st_mode & 0o777 == atomic.FILE_MODE, name
 
 
 def test_full_disk_gives_a_clear_error_and_keeps_the_old_file(tmp_path):
     target = tmp_path / "metrics.json"
-    store.write_json(target, {"old": True})
+    atomic.write_json(target, {"old": True})
 
     def fill(f):
         f.write(b"{\"new\": ")
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with pytest.raises(OSError, match="no space left on the device while writing .*metrics.json: free some space"):
-        store.atomic_write(target, fill)
+        atomic.atomic_write(target, fill)
     assert json.loads(target.read_text()) == {"old": True}
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 
@@ -236,9 +236,9 @@ def test_full_disk_for_real_on_a_tiny_tmpfs(tmp_path):
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()}); the simulated test covers it")
     try:
-        store.write_bytes(mnt / "kept.bin", b"1" * 1000)
+        atomic.write_bytes(mnt / "kept.bin", b"1" * 1000)
         with pytest.raises(OSError, match="no space left on the device while writing"):
-            store.write_bytes(mnt / "kept.bin", b"2" * 200_000)
+            atomic.write_bytes(mnt / "kept.bin", b"2" * 200_000)
         assert (mnt / "kept.bin").read_bytes() == b"1" * 1000
         assert [p.name for p in mnt.iterdir()] == ["kept.bin"]
     finally:
@@ -266,7 +266,7 @@ def test_a_planted_malicious_pickle_is_refused(smoke_run, tmp_path):
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         stages.load_model(run_dir / "train")
     with pytest.raises(pickle.UnpicklingError):
-        store.load_tensors(tmp_path / "plain.pkl")
+        atomic.load_tensors(tmp_path / "plain.pkl")
     assert not marker.exists()
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 
-from prunestudy import data, stages, store, synth
+from prunestudy import atomic, data, stages, synth
 
 TINY = {"seed": 3, "train_images": 30, "val_images": 15, "image_size": 160}
 
@@ -40,17 +40,17 @@ def test_train_prune_retrain_outputs(run_dir):
     log = []
     m = stages.run_train(run_dir, epochs=2, batch_size=16, lr=1e-3, seed=0, log=log.append)
     assert len(m["epochs"]) == 2 and len(log) == 2 and m["params_total"] == 4_293_194
-    hist = store.read_json(run_dir / "train" / "history.json")
+    hist = atomic.read_json(run_dir / "train" / "history.json")
     n = data.read_info(run_dir / "data")["train_size"]
     assert len(hist["steps"]) == 2 * -(-n // 16)
     p = stages.run_prune(run_dir, amount=0.3)
     assert p["global_sparsity"] == pytest.approx(0.3, abs=1e-4)
     assert p["dense_test_accuracy"] == pytest.approx(m["test_accuracy"])
-    state = store.load_tensors(run_dir / "prune" / "model.pt")
+    state = atomic.load_tensors(run_dir / "prune" / "model.pt")
     assert "fc1.weight_orig" not in state and (state["fc1.weight"] == 0).float().mean() == pytest.approx(0.3, abs=1e-4)
     r = stages.run_retrain(run_dir, epochs=1, batch_size=16, lr=1e-3, log=log.append)
     assert r["global_sparsity"] == pytest.approx(p["global_sparsity"])
-    after = store.load_tensors(run_dir / "retrain" / "model.pt")
+    after = atomic.load_tensors(run_dir / "retrain" / "model.pt")
     pruned_zero = state["conv2.weight"] == 0
     assert (after["conv2.weight"][pruned_zero] == 0).all()
     assert not torch.equal(after["conv2.weight"], state["conv2.weight"])  # it did train
@@ -74,14 +74,14 @@ def test_checkpoints_refuse_pickled_code(tmp_path):
 
     torch.save({"x": Evil()}, tmp_path / "model.pt")
     with pytest.raises(Exception, match="(?i)weights.only|unsupported"):
-        store.load_tensors(tmp_path / "model.pt")
+        atomic.load_tensors(tmp_path / "model.pt")
 
 
 def test_atomic_json_leaves_no_partial_file(tmp_path):
     target = tmp_path / "m.json"
-    store.write_json(target, {"a": 1})
+    atomic.write_json(target, {"a": 1})
     with pytest.raises(TypeError):
-        store.write_json(target, {"a": object()})
+        atomic.write_json(target, {"a": object()})
     assert json.loads(target.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
 
@@ -120,10 +120,10 @@ def test_torchrun_training_writes_once_and_fine_tuning_reuses_its_speed(run_dir,
     # the seed CNN's dropout draws differ per rank (seed + rank), so 2 ranks do not match 1 process to
     # float precision here (tests/test_distributed.py proves that for fit on a model without dropout);
     # the same masks are held, and the losses agree as two runs with other dropout draws do
-    a, b = (store.load_tensors(d / "model.pt") for d in (rd / "retrain", tmp_path / "plain"))
+    a, b = (atomic.load_tensors(d / "model.pt") for d in (rd / "retrain", tmp_path / "plain"))
     for k in b:
         assert torch.equal(a[k] == 0, b[k] == 0), k
     assert r["test_loss"] == pytest.approx(plain["test_loss"], rel=0.05)
-    control = store.read_json(rd / "retrain" / "control" / "metrics.json")
-    assert control["test_loss"] == pytest.approx(store.read_json(tmp_path / "plain" / "control" / "metrics.json")
+    control = atomic.read_json(rd / "retrain" / "control" / "metrics.json")
+    assert control["test_loss"] == pytest.approx(atomic.read_json(tmp_path / "plain" / "control" / "metrics.json")
                                                  ["test_loss"], rel=0.05)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import sweep_by_hand
 
-from prunestudy import data, efficiency, methods, models, paths, prune, report, stages, store, synth, train
+from prunestudy import atomic, data, efficiency, methods, models, paths, prune, report, stages, synth, train
 
 pytestmark = pytest.mark.e2e   # the whole pruning study through the stage functions
 
@@ -132,11 +132,11 @@ def test_iterative_rounds_reach_the_target_and_the_control_matches_the_epochs(fr
     assert r["global_sparsity"] == pytest.approx(p["global_sparsity"])
 
     # the dense control: trained model + as many fine-tuning epochs (1 between rounds + 1), unpruned
-    c = store.read_json(fresh / "retrain" / "control" / "metrics.json")
+    c = atomic.read_json(fresh / "retrain" / "control" / "metrics.json")
     assert c["fine_tune_epochs"] == 2 and len(c["epochs"]) == 2 and r["control_epochs"] == 2
     assert c["global_sparsity"] == 0 and c["params_nonzero"] == c["params_total"] == c["dense_params_total"]
-    dense = store.load_tensors(fresh / "train" / "model.pt")
-    control = store.load_tensors(fresh / "retrain" / "control" / "model.pt")
+    dense = atomic.load_tensors(fresh / "train" / "model.pt")
+    control = atomic.load_tensors(fresh / "retrain" / "control" / "model.pt")
     assert {k: v.shape for k, v in control.items()} == {k: v.shape for k, v in dense.items()}
     assert all((w != 0).all() for w in _weights(control).values())  # unpruned
     assert not torch.equal(control["fc1.weight"], dense["fc1.weight"])  # it did train
@@ -147,7 +147,7 @@ def test_iterative_rounds_reach_the_target_and_the_control_matches_the_epochs(fr
 
 def test_rewind_resets_surviving_weights_to_the_saved_step_and_keeps_masks(trained, tmp_path):
     # train/rewind.pt holds the weights after optimizer step 2: replay the training up to there
-    saved = store.load_tensors(trained / "train" / "rewind.pt")
+    saved = atomic.load_tensors(trained / "train" / "rewind.pt")
     trainset, testset = stages._load_data(trained / "data", torch.device("cpu"))
     torch.manual_seed(0)
     replay = models.build_model("seed_cnn", len(data.read_info(trained / "data")["classes"]))
@@ -162,7 +162,7 @@ def test_rewind_resets_surviving_weights_to_the_saved_step_and_keeps_masks(train
             raise Stop
 
     with pytest.raises(Stop):
-        speed = store.read_json(trained / "train" / "metrics.json")["speed_params"]  # the same kernels
+        speed = atomic.read_json(trained / "train" / "metrics.json")["speed_params"]  # the same kernels
         train.fit(replay, trainset, testset, epochs=1, batch_size=BATCH, lr=1e-3, seed=0, log=quiet,
                   progress=False, on_step=capture, **speed)
     assert saved.keys() == at_step.keys()
@@ -173,10 +173,10 @@ def test_rewind_resets_surviving_weights_to_the_saved_step_and_keeps_masks(train
     p = stages.run_prune(trained, method="global_magnitude", amount=0.5, rewind_step=REWIND_STEP, out_dir=p_dir,
                          log=quiet)
     assert p["rewind"]["step"] == REWIND_STEP
-    masks = store.load_tensors(p_dir / "masks.pt")
-    pruned = store.load_tensors(p_dir / "model.pt")
-    rewound = store.load_tensors(p_dir / "rewound.pt")
-    final = store.load_tensors(trained / "train" / "model.pt")
+    masks = atomic.load_tensors(p_dir / "masks.pt")
+    pruned = atomic.load_tensors(p_dir / "model.pt")
+    rewound = atomic.load_tensors(p_dir / "rewound.pt")
+    final = atomic.load_tensors(trained / "train" / "model.pt")
     for name, keep in masks.items():
         w = f"{name}.weight"
         assert torch.equal(rewound[w][keep], saved[w][keep])      # survivors: their step-2 values
@@ -189,7 +189,7 @@ def test_rewind_resets_surviving_weights_to_the_saved_step_and_keeps_masks(train
                            out_dir=tmp_path / "retrain", log=quiet)
     assert r["start"]["weights"] == "rewound" and r["start"]["test_accuracy"] == p["rewind"]["test_accuracy"]
     assert r["global_sparsity"] == pytest.approx(p["global_sparsity"])
-    after_masks = store.load_tensors(tmp_path / "retrain" / "masks.pt")
+    after_masks = atomic.load_tensors(tmp_path / "retrain" / "masks.pt")
     assert all(torch.equal(after_masks[k], masks[k]) for k in masks)
 
     with pytest.raises(FileNotFoundError, match="02_train"):

@@ -748,13 +748,13 @@ def test_the_grid_reports_bands_stay_within_0_and_100_and_its_speedup_axis_names
 def test_the_grid_report_flags_a_real_coco_point_at_the_floor(coco_run, tmp_path):
     """A grid of one point: the one-epoch study on ../shared/coco-sample (every model answers
     'person'). The grid report warns first, with the floor its own report found."""
-    from prunestudy import metrics, report, store
+    from prunestudy import atomic, metrics, report
 
     run_dir, _, _ = coco_run
     sweep_dir = tmp_path / "grid"
     (sweep_dir / "points").mkdir(parents=True)
     (sweep_dir / "points" / "seed=0").symlink_to(run_dir, target_is_directory=True)
-    store.write_json(sweep_dir / "grid.json", {"points": [{"name": "seed=0", "values": {"seed": 0}}]})
+    atomic.write_json(sweep_dir / "grid.json", {"points": [{"name": "seed=0", "values": {"seed": 0}}]})
     table = report.grid_table(sweep_dir)
     res = json.loads((run_dir / "results.json").read_text())
     flagged = metrics.flagged(res["floor"])

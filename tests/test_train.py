@@ -428,7 +428,7 @@ JOB = textwrap.dedent("""
     import sys, time, torch
     sys.path.insert(0, {tests!r})
     from test_train import Tiny, tiny_data, _fit_tiny
-    from prunestudy import store
+    from prunestudy import atomic
     torch.set_num_threads(1)
     out, ckpt, sentinel = sys.argv[1], sys.argv[2], sys.argv[3]
 
@@ -438,8 +438,8 @@ JOB = textwrap.dedent("""
             time.sleep(120)  # killed here
 
     m, h = _fit_tiny(None if ckpt == "-" else ckpt, hang_in_epoch_two)
-    store.save_tensors(out + ".pt", m.state_dict())
-    store.write_json(out + ".json", h)
+    atomic.save_tensors(out + ".pt", m.state_dict())
+    atomic.write_json(out + ".json", h)
 """)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import data, models, paths, prune, store
+from . import atomic, data, models, paths, prune
 from . import methods as pruning_methods
 
 
@@ -19,9 +19,9 @@ def cpu_state(model: torch.nn.Module) -> dict:
 def save_model(out: Path, net, arch: str, num_classes: int) -> None:
     """masks.pt, model.pt (masks folded: a plain state_dict) and architecture.json (rebuilds any
     model, channel-pruned ones included) of a model; `net` itself is not changed."""
-    store.save_tensors(out / paths.MASKS, prune.masks(net))
-    store.save_tensors(out / paths.MODEL, prune.export(net)[0])
-    store.write_json(out / paths.ARCHITECTURE,
+    atomic.save_tensors(out / paths.MASKS, prune.masks(net))
+    atomic.save_tensors(out / paths.MODEL, prune.export(net)[0])
+    atomic.write_json(out / paths.ARCHITECTURE,
                      {"model": arch, "num_classes": num_classes, "layers": prune.architecture(net)})
 
 
@@ -37,8 +37,8 @@ def export(out: Path, net, arch: str, classes: list[str], pm: dict, ev: dict) ->
                           else "models.build_model(model, num_classes)")
                  + ".load_state_dict(torch.load('export.pt', weights_only=True)); inputs uint8 images / 255, "
                    "normalised with mean = std = 0.5 (prunestudy.train.normalize)"})
-    store.save_tensors(out / paths.EXPORT, state)
-    store.write_json(out / paths.EXPORT_META, meta)
+    atomic.save_tensors(out / paths.EXPORT, state)
+    atomic.write_json(out / paths.EXPORT_META, meta)
     return {"file": paths.EXPORT, "meta": paths.EXPORT_META, "kind": kind, "params_total": meta["params_total"],
             "params_nonzero": meta["params_nonzero"], "bytes": (out / paths.EXPORT).stat().st_size}
 
@@ -47,7 +47,7 @@ def load_export(directory, device="cpu") -> torch.nn.Module:
     """The model exported by the retrain stage (export.pt + export.json), loaded without pickle:
     masked methods into the dense architecture, channel-pruned ones into the rebuilt small one."""
     directory = Path(directory)
-    meta = store.read_json(directory / paths.EXPORT_META)
+    meta = atomic.read_json(directory / paths.EXPORT_META)
     if meta["kind"] != "masked":
         net = prune.rebuild(meta["model"], meta["num_classes"], meta["architecture"])
     else:
@@ -63,18 +63,18 @@ def load_model(stage_dir: Path, device="cpu", masks: bool = False, *, weights: s
     train/metrics.json; `weights` names the state_dict file; masks re-attached if asked."""
     stage_dir = Path(stage_dir)
     if (stage_dir / paths.ARCHITECTURE).is_file():
-        spec = store.read_json(stage_dir / paths.ARCHITECTURE)
+        spec = atomic.read_json(stage_dir / paths.ARCHITECTURE)
         net = prune.rebuild(spec["model"], spec["num_classes"], spec["layers"])
     else:
         run_dir = Path(run_dir) if run_dir is not None else stage_dir.parent
-        arch = store.read_json(paths.stage_dir(run_dir, "train") / paths.METRICS)["model"]
+        arch = atomic.read_json(paths.stage_dir(run_dir, "train") / paths.METRICS)["model"]
         classes = data.read_info(paths.stage_dir(run_dir, "data"))["classes"]
         net = models.build_model(arch, len(classes))
-    net.load_state_dict(store.load_tensors(stage_dir / weights))
+    net.load_state_dict(atomic.load_tensors(stage_dir / weights))
     if masks:
-        prune.restore(net, store.load_tensors(stage_dir / paths.MASKS))
+        prune.restore(net, atomic.load_tensors(stage_dir / paths.MASKS))
     return net.to(device)
 
 
 def save_predictions(out: Path, predictions: np.ndarray) -> None:
-    store.atomic_write(out / paths.PREDICTIONS, lambda f: np.save(f, predictions, allow_pickle=False))
+    atomic.atomic_write(out / paths.PREDICTIONS, lambda f: np.save(f, predictions, allow_pickle=False))

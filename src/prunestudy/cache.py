@@ -29,7 +29,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import config, data, graph, store
+from . import atomic, config, data, graph
 from .config import CACHE_ENV as ENV  # noqa: F401  (the caches' folder and its variable: config)
 from .config import cache_root
 
@@ -50,7 +50,7 @@ def annotation_digest(path: Path) -> str:
         memo = {k: v for k, v in memo.items() if not k.startswith(f"{path}|")}
         memo[key] = data.sha256_file(path)
         try:
-            store.write_json(memo_path, memo)
+            atomic.write_json(memo_path, memo)
         except OSError:  # a read-only project still works, it just hashes again next time
             pass
     return memo[key]
@@ -107,10 +107,10 @@ def materialize(entry: Path, out_dir, key: str) -> dict:
     for src in sorted(entry.iterdir()):
         if src.name.startswith(".") or src.name == data.INFO_FILE or not src.is_file():
             continue
-        store.link_file(src, out / src.name)
+        atomic.link_file(src, out / src.name)
     info = data.read_info(entry)
     info["cache"] = {"key": key, "entry": str(entry)}
-    store.write_bytes(out / data.INFO_FILE, (json.dumps(info, indent=2) + "\n").encode())
+    atomic.write_bytes(out / data.INFO_FILE, (json.dumps(info, indent=2) + "\n").encode())
     return info
 
 

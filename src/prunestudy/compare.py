@@ -35,7 +35,7 @@ from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from . import config, paths, records, report, stages, states, store
+from . import atomic, config, paths, records, report, stages, states
 
 DELTA = "Δ test accuracy vs first run (points)"
 MISSING = "—"
@@ -65,7 +65,7 @@ def load_run(path: str | Path) -> Run:
     if not (path / paths.RESULTS).is_file():
         raise CompareError(f"{path} is not a finished run (no {paths.RESULTS}): {fix}")
     try:
-        saved = store.read_json(path / paths.RESULTS)
+        saved = atomic.read_json(path / paths.RESULTS)
         results = stages.load_results(path)
     except FileNotFoundError:
         data_info = (paths.stage_dir(".", "data") / paths.DATA_INFO).as_posix()
@@ -388,6 +388,6 @@ def compare(paths: list[str | Path], out: str | Path = paths.COMPARE_PAGE) -> Pa
     runs = load_runs(paths)
     page = render(runs)
     try:
-        return store.write_bytes(out, page.encode("utf-8"))   # with the usual file mode (store.FILE_MODE)
+        return atomic.write_bytes(out, page.encode("utf-8"))   # with the usual file mode (atomic.FILE_MODE)
     except OSError as e:
         raise CompareError(f"cannot write {out} ({e.strerror or e}): choose another file with -o") from None

@@ -61,8 +61,8 @@ import numpy as np
 import pandas as pd
 from pycocotools.coco import COCO
 
+from . import atomic, paths, progress
 from . import coco as coco_files
-from . import paths, progress, store
 from .coco import CLIP_TOLERANCE, EXPECTED_LAYOUT, SPLITS, DataError, check_layout  # noqa: F401
 from .config import default
 from .crops import (  # noqa: F401  (load_image, crop_and_resize: part of this module's API)
@@ -300,7 +300,7 @@ def _compact(src: Path, dst: Path, keep: np.ndarray, offset: int, row_bytes: int
 # --------------------------------------------------------------------------- writing
 
 def _write_npy(path: Path, array: np.ndarray) -> None:
-    store.atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
+    atomic.atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
 
 
 def _csv_bytes(frame: pd.DataFrame) -> bytes:
@@ -391,14 +391,14 @@ def build_dataset(root, out_dir, *, classes=default("data.classes"), image_size=
         built = _build_split(coco, _image_dir(root, split), anns, chosen, out, split, image_size, context,
                              label_mode, workers, show_progress)
         rejects = built["rejects"]
-        store.write_bytes(out / paths.rejects(split), _csv_bytes(rejects))
+        atomic.write_bytes(out / paths.rejects(split), _csv_bytes(rejects))
         for reason, boxes in rejects.groupby("reason")["boxes"].sum().items():
             skipped[reason] = int(boxes)
         _check_bad_fraction(split, rejects, built["images_seen"], max_bad_fraction, out)
         labels = built["labels"]
         _write_npy(out / paths.labels(split), labels)
         manifest_bytes = _csv_bytes(built["manifest"])
-        store.write_bytes(out / paths.manifest(split), manifest_bytes)
+        atomic.write_bytes(out / paths.manifest(split), manifest_bytes)
         ann_path = _annotation_path(root, split)
         info[f"{split}_size"] = len(labels)
         info["counts"][split] = {n: int((labels == i).sum()) for i, n in enumerate(info["classes"])}
@@ -410,7 +410,7 @@ def build_dataset(root, out_dir, *, classes=default("data.classes"), image_size=
     _check_min_per_class_after_rejects(info, min_per_class)
     if not info["test_size"]:
         _check_test_not_empty(0, info["skipped"]["test"], chosen, root, after_rejects=True)
-    store.write_bytes(out / INFO_FILE, (json.dumps(info, indent=2, default=_plain) + "\n").encode("utf-8"))
+    atomic.write_bytes(out / INFO_FILE, (json.dumps(info, indent=2, default=_plain) + "\n").encode("utf-8"))
     return info
 
 

@@ -150,7 +150,7 @@ def worker(args_file: str | os.PathLike) -> None:
     import torch
     import torch.distributed as dist
 
-    from . import store
+    from . import atomic
 
     faulthandler.enable()  # a crash (SIGABRT, SIGSEGV) prints this process's Python stack before it dies
     spec = json.loads(Path(args_file).read_text())
@@ -162,7 +162,7 @@ def worker(args_file: str | os.PathLike) -> None:
     try:
         result = fn(**spec["kwargs"])
         if dist.get_rank() == 0 and spec.get("result"):
-            store.write_json(spec["result"], result)
+            atomic.write_json(spec["result"], result)
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from . import store
+from . import atomic
 from .progress import bar as progress_bar
 
 __all__ = [
@@ -308,7 +308,7 @@ def _get_split(to: Path, split: str, arc: Archive, url: str, keep: bool,
     missing = [p for p in arc.provides if not (to / p).exists()]
     if missing:
         raise DownloadError(f"{zpath.name} did not provide {', '.join(missing)}; is it the right archive?")
-    store.write_json(_marker(to, split), {"archive": arc.name, "url": url, "size": zpath.stat().st_size,
+    atomic.write_json(_marker(to, split), {"archive": arc.name, "url": url, "size": zpath.stat().st_size,
                                           "md5": arc.md5, "provides": list(arc.provides)})
     if not keep:
         zpath.unlink()
@@ -356,7 +356,7 @@ def _marker(to: Path, split: str) -> Path:
 def _is_done(to: Path, split: str, arc: Archive) -> bool:
     """True when split's marker records this archive's md5 and what it provides is present."""
     try:
-        rec = store.read_json(_marker(to, split))
+        rec = atomic.read_json(_marker(to, split))
     except (OSError, ValueError):
         return False
     return rec.get("md5") == arc.md5 and all((to / p).exists() for p in arc.provides)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
-from . import config, graph, kernels, paths, records, stagestore, store
+from . import atomic, config, graph, kernels, paths, records, stagestore
 
 KERNEL_NAME = "prunestudy"
 TEMPLATES = Path(__file__).parent / "templates"
@@ -50,7 +50,7 @@ def ensure_kernel() -> str:
             "metadata": {"debugger": True}}
     path = kernel_dir() / "kernel.json"
     if not path.is_file() or json.loads(path.read_text()) != spec:
-        store.write_json(path, spec)
+        atomic.write_json(path, spec)
     data_dir = str(kernel_dir().parent.parent)
     paths = os.environ.get("JUPYTER_PATH", "").split(os.pathsep)
     if paths[0] != data_dir:
@@ -72,7 +72,7 @@ def link_timing(cfg: dict, run_dir: Path, st: stagestore.Store) -> None:
                for name, p in sweep_points(cfg)]
     for folder, retrain_key in chains:
         try:
-            pm = store.read_json(paths.stage_dir(folder, "prune") / paths.METRICS)
+            pm = atomic.read_json(paths.stage_dir(folder, "prune") / paths.METRICS)
         except (OSError, ValueError):
             continue
         if (pm.get("efficiency") or {}).get("latency_from") != graph.TIMING_PENDING:
@@ -198,7 +198,7 @@ def execute_stage(cfg: dict, run_dir: Path, stage: str, key: str, *, kernel: str
                 raise StageFailed(stage, out, f"the stage finished without the record of key {key} (found: "
                                   f"{rec and rec['key']}): its notebook must call the stage function with the "
                                   "parameters it was given")
-            store.write_json(folder / paths.STAGE_RECORD, {**rec, "wall_seconds": seconds})   # still claimed
+            atomic.write_json(folder / paths.STAGE_RECORD, {**rec, "wall_seconds": seconds})   # still claimed
     except pm.PapermillExecutionError as e:
         on_failure()
         if e.ename == "KeyboardInterrupt":  # Ctrl-C reached the kernel first
@@ -258,7 +258,7 @@ def check_writable(run_dir: Path) -> None:
     """The run folder can be created and written, or a PreflightError saying so."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        store.write_bytes(run_dir / ".write-test", b"ok")
+        atomic.write_bytes(run_dir / ".write-test", b"ok")
         (run_dir / ".write-test").unlink()
     except OSError as e:
         raise PreflightError(f"the run folder {run_dir} cannot be written ({e.strerror or e}): choose another "
@@ -271,7 +271,7 @@ def write_results(run_dir: Path, cfg: dict, timings: dict, keys: dict) -> dict:
 
     results = stages.collect_results(run_dir, cfg, timings)
     results["stage_keys"] = keys
-    store.write_json(run_dir / paths.RESULTS, results)
+    atomic.write_json(run_dir / paths.RESULTS, results)
     return results
 
 
@@ -281,7 +281,7 @@ def render_html(notebook: Path, target: Path, *, hide_code: bool, title: str | N
 
     resources = {"metadata": {"name": title or Path(notebook).stem}}
     body, _ = _exporter(hide_code).from_notebook_node(nbformat.read(notebook, as_version=4), resources=resources)
-    store.write_bytes(target, body.encode())
+    atomic.write_bytes(target, body.encode())
     return target
 
 

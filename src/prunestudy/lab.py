@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import execute, store
+from . import atomic, execute
 
 # What JupyterLab would otherwise ask or fetch at start (docs: user/announcements).
 OVERRIDES = {"@jupyterlab/apputils-extension:notification": {"fetchNews": "false", "checkForUpdates": False}}
@@ -33,7 +33,7 @@ def ensure_settings() -> Path:
         current = {}
     merged = {**current, **{k: {**current.get(k, {}), **v} for k, v in OVERRIDES.items()}}
     if merged != current:
-        store.write_json(path, merged)
+        atomic.write_json(path, merged)
     return path
 
 

@@ -10,7 +10,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from . import config, execute, graph, grid, paths, progress, records, stagestore, store, sweep
+from . import atomic, config, execute, graph, grid, paths, progress, records, stagestore, sweep
 
 STAGES = graph.CHAIN   # a run folder's stages, in order
 FORCEABLE = (*STAGES, "timing")   # --force timing: the analysis times the models again, nothing else reruns
@@ -90,7 +90,7 @@ def _store(run_dir: Path, root: str | Path | None) -> stagestore.Store | None:
 def _run(cfg: dict, run_dir: Path, force: str | None, log: Callable[[str], None],
          stage_store: stagestore.Store | None, fresh_kernels: bool = False) -> dict:
     paths.notebooks_dir(run_dir).mkdir(parents=True, exist_ok=True)
-    store.write_json(run_dir / paths.PARAMS, cfg)
+    atomic.write_json(run_dir / paths.PARAMS, cfg)
     kernel = execute.ensure_kernel()
     os.environ.setdefault(progress.ENV, "log")  # kernels inherit it: progress bars paced for a log
     keys = graph.chain_keys(cfg)
@@ -125,7 +125,7 @@ def _run(cfg: dict, run_dir: Path, force: str | None, log: Callable[[str], None]
     ran |= chain.run(cfg, run_dir, ("analysis",), keys, timings, finish, after_change=bool(ran))
     if not ran:
         log(f"==> nothing to do: every stage is up to date in {run_dir} (--force STAGE reruns from STAGE)")
-    return store.read_json(saved)
+    return atomic.read_json(saved)
 
 
 def run_point(chain: _Chain, pcfg: dict, pdir: Path, pkeys: dict, run_dir: Path, keys: dict,
@@ -155,7 +155,7 @@ def _saved_params(path: Path) -> dict | None:
     """The parameters results.json was written with; None when it is missing or damaged (it is then
     rebuilt from the stage outputs)."""
     try:
-        return store.read_json(path).get("params")
+        return atomic.read_json(path).get("params")
     except (OSError, ValueError, AttributeError):
         return None
 
@@ -239,7 +239,7 @@ def link_data(src: Path, dst: Path) -> bool:
         if b.is_file() and (os.path.samefile(a, b) or (a.stat().st_size == b.stat().st_size and _same_bytes(a, b))):
             continue
         changed = True
-        store.link_file(a, b)
+        atomic.link_file(a, b)
     return changed
 
 

@@ -256,7 +256,7 @@ def rebuild(arch_name: str, num_classes: int, shapes: dict) -> nn.Module:
 
 
 def export(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
-    """(state_dict, meta) to save without pickle (tensors: store.save_tensors / torch.save,
+    """(state_dict, meta) to save without pickle (tensors: atomic.save_tensors / torch.save,
     meta: JSON). Masks are folded into plain weights (the model itself is not changed), so the
     state_dict of a masked model loads into `models.build_model`; that of a channel-pruned model
     loads into `rebuild(arch_name, num_classes, meta["architecture"])`, which works for any export."""

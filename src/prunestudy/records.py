@@ -27,7 +27,7 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import config, graph, paths, store
+from . import atomic, config, graph, paths
 
 FORMAT = 2                               # 2: the record holds the digests of the code that computed it
 TOKEN_ENV = "PRUNESTUDY_LOCK_TOKEN"      # set by the runner for the kernels it starts
@@ -41,7 +41,7 @@ class LockedError(RuntimeError):
 def read(stage_folder: Path) -> dict | None:
     """A stage folder's record, or None when there is none (or it cannot be read)."""
     try:
-        record = store.read_json(Path(stage_folder) / paths.STAGE_RECORD)
+        record = atomic.read_json(Path(stage_folder) / paths.STAGE_RECORD)
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) and record.get("key") else None
@@ -78,7 +78,7 @@ def write(stage_folder: Path, stage: str, key: str, params: dict, inputs: dict, 
               "params": params, "code": graph.code_files(stage) if code is None else code,
               "commit": config.git_commit(), "seconds": round(seconds, 2), "by": by,
               "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "outputs": outputs(stage_folder)}
-    store.write_json(Path(stage_folder) / paths.STAGE_RECORD, record)
+    atomic.write_json(Path(stage_folder) / paths.STAGE_RECORD, record)
     return record
 
 
@@ -165,7 +165,7 @@ def mark_stale(stage_folder: Path, reason: str) -> bool:
     if rec is None or rec.get("stale"):
         return False
     rec["stale"] = reason
-    store.write_json(Path(stage_folder) / paths.STAGE_RECORD, rec)
+    atomic.write_json(Path(stage_folder) / paths.STAGE_RECORD, rec)
     return True
 
 

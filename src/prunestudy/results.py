@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import codedigest, config, data, graph, methods, metrics, paths, records, states, store
+from . import atomic, codedigest, config, data, graph, methods, metrics, paths, records, states
 
 
 def collect_results(run_dir, params: dict | None = None, timings: dict | None = None) -> dict:
@@ -28,7 +28,7 @@ def collect_results(run_dir, params: dict | None = None, timings: dict | None = 
     for state in states.ALL:
         path = states.folder(run_dir, state.key) / paths.METRICS
         if path.is_file() and (state is not states.CONTROL or (res.get("retrain") or {}).get("control")):
-            res[state.stage] = _scored(store.read_json(path), states.folder(run_dir, state.key), test)
+            res[state.stage] = _scored(atomic.read_json(path), states.folder(run_dir, state.key), test)
     timing = timing_of(run_dir)
     if timing is not None:
         for stage in ("prune", "retrain"):
@@ -61,7 +61,7 @@ def timing_of(folder, run_dir=None) -> dict | None:
         inputs["train"] = paths.stage_dir(run_dir, "train")
     if not (out / paths.METRICS).is_file() or records.problem(out, None, inputs) is not None:
         return None
-    return store.read_json(out / paths.METRICS)
+    return atomic.read_json(out / paths.METRICS)
 
 
 def with_timing(eff: dict | None, timing: dict | None, stage: str) -> dict | None:
@@ -96,7 +96,7 @@ def seed_results(run_dir, seed: int, where: str = ".") -> dict:
     for state in states.ALL:
         path = states.folder(run_dir, state.key) / paths.METRICS
         if path.is_file():
-            m = _scored(store.read_json(path), states.folder(run_dir, state.key), test)
+            m = _scored(atomic.read_json(path), states.folder(run_dir, state.key), test)
             out[state.key] = {k: m.get(k) for k in ("test_accuracy", "balanced_accuracy", "macro_f1", "test_loss",
                                                     "global_sparsity")}
     return out
@@ -107,7 +107,7 @@ def sweep_names(run_dir, params: dict | None) -> list[str]:
     (stages called from Python), every point folder with a finished pruning, by method and amount."""
     if params is not None:
         return [name for name, _ in paths.sweep_points(params)]
-    found = [store.read_json(m) for m in Path(run_dir).glob(f"{paths.SWEEP}/*/prune/{paths.METRICS}")]
+    found = [atomic.read_json(m) for m in Path(run_dir).glob(f"{paths.SWEEP}/*/prune/{paths.METRICS}")]
     return [paths.point_name(m["method"], m["amount"]) for m in sorted(found, key=lambda m: (m["method"], m["amount"]))]
 
 
@@ -121,11 +121,11 @@ def sweep_results(run_dir, names: list[str]) -> list[dict]:
         pruned = paths.sweep_point(run_dir, "prune", name)
         if not (pruned / paths.METRICS).is_file():
             continue
-        p = store.read_json(pruned / paths.METRICS)
+        p = atomic.read_json(pruned / paths.METRICS)
         retrained = paths.sweep_point(run_dir, "retrain", name)
         r = None   # retrained from this very pruning (its record says so), or not yet
         if (retrained / paths.METRICS).is_file() and records.problem(retrained, None, {"prune": pruned}) is None:
-            r = store.read_json(retrained / paths.METRICS)
+            r = atomic.read_json(retrained / paths.METRICS)
         eff = with_timing(p["efficiency"], timing_of(paths.sweep_point_dir(run_dir, name), run_dir), "prune")
         # none for a model of the dense computation (efficiency.untimed): its speed is the dense model's
         table = eff["latency"].get("cpu") or next(iter(eff["latency"].values()), None)
@@ -231,12 +231,12 @@ def load_results(run_dir=None) -> dict:
     run_dir = paths.resolve_run_dir(run_dir)
     paths.require("data", paths.stage_dir(run_dir, "data"))
     try:
-        saved = store.read_json(run_dir / paths.RESULTS)
+        saved = atomic.read_json(run_dir / paths.RESULTS)
     except (OSError, ValueError):   # missing or damaged: everything is rebuilt from the stage outputs
         saved = {}
     params = saved.get("params")
     if params is None and (run_dir / paths.PARAMS).is_file():
-        params = store.read_json(run_dir / paths.PARAMS)
+        params = atomic.read_json(run_dir / paths.PARAMS)
     res = collect_results(run_dir, params, saved.get("timings_s"))
     if saved.get("stage_keys"):
         res["stage_keys"] = saved["stage_keys"]

@@ -20,6 +20,7 @@ import torch
 
 from . import (
     artifacts,
+    atomic,
     cache,
     config,
     data,
@@ -33,7 +34,6 @@ from . import (
     records,
     results,
     stagestore,
-    store,
     synth,
     train,
 )
@@ -117,7 +117,7 @@ def _announce(stage: str, run_dir: Path, params: dict, later: list[str], log) ->
     """First lines of a stage computed outside `prunestudy run`: how its parameters differ from the
     run folder's params.json, and which later stages it makes stale."""
     try:
-        saved = json.loads(json.dumps(config.stage_params(stage, store.read_json(run_dir / paths.PARAMS)),
+        saved = json.loads(json.dumps(config.stage_params(stage, atomic.read_json(run_dir / paths.PARAMS)),
                                       default=str))
     except (OSError, ValueError, KeyError):
         saved = None
@@ -205,9 +205,9 @@ def run_train(run_dir=None, *, model=default("train.model"), epochs=default("tra
     ev = _evaluate(net, testset, speed)
     if not train.is_main_process():
         return {}
-    store.save_tensors(out / paths.MODEL, net.state_dict())
+    atomic.save_tensors(out / paths.MODEL, net.state_dict())
     artifacts.save_predictions(out, ev["predictions"])
-    store.write_json(out / paths.HISTORY, history)
+    atomic.write_json(out / paths.HISTORY, history)
     metrics = {"model": model, "params_total": models.count_parameters(net), "test_accuracy": ev["accuracy"],
                **_scores(ev, testset, classes), "test_loss": ev["loss"], "epochs": history["epochs"],
                "seconds": time.perf_counter() - start,
@@ -215,7 +215,7 @@ def run_train(run_dir=None, *, model=default("train.model"), epochs=default("tra
                           "launcher": launcher, "nproc_per_node": nproc_per_node},
                "speed_params": speed, "speed": history.get("speed"), "world_size": history.get("world_size", 1),
                "rewind_step": rewind_step, **results.environment(dev)}
-    store.write_json(out / paths.METRICS, metrics)
+    atomic.write_json(out / paths.METRICS, metrics)
     (out / paths.CHECKPOINT).unlink(missing_ok=True)  # done: a later run with other settings starts afresh
     return metrics
 
@@ -241,7 +241,7 @@ def run_prune(run_dir=None, *, method=default("prune.method"), amount=default("p
     data_dir = paths.require("data", stage_dir(run_dir, "data", data_dir))
     model_dir = paths.require("train", stage_dir(run_dir, "train", model_dir))
     out = stage_dir(run_dir, "prune", out_dir)
-    arch = store.read_json(model_dir / paths.METRICS)["model"]
+    arch = atomic.read_json(model_dir / paths.METRICS)["model"]
     prune.check(method, amount, targets, arch)   # the same checks as the parameters, for notebook runs
     rewind_state = _rewind_state(model_dir, rewind_step, method) if rewind_step is not None else None
     speed = _train_speed(model_dir)
@@ -273,7 +273,7 @@ def run_prune(run_dir=None, *, method=default("prune.method"), amount=default("p
     if rewind_state is not None:
         rewound = prune.rewind(prune.clone(net), rewind_state)
         ev_r = _evaluate(rewound, testset, speed)
-        store.save_tensors(out / paths.REWOUND, prune.export(rewound)[0])
+        atomic.save_tensors(out / paths.REWOUND, prune.export(rewound)[0])
         rewind = {"step": rewind_step, "file": paths.REWOUND, "test_accuracy": ev_r["accuracy"],
                   "test_loss": ev_r["loss"]}
         log(f"[prune] surviving weights rewound to training step {rewind_step}: test acc {ev_r['accuracy']:.1%}")
@@ -282,7 +282,7 @@ def run_prune(run_dir=None, *, method=default("prune.method"), amount=default("p
     artifacts.save_predictions(out, ev["predictions"])
     if steps:
         epochs = [e for r in rows for e in r.get("epochs", [])]
-        store.write_json(out / paths.HISTORY, {"steps": steps, "epochs": epochs})
+        atomic.write_json(out / paths.HISTORY, {"steps": steps, "epochs": epochs})
     else:
         (out / paths.HISTORY).unlink(missing_ok=True)
     if rewind is None:
@@ -295,7 +295,7 @@ def run_prune(run_dir=None, *, method=default("prune.method"), amount=default("p
                "dense_test_loss": before["loss"], "rewind": rewind,
                "efficiency": eff, "seconds": time.perf_counter() - start,
                "params": {"seed": seed, "lr": lr, "batch_size": batch_size}, **results.environment(dev)}
-    store.write_json(out / paths.METRICS, metrics)
+    atomic.write_json(out / paths.METRICS, metrics)
     return metrics
 
 
@@ -321,7 +321,7 @@ def run_retrain(run_dir=None, *, epochs=default("retrain.epochs"), lr=default("r
     pruned_dir = paths.require("prune", stage_dir(run_dir, "prune", pruned_dir))
     model_dir = paths.require("train", stage_dir(run_dir, "train", model_dir))
     out = stage_dir(run_dir, "retrain", out_dir)
-    trained_with = store.read_json(model_dir / paths.METRICS).get("params") or {}
+    trained_with = atomic.read_json(model_dir / paths.METRICS).get("params") or {}
     if launcher is None:
         launcher = trained_with.get("launcher", "none")
     if launcher == "torchrun" and not torch.distributed.is_initialized():
@@ -329,7 +329,7 @@ def run_retrain(run_dir=None, *, epochs=default("retrain.epochs"), lr=default("r
         kw = {k: str(v) if isinstance(v, Path) else v for k, v in locals().items() if k in args}
         return distributed.launch("run_retrain", kw, int(trained_with.get("nproc_per_node") or 1), log=log)
     main = train.is_main_process()
-    pm = store.read_json(pruned_dir / paths.METRICS)
+    pm = atomic.read_json(pruned_dir / paths.METRICS)
     if pm.get("rounds", 1) > 1 and pm.get("epochs_per_round") != epochs_per_round:
         log(f"[retrain] note: the prune stage fine-tuned {pm.get('epochs_per_round')} epochs per round, not "
             f"{epochs_per_round}: the control counts the epochs the prune stage really ran")
@@ -338,7 +338,7 @@ def run_retrain(run_dir=None, *, epochs=default("retrain.epochs"), lr=default("r
     dev = train.select_device(device)
     trainset, testset = _load_data(data_dir, dev)
     classes = data.read_info(data_dir)["classes"]
-    arch = store.read_json(model_dir / paths.METRICS)["model"]
+    arch = atomic.read_json(model_dir / paths.METRICS)["model"]
     dense = artifacts.load_model(model_dir, dev)
     rewind = pm.get("rewind")
     net = artifacts.load_model(pruned_dir, dev, masks=True, weights=rewind["file"] if rewind else paths.MODEL)
@@ -355,7 +355,7 @@ def run_retrain(run_dir=None, *, epochs=default("retrain.epochs"), lr=default("r
         artifacts.save_model(out, net, arch, len(classes))
         export = artifacts.export(out, net, arch, classes, pm, ev)
         artifacts.save_predictions(out, ev["predictions"])
-        store.write_json(out / paths.HISTORY, history)
+        atomic.write_json(out / paths.HISTORY, history)
     settings = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed}
     control_epochs = epochs + pm.get("between_round_epochs", 0)
     if control:
@@ -373,7 +373,7 @@ def run_retrain(run_dir=None, *, epochs=default("retrain.epochs"), lr=default("r
                "export": export, "control": bool(control), "control_epochs": control_epochs if control else None,
                "speed": history.get("speed"), "launcher": launcher,
                "world_size": history.get("world_size", 1), **results.environment(dev)}
-    store.write_json(out / paths.METRICS, metrics)
+    atomic.write_json(out / paths.METRICS, metrics)
     (out / paths.CHECKPOINT).unlink(missing_ok=True)
     return metrics
 
@@ -414,15 +414,15 @@ def _control(out: Path, dense, trainset, testset, *, epochs, batch_size, lr, see
     if not train.is_main_process():
         return {}
     (out / paths.METRICS).unlink(missing_ok=True)
-    store.save_tensors(out / paths.MODEL, net.state_dict())
+    atomic.save_tensors(out / paths.MODEL, net.state_dict())
     artifacts.save_predictions(out, ev["predictions"])
-    store.write_json(out / paths.HISTORY, history)
+    atomic.write_json(out / paths.HISTORY, history)
     metrics = {"what": "the trained dense model fine-tuned with the retraining's settings, unpruned",
                "test_accuracy": ev["accuracy"], **_scores(ev, testset, classes), "test_loss": ev["loss"],
                **_sparsity_fields(net, dense, "all"),
                "fine_tune_epochs": epochs, "epochs": history["epochs"], "seconds": time.perf_counter() - start,
                "params": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed}}
-    store.write_json(out / paths.METRICS, metrics)
+    atomic.write_json(out / paths.METRICS, metrics)
     log(f"[control] dense model fine-tuned {epochs} epoch{'s' * (epochs != 1)} without pruning: test acc "
         f"{ev['accuracy']:.1%}")
     return metrics
@@ -449,7 +449,7 @@ def _fit(net, trainset, testset, *, speed: dict, **kw) -> dict:
 
 def _train_speed(model_dir: Path) -> dict:
     """The speed options the train stage ran with (fine-tuning uses the same)."""
-    return store.read_json(Path(model_dir) / paths.METRICS).get("speed_params") or {}
+    return atomic.read_json(Path(model_dir) / paths.METRICS).get("speed_params") or {}
 
 
 def _channels_last(speed: dict) -> bool:
@@ -480,12 +480,12 @@ def _rewind_saver(out: Path, step: int | None, net: torch.nn.Module, steps: int)
         raise ValueError(f"prune.rewind_step={step} is not a step of this training (0..{steps}): choose a step "
                          f"in that range (0 = the initialisation)")
     if step == 0:
-        store.save_tensors(out / paths.REWIND, artifacts.cpu_state(net))
+        atomic.save_tensors(out / paths.REWIND, artifacts.cpu_state(net))
         return None
 
     def save(s: int, model: torch.nn.Module) -> None:
         if s == step and train.is_main_process():
-            store.save_tensors(out / paths.REWIND, artifacts.cpu_state(model))
+            atomic.save_tensors(out / paths.REWIND, artifacts.cpu_state(model))
     return save
 
 
@@ -493,12 +493,12 @@ def _rewind_state(model_dir: Path, step: int, method: str) -> dict:
     if not pruning_methods.get(method).masked:
         raise ValueError(f"prune.rewind_step cannot be used with {method}: the pruned layers are smaller than any "
                          "saved training state")
-    saved = store.read_json(model_dir / paths.METRICS).get("rewind_step")
+    saved = atomic.read_json(model_dir / paths.METRICS).get("rewind_step")
     if saved != step or not (model_dir / paths.REWIND).is_file():
         raise FileNotFoundError(f"the train stage in {model_dir} saved no weights at step {step} (it saved: "
                                 f"{saved}): rerun notebooks/02_train.ipynb with rewind_step = {step}, or the whole "
                                 "chain with `prunestudy run`")
-    return store.load_tensors(model_dir / paths.REWIND)
+    return atomic.load_tensors(model_dir / paths.REWIND)
 
 
 def _efficiency(net, dense, repeats: int, speed: dict, testset, same_as: dict | None = None) -> dict:
@@ -536,7 +536,7 @@ def _chain_timing(run_dir: Path, folder: Path, force: bool, log) -> dict | None:
     recs = {s: records.read(d) for s, d in dirs.items()}
     if any(r is None for r in recs.values()) or not (dirs["retrain"] / paths.METRICS).is_file():
         return None
-    pm, rm = (store.read_json(dirs[s] / paths.METRICS) for s in ("prune", "retrain"))
+    pm, rm = (atomic.read_json(dirs[s] / paths.METRICS) for s in ("prune", "retrain"))
     if not (efficiency.is_pending(pm.get("efficiency")) or efficiency.is_pending(rm.get("efficiency"))):
         return None
     repeats, device = recs["prune"]["params"]["latency_repeats"], recs["prune"]["params"]["device"]
@@ -550,12 +550,12 @@ def _chain_timing(run_dir: Path, folder: Path, force: bool, log) -> dict | None:
         with stagestore.claim_dir(out, log):
             if not force and records.problem(out, key, inputs) is None:
                 log(f"[timing] timed on this machine already (key {key}): reused")
-                return store.read_json(out / paths.METRICS)
+                return atomic.read_json(out / paths.METRICS)
             records.clear(out)
             (out / paths.METRICS).unlink(missing_ok=True)
             start = time.perf_counter()
             timing = _time_models(dirs, pm, rm, repeats, device, params["machine"])
-            store.write_json(out / paths.METRICS, timing)
+            atomic.write_json(out / paths.METRICS, timing)
             records.write(out, "timing", key, params, records.input_ids(inputs), time.perf_counter() - start,
                           "prunestudy run" if records.under_runner(run_dir) else "python")
             said = "; ".join(f"{name}: {t['remark'].split(':')[0]}" for name, t in timing["models"].items())

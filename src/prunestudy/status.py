@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import config, execute, graph, paths, records, stagestore, store
+from . import atomic, config, execute, graph, paths, records, stagestore
 
 UP_TO_DATE, LINK, COMPUTE = "up to date", "link", "compute"
 
@@ -98,13 +98,13 @@ def _propagate(lines: list[Line]) -> list[Line]:
 
 def sweep_lines(sweep_dir: Path) -> tuple[list[Line], Path]:
     """The status of every point and stage of a sweep folder (its grid.json and point folders)."""
-    grid_file = store.read_json(Path(sweep_dir) / paths.SWEEP_GRID)
+    grid_file = atomic.read_json(Path(sweep_dir) / paths.SWEEP_GRID)
     st = stagestore.Store(grid_file["store"])
     lines = []
     for row in grid_file["points"]:
         folder, where = paths.point_dir(sweep_dir, row["name"]), f"{paths.SWEEP_POINTS}/{row['name']}"
         try:
-            cfg = store.read_json(folder / paths.PARAMS)
+            cfg = atomic.read_json(folder / paths.PARAMS)
         except (OSError, ValueError):
             lines.append(Line("data", "?", COMPUTE, f"the point's {paths.PARAMS} is missing or damaged", where))
             continue
@@ -125,7 +125,7 @@ def status(target: str | Path, cfg: dict | None = None, store_root: str | Path |
                 raise FileNotFoundError(f"{folder} is neither a run folder (no {paths.PARAMS}) nor a sweep folder "
                                         f"(no {paths.SWEEP_GRID}): name one that `prunestudy run` or `prunestudy "
                                         "sweep` wrote")
-            cfg = store.read_json(folder / paths.PARAMS)
+            cfg = atomic.read_json(folder / paths.PARAMS)
         st = None if store_root is not None and str(store_root).lower() == "none" else \
             stagestore.Store(store_root if store_root else stagestore.default_root(folder))
         lines, root, kind = run_lines(cfg, folder, st), (st.root if st else None), "run"

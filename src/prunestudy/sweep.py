@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
-from . import config, execute, graph, grid, kernels, paths, progress, records, stagestore, store
+from . import atomic, config, execute, graph, grid, kernels, paths, progress, records, stagestore
 
 GPU_STAGES = ("train", "prune", "retrain")   # what may fine-tune: a GPU each on a cluster with GPUs
 RETRIES = 2                                  # a stage whose process died is tried this many more times
@@ -76,7 +76,7 @@ def prepare(pts: list[grid.Point], sweep_dir: Path, st: stagestore.Store) -> Non
     for p in pts:
         folder = paths.point_dir(sweep_dir, p.name)
         paths.notebooks_dir(folder).mkdir(parents=True, exist_ok=True)
-        store.write_json(folder / paths.PARAMS, p.cfg)
+        atomic.write_json(folder / paths.PARAMS, p.cfg)
         keys = graph.all_keys(p.cfg)
         for stage in graph.STORED:
             entry = st.entry(stage, keys[stage])
@@ -85,7 +85,7 @@ def prepare(pts: list[grid.Point], sweep_dir: Path, st: stagestore.Store) -> Non
                 if records.read(paths.stage_dir(folder, stage)) is None:
                     stagestore.link(paths.stage_dir(folder, stage), entry)
         rows.append({"name": p.name, "values": p.values, "params_hash": config.stage_hash(p.cfg), "keys": keys})
-    store.write_json(Path(sweep_dir) / paths.SWEEP_GRID, {"points": rows, "store": str(st.root)})
+    atomic.write_json(Path(sweep_dir) / paths.SWEEP_GRID, {"points": rows, "store": str(st.root)})
 
 
 # --- one task, in a worker process ---------------------------------------------------------------

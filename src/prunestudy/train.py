@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import store
+from . import atomic
 from .progress import bar as progress_bar
 
 MEAN = STD = 0.5
@@ -318,7 +318,7 @@ def _gather_rng(gen: torch.Generator, device: torch.device) -> list[dict]:
 
 
 def _save_checkpoint(path: Path, *, key, config, epoch, step, model, opt, scaler, rngs, history) -> None:
-    store.save_tensors(path, {
+    atomic.save_tensors(path, {
         "format": CHECKPOINT_FORMAT, "config_key": key, "config": config, "epoch": epoch, "step": step,
         "model": model.state_dict(), "optimizer": opt.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else {}, "rng": rngs, "history": history})

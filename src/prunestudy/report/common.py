@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .. import config, metrics, paths, states, store
+from .. import atomic, config, metrics, paths, states
 
 MB = 1e6   # sizes in MB of 10^6 bytes
 
@@ -22,7 +22,7 @@ def data_info(run_dir) -> dict:
     path = paths.stage_dir(run_dir, "data") / paths.DATA_INFO
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: the data stage has not run")
-    return store.read_json(path)
+    return atomic.read_json(path)
 
 
 def where(run_dir, key: str, name: str) -> Path:

@@ -10,7 +10,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullLocator
 
-from .. import paths, states, store
+from .. import atomic, paths, states
 from . import reference
 from .common import epochs, pct, where
 from .style import SEED_EDGE, bar_values, figure, label, legend_outside, literal, placeholder
@@ -20,7 +20,7 @@ TRAINING = ("trained", "retrained")   # the states whose stage trains (retrainin
 
 def _history(run_dir: Path, state: str) -> dict | None:
     path = where(run_dir, state, paths.HISTORY)
-    h = store.read_json(path) if path.is_file() else None
+    h = atomic.read_json(path) if path.is_file() else None
     return h if h and h.get("steps") else None
 
 

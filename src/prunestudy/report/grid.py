@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .. import efficiency, metrics, paths, states, store
+from .. import atomic, efficiency, metrics, paths, states
 from .seeds import t_interval
 from .style import figure, floor_method, label, legend_outside, literal, md_escape, method_style, placeholder
 
@@ -34,7 +34,7 @@ PERCENT = {"sparsity", "accuracy_before", "accuracy_after", "balanced_accuracy_a
 
 
 def grid_info(sweep_dir) -> dict:
-    return store.read_json(Path(sweep_dir) / paths.SWEEP_GRID)
+    return atomic.read_json(Path(sweep_dir) / paths.SWEEP_GRID)
 
 
 def _get(d: dict | None, *keys, default=None):
@@ -49,7 +49,7 @@ def point_row(sweep_dir: Path, row: dict) -> dict:
     """One point's figures from its results.json (None where a stage did not finish)."""
     folder = paths.point_dir(sweep_dir, row["name"])
     try:
-        res = store.read_json(folder / paths.RESULTS)
+        res = atomic.read_json(folder / paths.RESULTS)
     except (OSError, ValueError):
         res = {}
     pr, re_, tr = (states.metrics(res, k) for k in ("pruned", "retrained", "trained"))
@@ -263,6 +263,6 @@ def save_grid_tables(sweep_dir, table: pd.DataFrame) -> list[Path]:
     """sweep.csv and sweep.json: one row per point, for other tools (written atomically)."""
     out = Path(sweep_dir)
     rows = json.loads(table.to_json(orient="records"))
-    return [store.write_bytes(out / paths.SWEEP_CSV, table.to_csv(index=False).encode()),
-            store.write_json(out / paths.SWEEP_JSON, {"points": rows, "operating_points":
+    return [atomic.write_bytes(out / paths.SWEEP_CSV, table.to_csv(index=False).encode()),
+            atomic.write_json(out / paths.SWEEP_JSON, {"points": rows, "operating_points":
                                                   json.loads(operating_points(table).to_json(orient="records"))})]

@@ -11,7 +11,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from .. import metrics, paths, states, store
+from .. import atomic, metrics, paths, states
 from .common import data_info, min_test, pvalue, signed, where
 from .style import figure, label, literal, md_escape, placeholder
 
@@ -106,7 +106,7 @@ def per_class_table(run_dir, min_test: int | None = None) -> pd.DataFrame:
 def run_min_test(run_dir: Path) -> int:
     """data.min_test_per_class of a run folder (its params.json; the schema's default without one)."""
     params = Path(run_dir) / paths.PARAMS
-    return min_test({"params": store.read_json(params)} if params.is_file() else {})
+    return min_test({"params": atomic.read_json(params)} if params.is_file() else {})
 
 
 def per_class_styler(run_dir):

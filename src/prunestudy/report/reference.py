@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from .. import config, data, paths, store, synth
+from .. import atomic, config, data, paths, synth
 
 SEED_REPORT_FILE = Path("params") / "seed_report.yaml"   # relative to config.project_root()
 REQUIRED = ("source", "hardware", "settings", "test_accuracy", "reported_test_loss", "step_loss", "note")
@@ -123,10 +123,10 @@ def run_source(run_dir) -> dict:
     run_dir = Path(run_dir)
     res: dict = {}
     if (run_dir / paths.PARAMS).is_file():
-        res["params"] = store.read_json(run_dir / paths.PARAMS)
+        res["params"] = atomic.read_json(run_dir / paths.PARAMS)
     info = paths.stage_dir(run_dir, "data") / paths.DATA_INFO
     if info.is_file():
-        res["data"] = store.read_json(info)
+        res["data"] = atomic.read_json(info)
     return data_source(res)
 
 

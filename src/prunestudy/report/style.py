@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from .. import methods, paths, store
+from .. import atomic, methods, paths
 
 FIGSIZE = (10, 4)
 DPI = 100        # figures as the notebook shows them
@@ -121,4 +121,4 @@ def _write_png(run_dir, name: str, fig: Figure, dpi: int) -> tuple[Path, bytes]:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     png = buf.getvalue()
-    return store.write_bytes(paths.figures_dir(run_dir) / f"{name}.png", png), png
+    return atomic.write_bytes(paths.figures_dir(run_dir) / f"{name}.png", png), png

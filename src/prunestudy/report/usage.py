@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import paths, store
+from .. import atomic, paths
 from .common import count, data_info, where
 from .style import md_escape
 
@@ -74,7 +74,7 @@ def usage_table(run_dir, dead: dict[str, np.ndarray] | None = None) -> pd.DataFr
 
     weights = torch.load(where(run_dir, "trained", paths.MODEL), map_location="cpu", weights_only=True)
     mask_file = where(run_dir, "pruned", paths.MASKS)
-    masks = store.load_tensors(mask_file) if mask_file.is_file() else {}
+    masks = atomic.load_tensors(mask_file) if mask_file.is_file() else {}
     rows = {}
     for layer, is_dead in dead.items():
         w = weights[f"{layer}.weight"]
@@ -96,7 +96,7 @@ def usage_markdown(run_dir, table: pd.DataFrame | None = None) -> str:
     """The dead units and what pruning took from them, in sentences computed from ``usage_table``."""
     df = usage_table(run_dir) if table is None else table
     if df.empty:
-        model = (store.read_json(where(run_dir, "trained", paths.METRICS)).get("model", "this model")
+        model = (atomic.read_json(where(run_dir, "trained", paths.METRICS)).get("model", "this model")
                  if where(run_dir, "trained", paths.METRICS).is_file() else "this run")
         return (f"Not analysed for {md_escape(model)}: dead units are found only for models whose layers feed a "
                 "ReLU directly (the seed CNN), and only once the train stage has run.")
