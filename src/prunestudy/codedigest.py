@@ -21,7 +21,8 @@ The rule, read statically from the source (nothing is imported):
   call is followed too; the stage notebooks' display calls are presentation and are not.
 - **The environment**: the digest of `requirements.lock` (every package's version and hashes).
 
-Computed once per process (a kernel digests the code it imported), in about 0.1 s.
+Computed once per process (a kernel digests the code it imported): every stage's digest took 0.49 s
+with nothing cached and 0.02 s with the parsed files' summaries cached (benchmarks/bench_keys.py).
 """
 
 from __future__ import annotations
@@ -322,7 +323,3 @@ def combined(digests: dict[str, str]) -> str:
 def _index() -> Index:
     return Index(PACKAGE_DIR, config.cache_root() / SUMMARIES)
 
-
-def clear() -> None:
-    """Forget the parsed package (tests that edit it in place)."""
-    _index.cache_clear()

@@ -97,12 +97,6 @@ def code_digest(name: str) -> str:
     return _code_files(name, _where())[1]
 
 
-def forget_code() -> None:
-    """Digest the code again (tests that edit it)."""
-    _code_files.cache_clear()
-    codedigest.clear()
-
-
 # --- keys ----------------------------------------------------------------------------------------
 def defining(name: str, params: dict) -> dict:
     """The parameters that define a stage's result. The data stage's `workers` never changes it
