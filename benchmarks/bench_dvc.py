@@ -39,7 +39,7 @@ from pathlib import Path
 import yaml
 from bench_sweep import CLI, GRID, ROOT, _base_args, timed
 
-from prunestudy import config, execute, graph, grid, paths, states, sweep
+from prunestudy import config, execute, graph, grid, paths, states, worker
 
 DVC_VERSION = "3.67.1"
 GOAL = 1.5
@@ -66,7 +66,7 @@ def main() -> None:
         grid_file.write_text(yaml.safe_dump({**common, "grid": first(axes, args.points)}, sort_keys=False))
     points = grid.points(grid_file)
     base = config.load(_base_args(grid_file, out)[1])
-    threads = sweep.task_threads("local", JOBS)
+    threads = worker.task_threads("local", JOBS)
     prepare(base)
     figures = {"machine": os.uname().nodename, "cpus": os.cpu_count(), "points": len(points), "dvc": DVC_VERSION,
                "dvc_venv": str(dvc.parents[1]), "dvc_install_s": install_s and round(install_s, 1),

@@ -144,7 +144,7 @@ def test_seeds_parameter_is_checked_before_any_work(tmp_path, capsys):
 @pytest.mark.e2e
 def test_jobs_computes_the_chains_as_grid_points_in_parallel_then_links_them(tmp_path):
     """`--jobs 2`: the study's chain, its sweep point and its repeat are points of one stage graph,
-    computed first by the sweep's local engine, 2 stages at a time, into the store; the run links
+    computed first on the local pool (prunestudy.worker), 2 stages at a time, into the store; the run links
     them all."""
     run_dir = tmp_path / "run"
     proc = run_cli("run", "-f", "params/smoke.yaml", "-p", "prune.amounts=[0.5]", "-p",

@@ -31,8 +31,10 @@ from prunestudy import (
     metrics,
     paths,
     records,
+    schedule,
     stagestore,
     sweep,
+    worker,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,16 +139,16 @@ def test_a_stage_that_raises_outside_its_notebook_is_a_failed_stage_not_the_end_
         monkeypatch.setenv(var, os.environ.get(var, ""))
     pts = grid.points(SMALL)[:1]
     st = stagestore.Store(tmp_path / "store")
-    sweep.prepare(pts, tmp_path / "grid", st)
-    todo = sweep.tasks(pts)
+    worker.prepare(pts, tmp_path / "grid", st)
+    todo = worker.tasks(pts)
     tid = next(t for t in todo if todo[t].stage == "data")
-    spec = sweep._spec(todo[tid], {p.name: p for p in pts}, tmp_path / "grid", st, {}, 1)
+    spec = worker.spec(todo[tid], {p.name: p for p in pts}, tmp_path / "grid", st, {}, 1)
 
     def save_fails(*args, **kwargs):
         raise OSError(24, "Too many open files")
 
     monkeypatch.setattr(execute, "execute_stage", save_fails)
-    r = sweep.run_task(spec)
+    r = worker.run_task(spec)
     assert r["status"] == "failed" and r["error"] == "OSError: [Errno 24] Too many open files", r
     assert r["id"] == tid and r["point"] == pts[0].name
     out = capsys.readouterr().out
@@ -163,17 +165,17 @@ def test_a_pool_workers_warm_kernel_is_the_one_its_notebooks_run_in(tmp_path):
     st = stagestore.Store(tmp_path / "store")
     by_name = {p.name: p for p in pts}
     execute.ensure_kernel()
-    specs = {tid: sweep._spec(t, by_name, tmp_path / "grid", st, sweep.task_env(), sweep.task_threads("local", 2))
-             for tid, t in sweep.tasks(pts).items()}
-    warm = sweep.warm_settings(specs)
-    assert warm and warm["threads"] == sweep.task_threads("local", 2)
+    specs = {tid: worker.spec(t, by_name, tmp_path / "grid", st, worker.task_env(), worker.task_threads("local", 2))
+             for tid, t in worker.tasks(pts).items()}
+    warm = worker.warm_settings(specs)
+    assert warm and warm["threads"] == worker.task_threads("local", 2)
     saved = dict(os.environ)   # a worker process starts with the driver's environment; this one's is restored
     try:
-        sweep._apply_env(warm["env"], warm["threads"])   # what _worker_init does before kernels.warm
+        schedule.apply_env(warm["env"], warm["threads"])   # what _worker_init does before kernels.warm
         warmed = kernels.fingerprint(warm["kernel"], warm["cwd"])
         notebooks = [execute.notebooks_dir() / paths.NOTEBOOK_OF[s] for s in graph.CHAIN]
         for spec in specs.values():   # what run_task does before its notebook
-            sweep._apply_env(spec["env"], spec["threads"])
+            schedule.apply_env(spec["env"], spec["threads"])
             os.environ[records.TOKEN_ENV] = "a run lock's token"   # PRUNESTUDY_*: reset, not fingerprinted
             for nb in [*notebooks, execute.notebooks_dir() / paths.SWEEP_NOTEBOOK]:
                 fp = kernels.fingerprint(execute.ensure_kernel(), kernels.notebook_cwd(nb))
@@ -183,11 +185,11 @@ def test_a_pool_workers_warm_kernel_is_the_one_its_notebooks_run_in(tmp_path):
     finally:   # OMP_NUM_THREADS=1 left behind would make this process's later runs compute with 1 thread
         os.environ.clear()
         os.environ.update(saved)
-    assert sweep.warm_settings({k: {**v, "fresh_kernels": True} for k, v in specs.items()}) is None
+    assert worker.warm_settings({k: {**v, "fresh_kernels": True} for k, v in specs.items()}) is None
     one = next(iter(specs))
-    assert sweep.warm_settings({**specs, one: {**specs[one], "threads": 5}}) is None   # tasks differ: no warm-up
+    assert worker.warm_settings({**specs, one: {**specs[one], "threads": 5}}) is None   # tasks differ: no warm-up
     # nothing done yet: every task is to run, so every worker is started and warmed at once
-    assert sweep._to_run(sweep.tasks(pts), tmp_path / "grid", st) == len(specs)
+    assert worker.to_run(worker.tasks(pts), tmp_path / "grid", st) == len(specs)
 
 
 def _worker_gpu(barrier):
@@ -206,7 +208,7 @@ def test_the_local_engines_workers_take_the_gpus_in_turn():
     with multiprocessing.Manager() as manager:
         for jobs, gpus, expected in ((3, ["0", "1"], ["0", "0", "1"]), (2, [], [None, None])):
             barrier = manager.Barrier(jobs)
-            pool = sweep._pool(jobs, None, gpus)
+            pool = schedule.pool(jobs, None, gpus)
             try:
                 seen: dict[int, set] = {}
                 for pid, dev in pool.map(_worker_gpu, [barrier] * (2 * jobs)):
@@ -227,46 +229,50 @@ def test_threads_and_jobs_follow_the_cores_this_process_may_use(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert config.usable_cpus() == crops.default_workers() == 6
-    assert sweep.task_threads("local", 2) == 3 and sweep.task_threads("local", 8) == 1
+    assert worker.task_threads("local", 2) == 3 and worker.task_threads("local", 8) == 1
     assert distributed._child_env(2, None)["OMP_NUM_THREADS"] == "3"
     import argparse
 
     parser = argparse.ArgumentParser()
-    sweep.add_cli(parser.add_subparsers())
+    cli._add_sweep_cli(parser.add_subparsers())
     assert parser.parse_args(["sweep", "-f", "g.yaml"]).jobs == 6
+
+
+def gpu_ids(gpus, pts):
+    return schedule.gpu_ids(gpus, [p.cfg["train"] for p in pts])
 
 
 def test_which_gpus_the_local_engine_pins(monkeypatch, tmp_path, capsys):
     pts = grid.points(SMALL)   # smoke-sized points: train.device auto
     on = [grid.Point(p.name, p.values, {**p.cfg, "train": {**p.cfg["train"], "device": "cuda"}}) for p in pts]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
-    assert sweep.gpu_ids("auto", on) == ["2", "3"]   # auto: what this process was given
-    assert sweep.gpu_ids(None, pts) == ["2", "3"]
+    assert gpu_ids("auto", on) == ["2", "3"]   # auto: what this process was given
+    assert gpu_ids(None, pts) == ["2", "3"]
     cpu = [grid.Point(p.name, p.values, {**p.cfg, "train": {**p.cfg["train"], "device": "cpu"}}) for p in pts]
-    assert sweep.gpu_ids("auto", cpu) == []          # nothing trains on a GPU: nothing pinned
-    assert sweep.gpu_ids(" 0, 1 ", cpu) == ["0", "1"]   # asked for: pinned
-    assert sweep.gpu_ids("none", on) == []
+    assert gpu_ids("auto", cpu) == []          # nothing trains on a GPU: nothing pinned
+    assert gpu_ids(" 0, 1 ", cpu) == ["0", "1"]   # asked for: pinned
+    assert gpu_ids("none", on) == []
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    assert sweep.gpu_ids("auto", on) == []           # given no GPU
+    assert gpu_ids("auto", on) == []           # given no GPU
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     import torch
 
-    assert sweep.gpu_ids("auto", on) == [str(i) for i in range(torch.cuda.device_count())]
+    assert gpu_ids("auto", on) == [str(i) for i in range(torch.cuda.device_count())]
     indexed = on[:1] + [grid.Point(p.name, p.values, {**p.cfg, "train": {**p.cfg["train"], "device": "cuda:1"}})
                         for p in on[1:]]
-    assert sweep.gpu_ids("auto", indexed) == []      # a point chose its device: left as it is
+    assert gpu_ids("auto", indexed) == []      # a point chose its device: left as it is
     with pytest.raises(ValueError, match=r"asks for train.device cuda:1: use train.device: cuda"):
-        sweep.gpu_ids("0,1", indexed)
+        gpu_ids("0,1", indexed)
     several = [grid.Point(p.name, p.values, {**p.cfg, "train": {**p.cfg["train"], "launcher": "torchrun",
                                                                   "nproc_per_node": 2}}) for p in on]
-    assert sweep.gpu_ids("auto", several) == []     # each training spans GPUs: not pinned
+    assert gpu_ids("auto", several) == []     # each training spans GPUs: not pinned
     with pytest.raises(ValueError, match=r"torchrun with train.nproc_per_node 2"):
-        sweep.gpu_ids("0,1", several)
+        gpu_ids("0,1", several)
     on_cpu = [grid.Point(p.name, p.values, {**p.cfg, "train": {**p.cfg["train"], "device": "cpu"}}) for p in several]
-    assert sweep.gpu_ids("0,1", on_cpu) == ["0", "1"]   # torchrun on the CPU (gloo): pinning is harmless
+    assert gpu_ids("0,1", on_cpu) == ["0", "1"]   # torchrun on the CPU (gloo): pinning is harmless
     for bad in ("0,,1", "0, 1 2", ","):
         with pytest.raises(ValueError, match="comma-separated list of GPU ids"):
-            sweep.gpu_ids(bad, on)
+            gpu_ids(bad, on)
     # the command refuses them before any work, naming the fix
     out = tmp_path / "s"
     assert cli.main(["sweep", "-f", str(SMALL), "--sweep-dir", str(out), "--gpus", "0,,1"]) == 2
@@ -308,7 +314,7 @@ def test_each_unique_stage_runs_once_and_the_rerun_runs_nothing(local_sweep):
     # --gpus 0,1: each worker saw one of them, the whole sweep through, and each stage recorded which
     assert "engine local (2 jobs, GPUs 0,1 in turn)" in first.stdout
     seen = {json.loads((e / paths.METRICS).read_text())["cuda_visible_devices"]
-            for kind in sweep.GPU_STAGES for e in (base / ".store" / kind).iterdir() if e.is_dir()}
+            for kind in schedule.GPU_STAGES for e in (base / ".store" / kind).iterdir() if e.is_dir()}
     assert seen == {"0", "1"}, seen
     assert again.returncode == 0 and started(again.stdout) == []
     assert "computed nothing (every stage was done)" in again.stdout
@@ -467,7 +473,7 @@ def test_ray_engine_with_fake_gpus(local_sweep, tmp_path):
     for r in results:
         starts[r["pid"]] = max(starts.get(r["pid"], 0), r["kernel_starts"])
     assert sum(starts.values()) < len(results), (starts, len(results))
-    gpu = [r for r in results if r["stage"] in sweep.GPU_STAGES]
+    gpu = [r for r in results if r["stage"] in schedule.GPU_STAGES]
     assert gpu and all(r["cuda_visible_devices"] in ("0", "1") for r in gpu)
     for a in gpu:   # two GPU tasks that overlap in time never share a device
         for b in gpu:
@@ -479,7 +485,7 @@ def test_ray_engine_with_fake_gpus(local_sweep, tmp_path):
         running += step
         peak = max(peak, running)
     assert peak <= 2
-    cpu = [r for r in results if r["stage"] not in sweep.GPU_STAGES]
+    cpu = [r for r in results if r["stage"] not in schedule.GPU_STAGES]
     assert [r["stage"] for r in cpu] == ["data"] and cpu[0]["cuda_visible_devices"] in (None, "")
     assert not (tmp_path / "grid" / "sweep.html").exists()   # no analysis: no grid report
     for p in pts:   # each point's stages: the local engine's accuracies and losses
@@ -490,19 +496,21 @@ def test_ray_engine_with_fake_gpus(local_sweep, tmp_path):
 def test_ray_runs_the_final_task_in_a_worker_once_the_stages_are_done(tmp_path):
     """The grid report is Ray's last task (a worker whose kernel is warm), not a new kernel in the
     driver; a final task that fails there comes back as False, and the driver then renders the
-    report itself (`sweep.run`)."""
+    report itself (`sweep.run`). Ray is the loop's executor (prunestudy.schedule)."""
     ray = pytest.importorskip("ray")
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
-        results, out = sweep.run_ray({}, {}, None, lambda m: None, final=(platform.python_version,))
+        def final(*task):
+            with schedule.Ray(options=lambda *a: {}) as executor:
+                return schedule.run({}, executor, lambda t: (), lambda m: None, final=task or None)
+        results, out = final(platform.python_version)
         assert results == {} and out == platform.python_version()
         # the grid report of a folder that is no sweep fails in the worker: False, for the driver to retry
-        _, failed = sweep.run_ray({}, {}, None, lambda m: None,
-                                  final=(sweep._report_task, str(tmp_path / "not-a-sweep"), False, {}, 1))
+        _, failed = final(worker.report_task, str(tmp_path / "not-a-sweep"), False, {}, 1)
         assert failed is False
-        _, raised = sweep.run_ray({}, {}, None, lambda m: None, final=(json.loads, "not json"))
+        _, raised = final(json.loads, "not json")
         assert raised is False
-        _, none = sweep.run_ray({}, {}, None, lambda m: None)
+        _, none = final()
         assert none is None
     finally:
         ray.shutdown()
@@ -513,20 +521,20 @@ def test_ray_gives_a_training_stage_a_gpu_per_process():
     process); the data stage, the analysis and any stage on the CPU or on a cluster without GPUs ask
     for no GPU."""
     pts = grid.points(SMALL)
-    todo = sweep.tasks(pts)
+    todo = worker.tasks(pts)
     by_stage = {t.stage: t for t in todo.values()}
     cuda = {**pts[0].cfg, "train": {**pts[0].cfg["train"], "device": "cuda"}}
     two = {**cuda, "train": {**cuda["train"], "launcher": "torchrun", "nproc_per_node": 2}}
     for stage, task in by_stage.items():
-        trains = stage in sweep.GPU_STAGES
-        assert sweep.ray_options(task, cuda, gpus=True)["num_gpus"] == (1 if trains else 0), stage
-        assert sweep.ray_options(task, two, gpus=True)["num_gpus"] == (2 if trains else 0), stage
-        assert sweep.ray_options(task, two, gpus=False)["num_gpus"] == 0
-        assert sweep.ray_options(task, cuda, gpus=True)["num_cpus"] == 1
+        trains = stage in schedule.GPU_STAGES
+        assert schedule.ray_options(task, cuda, gpus=True)["num_gpus"] == (1 if trains else 0), stage
+        assert schedule.ray_options(task, two, gpus=True)["num_gpus"] == (2 if trains else 0), stage
+        assert schedule.ray_options(task, two, gpus=False)["num_gpus"] == 0
+        assert schedule.ray_options(task, cuda, gpus=True)["num_cpus"] == 1
         cpu = {**two, "train": {**two["train"], "device": "cpu"}}   # torchrun on the CPU: 2 processes
-        options = sweep.ray_options(task, cpu, gpus=True)
+        options = schedule.ray_options(task, cpu, gpus=True)
         assert options["num_gpus"] == 0 and options["num_cpus"] == (2 if trains else 1)
-        assert options["max_retries"] == sweep.RETRIES
+        assert options["max_retries"] == schedule.RETRIES
         assert options["retry_exceptions"] is False and options["name"] == task.id
 
 

@@ -6,10 +6,11 @@ import argparse
 import logging
 import signal
 import sys
+from pathlib import Path
 
 import yaml
 
-from . import config, download, execute, graph, lab, paths, pipeline, records, sweep
+from . import config, download, execute, graph, grid, lab, paths, pipeline, records, schedule, stagestore, sweep
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--fresh-kernels", action="store_true",
                      help="a new Jupyter kernel for every notebook (default: one kernel, reset between notebooks)")
     run.add_argument("--jobs", type=int, default=1, metavar="N",
-                     help="with `seeds`: compute the repeats N stages at a time first (the sweep's local engine, "
+                     help="with `seeds`: compute the repeats N stages at a time first (the local pool, "
                           "cores/N threads each), then link them (default 1: one after another)")
     run.add_argument("--force", metavar="STAGE", choices=pipeline.FORCEABLE,
                      help=f"rerun from this stage on even if up to date ({', '.join(graph.CHAIN)}); 'timing': "
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     lab_p.add_argument("--no-browser", action="store_true", help="do not open a web browser")
     download.add_cli(sub)
     _add_compare_cli(sub)
-    sweep.add_cli(sub)
+    _add_sweep_cli(sub)
     _add_status_cli(sub)
     _add_cache_cli(sub)
     args = parser.parse_args(argv)
@@ -196,6 +197,84 @@ def _summary(res: dict) -> str:
             sp = f", sparsity {r['global_sparsity']:.1%}" if "global_sparsity" in r else ""
             rows.append(f"  {stage:8s} test acc {r['test_accuracy']:.1%}, test loss {r['test_loss']:.4f}{sp}")
     return "results:\n" + "\n".join(rows)
+
+
+def _add_sweep_cli(subparsers) -> None:
+    p = subparsers.add_parser("sweep", help="run a grid of studies, each unique stage once (local pool or Ray)")
+    p.add_argument("-f", "--file", required=True, help="grid file: study parameters plus `grid:` (params/grid.yaml)")
+    p.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a parameter of every point (repeatable; value read as YAML)")
+    p.add_argument("-g", "--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="set or replace a grid key's values, e.g. -g prune.amount=0.2,0.5,0.8 (repeatable)")
+    p.add_argument("--sweep-dir", help="output folder (default: runs/<grid file name>[-<hash of the points>])")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (points, unique stages, done, time left)")
+    p.add_argument("--engine", choices=("local", "ray"), default="local", help="local process pool (default) or Ray")
+    p.add_argument("--jobs", type=int, default=config.usable_cpus(),
+                   help="local engine: parallel stages (default: the cores this process may use)")
+    p.add_argument("--gpus", default="auto", metavar="auto|none|ID,ID,...",
+                   help="local engine: pin worker i to GPU i mod the count (its CUDA_VISIBLE_DEVICES), so N jobs use "
+                        "every GPU; auto (default): the GPUs this process sees, when a point trains on CUDA")
+    p.add_argument("--address", help="ray engine: the cluster (auto, ray://host:port); default a local Ray")
+    p.add_argument("--store", metavar="DIR", help="the stage store (default: .store beside the sweep folder, or "
+                                                  "$PRUNESTUDY_STORE; on a shared file system for several machines)")
+    p.add_argument("--fresh-kernels", action="store_true",
+                   help="a new Jupyter kernel for every notebook (default: one per worker, reset between notebooks)")
+    p.set_defaults(handler=_sweep)
+
+
+def _sweep(args) -> int:
+    try:
+        pts = grid.points(args.file, args.param, args.grid)
+    except config.ParamsError as e:
+        print(f"prunestudy: {e}", file=sys.stderr)
+        return 2
+    if args.jobs < 1:
+        print(f"prunestudy: --jobs must be at least 1, got {args.jobs}", file=sys.stderr)
+        return 2
+    if args.engine == "ray" and args.gpus != "auto":
+        print("prunestudy: --gpus is the local engine's; Ray gives each training stage a GPU of its own "
+              "(num_gpus=1): drop --gpus", file=sys.stderr)
+        return 2
+    try:
+        schedule.gpu_ids(args.gpus, [p.cfg["train"] for p in pts])
+    except ValueError as e:
+        print(f"prunestudy: {e}", file=sys.stderr)
+        return 2
+    name = Path(args.file).stem + (f"-{config.stage_hash([p.cfg for p in pts])}" if args.param or args.grid else "")
+    sweep_dir = (config.resolve_path(args.sweep_dir) if args.sweep_dir
+                 else config.resolve_path(Path("runs") / name, config.project_root()))   # the project's runs/
+    root = Path(args.store).resolve() if args.store else stagestore.default_root(sweep_dir)
+    if args.dry_run:
+        print(f"prunestudy: sweep folder {sweep_dir}, stage store {root}")
+        print(grid.dry_run_text(pts, sweep_dir, root))
+        return 0
+    print(f"prunestudy: sweep folder {sweep_dir} ({len(pts)} points), stage store {root}", flush=True)
+    try:
+        summary = sweep.run(pts, sweep_dir, engine=args.engine, jobs=args.jobs, address=args.address, store_root=root,
+                      log=lambda m: print(m, flush=True), fresh_kernels=args.fresh_kernels, gpus=args.gpus)
+    except (FileNotFoundError, execute.PreflightError, records.LockedError) as e:
+        print(f"prunestudy: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)   # see cli._run
+        print(f"prunestudy: interrupted; finished stages are kept in the store ({root}): rerun the same command to "
+              "go on", file=sys.stderr)
+        return 130
+    except execute.StageFailed as e:   # the grid report itself
+        print(f"prunestudy: {e}", file=sys.stderr)
+        return 1
+    ran = ", ".join(f"{n} {s}" for s, n in summary["ran"].items() if n) or "nothing (every stage was done)"
+    print(f"prunestudy: {summary['points']} points, {summary['unique']} unique stages; computed {ran}; "
+          f"report {sweep_dir / paths.SWEEP_REPORT}")
+    if summary["failed"]:
+        print(f"prunestudy: {len(summary['failed'])} stage(s) failed; the points that need them are unfinished:",
+              file=sys.stderr)
+        for r in summary["failed"]:
+            where = f"; executed notebook: {r['notebook']}" if r.get("notebook") else ""
+            print(f"  - {r['id']} (point {r['point']}): {r.get('error')}{where}", file=sys.stderr)
+        print("  fix the cause and rerun the same command: only what is missing or failed runs", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

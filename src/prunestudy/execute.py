@@ -275,6 +275,20 @@ def write_results(run_dir: Path, cfg: dict, timings: dict, keys: dict) -> dict:
     return results
 
 
+def sweep_report(sweep_dir: Path, log: Callable[[str], None] = print, fresh_kernel: bool = False) -> Path:
+    """Run notebooks/06_sweep.ipynb on a sweep folder (tables, curves, sweep.csv and sweep.json),
+    render sweep.html with the code hidden."""
+    src = notebooks_dir() / paths.SWEEP_NOTEBOOK
+    out = paths.notebooks_dir(sweep_dir) / paths.SWEEP_NOTEBOOK
+    out.parent.mkdir(parents=True, exist_ok=True)
+    kernels.execute_notebook(src, out, kernel_name=ensure_kernel(), fresh=fresh_kernel,
+                             parameters={"sweep_dir": str(sweep_dir)}, stdout_file=sys.stdout, stderr_file=sys.stderr)
+    page = render_html(out, Path(sweep_dir) / paths.SWEEP_REPORT, hide_code=True,
+                       title=f"prunestudy sweep: {Path(sweep_dir).name}")
+    log(f"==> sweep report: {page}")
+    return page
+
+
 def render_html(notebook: Path, target: Path, *, hide_code: bool, title: str | None = None) -> Path:
     """One executed notebook as a self-contained HTML page (figures embedded, nothing fetched)."""
     import nbformat

@@ -1,19 +1,24 @@
 """The runner: a study's chain (data, train, prune, retrain, analysis), its in-run points
-(`prune.amounts`) and repeats (`seeds`), run in order into one run folder, each stage through
+(`prune.amounts`) and repeats (`seeds`), as tasks of the scheduling loop (prunestudy.schedule)
+run in order in this process (its Inline executor) into one run folder, each stage through
 `prunestudy.execute` (its notebook under papermill in the project's own kernel, or linked from the
-stage store); `--jobs N` hands the chains to the grid engine (prunestudy.sweep) first."""
+stage store); `--jobs N` first computes the chains' stages on the same loop with the local pool
+(prunestudy.worker), then links them."""
 
 from __future__ import annotations
 
 import os
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import atomic, config, execute, graph, grid, paths, progress, records, stagestore, sweep
+from . import atomic, config, execute, graph, grid, paths, progress, records, schedule, stagestore, worker
 
 STAGES = graph.CHAIN   # a run folder's stages, in order
 FORCEABLE = (*STAGES, "timing")   # --force timing: the analysis times the models again, nothing else reruns
+
+
 def default_run_dir(params_file: str | None, overrides: list[str], cfg: dict) -> Path:
     stem = Path(params_file).stem if params_file else "defaults"
     name = f"{stem}-{config.stage_hash(cfg)}" if overrides else stem
@@ -54,9 +59,9 @@ def parallel_points(cfg: dict, run_dir: Path, stage_store: stagestore.Store | No
                     log: Callable[[str], None], fresh_kernels: bool = False, force: str | None = None) -> None:
     """The study's chain, its sweep points and its `seeds` repeats are points of one stage graph,
     with the keys of the grid points they equal. With `--jobs N` they are computed first, N stages
-    at a time, by the sweep's local engine (prunestudy.sweep) into the stage store, and the run then
+    at a time, on the local pool (prunestudy.worker) into the stage store, and the run then
     links them like any stored stage. Each of those stages computes with cores/N threads, so its
-    figures may differ in the last digits from a run with --jobs 1 (sweep.task_threads). A stage
+    figures may differ in the last digits from a run with --jobs 1 (worker.task_threads). A stage
     that fails there runs again in the chain, which reports it as usual."""
     seeds, points = config.repeat_seeds(cfg), execute.sweep_points(cfg)
     if not seeds and not points:
@@ -72,9 +77,13 @@ def parallel_points(cfg: dict, run_dir: Path, stage_store: stagestore.Store | No
             for name, p in points]
     pts += [grid.Point(f"seed={s}", {"seed": s}, config.repeat_config(cfg, s)) for s in seeds]
     log(f"==> --jobs {jobs}: {len(pts)} chains (the study, {len(points)} sweep point(s), {len(seeds)} repeat(s)) "
-        f"computed {jobs} stages at a time (the sweep's local engine), then linked")
-    summary = sweep.run(pts, run_dir / paths.PARALLEL, jobs=jobs, store_root=stage_store.root, log=log,
-                        fresh_kernels=fresh_kernels, kinds=("data", *graph.REPEAT))
+        f"computed {jobs} stages at a time (the local pool), then linked")
+    folder = run_dir / paths.PARALLEL
+    for p in pts:
+        execute.preflight(p.cfg, paths.point_dir(folder, p.name))
+    with records.RunLock(folder, f"prunestudy run --jobs {jobs} (pid {os.getpid()})"):
+        summary = worker.compute(pts, folder, stage_store, jobs=jobs, log=log, fresh_kernels=fresh_kernels,
+                                 kinds=("data", *graph.REPEAT))
     if summary["failed"]:
         log(f"==> --jobs {jobs}: {len(summary['failed'])} stage(s) failed; they run again below, one at a time")
     else:
@@ -96,44 +105,50 @@ def _run(cfg: dict, run_dir: Path, force: str | None, log: Callable[[str], None]
     keys = graph.chain_keys(cfg)
     forced = ("analysis",) if force == "timing" else STAGES[STAGES.index(force):] if force else ()
     timings: dict[str, float] = {}
-    chain = _Chain(kernel, forced, log, invalidate=paths.stage_record(run_dir, "analysis"), store=stage_store,
-                   fresh_kernels=fresh_kernels, retime=force == "timing")
 
     def finish() -> dict:   # results.json from the stages so far
         return execute.write_results(run_dir, cfg, timings, keys)
 
-    ran = chain.run(cfg, run_dir, STAGES[:-1], keys, timings, finish)
+    chain = _Chain(kernel, forced, log, invalidate=paths.stage_record(run_dir, "analysis"), store=stage_store,
+                   fresh_kernels=fresh_kernels, retime=force == "timing")
+    folders = [_Folder("study", "", cfg, run_dir, STAGES[:-1], keys, timings, finish)]
     points = execute.sweep_points(cfg)
     for n, (name, pcfg) in enumerate(points, 1):   # the sweep: other methods and amounts, the same training
         pdir, pkeys = paths.sweep_point_dir(run_dir, name), graph.point_keys(pcfg, keys["data"])
-        chain.label = f"sweep {name}: point {n}/{len(points)}"
-        ran |= run_point(chain, pcfg, pdir, pkeys, run_dir, keys, finish)
+        folders.append(_Folder(f"sweep/{name}", f"sweep {name}: point {n}/{len(points)}", pcfg, pdir, graph.POINT,
+                               pkeys, {}, finish,   # finish: the study's results
+                               before=lambda c=pcfg, d=pdir, k=pkeys: link_point(chain, c, d, k, run_dir, keys),
+                               after="study:train"))
     seeds = config.repeat_seeds(cfg)
     for n, seed in enumerate(seeds, 1):   # the same study with other seeds, on the same data
         rcfg, rdir = config.repeat_config(cfg, seed), paths.repeat_dir(run_dir, seed)
         rkeys, rtimes = graph.repeat_keys(cfg, seed, keys["data"]), {}
-        new = not paths.stage_dir(rdir, "data").exists()   # a new repeat: its stages may be in the store
-        relinked = link_data(paths.stage_dir(run_dir, "data"), paths.stage_dir(rdir, "data")) and not new
-        chain.label = f"seed {seed}: repeat {n}/{len(seeds)}"
-        ran |= chain.run(rcfg, rdir, graph.REPEAT, rkeys, rtimes,
-                         lambda d=rdir, c=rcfg, t=rtimes, k=rkeys: execute.write_results(d, c, t, k),
-                         after_change=relinked)
-    chain.label = ""
+        folders.append(_Folder(f"seed={seed}", f"seed {seed}: repeat {n}/{len(seeds)}", rcfg, rdir, graph.REPEAT,
+                               rkeys, rtimes,
+                               lambda d=rdir, c=rcfg, t=rtimes, k=rkeys: execute.write_results(d, c, t, k),
+                               before=lambda d=rdir: link_repeat(run_dir, d), after="study:data"))
     saved = run_dir / paths.RESULTS
-    if ran or _saved_params(saved) != cfg:
-        finish()   # what the analysis reads: these parameters, every stage so far
-    ran |= chain.run(cfg, run_dir, ("analysis",), keys, timings, finish, after_change=bool(ran))
-    if not ran:
+
+    def before_analysis() -> bool:
+        if chain.ran or _saved_params(saved) != cfg:
+            finish()   # what the analysis reads: these parameters, every stage so far
+        return bool(chain.ran)
+    folders.append(_Folder("", "", cfg, run_dir, ("analysis",), keys, timings, finish, before=before_analysis,
+                           after=tuple(f"{f.name}:{f.names[-1]}" for f in folders)))
+    todo = {t.id: t for f in folders for t in f.tasks()}
+    by_task = {t.id: (f, j) for f in folders for j, t in enumerate(f.tasks())}
+    schedule.run(todo, schedule.Inline(), lambda t: (chain.step, *by_task[t.id]), log)
+    if not chain.ran:
         log(f"==> nothing to do: every stage is up to date in {run_dir} (--force STAGE reruns from STAGE)")
     return atomic.read_json(saved)
 
 
-def run_point(chain: _Chain, pcfg: dict, pdir: Path, pkeys: dict, run_dir: Path, keys: dict,
-              finish: Callable[[], dict]) -> set[str]:
-    """One sweep point: its folder links the study's data (hard links) and training (a symlink), then
-    its pruning and retraining run as a chain of their own (linked from the stage store when
-    computed before, by this run, another or a grid). A point with the study's own method and
-    amount has the study's keys: its folders link the study's."""
+def link_point(chain: _Chain, pcfg: dict, pdir: Path, pkeys: dict, run_dir: Path, keys: dict) -> bool | None:
+    """An in-run point's folder before its stages: it links the study's data (hard links) and
+    training (a symlink); its pruning and retraining then run as a chain of their own (linked from the
+    stage store when computed before, by this run, another or a grid). A point with the study's own
+    method and amount has the study's keys: its folders link the study's (returns None: nothing to
+    run). True: its data changed, so its stages rerun."""
     assert pkeys["train"] == keys["train"], "a sweep point trains as the study does"
     new = not paths.stage_dir(pdir, "data").exists()
     relinked = link_data(paths.stage_dir(run_dir, "data"), paths.stage_dir(pdir, "data")) and not new
@@ -146,9 +161,15 @@ def run_point(chain: _Chain, pcfg: dict, pdir: Path, pkeys: dict, run_dir: Path,
                 stagestore.link(paths.executed_notebook(pdir, stage), nb)
             else:
                 paths.executed_notebook(pdir, stage).unlink(missing_ok=True)
-        chain.log(f"==> [{chain.label}]: the study's own method and amount: its prune and retrain folders linked")
-        return set()
-    return chain.run(pcfg, pdir, graph.POINT, pkeys, {}, finish, after_change=relinked)   # finish: the study's results
+        return None
+    return relinked
+
+
+def link_repeat(run_dir: Path, rdir: Path) -> bool:
+    """A repeat's folder before its stages: the study's data, hard-linked. True: it changed (the
+    data stage reran), so the repeat's stages rerun."""
+    new = not paths.stage_dir(rdir, "data").exists()   # a new repeat: its stages may be in the store
+    return link_data(paths.stage_dir(run_dir, "data"), paths.stage_dir(rdir, "data")) and not new
 
 
 def _saved_params(path: Path) -> dict | None:
@@ -160,67 +181,99 @@ def _saved_params(path: Path) -> dict | None:
         return None
 
 
+@dataclass
+class _Folder:
+    """Stages of one folder run in order (the study's chain, an in-run point's, a repeat's, the
+    analysis): their tasks for the scheduling loop, each after the one before it; the first after
+    `after` (other folders' tasks). `before`: run before its first stage; True: its inputs changed,
+    every stage reruns; None: its stages were linked, nothing to run."""
+    name: str
+    label: str
+    cfg: dict
+    run_dir: Path
+    names: tuple[str, ...]
+    keys: dict
+    timings: dict
+    finish: Callable[[], dict]
+    before: Callable[[], bool | None] | None = None
+    after: str | tuple[str, ...] = ()
+    ran: set = field(default_factory=set)
+    changed: bool | None = False
+
+    def tasks(self) -> list[schedule.Task]:
+        first = (self.after,) if isinstance(self.after, str) else tuple(self.after)
+        ids = [f"{self.name}:{s}" if self.name else s for s in self.names]
+        return [schedule.Task(ids[j], s, self.keys[s], self.name, (ids[j - 1],) if j else first)
+                for j, s in enumerate(self.names)]
+
+
 class _Chain:
-    """Runs stages in order, each as its notebook under papermill, skipping those complete with the
-    same key until one runs; from there on every later stage reruns (its inputs changed)."""
+    """Runs a folder's stages in order, each as its notebook under papermill, skipping those complete
+    with the same key until one runs; from there on every later stage reruns (its inputs changed)."""
 
     def __init__(self, kernel: str, forced: tuple[str, ...], log: Callable[[str], None], invalidate: Path,
                  store: stagestore.Store | None = None, fresh_kernels: bool = False, retime: bool = False):
-        self.kernel, self.forced, self.log, self.label = kernel, forced, log, ""
+        self.kernel, self.forced, self.log = kernel, forced, log
         self.retime = retime   # --force timing: the analysis measures the timings again
         self.fresh_kernels = fresh_kernels
         self.invalidate = invalidate   # the analysis' record: outdated as soon as any stage reruns
         self.store = store
+        self.ran: set[str] = set()   # the tasks computed (not linked, not skipped)
 
-    def run(self, cfg: dict, run_dir: Path, names: tuple[str, ...], keys: dict, timings: dict,
-            finish: Callable[[], dict], *, after_change: bool = False) -> set[str]:
-        """Run `names` in order; `after_change`: their inputs changed, so all of them rerun."""
-        ran: set[str] = set()
-        changed = after_change
-        for j, stage in enumerate(names):
-            tag = f"==> [{self.label or f'{STAGES.index(stage) + 1}/{len(STAGES)}'}] {stage}"
-            stored = self.store is not None and stage in graph.STORED
-            if not changed and stage not in self.forced:
-                why = execute.problem(cfg, run_dir, stage, keys[stage])
-                linked = why is not None and stored and execute.reuse(self.store, cfg, run_dir, stage, keys[stage])
-                if why is None or linked:   # one line each: linked from the store, or up to date here
-                    rec = records.read(paths.stage_dir(run_dir, stage)) or {}
-                    timings[stage] = rec.get("wall_seconds", rec.get("seconds", 0.0))
-                    self.log(f"{tag}: found in the stage store (key {keys[stage]}), linked" if linked
-                             else f"{tag}: up to date (key {keys[stage]}), skipped")
-                    continue
-                if records.read(paths.stage_dir(run_dir, stage)) is not None or \
-                        paths.completion_marker(run_dir, stage).is_file():
-                    self.log(f"{tag}: {why}: it reruns, and every stage after it")
-            if not ran:  # this stage and every later one will run: none of them counts as complete now
-                self.invalidate.unlink(missing_ok=True)
-                for later in names[j:]:
-                    folder = paths.stage_dir(run_dir, later)
-                    if folder.is_symlink():   # a store entry other runs may use: unlinked, not cleared
-                        folder.unlink()
-                        continue
-                    records.clear(folder)
-                    for stale in folder.glob(".*.tmp"):  # left by a killed atomic write
-                        stale.unlink(missing_ok=True)
-            recheck = not changed and stage not in self.forced   # another process may finish it meanwhile
-            changed = True
-            seconds = execute.execute_stage(cfg, run_dir, stage, keys[stage], kernel=self.kernel,
-                                            stage_store=self.store, log=self.log, tag=tag,
-                                            refresh=stage == "data" and stage in self.forced, recheck=recheck,
-                                            on_failure=finish, fresh_kernel=self.fresh_kernels,
-                                            retime=self.retime and stage == "analysis")
-            if seconds is None:   # found complete in the store once claimed: nothing after it must rerun
+    def step(self, f: _Folder, j: int, *upstream: dict) -> dict:
+        """The folder's j-th stage: up to date, linked from the store, or computed. It reruns,
+        whatever its record says, when the stage before it in the folder was computed (or, for the
+        first, when the folder's inputs changed), or when forced."""
+        stage = f.names[j]
+        result = {"id": f"{f.name}:{stage}" if f.name else stage, "stage": stage, "point": f.name}
+        if j == 0:
+            f.changed = f.before() if f.before else False
+            if f.changed is None:
+                self.log(f"==> [{f.label}]: the study's own method and amount: its prune and retrain folders linked")
+        if f.changed is None:
+            return {**result, "status": "linked"}
+        changed = f.changed if j == 0 else upstream[0]["status"] == "ran"
+        run_dir, key, names = f.run_dir, f.keys[stage], f.names
+        tag = f"==> [{f.label or f'{STAGES.index(stage) + 1}/{len(STAGES)}'}] {stage}"
+        stored = self.store is not None and stage in graph.STORED
+        if not changed and stage not in self.forced:
+            why = execute.problem(f.cfg, run_dir, stage, key)
+            linked = why is not None and stored and execute.reuse(self.store, f.cfg, run_dir, stage, key)
+            if why is None or linked:   # one line each: linked from the store, or up to date here
                 rec = records.read(paths.stage_dir(run_dir, stage)) or {}
-                timings[stage] = rec.get("wall_seconds", rec.get("seconds", 0.0))
-                changed = False
-                continue
-            ran.add(stage)
-            timings[stage] = seconds
-            finish()
-            self.log(f"{tag}: done in {seconds:.1f} s")
-        return ran
-
-
+                f.timings[stage] = rec.get("wall_seconds", rec.get("seconds", 0.0))
+                self.log(f"{tag}: found in the stage store (key {key}), linked" if linked
+                         else f"{tag}: up to date (key {key}), skipped")
+                return {**result, "status": "linked" if linked else "up to date"}
+            if records.read(paths.stage_dir(run_dir, stage)) is not None or \
+                    paths.completion_marker(run_dir, stage).is_file():
+                self.log(f"{tag}: {why}: it reruns, and every stage after it")
+        if not f.ran:  # this stage and every later one will run: none of them counts as complete now
+            self.invalidate.unlink(missing_ok=True)
+            for later in names[j:]:
+                folder = paths.stage_dir(run_dir, later)
+                if folder.is_symlink():   # a store entry other runs may use: unlinked, not cleared
+                    folder.unlink()
+                    continue
+                records.clear(folder)
+                for stale in folder.glob(".*.tmp"):  # left by a killed atomic write
+                    stale.unlink(missing_ok=True)
+        recheck = not changed and stage not in self.forced   # another process may finish it meanwhile
+        seconds = execute.execute_stage(f.cfg, run_dir, stage, key, kernel=self.kernel,
+                                        stage_store=self.store, log=self.log, tag=tag,
+                                        refresh=stage == "data" and stage in self.forced, recheck=recheck,
+                                        on_failure=f.finish, fresh_kernel=self.fresh_kernels,
+                                        retime=self.retime and stage == "analysis")
+        if seconds is None:   # found complete in the store once claimed: nothing after it must rerun
+            rec = records.read(paths.stage_dir(run_dir, stage)) or {}
+            f.timings[stage] = rec.get("wall_seconds", rec.get("seconds", 0.0))
+            return {**result, "status": "done earlier"}
+        f.ran.add(stage)
+        self.ran.add(result["id"])
+        f.timings[stage] = seconds
+        f.finish()
+        self.log(f"{tag}: done in {seconds:.1f} s")
+        return {**result, "status": "ran"}
 
 
 def link_data(src: Path, dst: Path) -> bool:
