@@ -143,10 +143,10 @@ def coco_run(tmp_path_factory):
     return run_dir, root, completed(box.result)
 
 
-def sweep_by_hand(run_dir: Path, methods: list[str], amounts: list[float], *, retrain: dict | None = None,
+def curve_by_hand(run_dir: Path, methods: list[str], amounts: list[float], *, retrain: dict | None = None,
                   log=lambda m: None, **prune_kw) -> list[str]:
-    """The in-run sweep's points computed with the stage functions, as the runner lays them out:
-    sweep/<method>-<amount>/ with its own prune/ (and retrain/, with `retrain`'s arguments), reading
+    """The curve's points computed with the stage functions, as the runner lays them out:
+    curve/<method>-<amount>/ with its own prune/ (and retrain/, with `retrain`'s arguments), reading
     the run's data/ and train/. Returns the point names."""
     from prunestudy import paths, stages
 
@@ -154,7 +154,7 @@ def sweep_by_hand(run_dir: Path, methods: list[str], amounts: list[float], *, re
     for method in methods:
         for amount in amounts:
             name = paths.point_name(method, amount)
-            pdir = paths.sweep_point_dir(run_dir, name)
+            pdir = paths.curve_point_dir(run_dir, name)
             inputs = {"data_dir": paths.stage_dir(run_dir, "data"), "model_dir": paths.stage_dir(run_dir, "train")}
             stages.run_prune(pdir, method=method, amount=amount, log=log, **inputs, **prune_kw)
             if retrain is not None:

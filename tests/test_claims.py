@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from conftest import sweep_by_hand  # noqa: E402
+from conftest import curve_by_hand  # noqa: E402
 from scipy.stats import binomtest  # noqa: E402
 
 from prunestudy import data, metrics, paths, report, stages, states, synth  # noqa: E402
@@ -246,7 +246,7 @@ def test_a_small_embedded_run_that_learns_is_not_at_the_floor_and_says_what_it_m
     stages.run_train(rd, epochs=3, lr=1e-3, **QUIET)
     stages.run_prune(rd, latency_repeats=5, **QUIET)   # the latency is not what this test is about
     stages.run_retrain(rd, epochs=1, lr=1e-3, latency_repeats=5, **QUIET)
-    sweep_by_hand(rd, ["l1_unstructured", "random_unstructured"], [0.5], latency_repeats=5,
+    curve_by_hand(rd, ["l1_unstructured", "random_unstructured"], [0.5], latency_repeats=5,
                   retrain={"epochs": 1, "lr": 1e-3, "control": False, "latency_repeats": 5})
     res = stages.load_results(rd)
     json.dumps(res)
@@ -271,11 +271,11 @@ def test_a_small_embedded_run_that_learns_is_not_at_the_floor_and_says_what_it_m
     prune = next(s for s in report.findings(res) if s.startswith("After pruning ("))
     assert f"{gains} crops gained, {losses} lost" in prune and "95% CI" in prune
     # every sweep point saved its predictions; its paired tests are Holm-corrected over the points
-    for e in res["sweep"]:
+    for e in res["curve"]:
         for stage in ("prune", "retrain"):
-            assert (paths.sweep_point(rd, stage, e["name"]) / paths.PREDICTIONS).is_file()
-        assert e["paired_after"]["family"] == len(res["sweep"]) and e["balanced_accuracy_after"] > 0
-    assert "Holm" in report.sweep_styler(res).caption
+            assert (paths.curve_point(rd, stage, e["name"]) / paths.PREDICTIONS).is_file()
+        assert e["paired_after"]["family"] == len(res["curve"]) and e["balanced_accuracy_after"] > 0
+    assert "Holm" in report.curve_styler(res).caption
     # dead units: a unit called dead never fires on a training crop, every other one does
     import torch
 

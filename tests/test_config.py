@@ -12,14 +12,14 @@ def test_defaults_are_the_seed_configuration():
     assert cfg["data"]["image_size"] == 64 and cfg["data"]["root"] == "embedded"
 
 
-def test_the_sweep_file_shares_the_default_studys_stages():
-    """params/sweep.yaml says it runs on default.yaml's data, training and retraining: its stage keys
+def test_the_curve_file_shares_the_default_studys_stages():
+    """params/curve.yaml says it runs on default.yaml's data, training and retraining: its stage keys
     are the default study's, and its l1_unstructured-0.2 point is that study's chain."""
     from prunestudy import paths
 
-    default, sweep = (graph.all_keys(config.load(f"params/{n}.yaml")) for n in ("default", "sweep"))
-    assert {k: sweep[k] for k in ("data", "train", "control")} == {k: default[k] for k in ("data", "train", "control")}
-    points = {name: graph.all_keys(pcfg) for name, pcfg in paths.sweep_points(config.load("params/sweep.yaml"))}
+    default, curve = (graph.all_keys(config.load(f"params/{n}.yaml")) for n in ("default", "curve"))
+    assert {k: curve[k] for k in ("data", "train", "control")} == {k: default[k] for k in ("data", "train", "control")}
+    points = {name: graph.all_keys(pcfg) for name, pcfg in paths.curve_points(config.load("params/curve.yaml"))}
     assert len(points) == 16
     assert {k: points["l1_unstructured-0.2"][k] for k in ("prune", "retrain")} == \
         {k: default[k] for k in ("prune", "retrain")}
@@ -112,7 +112,7 @@ def test_pruning_study_parameters_are_checked_all_at_once():
     # a method that cannot apply to the model, as the main method or in the sweep, and rewinding channels
     with pytest.raises(config.ParamsError, match=r"channel' cannot apply to resnet18 with prune.targets='linear'"):
         config.load(None, ["train.model=resnet18", "prune.method=channel", "prune.targets=linear"])
-    with pytest.raises(config.ParamsError, match=r"prune.methods \(the sweep\): .*ln_structured' cannot apply"):
+    with pytest.raises(config.ParamsError, match=r"prune.methods \(the curve\): .*ln_structured' cannot apply"):
         config.load(None, ["train.model=resnet18", "prune.targets=linear", "prune.amounts=[0.5]",
                            "prune.methods=[l1_unstructured, ln_structured]"])
     with pytest.raises(config.ParamsError, match="rewind_step cannot be used with prune.method=channel"):
@@ -120,16 +120,16 @@ def test_pruning_study_parameters_are_checked_all_at_once():
     # every sweep point prunes, rewinds and retrains as the study does: a structural method among
     # prune.methods cannot rewind
     with pytest.raises(config.ParamsError, match=r"holds the structural method\(s\) channel, and prune.rewind_step=0"):
-        config.load("params/sweep.yaml", ["prune.rewind_step=0"])
-    ok = config.load("params/sweep.yaml", ["retrain.control=false", "prune.rounds=3"])
+        config.load("params/curve.yaml", ["prune.rewind_step=0"])
+    ok = config.load("params/curve.yaml", ["retrain.control=false", "prune.rounds=3"])
     assert ok["retrain"]["control"] is False and ok["prune"]["amounts"] == [0.2, 0.5, 0.8, 0.9]
-    points = config.sweep_points(ok)
+    points = config.curve_points(ok)
     assert [(p["prune"]["method"], p["prune"]["amount"]) for p in points[:2]] == [("l1_unstructured", 0.2),
                                                                                  ("l1_unstructured", 0.5)]
     assert len(points) == 16 and all(p["prune"]["rounds"] == 3 and p["prune"]["amounts"] is None
                                      and p["prune"]["methods"] is None and p["seeds"] is None for p in points)
-    assert config.sweep_methods({"method": "channel", "methods": None}) == ["channel", "random_unstructured"]
-    assert config.sweep_methods({"method": "random_unstructured", "methods": None}) == ["random_unstructured"]
+    assert config.curve_methods({"method": "channel", "methods": None}) == ["channel", "random_unstructured"]
+    assert config.curve_methods({"method": "random_unstructured", "methods": None}) == ["random_unstructured"]
 
 
 def test_training_speed_and_launcher_parameters_are_checked():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import sweep_by_hand
+from conftest import curve_by_hand
 from matplotlib.colors import to_hex
 
 from prunestudy import config, data, efficiency, execute, graph, methods, paths, prune, report, stages, synth
@@ -126,7 +126,7 @@ def test_the_documented_run_folder_matches_paths(smoke_run):
     for name in (paths.MODEL, paths.MASKS, paths.ARCHITECTURE, paths.EXPORT, paths.EXPORT_META):
         assert (paths.stage_dir(run_dir, "retrain") / name).is_file()
     assert (paths.control_dir(run_dir) / paths.METRICS).is_file()
-    assert (paths.sweep_point(run_dir, "prune", paths.point_name("l1_unstructured", 0.5)) / paths.METRICS).is_file()
+    assert (paths.curve_point(run_dir, "prune", paths.point_name("l1_unstructured", 0.5)) / paths.METRICS).is_file()
     assert list(paths.figures_dir(run_dir).glob("*.png"))
     readme = (ROOT / "README.md").read_text()
     tree = readme[readme.index("## What a run writes"):]
@@ -172,15 +172,15 @@ def test_a_method_added_through_the_registry_alone_runs_through_prune_efficiency
     stages.run_data(tmp_path, root=str(root), min_box=8, min_per_class=1)
     stages.run_train(tmp_path, epochs=1, batch_size=16, lr=1e-3, log=lambda m: None)
     pm = stages.run_prune(tmp_path, method="toy_first", amount=0.3, log=lambda m: None)
-    sweep_by_hand(tmp_path, ["toy_first"], [0.5], latency_repeats=5)
+    curve_by_hand(tmp_path, ["toy_first"], [0.5], latency_repeats=5)
     assert pm["kind"] == "masked" and pm["global_sparsity"] == pytest.approx(0.3, abs=1e-3)
     results = stages.load_results(tmp_path)
-    assert [p["method"] for p in results["sweep"]] == ["toy_first"]
+    assert [p["method"] for p in results["curve"]] == ["toy_first"]
     assert any("of each layer's first weights" in s for s in report.findings(results))
     fig = report.plot_tradeoff(results)
     colours = {to_hex(line.get_color()) for ax in fig.axes for line in ax.get_lines()}
     assert "#123456" in colours
-    assert np.isfinite(results["sweep"][0]["test_accuracy_before"])
+    assert np.isfinite(results["curve"][0]["test_accuracy_before"])
 
 
 def test_registry_records_are_checked():

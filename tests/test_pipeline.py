@@ -2,6 +2,7 @@
 notebooks executed by papermill in the project's kernel, results.json and report.html."""
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -107,9 +108,9 @@ def test_results_hold_the_control_the_sweep_and_efficiency(smoke_run):
     assert res["retrain"]["efficiency"]["params_nonzero"] == res["retrain"]["params_nonzero"]
     c = res["control"]
     assert c["global_sparsity"] == 0 and len(c["epochs"]) == res["params"]["retrain"]["epochs"]
-    assert [(e["method"], e["amount"]) for e in res["sweep"]] == [("l1_unstructured", 0.5),
+    assert [(e["method"], e["amount"]) for e in res["curve"]] == [("l1_unstructured", 0.5),
                                                                   ("random_unstructured", 0.5)]
-    for e in res["sweep"]:
+    for e in res["curve"]:
         assert e["sparsity"] == pytest.approx(0.5, abs=1e-3) and e["test_accuracy_after"] is not None
     assert ((run_dir / "retrain" / "export.pt").is_file()
             and (run_dir / "analysis" / "figures" / "tradeoff.png").is_file())
@@ -174,3 +175,23 @@ def test_report_links_every_stage_page(smoke_run):
     assert all((run_dir / link).stat().st_size > 0 for link in links)
     res = json.loads((run_dir / "results.json").read_text())
     assert all(key in html for key in res["stage_keys"].values())
+
+
+def test_a_run_folder_of_the_old_layout_has_its_curve_renamed_once(tmp_path):
+    """The curve's points were in `sweep/` (beside the grid's `prunestudy sweep`, which misled): a run
+    folder of then gets `curve/` at its next run, its points' relative links intact; a folder that is
+    no run folder, or one that has `curve/` already, is left alone."""
+    from prunestudy import paths, pipeline
+
+    run = tmp_path / "run"
+    (run / "train").mkdir(parents=True)
+    point = run / paths.OLD_CURVE / "l1_unstructured-0.5"
+    point.mkdir(parents=True)
+    (point / "train").symlink_to(os.path.relpath(run / "train", point))
+    assert not pipeline.rename_old_curve(run)   # no params.json: not a run folder
+    (run / paths.PARAMS).write_text("{}")
+    assert pipeline.rename_old_curve(run) and not (run / paths.OLD_CURVE).exists()
+    moved = paths.curve_point_dir(run, "l1_unstructured-0.5") / "train"
+    assert moved.resolve() == (run / "train").resolve()
+    (run / paths.OLD_CURVE).mkdir()
+    assert not pipeline.rename_old_curve(run) and (run / paths.OLD_CURVE).is_dir()

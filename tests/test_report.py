@@ -621,7 +621,7 @@ def study(run):
     res["retrain"]["efficiency"] = _eff(1000, 800, 8e6, 6.4e6, 10.0, 10.1, False, "saves no time: retrained.")
     res["control"] = {"test_accuracy": 0.66, **run["scores"]["retrain/control"], "test_loss": 0.95,
                       "global_sparsity": 0.0, "fine_tune_epochs": 3, "params_nonzero": 1000, "params_total": 1000}
-    res["sweep"] = copy.deepcopy(SWEEP)
+    res["curve"] = copy.deepcopy(SWEEP)
     return with_comparisons(run["dir"], res)
 
 
@@ -647,7 +647,7 @@ def test_tradeoff_curves_per_method_with_references_and_the_random_floor(study):
     assert len(ax_s.collections) == 1  # the shaded area at or below random pruning
     assert fig.legends and any("floor" in t.get_text() for t in fig.legends[0].get_texts())
     # before the retrain stage ran: dashed curves only
-    for e in study["sweep"]:
+    for e in study["curve"]:
         e["test_accuracy_after"] = None
     assert not any("after" in l.get_label() for l in report.plot_tradeoff(study).axes[0].get_lines())
     assert report.plot_tradeoff(_only_train(study)).axes[0].texts  # no sweep: a placeholder
@@ -726,7 +726,7 @@ def test_a_study_of_masked_pruning_says_its_models_were_not_timed(study):
         eff = res[stage]["efficiency"]
         eff.update({"macs": eff["dense_macs"], "params_total": eff["dense_params_total"],
                     **efficiency.untimed(eff["theoretical_speedup"])})
-    res.pop("sweep", None)
+    res.pop("curve", None)
     df = report.summary_table(res)
     assert df.attrs["latency"] is None and df[report.LATENCY].isna().all()
     html = report.summary_styler(res).to_html()
@@ -743,34 +743,34 @@ def test_a_study_of_masked_pruning_says_its_models_were_not_timed(study):
 
 def test_summary_lists_every_sweep_point_after_the_control(study):
     df = report.summary_table(study)
-    sweep = [i for i in df.index if i.startswith("sweep: ")]
+    sweep = [i for i in df.index if i.startswith("curve: ")]
     assert len(sweep) == len(SWEEP) and list(df.index).index(sweep[0]) == 4   # after the control
-    name = "sweep: l1_unstructured 0.5 (retrained)"
+    name = "curve: l1_unstructured 0.5 (retrained)"
     assert df.loc[name, report.ACC] == 64.0 and df.loc[name, report.SPARSITY] == 50.0
     assert np.isnan(df.loc[name, report.LATENCY])
-    study["sweep"][0]["test_accuracy_after"] = None       # a point the retrain stage has not reached
-    assert report.summary_table(study).loc["sweep: l1_unstructured 0.5 (pruned, not retrained)", report.ACC] == 60.0
+    study["curve"][0]["test_accuracy_after"] = None       # a point the retrain stage has not reached
+    assert report.summary_table(study).loc["curve: l1_unstructured 0.5 (pruned, not retrained)", report.ACC] == 60.0
 
 
 def test_sweep_table_and_finding(study):
-    df = report.sweep_table(study)
+    df = report.curve_table(study)
     assert len(df) == len(SWEEP) and list(df["method"])[:2] == ["l1_unstructured"] * 2
     assert list(df["accuracy after retraining (%)"])[:2] == pytest.approx([64.0, 55.0])
     assert list(df["saves time"]) == ["NO", "NO", "NO", "NO", "yes", "yes"]   # intervals above 1: channel only
-    s = _sentence(report.findings(study), "In the sweep")
+    s = _sentence(report.findings(study), "On the curve")
     assert "Random pruning, the floor, scored 35.0% there" in s
     assert "; only channel saved time (speedup interval above 1.05×)" in s
-    for e in study["sweep"]:   # every method saved time: no "only"
+    for e in study["curve"]:   # every method saved time: no "only"
         e["saves_time"], e["speedup_ci"] = True, [1.2, 1.3]
-    s = _sentence(report.findings(study), "In the sweep")
+    s = _sentence(report.findings(study), "On the curve")
     assert "; l1_unstructured, random_unstructured, channel saved time (speedup interval above 1.05×)" in s
-    assert "No sweep" in report.sweep_markdown(_only_train(study))
+    assert "No curve" in report.curve_markdown(_only_train(study))
     # with `seeds` repeats the sweep section says the sweep was not repeated, and where the bands are
-    assert "repeats" not in report.sweep_markdown(study)
+    assert "repeats" not in report.curve_markdown(study)
     study["params"] = {**study.get("params", {}), "seed": 0}
     study["repeats"] = [{"seed": 1}, {"seed": 2}]
-    text = report.sweep_markdown(study)
-    assert "The sweep ran on the study's seed (0) only: the repeats (seeds 1, 2) do not repeat it" in text
+    text = report.curve_markdown(study)
+    assert "The curve ran on the study's seed (0) only: the repeats (seeds 1, 2) do not repeat it" in text
     assert "`seed` as a grid key (`prunestudy sweep`" in text
 
 
@@ -967,7 +967,7 @@ def test_method_wording_colour_and_marker_come_from_the_registry(study):
     assert any("(random: the floor)" in l.get_label() for l in fig.axes[0].get_lines())
     # a method the registry does not know is drawn and described, not an error
     res["prune"]["method"] = "mystery"
-    res["sweep"].append({**study["sweep"][0], "method": "mystery"})
+    res["curve"].append({**study["curve"][0], "method": "mystery"})
     assert "mystery, 20% of the weights of each layer, targets" in _sentence(report.findings(res), "After pruning (")
     lines = [l for l in report.plot_tradeoff(res).axes[0].get_lines() if l.get_label().startswith("mystery")]
     assert lines and all(l.get_color() == "black" and l.get_marker() == "o" for l in lines)

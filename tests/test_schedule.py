@@ -123,3 +123,4 @@ def test_the_engines_have_one_loop_and_differ_in_their_executor():
         assert not ({"ProcessPoolExecutor", "FIRST_COMPLETED"} & names), path
     users = {p.name for p in pkg.glob("*.py") if "schedule.run(" in p.read_text()}
     assert users == {"worker.py", "pipeline.py"}, users   # sweep.py and run --jobs through worker.compute
+

@@ -50,12 +50,12 @@ def test_changes_rerun_only_what_they_change_and_the_repeat(seeded_run):
     # the sweep's random point does not depend on the study's amount: up to date; its l1 point at 0.5
     # is now the study's own chain (linked to it, computed once)
     assert re.findall(r"\[([^\]]+)\] (\w+): up to date", proc.stdout) == [
-        ("1/5", "data"), ("2/5", "train"), ("sweep random_unstructured-0.5: point 2/2", "prune"),
-        ("sweep random_unstructured-0.5: point 2/2", "retrain")]
-    assert "[sweep l1_unstructured-0.5: point 1/2]: the study's own method and amount" in proc.stdout
+        ("1/5", "data"), ("2/5", "train"), ("curve random_unstructured-0.5: point 2/2", "prune"),
+        ("curve random_unstructured-0.5: point 2/2", "retrain")]
+    assert "[curve l1_unstructured-0.5: point 1/2]: the study's own method and amount" in proc.stdout
     # the sweep is not repeated over the seeds: the run and its report say so, and where the bands are
-    assert "==> note: the sweep (prune.amounts) runs on the study's seed (0) only" in proc.stdout
-    assert "The sweep ran on the study's seed (0) only: the repeats (seed 1) do not repeat it" in \
+    assert "==> note: the curve (prune.amounts) runs on the study's seed (0) only" in proc.stdout
+    assert "The curve ran on the study's seed (0) only: the repeats (seed 1) do not repeat it" in \
         (run_dir / "report.html").read_text()
     assert started(proc.stdout) == [("3/5", "prune"), ("4/5", "retrain"), ("seed 1: repeat 1/1", "train"),
                                      ("seed 1: repeat 1/1", "prune"), ("seed 1: repeat 1/1", "retrain"),
@@ -71,7 +71,7 @@ def test_changes_rerun_only_what_they_change_and_the_repeat(seeded_run):
     # the repeat trains on the run's own data files (hard links: the same bytes, not a second crop)
     for f in (run_dir / "data").glob("*.npy"):
         assert os.path.samefile(f, rep / "data" / f.name)
-    assert not (rep / paths.SWEEP).exists() and (run_dir / paths.SWEEP).is_dir()   # the sweep runs once: the study's
+    assert not (rep / paths.CURVE).exists() and (run_dir / paths.CURVE).is_dir()   # the sweep runs once: the study's
 
 
 @pytest.mark.e2e
@@ -151,7 +151,7 @@ def test_jobs_computes_the_chains_as_grid_points_in_parallel_then_links_them(tmp
                    "prune.methods=[random_unstructured]", "-p", "seeds=[0, 1]", "--jobs", "2",
                    "--run-dir", str(run_dir))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert ("==> --jobs 2: 3 chains (the study, 1 sweep point(s), 1 repeat(s)) computed 2 stages at a time"
+    assert ("==> --jobs 2: 3 chains (the study, 1 curve point(s), 1 repeat(s)) computed 2 stages at a time"
             in proc.stdout)
     ran = started(proc.stdout)
     pool_names = {"seed=0", "seed=1", "random_unstructured-0.5"}
@@ -163,7 +163,7 @@ def test_jobs_computes_the_chains_as_grid_points_in_parallel_then_links_them(tmp
     assert linked == ["data", "train", "prune", "retrain"] + ["prune", "retrain"] + ["train", "prune", "retrain"], \
         proc.stdout
     threads = max(1, (os.cpu_count() or 1) // 2)   # each pool stage computed with the cores shared by 2 jobs
-    point = paths.sweep_point_dir(run_dir, "random_unstructured-0.5")
+    point = paths.curve_point_dir(run_dir, "random_unstructured-0.5")
     for folder in (run_dir, paths.repeat_dir(run_dir, 1), point):
         for stage in ("train", "prune", "retrain"):
             assert (folder / stage).is_symlink(), f"{folder / stage} is not linked into the store"
@@ -172,6 +172,6 @@ def test_jobs_computes_the_chains_as_grid_points_in_parallel_then_links_them(tmp
     res = json.loads((run_dir / "results.json").read_text())
     assert [r["seed"] for r in res["repeats"]] == [1]
     assert all(r["retrained"]["test_accuracy"] is not None for r in res["repeats"]), res["repeats"]
-    assert [(e["name"], e["test_accuracy_after"] is not None) for e in res["sweep"]] == [("random_unstructured-0.5",
+    assert [(e["name"], e["test_accuracy_after"] is not None) for e in res["curve"]] == [("random_unstructured-0.5",
                                                                                           True)]
     assert (run_dir / "report.html").is_file()

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import sweep_by_hand
+from conftest import curve_by_hand
 
 from prunestudy import atomic, data, efficiency, methods, models, paths, prune, report, stages, synth, train
 
@@ -197,30 +197,30 @@ def test_rewind_resets_surviving_weights_to_the_saved_step_and_keeps_masks(train
 
 
 def test_sweep_points_fill_results_before_and_after_retraining(fresh):
-    """Sweep points laid out as the runner lays them out (sweep/<point>/, each a run folder of its
+    """Curve points laid out as the runner lays them out (curve/<point>/, each a run folder of its
     own with the study's data and training): results.json holds one entry per point, before
     retraining as soon as it is pruned, after retraining only from that very pruning."""
     amounts, methods = [0.3, 0.7], ["l1_unstructured", "channel"]
     stages.run_prune(fresh, method="l1_unstructured", amount=0.2, log=quiet)
     stages.run_retrain(fresh, epochs=1, batch_size=BATCH, lr=1e-3, control=True, log=quiet)
-    names = sweep_by_hand(fresh, methods, amounts, latency_repeats=5)
+    names = curve_by_hand(fresh, methods, amounts, latency_repeats=5)
     assert names == ["l1_unstructured-0.3", "l1_unstructured-0.7", "channel-0.3", "channel-0.7"]
     res = stages.collect_results(fresh)
-    assert [e["name"] for e in res["sweep"]] == sorted(names) and all(e["test_accuracy_after"] is None
-                                                                      for e in res["sweep"])
+    assert [e["name"] for e in res["curve"]] == sorted(names) and all(e["test_accuracy_after"] is None
+                                                                      for e in res["curve"])
     retrain = dict(epochs=1, batch_size=BATCH, lr=1e-3, control=False)
-    sweep_by_hand(fresh, methods, amounts, retrain=retrain, latency_repeats=5)
+    curve_by_hand(fresh, methods, amounts, retrain=retrain, latency_repeats=5)
     # a point pruned again after its retraining: its retrained figures are not this pruning's
-    stale = paths.sweep_point_dir(fresh, "channel-0.7")
+    stale = paths.curve_point_dir(fresh, "channel-0.7")
     stages.run_prune(stale, method="channel", amount=0.7, seed=1, latency_repeats=5, data_dir=fresh / "data",
                      model_dir=fresh / "train", log=quiet)
     res = stages.collect_results(fresh)
-    after = {e["name"]: e["test_accuracy_after"] for e in res["sweep"]}
+    after = {e["name"]: e["test_accuracy_after"] for e in res["curve"]}
     assert after["channel-0.7"] is None and all(v is not None for n, v in after.items() if n != "channel-0.7")
     stages.run_retrain(stale, **retrain, data_dir=fresh / "data", model_dir=fresh / "train", log=quiet)
 
     timed = stages.run_timing(fresh, log=quiet)   # the channel points' latency, on this machine
-    assert set(timed) == {str(paths.sweep_point_dir(fresh, n)) for n in ("channel-0.3", "channel-0.7")}
+    assert set(timed) == {str(paths.curve_point_dir(fresh, n)) for n in ("channel-0.3", "channel-0.7")}
     for folder in timed:
         table = timed[folder]["models"]["prune"]["latency"]["cpu"]
         assert table["memory_format"] == "channels_last" and table["threads"] == timed[folder]["machine"]["threads"]
@@ -230,8 +230,8 @@ def test_sweep_points_fill_results_before_and_after_retraining(fresh):
     res = stages.collect_results(fresh)
     json.dumps(res)  # plain JSON
     assert res["control"]["global_sparsity"] == 0
-    assert {(e["method"], e["amount"]) for e in res["sweep"]} == {(m, a) for m in methods for a in amounts}
-    for e in res["sweep"]:
+    assert {(e["method"], e["amount"]) for e in res["curve"]} == {(m, a) for m in methods for a in amounts}
+    for e in res["curve"]:
         assert 0 <= e["test_accuracy_before"] <= 1 and 0 <= e["test_accuracy_after"] <= 1
         assert e["retrain_epochs"] == 1 and e["speedup_measured"] > 0 and e["speedup_theoretical"] >= 1
         if e["kind"] == "masked":   # not timed (the dense computation)
@@ -242,15 +242,15 @@ def test_sweep_points_fill_results_before_and_after_retraining(fresh):
         assert set(e["sizes"]) == {"state_dict_bytes", "masked_bytes", "sparse_compressed_bytes",
                                    "dense_state_dict_bytes"}
         assert 0 < e["sparsity"] < 1 and isinstance(e["saves_time"], bool) and e["remark"]
-    l1 = {e["amount"]: e for e in res["sweep"] if e["method"] == "l1_unstructured"}
+    l1 = {e["amount"]: e for e in res["curve"] if e["method"] == "l1_unstructured"}
     assert l1[0.7]["sparsity"] == pytest.approx(0.7, abs=2e-3) and l1[0.7]["macs"] == l1[0.7]["dense_macs"]
     fig = report.plot_tradeoff(res)
     assert len(fig.axes) == 3 and len(fig.axes[0].get_lines()) >= 2 * len(methods)   # accuracy, balanced, speedup
     assert "batch 4" in fig.axes[2].get_xlabel() and "masked points at 1×, not timed" in fig.axes[2].get_xlabel()
-    table = report.sweep_table(res)
+    table = report.curve_table(res)
     assert len(table) == len(names)
     masked = table[table["method"] == "l1_unstructured"]   # the dense computation: not timed, saves no time
     assert (masked["saves time"] == "NO").all() and masked["latency, batch 4 (ms)"].isna().all()
     assert (masked["measured speedup (×)"] == 1.0).all() and (masked["speedup 95% CI (×)"] == "—").all()
     assert table[table["method"] == "channel"]["latency, batch 4 (ms)"].gt(0).all()
-    assert "l1\\_unstructured 1.00× (not timed: the dense computation)" in report.sweep_markdown(res)   # md-escaped
+    assert "l1\\_unstructured 1.00× (not timed: the dense computation)" in report.curve_markdown(res)   # md-escaped

@@ -374,16 +374,16 @@ def test_a_later_run_reuses_the_sweeps_stages(local_sweep):
     repeat = paths.repeat_dir(base / "repeats", 1)
     for stage in ("train", "prune", "retrain"):   # the same store entries, so the same results
         assert (repeat / stage).resolve() == (point / stage).resolve()
-    assert "[sweep l1_unstructured-0.5: point 1/4]: the study's own method and amount" in proc.stdout
+    assert "[curve l1_unstructured-0.5: point 1/4]: the study's own method and amount" in proc.stdout
     res = json.loads((base / "repeats" / "results.json").read_text())
-    assert [e["name"] for e in res["sweep"]] == ["l1_unstructured-0.5", "l1_unstructured-0.8",
+    assert [e["name"] for e in res["curve"]] == ["l1_unstructured-0.5", "l1_unstructured-0.8",
                                                  "random_unstructured-0.5", "random_unstructured-0.8"]
     grid_rows = {(r["method"], r["amount"]): r for r in json.loads((base / "grid" / "sweep.json").read_text())["points"]
                  if r["seed"] == 0}
-    for e in res["sweep"]:
+    for e in res["curve"]:
         point = base / "grid" / "points" / f"method={e['method']},amount={e['amount']},seed=0"
         for stage in ("prune", "retrain"):
-            assert paths.sweep_point(base / "repeats", stage, e["name"]).resolve() == (point / stage).resolve()
+            assert paths.curve_point(base / "repeats", stage, e["name"]).resolve() == (point / stage).resolve()
         assert e["test_accuracy_after"] == pytest.approx(grid_rows[(e["method"], e["amount"])]["accuracy_after"])
 
 

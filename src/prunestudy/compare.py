@@ -151,7 +151,7 @@ def _value(v: Any) -> str:
 
 
 def run_summary(results: dict) -> pd.DataFrame:
-    """summary_table's rows of this run's model states (not the sweep points or the seed report's);
+    """summary_table's rows of this run's model states (not the curve points or the seed report's);
     the index holds state keys (trained / pruned / retrained / control)."""
     summary = report.summary_table(results)
     key_of = {s.long_label: s.key for s in states.ALL}   # the summary's row of each state

@@ -27,7 +27,7 @@ STAGE_SECTIONS = ("data", "train", "prune", "retrain")
 # key -> (default, accepted types, description)
 SCHEMA: dict[str, tuple[Any, tuple[type, ...], str]] = {
     "seed": (0, (int,), "seed for data subsets, initialisation, batch order and augmentation"),
-    "seeds": (None, (list, type(None)), "repeats: the study's train, prune and retrain stages (not the sweep) rerun "
+    "seeds": (None, (list, type(None)), "repeats: the study's train, prune and retrain stages (not the curve) rerun "
               "with each of these seeds on the same data (repeats/seed-<s>/); the report gives mean, spread and paired "
               "confidence intervals over `seed` and these; null = one run"),
     "data.root": ("embedded", (str, type(None)), "COCO root in the official layout, or 'embedded' for the embedded "
@@ -67,7 +67,7 @@ SCHEMA: dict[str, tuple[Any, tuple[type, ...], str]] = {
                     "options fp32/false reproduce the plain loop bit for bit"),
     "train.weights": (None, (str, type(None)), "local state_dict to start from (nothing is downloaded); "
                       "null = random initialisation"),
-    "train.launcher": ("none", (str,), "none | torchrun: train and retrain (control and sweep included) under "
+    "train.launcher": ("none", (str,), "none | torchrun: train and retrain (control and curve included) under "
                        "torchrun with DistributedDataParallel"),
     "train.nproc_per_node": (1, (int,), "processes per node under torchrun (gloo on CPU, NCCL on CUDA)"),
     "prune.method": ("l1_unstructured", (str,), " | ".join(f"{m.name} ({m.kind})" for m in methods.REGISTRY.values())
@@ -80,15 +80,15 @@ SCHEMA: dict[str, tuple[Any, tuple[type, ...], str]] = {
     "prune.rewind_step": (None, (int, type(None)), "lottery-ticket rewinding: before the final retraining, the "
                           "surviving weights restart from their values after this training step (0 = the "
                           "initialisation; masks kept); null = off; masked methods only"),
-    "prune.amounts": (None, (list, type(None)), "a sweep: amounts in [0, 1); each (method of prune.methods, amount) is "
-                      "a point with pruning and retraining stages of its own (sweep/<method>-<amount>/), every other "
+    "prune.amounts": (None, (list, type(None)), "a curve: amounts in [0, 1); each (method of prune.methods, amount) is "
+                      "a point with pruning and retraining stages of its own (curve/<method>-<amount>/), every other "
                       "parameter as the study's (rounds, rewinding, the control), shared through the stage store "
-                      "with `prunestudy sweep` grid points; null = no sweep"),
+                      "with `prunestudy sweep` grid points; null = no curve"),
     "prune.latency_repeats": (20, (int,), "paired latency measurements per batch size (the dense and the pruned "
                               "model, in random order) in the prune and retrain stages: the measured speedup and its "
                               "95% interval rest on them; at least 2. A model of the dense computation (masked "
                               "pruning) is not timed: its speed is the dense model's"),
-    "prune.methods": (None, (list, type(None)), f"methods of the sweep (null = [prune.method, {methods.floor()}]); "
+    "prune.methods": (None, (list, type(None)), f"methods of the curve (null = [prune.method, {methods.floor()}]); "
                       "used only with prune.amounts"),
     "retrain.epochs": (2, (int,), "fine-tuning epochs after pruning, masks held"),
     "retrain.lr": (1e-4, (float,), "Adam learning rate for fine-tuning"),
@@ -100,10 +100,10 @@ SCHEMA: dict[str, tuple[Any, tuple[type, ...], str]] = {
 }
 
 # Parameters of the runner, not of any stage: how many chains it runs (the `seeds` repeats, the
-# `prune.amounts` x `prune.methods` sweep points), each chain a point of the same stage graph.
+# `prune.amounts` x `prune.methods` curve points), each chain a point of the same stage graph.
 RUNNER_KEYS = ("seeds", "prune.amounts", "prune.methods")
-# Where a run's sweep gets bands over seeds (its `seeds` repeats do not repeat it): said by the runner
-# and under the report's sweep table.
+# Where a run's curve gets bands over seeds (its `seeds` repeats do not repeat it): said by the runner
+# and under the report's curve table.
 SWEEP_SEEDS_HINT = ("run its points as a grid with `seed` as a grid key (`prunestudy sweep`, docs/sweeps.md), "
                     "which reuses the stages this run computed")
 
@@ -457,7 +457,7 @@ def repeat_seeds(cfg: dict) -> list[int]:
 
 def repeat_config(cfg: dict, seed: int) -> dict:
     """The parameters of the repeat with `seed`: the study's, with that seed, no repeats of its own
-    and no sweep (a repeat measures the spread of the main pruning; the sweep runs once)."""
+    and no curve (a repeat measures the spread of the main pruning; the curve runs once)."""
     out = copy.deepcopy(cfg)
     out["seed"], out["seeds"] = seed, None
     out["prune"]["amounts"] = out["prune"]["methods"] = None
@@ -480,13 +480,13 @@ def _seeds_problems(flat: dict, ok) -> list[str]:
     return problems
 
 
-def sweep_points(cfg: dict) -> list[dict]:
-    """The parameters of the in-run sweep's points, in order (methods, then amounts). A point is
-    the study with that prune.method and prune.amount, on the main seed, without repeats or a sweep
+def curve_points(cfg: dict) -> list[dict]:
+    """The parameters of the curve's points, in order (methods, then amounts). A point is
+    the study with that prune.method and prune.amount, on the main seed, without repeats or a curve
     of its own: the same parameters as the grid point of `prunestudy sweep`, so the same stage keys."""
     amounts = cfg["prune"].get("amounts") or []
     out = []
-    for method in (sweep_methods(cfg["prune"]) if amounts else []):
+    for method in (curve_methods(cfg["prune"]) if amounts else []):
         for amount in amounts:
             point = copy.deepcopy(cfg)
             point["seeds"] = None
@@ -495,8 +495,8 @@ def sweep_points(cfg: dict) -> list[dict]:
     return out
 
 
-def sweep_methods(prune_cfg: dict) -> list[str]:
-    """The methods of the sweep: prune.methods, or [prune.method, the floor method (random)]."""
+def curve_methods(prune_cfg: dict) -> list[str]:
+    """The methods of the curve: prune.methods, or [prune.method, the floor method (random)]."""
     chosen = prune_cfg.get("methods")
     if chosen is None:
         chosen = [prune_cfg.get("method", default("prune.method")), methods.floor()]
@@ -504,7 +504,7 @@ def sweep_methods(prune_cfg: dict) -> list[str]:
 
 
 def _prune_problems(flat: dict, ok) -> list[str]:
-    """Pruning schedule, rewinding and sweep; then `prune.check` of every method against train.model,
+    """Pruning schedule, rewinding and curve; then `prune.check` of every method against train.model,
     so that a method that cannot apply to the model is an error before any work starts."""
     problems = []
     if ok("prune.latency_repeats") and flat["prune.latency_repeats"] < 2:
@@ -524,14 +524,14 @@ def _prune_problems(flat: dict, ok) -> list[str]:
                             "the layers smaller, so no earlier state of the pruned model's shape exists to rewind "
                             "to; set prune.rewind_step=null or choose a masked method")
     amounts, swept = flat.get("prune.amounts"), flat.get("prune.methods")
-    sweep_ok = ok("prune.amounts") and ok("prune.methods")
+    curve_ok = ok("prune.amounts") and ok("prune.methods")
     if ok("prune.amounts") and amounts is not None:
         if not amounts:
-            problems.append("prune.amounts must be null (no sweep) or a non-empty list of fractions in [0, 1)")
+            problems.append("prune.amounts must be null (no curve) or a non-empty list of fractions in [0, 1)")
         for i, a in enumerate(amounts):
             if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a < 1:
                 problems.append(f"prune.amounts[{i}] must be a fraction in [0, 1), got {a!r}")
-                sweep_ok = False
+                curve_ok = False
         if len(set(amounts)) != len(amounts):
             problems.append(f"prune.amounts lists an amount twice: {amounts}")
     if ok("prune.methods") and swept is not None:
@@ -540,7 +540,7 @@ def _prune_problems(flat: dict, ok) -> list[str]:
         for i, m in enumerate(swept):
             if not isinstance(m, str) or m not in methods.REGISTRY:
                 problems.append(f"prune.methods[{i}] must be one of {', '.join(methods.names())}, got {m!r}")
-                sweep_ok = False
+                curve_ok = False
         if len(set(map(str, swept))) != len(swept):
             problems.append(f"prune.methods lists a method twice: {swept}")
     if not all(ok(k) for k in ("train.model", "prune.targets")):
@@ -550,14 +550,14 @@ def _prune_problems(flat: dict, ok) -> list[str]:
     checks = []
     if ok("prune.method") and ok("prune.amount") and 0 <= flat["prune.amount"] < 1:
         checks.append(("", flat["prune.method"]))
-    if sweep_ok and amounts:
+    if curve_ok and amounts:
         prune_cfg = {"method": flat.get("prune.method"), "methods": swept}
-        checks += [("prune.methods (the sweep): ", m) for m in sweep_methods(prune_cfg)
+        checks += [("prune.methods (the curve): ", m) for m in curve_methods(prune_cfg)
                    if m in methods.REGISTRY and not (m == flat.get("prune.method") and ("", m) in checks)]
-        structural = [m for m in sweep_methods(prune_cfg) if m in methods.REGISTRY and not methods.get(m).masked]
+        structural = [m for m in curve_methods(prune_cfg) if m in methods.REGISTRY and not methods.get(m).masked]
         if ok("prune.rewind_step") and rewind is not None and structural:
-            problems.append(f"prune.methods (the sweep) holds the structural method(s) {', '.join(structural)}, "
-                            f"and prune.rewind_step={rewind}: every sweep point rewinds like the study, and a "
+            problems.append(f"prune.methods (the curve) holds the structural method(s) {', '.join(structural)}, "
+                            f"and prune.rewind_step={rewind}: every curve point rewinds like the study, and a "
                             "structural method has no earlier state of its smaller shape to rewind to; list "
                             "masked methods only in prune.methods, or set prune.rewind_step=null")
     for prefix, method in checks:

@@ -44,7 +44,7 @@ Definitions
   `saves_time` false, `latency` empty and `latency_from` saying so (`untimed`). Timing such a pair
   measured only the machine's drift (0.97-1.05x in benchmarks/README.md, ## Pruning; once 1.36x,
   95% CI 1.05-1.75x, with 5 paired repeats on a machine shared with a test suite) and was most of
-  a sweep point's pruning stage. benchmarks/bench_prune.py still times masked models, for whoever
+  a curve point's pruning stage. benchmarks/bench_prune.py still times masked models, for whoever
   wants to see it on their machine.
 """
 
@@ -371,7 +371,7 @@ def untimed(theoretical: float) -> dict:
     not timed, its speed is the dense model's (measured_speedup 1.0, no interval, saves no time).
     Timing the pair would measure the machine's drift between two runs of one computation (masked
     models measured 0.97-1.05x the dense model's speed, benchmarks/README.md, ## Pruning) and costs
-    each sweep point most of its pruning stage's time."""
+    each curve point most of its pruning stage's time."""
     return {"latency": {}, "latency_from": DENSE_COMPUTATION, "measured_speedup": 1.0, "speedup_ci": None,
             "verdict_batch": None, "saves_time": False,
             "remark": ("saves no time: it runs the dense model's computation, so its speed is the dense model's "

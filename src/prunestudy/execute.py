@@ -68,8 +68,8 @@ def link_timing(cfg: dict, run_dir: Path, st: stagestore.Store) -> None:
     latency to the timing stage; the analysis' run_timing claims and fills it, or finds it done."""
     keys = graph.chain_keys(cfg)
     chains = [(run_dir, keys["retrain"])]
-    chains += [(paths.sweep_point_dir(run_dir, name), graph.point_keys(p, keys["data"])["retrain"])
-               for name, p in sweep_points(cfg)]
+    chains += [(paths.curve_point_dir(run_dir, name), graph.point_keys(p, keys["data"])["retrain"])
+               for name, p in curve_points(cfg)]
     for folder, retrain_key in chains:
         try:
             pm = atomic.read_json(paths.stage_dir(folder, "prune") / paths.METRICS)
@@ -95,18 +95,18 @@ class PreflightError(ValueError):
     """A problem found before any work starts (the runner exits 2)."""
 
 
-sweep_points = paths.sweep_points   # (folder name, parameters) of each in-run sweep point
+curve_points = paths.curve_points   # (folder name, parameters) of each curve point
 
 
 def stage_inputs(cfg: dict, run_dir: Path, stage: str) -> dict[str, Path]:
     """The stage folders a stage reads (its record holds their keys and ids): for the analysis,
-    the repeats' and the sweep points' last stages too."""
+    the repeats' and the curve points' last stages too."""
     inputs = {up: paths.stage_dir(run_dir, up) for up in graph.stage(stage).reads}
     if stage == "analysis":
         inputs |= {f"seed-{s}/retrain": paths.stage_dir(paths.repeat_dir(run_dir, s), "retrain")
                    for s in config.repeat_seeds(cfg)}
-        inputs |= {f"{paths.SWEEP}/{name}/{stage}": paths.sweep_point(run_dir, stage, name)
-                   for name, _ in sweep_points(cfg) for stage in graph.POINT}
+        inputs |= {f"{paths.CURVE}/{name}/{stage}": paths.curve_point(run_dir, stage, name)
+                   for name, _ in curve_points(cfg) for stage in graph.POINT}
     return inputs
 
 
@@ -312,11 +312,11 @@ def _exporter(hide_code: bool):
 
 def render_report(run_dir: Path, cfg: dict) -> Path:
     """report.html from the analysis notebook (code hidden); every stage notebook (the repeats' and
-    the sweep points' of these parameters too) as HTML beside it."""
+    the curve points' of these parameters too) as HTML beside it."""
     nb_dir = paths.notebooks_dir(run_dir)
     repeats = [nb for s in config.repeat_seeds(cfg) for nb in paths.notebooks_dir(paths.repeat_dir(run_dir, s))
                .glob("0*.ipynb")]
-    points = [nb for name, _ in sweep_points(cfg) for nb in paths.notebooks_dir(paths.sweep_point_dir(run_dir, name))
+    points = [nb for name, _ in curve_points(cfg) for nb in paths.notebooks_dir(paths.curve_point_dir(run_dir, name))
               .glob("0*.ipynb")]   # a folder of a point no longer asked for keeps its old pages
     for nb in sorted([*nb_dir.glob("0*.ipynb"), *repeats, *points]):
         if nb.is_symlink() and not nb.exists():   # the study's notebook, gone: computed outside the runner

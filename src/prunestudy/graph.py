@@ -133,8 +133,8 @@ def chain_keys(cfg: dict, *, after: str | None = None, names: tuple[str, ...] = 
         if name == "analysis" and config.repeat_seeds(cfg):
             extra["repeats"] = {str(s): repeat_keys(cfg, s, keys["data"], code=code)["retrain"]
                                 for s in config.repeat_seeds(cfg)}
-        if name == "analysis" and config.sweep_points(cfg):
-            extra["sweep"] = [point_keys(p, keys["data"], code=code)["retrain"] for p in config.sweep_points(cfg)]
+        if name == "analysis" and config.curve_points(cfg):
+            extra["curve"] = [point_keys(p, keys["data"], code=code)["retrain"] for p in config.curve_points(cfg)]
         keys[name] = key(name, key_params(name, cfg), previous, code=code, **extra)
         previous = keys[name]
     return keys

@@ -27,7 +27,7 @@ correlation. It is not derived from the test, so at the very edge of significanc
 disagree; the verdict is the test's.
 
 Verdicts are made at LEVEL (5%). Where several comparisons are read together (the classes, the
-sweep points) the p-values are corrected with Holm's step-down method. With m discordant
+curve points) the p-values are corrected with Holm's step-down method. With m discordant
 samples the smallest possible p-value is 2^(1-m) (all of them one way); when even that does not
 reach LEVEL (m <= 5) no verdict is given: too few samples changed to say anything. A
 non-significant change is never read as "no change": the interval says how large a change the

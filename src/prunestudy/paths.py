@@ -17,7 +17,7 @@
       <stage>/stage.json          stage_record(run, stage): what the stage was computed from (records)
       run.lock                    lock_file(run): the lock of the process writing the folder
       repeats/seed-<s>/           repeat_dir(run, s): a run folder of its own (data/ linked)
-      sweep/<method>-<amount>/    sweep_point_dir(run, name): a sweep point's run folder (data/ and
+      curve/<method>-<amount>/    curve_point_dir(run, name): a curve point's run folder (data/ and
                                   train/ linked; its own prune/, retrain/ and notebooks/)
 
 Functions take the run folder and return paths; constants are bare file names.
@@ -39,7 +39,8 @@ RESULTS = "results.json"
 REPORT = "report.html"
 NOTEBOOKS = "notebooks"
 REPEATS = "repeats"
-SWEEP = "sweep"                    # sweep/<point>/: the in-run sweep's points (prune.amounts x prune.methods)
+CURVE = "curve"                    # curve/<point>/: the points of a run's curve (prune.amounts x prune.methods)
+OLD_CURVE = "sweep"                # what curve/ was called before (a run folder of then is renamed once)
 PARALLEL = ".parallel"             # `prunestudy run --jobs N`: its chains computed as a sweep of their own
 LOCK = "run.lock"                  # held by the process writing the run folder (records.RunLock)
 COMPARE_PAGE = "compare.html"      # prunestudy compare's page, in the current folder unless -o names another
@@ -48,7 +49,7 @@ ENTRY_NOTEBOOK = ".executed.ipynb"  # a store entry's executed notebook (run/not
 
 # files inside a stage folder
 STAGE_RECORD = "stage.json"        # the stage key, written by the runner when the stage finished
-METRICS = "metrics.json"           # written last, atomically: marks a stage (or sweep point) complete
+METRICS = "metrics.json"           # written last, atomically: marks a stage (or curve point) complete
 DATA_INFO = "data.json"            # the data stage's metrics.json
 MODEL = "model.pt"                 # state_dict, masks folded (loads with weights_only=True)
 MASKS = "masks.pt"                 # boolean keep-masks of the pruned weights
@@ -140,24 +141,24 @@ def timing_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / TIMING
 
 
-def sweep_point_dir(run_dir: str | Path, name: str) -> Path:
-    """An in-run sweep point's own run folder."""
-    return Path(run_dir) / SWEEP / name
+def curve_point_dir(run_dir: str | Path, name: str) -> Path:
+    """A curve point's own run folder."""
+    return Path(run_dir) / CURVE / name
 
 
-def sweep_point(run_dir: str | Path, stage: str, name: str) -> Path:
-    """A sweep point's stage folder (prune or retrain)."""
-    return stage_dir(sweep_point_dir(run_dir, name), stage)
+def curve_point(run_dir: str | Path, stage: str, name: str) -> Path:
+    """A curve point's stage folder (prune or retrain)."""
+    return stage_dir(curve_point_dir(run_dir, name), stage)
 
 
 def point_name(method: str, amount: float) -> str:
-    """Folder name of a sweep point, e.g. l1_unstructured-0.5."""
+    """Folder name of a curve point, e.g. l1_unstructured-0.5."""
     return f"{method}-{float(amount)!r}"
 
 
-def sweep_points(cfg: dict) -> list[tuple[str, dict]]:
-    """The in-run sweep's points (config.sweep_points): (folder name, parameters), in order."""
-    return [(point_name(p["prune"]["method"], p["prune"]["amount"]), p) for p in config.sweep_points(cfg)]
+def curve_points(cfg: dict) -> list[tuple[str, dict]]:
+    """The curve's points (config.curve_points): (folder name, parameters), in order."""
+    return [(point_name(p["prune"]["method"], p["prune"]["amount"]), p) for p in config.curve_points(cfg)]
 
 
 def notebooks_dir(run_dir: str | Path) -> Path:
@@ -178,10 +179,10 @@ def repeat_dir(run_dir: str | Path, seed: int) -> Path:
 
 
 def lock_file(run_dir: str | Path) -> Path:
-    """The run folder's lock (one writer at a time): a repeat and a sweep point share the lock of
+    """The run folder's lock (one writer at a time): a repeat and a curve point share the lock of
     their run."""
     run_dir = Path(run_dir)
-    if run_dir.parent.name in (REPEATS, SWEEP) and (run_dir.parent.parent / PARAMS).is_file():
+    if run_dir.parent.name in (REPEATS, CURVE) and (run_dir.parent.parent / PARAMS).is_file():
         run_dir = run_dir.parent.parent
     return run_dir / LOCK
 

@@ -32,7 +32,7 @@ def run(cfg: dict, run_dir: str | Path, *, force: str | None = None, log: Callab
     that stage on. `store_root`: the stage store (None: stagestore.default_root; "none": no store,
     every stage computed in the run folder). `fresh_kernels`: a new kernel per notebook, rather
     than one kernel reset between them (prunestudy.kernels). `jobs` > 1: the chains (the study, its
-    sweep points and its `seeds` repeats) are computed first, `jobs` stages at a time
+    curve points and its `seeds` repeats) are computed first, `jobs` stages at a time
     (`parallel_points`). Holds the run folder's lock throughout (a
     second writer is refused: records.LockedError). Returns results.json's content."""
     import papermill  # noqa: F401  (fail here, before any work, if it is missing)
@@ -41,8 +41,8 @@ def run(cfg: dict, run_dir: str | Path, *, force: str | None = None, log: Callab
     if force is not None and force not in FORCEABLE:
         raise execute.PreflightError(f"--force must name a stage ({', '.join(FORCEABLE)}), got {force!r}")
     execute.preflight(cfg, run_dir)
-    if execute.sweep_points(cfg) and config.repeat_seeds(cfg):
-        log(f"==> note: the sweep (prune.amounts) runs on the study's seed ({cfg['seed']}) only, not on the repeats of "
+    if execute.curve_points(cfg) and config.repeat_seeds(cfg):
+        log(f"==> note: the curve (prune.amounts) runs on the study's seed ({cfg['seed']}) only, not on the repeats of "
             f"`seeds`: for bands over seeds, {config.SWEEP_SEEDS_HINT}")
     with records.RunLock(run_dir, f"prunestudy run (pid {os.getpid()})") as lock:
         os.environ[records.TOKEN_ENV] = lock.token   # the kernels it starts inherit it: they may write
@@ -57,15 +57,15 @@ def run(cfg: dict, run_dir: str | Path, *, force: str | None = None, log: Callab
 
 def parallel_points(cfg: dict, run_dir: Path, stage_store: stagestore.Store | None, jobs: int,
                     log: Callable[[str], None], fresh_kernels: bool = False, force: str | None = None) -> None:
-    """The study's chain, its sweep points and its `seeds` repeats are points of one stage graph,
+    """The study's chain, its curve points and its `seeds` repeats are points of one stage graph,
     with the keys of the grid points they equal. With `--jobs N` they are computed first, N stages
     at a time, on the local pool (prunestudy.worker) into the stage store, and the run then
     links them like any stored stage. Each of those stages computes with cores/N threads, so its
     figures may differ in the last digits from a run with --jobs 1 (worker.task_threads). A stage
     that fails there runs again in the chain, which reports it as usual."""
-    seeds, points = config.repeat_seeds(cfg), execute.sweep_points(cfg)
+    seeds, points = config.repeat_seeds(cfg), execute.curve_points(cfg)
     if not seeds and not points:
-        log(f"==> --jobs {jobs}: one chain (no seeds repeats, no sweep): its stages run one after another")
+        log(f"==> --jobs {jobs}: one chain (no seeds repeats, no curve): its stages run one after another")
         return
     if stage_store is None or force is not None:
         log(f"==> --jobs {jobs}: the chains run one after another ("
@@ -76,7 +76,7 @@ def parallel_points(cfg: dict, run_dir: Path, stage_store: stagestore.Store | No
     pts += [grid.Point(name, {"prune.method": p["prune"]["method"], "prune.amount": p["prune"]["amount"]}, p)
             for name, p in points]
     pts += [grid.Point(f"seed={s}", {"seed": s}, config.repeat_config(cfg, s)) for s in seeds]
-    log(f"==> --jobs {jobs}: {len(pts)} chains (the study, {len(points)} sweep point(s), {len(seeds)} repeat(s)) "
+    log(f"==> --jobs {jobs}: {len(pts)} chains (the study, {len(points)} curve point(s), {len(seeds)} repeat(s)) "
         f"computed {jobs} stages at a time (the local pool), then linked")
     folder = run_dir / paths.PARALLEL
     for p in pts:
@@ -98,6 +98,7 @@ def _store(run_dir: Path, root: str | Path | None) -> stagestore.Store | None:
 
 def _run(cfg: dict, run_dir: Path, force: str | None, log: Callable[[str], None],
          stage_store: stagestore.Store | None, fresh_kernels: bool = False) -> dict:
+    rename_old_curve(run_dir)
     paths.notebooks_dir(run_dir).mkdir(parents=True, exist_ok=True)
     atomic.write_json(run_dir / paths.PARAMS, cfg)
     kernel = execute.ensure_kernel()
@@ -112,11 +113,11 @@ def _run(cfg: dict, run_dir: Path, force: str | None, log: Callable[[str], None]
     chain = _Chain(kernel, forced, log, invalidate=paths.stage_record(run_dir, "analysis"), store=stage_store,
                    fresh_kernels=fresh_kernels, retime=force == "timing")
     folders = [_Folder("study", "", cfg, run_dir, STAGES[:-1], keys, timings, finish)]
-    points = execute.sweep_points(cfg)
-    for n, (name, pcfg) in enumerate(points, 1):   # the sweep: other methods and amounts, the same training
-        pdir, pkeys = paths.sweep_point_dir(run_dir, name), graph.point_keys(pcfg, keys["data"])
-        folders.append(_Folder(f"sweep/{name}", f"sweep {name}: point {n}/{len(points)}", pcfg, pdir, graph.POINT,
-                               pkeys, {}, finish,   # finish: the study's results
+    points = execute.curve_points(cfg)
+    for n, (name, pcfg) in enumerate(points, 1):   # the curve: other methods and amounts, the same training
+        pdir, pkeys = paths.curve_point_dir(run_dir, name), graph.point_keys(pcfg, keys["data"])
+        folders.append(_Folder(f"{paths.CURVE}/{name}", f"curve {name}: point {n}/{len(points)}", pcfg, pdir,
+                               graph.POINT, pkeys, {}, finish,   # finish: the study's results
                                before=lambda c=pcfg, d=pdir, k=pkeys: link_point(chain, c, d, k, run_dir, keys),
                                after="study:train"))
     seeds = config.repeat_seeds(cfg)
@@ -143,13 +144,23 @@ def _run(cfg: dict, run_dir: Path, force: str | None, log: Callable[[str], None]
     return atomic.read_json(saved)
 
 
+def rename_old_curve(run_dir: Path) -> bool:
+    """A run folder of a version that called the curve's folder `sweep/`: renamed to `curve/` once, so
+    that its points are found (their stages, links relative to the folder, work as they were)."""
+    old, new = run_dir / paths.OLD_CURVE, run_dir / paths.CURVE
+    if old.is_dir() and not old.is_symlink() and not new.exists() and (run_dir / paths.PARAMS).is_file():
+        old.rename(new)
+        return True
+    return False
+
+
 def link_point(chain: _Chain, pcfg: dict, pdir: Path, pkeys: dict, run_dir: Path, keys: dict) -> bool | None:
     """An in-run point's folder before its stages: it links the study's data (hard links) and
     training (a symlink); its pruning and retraining then run as a chain of their own (linked from the
     stage store when computed before, by this run, another or a grid). A point with the study's own
     method and amount has the study's keys: its folders link the study's (returns None: nothing to
     run). True: its data changed, so its stages rerun."""
-    assert pkeys["train"] == keys["train"], "a sweep point trains as the study does"
+    assert pkeys["train"] == keys["train"], "a curve point trains as the study does"
     new = not paths.stage_dir(pdir, "data").exists()
     relinked = link_data(paths.stage_dir(run_dir, "data"), paths.stage_dir(pdir, "data")) and not new
     stagestore.link(paths.stage_dir(pdir, "train"), paths.stage_dir(run_dir, "train"))

@@ -1,5 +1,5 @@
 """results.json: the contract of a run, merged from the stage outputs completed so far; the seed
-repeats' and the sweep's figures; provenance (versions, lock file, commit, platform)."""
+repeats' and the curve's figures; provenance (versions, lock file, commit, platform)."""
 
 from __future__ import annotations
 
@@ -35,9 +35,9 @@ def collect_results(run_dir, params: dict | None = None, timings: dict | None = 
             if stage in res:
                 res[stage]["efficiency"] = with_timing(res[stage].get("efficiency"), timing, stage)
         res["timing"] = {k: timing.get(k) for k in ("machine", "device", "measured")}
-    names = sweep_names(run_dir, params)
+    names = curve_names(run_dir, params)
     if names:
-        res["sweep"] = sweep_results(run_dir, names)
+        res["curve"] = curve_results(run_dir, names)
     if test is not None:
         res.update(comparisons(run_dir, res, *test))
     if params is not None:
@@ -102,36 +102,36 @@ def seed_results(run_dir, seed: int, where: str = ".") -> dict:
     return out
 
 
-def sweep_names(run_dir, params: dict | None) -> list[str]:
-    """The in-run sweep's points: from the parameters (methods, then amounts), or, without them
+def curve_names(run_dir, params: dict | None) -> list[str]:
+    """The curve's points: from the parameters (methods, then amounts), or, without them
     (stages called from Python), every point folder with a finished pruning, by method and amount."""
     if params is not None:
-        return [name for name, _ in paths.sweep_points(params)]
-    found = [atomic.read_json(m) for m in Path(run_dir).glob(f"{paths.SWEEP}/*/prune/{paths.METRICS}")]
+        return [name for name, _ in paths.curve_points(params)]
+    found = [atomic.read_json(m) for m in Path(run_dir).glob(f"{paths.CURVE}/*/prune/{paths.METRICS}")]
     return [paths.point_name(m["method"], m["amount"]) for m in sorted(found, key=lambda m: (m["method"], m["amount"]))]
 
 
-def sweep_results(run_dir, names: list[str]) -> list[dict]:
-    """One entry per sweep point whose pruning finished (sweep/<point>/, its own run folder):
+def curve_results(run_dir, names: list[str]) -> list[dict]:
+    """One entry per curve point whose pruning finished (curve/<point>/, its own run folder):
     method, amount, sparsity (of the targeted weights, against the dense model), test accuracy /
     loss before and after retraining (None until its retraining has run on this pruning), measured
     and theoretical speedup, sizes."""
     run_dir, out = Path(run_dir), []
     for name in names:
-        pruned = paths.sweep_point(run_dir, "prune", name)
+        pruned = paths.curve_point(run_dir, "prune", name)
         if not (pruned / paths.METRICS).is_file():
             continue
         p = atomic.read_json(pruned / paths.METRICS)
-        retrained = paths.sweep_point(run_dir, "retrain", name)
+        retrained = paths.curve_point(run_dir, "retrain", name)
         r = None   # retrained from this very pruning (its record says so), or not yet
         if (retrained / paths.METRICS).is_file() and records.problem(retrained, None, {"prune": pruned}) is None:
             r = atomic.read_json(retrained / paths.METRICS)
-        eff = with_timing(p["efficiency"], timing_of(paths.sweep_point_dir(run_dir, name), run_dir), "prune")
+        eff = with_timing(p["efficiency"], timing_of(paths.curve_point_dir(run_dir, name), run_dir), "prune")
         # none for a model of the dense computation (efficiency.untimed): its speed is the dense model's
         table = eff["latency"].get("cpu") or next(iter(eff["latency"].values()), None)
         batch = max(row["batch"] for row in table["rows"]) if table else None
         ms = {row["model"]: row["median_ms"] for row in table["rows"] if row["batch"] == batch} if table else {}
-        out.append({"name": name, "dir": f"{paths.SWEEP}/{name}", "method": p["method"], "amount": p["amount"],
+        out.append({"name": name, "dir": f"{paths.CURVE}/{name}", "method": p["method"], "amount": p["amount"],
                     "kind": p["kind"], "rounds": p.get("rounds", 1), "rewound": bool(p.get("rewind")),
                     "targets": p["targets"], "sparsity": p["global_sparsity"], "param_sparsity": p["param_sparsity"],
                     "params_total": p["params_total"], "params_nonzero": p["params_nonzero"],
@@ -188,10 +188,10 @@ def _scored(m: dict, folder: Path, test) -> dict:
 def comparisons(run_dir, res: dict, labels: np.ndarray, classes: list[str]) -> dict:
     """What results.json says about comparisons on the test set (prunestudy.metrics), from the saved
     predictions: `floor` (the majority class and each state against it), `paired` (the exact
-    McNemar test and Newcombe interval of each of states.COMPARED) and, per sweep point, its
+    McNemar test and Newcombe interval of each of states.COMPARED) and, per curve point, its
     balanced metrics, `paired_before` / `paired_after` against the trained model and
     `vs_floor_before` / `vs_floor_after` against the floor method (random pruning) at the same
-    amount; each of these four is one Holm-corrected family over the sweep points."""
+    amount; each of these four is one Holm-corrected family over the curve points."""
     run_dir = Path(run_dir)
     preds = {s.key: p for s in states.ALL if s.stage in res
              and (p := _predictions(states.folder(run_dir, s.key), (labels, classes))) is not None}
@@ -201,9 +201,9 @@ def comparisons(run_dir, res: dict, labels: np.ndarray, classes: list[str]) -> d
     dense = preds.get("trained")
     families: dict[str, list[dict]] = {}
     points: dict[tuple[str, float, str], np.ndarray] = {}   # (method, amount, when) -> predictions
-    for e in res.get("sweep") or []:
+    for e in res.get("curve") or []:
         for when, stage in (("before", "prune"), ("after", "retrain")):
-            pred = _predictions(paths.sweep_point(run_dir, stage, e["name"]), (labels, classes))
+            pred = _predictions(paths.curve_point(run_dir, stage, e["name"]), (labels, classes))
             if pred is None or e.get(f"test_accuracy_{when}") is None:
                 continue
             points[e["method"], e["amount"], when] = pred
@@ -214,7 +214,7 @@ def comparisons(run_dir, res: dict, labels: np.ndarray, classes: list[str]) -> d
                 e[f"paired_{when}"] = metrics.paired(labels, dense, pred)
                 families.setdefault(f"paired_{when}", []).append(e[f"paired_{when}"])
     floor = methods.floor()
-    for e in res.get("sweep") or []:   # each method against random pruning at the same amount
+    for e in res.get("curve") or []:   # each method against random pruning at the same amount
         for when in ("before", "after"):
             base, pred = points.get((floor, e["amount"], when)), points.get((e["method"], e["amount"], when))
             if e["method"] != floor and base is not None and pred is not None:

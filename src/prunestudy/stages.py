@@ -234,7 +234,7 @@ def run_prune(run_dir=None, *, method=default("prune.method"), amount=default("p
     With `rewind_step`, the surviving weights are also reset to the training state saved at that
     step (train/rewind.pt; masks kept) and saved as rewound.pt: retraining starts from there.
     Efficiency figures (`efficiency.summary` against the dense model, latency measured in this
-    run) go into metrics.json. (A sweep over methods and amounts is the runner's: each of its
+    run) go into metrics.json. (A curve over methods and amounts is the runner's: each of its
     points runs this stage with its own method and amount, prunestudy.pipeline.)
     `epochs_per_round`, `lr`, `batch_size`, `seed`: fine-tuning between rounds (retrain.*)."""
     run_dir = paths.resolve_run_dir(run_dir)
@@ -521,7 +521,7 @@ def run_timing(run_dir=None, *, force: bool = False, log=print) -> dict:
     {chain folder: its timing metrics} for the chains that needed one; `log` None: silent."""
     run_dir = paths.resolve_run_dir(run_dir)
     say = log or (lambda _: None)
-    chains = [run_dir] + sorted({c.parent for c in Path(run_dir).glob(f"{paths.SWEEP}/*/prune")})
+    chains = [run_dir] + sorted({c.parent for c in Path(run_dir).glob(f"{paths.CURVE}/*/prune")})
     out = {}
     for folder in chains:
         timing = _chain_timing(run_dir, folder, force, say)

@@ -63,10 +63,10 @@ def run_lines(cfg: dict, run_dir: Path, st: stagestore.Store | None) -> list[Lin
     """The status of every stage a `prunestudy run` with cfg would check in run_dir, in its order."""
     keys = graph.chain_keys(cfg)
     lines = [_line(cfg, run_dir, s, keys, st, ".") for s in graph.CHAIN[:-1]]
-    for name, pcfg in paths.sweep_points(cfg):
+    for name, pcfg in paths.curve_points(cfg):
         pkeys = {"data": keys["data"], **graph.point_keys(pcfg, keys["data"])}
-        folder = paths.sweep_point_dir(run_dir, name)
-        lines += [_line(pcfg, folder, s, pkeys, st, f"{paths.SWEEP}/{name}") for s in graph.POINT]
+        folder = paths.curve_point_dir(run_dir, name)
+        lines += [_line(pcfg, folder, s, pkeys, st, f"{paths.CURVE}/{name}") for s in graph.POINT]
     for seed in config.repeat_seeds(cfg):
         rcfg, folder = config.repeat_config(cfg, seed), paths.repeat_dir(run_dir, seed)
         rkeys = {"data": keys["data"], **graph.repeat_keys(cfg, seed, keys["data"])}
@@ -84,7 +84,7 @@ def _propagate(lines: list[Line]) -> list[Line]:
         if line.state != COMPUTE:
             earlier = graph.CHAIN[:graph.CHAIN.index(line.stage)]
             deps = [(line.where, s) for s in earlier]
-            if line.where.startswith((paths.SWEEP + "/", paths.REPEATS + "/")):
+            if line.where.startswith((paths.CURVE + "/", paths.REPEATS + "/")):
                 deps += [(".", s) for s in ("data", "train")]
             cause = next((computed[d] for d in deps if d in computed), None)
             if line.stage == "analysis" and cause is None and computed:

@@ -7,7 +7,7 @@ training stages on CUDA).
       grid.json                 the points: name, grid values, parameters hash, stage keys
       points/<point>/           a run folder per point: its stages link into the store; its own
                                 analysis, report.html and results.json
-      sweep.json, sweep.csv     one row per point (sweep_table); written by the sweep notebook
+      sweep.json, sweep.csv     one row per point (report.grid_table); written by the sweep notebook
       sweep.html                the grid report (notebooks/06_sweep.ipynb, code hidden)
       notebooks/06_sweep.ipynb  the executed sweep notebook
 

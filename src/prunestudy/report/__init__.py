@@ -14,7 +14,7 @@ them all, under the names the notebooks call):
 - ``findings``: the first screen's sentences (and the dense control's);
 - ``seeds``: accuracy over seeds, paired changes and their confidence intervals;
 - ``efficiency``: parameters, MACs, bytes and measured time;
-- ``sweep``: the sweep table and the trade-off curves;
+- ``curve``: the curve table (prune.amounts x prune.methods) and its trade-off plots;
 - ``grid``: the grid report of `prunestudy sweep` (notebooks/06_sweep.ipynb): operating points
   over seeds, trade-off curves per method, links to every point's report;
 - ``data``: what the data stage built, crops per class, sample crops;
@@ -33,6 +33,7 @@ markers, the floor, the wording of an amount) from ``prunestudy.methods``, file 
 """
 
 from .common import binomial_se, min_test
+from .curve import curve_markdown, curve_styler, curve_table, plot_tradeoff
 from .curves import cut_threshold, plot_epoch_metrics, plot_layer_sparsity, plot_step_loss, plot_weight_histograms
 from .data import data_markdown, plot_class_counts, plot_samples, sample_mosaic
 from .efficiency import efficiency_markdown, efficiency_styler, efficiency_table
@@ -88,7 +89,6 @@ from .summary import (
     summary_table,
     title_markdown,
 )
-from .sweep import plot_tradeoff, sweep_markdown, sweep_styler, sweep_table
 from .usage import dead_units, usage_markdown, usage_table
 
 __all__ = [
@@ -105,6 +105,6 @@ __all__ = [
     "plot_epoch_metrics", "plot_layer_sparsity", "plot_samples", "plot_seeds", "plot_step_loss", "plot_tradeoff",
     "plot_weight_histograms", "provenance_markdown", "row_normalised", "sample_mosaic", "save_figures", "show_figure",
     "seed_report", "seed_runs", "seeds_markdown", "seeds_styler", "seeds_table", "setup_style", "stage_markdown",
-    "summary_styler", "summary_table", "sweep_markdown", "sweep_styler", "sweep_table", "t_interval",
+    "summary_styler", "summary_table", "curve_markdown", "curve_styler", "curve_table", "t_interval",
     "title_markdown", "usage_markdown", "usage_table",
 ]

@@ -133,7 +133,7 @@ def verdict_text(c: dict, family: str | None = None, rules: bool = True) -> str:
     """The paired test of a comparison in prose: its discordant counts, the exact McNemar p-value and
     the verdict at its level, with the interval (and, for a change it cannot call, what the interval
     rules out unless `rules` is false). `family` names what a Holm-corrected comparison was
-    corrected over ('sweep points', 'classes'): its verdict is then the corrected p-value's."""
+    corrected over ('curve points', 'classes'): its verdict is then the corrected p-value's."""
     level = f"{c['level']:.0%}"
     tail = f"{c['gains']} crops gained, {c['losses']} lost"
     p = pvalue(c["p_value"])

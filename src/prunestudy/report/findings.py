@@ -34,10 +34,10 @@ from .common import (
     test_size,
     verdict_text,
 )
+from .curve import f_curve
 from .efficiency import f_efficiency
 from .seeds import f_seeds
 from .style import md_escape
-from .sweep import f_sweep
 
 
 def _f_floor(results: dict) -> str | None:
@@ -374,7 +374,7 @@ def findings(results: dict) -> list[str]:
     """Sentences computed from the numbers of ``results`` (each one changes when its numbers do)."""
     builders = [_f_floor, _f_data, _f_accuracy, lambda r: _f_train_loss(r, "trained"), _f_first_steps,
                 lambda r: _f_overfit(r, "trained"), _f_prune, _f_sparsity, _f_seed, f_seeds, _f_retrain, _f_control,
-                f_efficiency, f_sweep,
+                f_efficiency, f_curve,
                 lambda r: _f_train_loss(r, "retrained"), lambda r: _f_overfit(r, "retrained"),
                 _f_loss_note, _f_time]
     return [s for s in (b(results) for b in builders) if s]

@@ -1,5 +1,5 @@
 """Provenance: what made this run (parameters, commit, platform, versions, seeds, data, timings)
-and links to every stage's executed notebook, the repeats' and the sweep points' too."""
+and links to every stage's executed notebook, the repeats' and the curve points' too."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def _per_split(value) -> str | None:
 def provenance_markdown(results: dict) -> str:
     """Parameter hash, commit, platform, device, seeds, the data's manifest hash and class counts,
     versions, stage timings and keys, and every parameter, as a Markdown table; then links to
-    every stage's executed notebook (the repeats' and the sweep points' too)."""
+    every stage's executed notebook (the repeats' and the curve points' too)."""
     prov = results.get("provenance") or {}
     rows = [("parameters hash", results.get("params_hash")), ("git commit", prov.get("git_commit")),
             ("python", prov.get("python")), ("platform", prov.get("platform")),
@@ -83,7 +83,7 @@ def provenance_markdown(results: dict) -> str:
         seed = int(r["seed"])   # an int (config checks it): safe in a link
         folder = paths.repeat_name(seed)
         lines.append(f"Repeat with seed {seed} (folder {folder}): {_pages(folder, graph.REPEAT)}.")
-    for e in results.get("sweep") or []:   # folder names from the method registry and a float: safe in a link
-        lines.append(f"Sweep point {md_escape(e['name'])} (folder {md_escape(e['dir'])}): "
+    for e in results.get("curve") or []:   # folder names from the method registry and a float: safe in a link
+        lines.append(f"Curve point {md_escape(e['name'])} (folder {md_escape(e['dir'])}): "
                      f"{_pages(e['dir'], graph.POINT)}.")
     return "\n".join(lines)

@@ -1,5 +1,5 @@
 """The first screen: the title (with the data named, and a warning when a model state sits at the
-majority-class floor), the summary table (one row per model state and sweep point, the majority
+majority-class floor), the summary table (one row per model state and curve point, the majority
 floor, and the seed report's figures where they are comparable) and the test-accuracy bars."""
 
 from __future__ import annotations
@@ -67,17 +67,17 @@ def _cost(eff: dict, which: str, point: tuple[str, int] | None) -> dict:
     return {SIZE: size, LATENCY: ms}
 
 
-def _sweep_rows(results: dict) -> dict:
-    """One summary row per sweep point, after retraining where it was retrained (its latency was
-    measured at another batch size: see the sweep table)."""
+def _curve_rows(results: dict) -> dict:
+    """One summary row per curve point, after retraining where it was retrained (its latency was
+    measured at another batch size: see the curve table)."""
     rows = {}
-    for p in results.get("sweep") or []:
+    for p in results.get("curve") or []:
         after = p.get("test_accuracy_after") is not None
         when = "after" if after else "before"
         acc, loss = p[f"test_accuracy_{when}"], p.get(f"test_loss_{when}")
         size = (p.get("sizes") or {}).get("state_dict_bytes")
         bal, f1 = p.get(f"balanced_accuracy_{when}"), p.get(f"macro_f1_{when}")
-        rows[f"sweep: {p['method']} {p['amount']:g} ({'retrained' if after else 'pruned, not retrained'})"] = {
+        rows[f"curve: {p['method']} {p['amount']:g} ({'retrained' if after else 'pruned, not retrained'})"] = {
             ACC: 100 * acc, BALANCED: np.nan if bal is None else 100 * bal,
             MACRO_F1: np.nan if f1 is None else 100 * f1,
             LOSS: np.nan if loss is None else loss, SPARSITY: 100 * p["sparsity"],
@@ -88,7 +88,7 @@ def _sweep_rows(results: dict) -> dict:
 
 def summary_table(results: dict) -> pd.DataFrame:
     """One row per model state of this run (trained / pruned / retrained, those present), the dense
-    control beside the retrained model when it ran, each sweep point, the majority floor, and the
+    control beside the retrained model when it ran, each curve point, the majority floor, and the
     seed report's two rows only where this run is on COCO 2017 at its settings
     (``reference.data_source``; ``df.attrs['source']``). Accuracy, balanced accuracy, macro-F1 and
     sparsity in % (2 decimals), loss the true per-sample mean (4 decimals; NaN for the seed, whose
@@ -104,7 +104,7 @@ def summary_table(results: dict) -> pd.DataFrame:
     for s in (states.PRUNED, states.RETRAINED):
         if s.long_label in rows and states.metrics(results, s.key).get("efficiency"):
             rows[s.long_label].update(_cost(states.metrics(results, s.key)["efficiency"], "pruned", point))
-    rows.update(_sweep_rows(results))
+    rows.update(_curve_rows(results))
     if (floor := floor_row(results)) is not None:
         rows[floor[0]] = floor[1]
     source = reference.data_source(results)
@@ -196,8 +196,8 @@ def title_markdown(results: dict) -> str:
         what += f" in {prune['rounds']} rounds"
     if prune.get("rewind"):
         what += f", rewound to step {prune['rewind']['step']}"
-    if results.get("sweep"):
-        what += f"; sweep of {len(results['sweep'])} points"
+    if results.get("curve"):
+        what += f"; curve of {len(results['curve'])} points"
     h = results.get("params_hash")
     return (f"# Pruning study: {md_escape(model)}, {md_escape(what)}\n\n"
             + stale_warning(results) + floor_warning(results) + data_line(results)

@@ -1,6 +1,6 @@
-"""The sweep: one row per (method, amount) point, its findings sentence and the trade-off curves
-(accuracy against sparsity and against measured speedup). Method colours, markers and the floor
-(random pruning) come from the method registry."""
+"""A run's curve (prune.amounts x prune.methods): one row per (method, amount) point, its findings
+sentence and the trade-off plots (accuracy against sparsity and against measured speedup). Method
+colours, markers and the floor (random pruning) come from the method registry."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from .common import MB, pct, pvalue, signed
 from .style import figure, floor_method, label, literal, md_escape, method_style, placeholder
 
 
-def _sweep(results: dict) -> list[dict]:
-    return [e for e in results.get("sweep") or [] if e.get("test_accuracy_before") is not None]
+def _points(results: dict) -> list[dict]:
+    return [e for e in results.get("curve") or [] if e.get("test_accuracy_before") is not None]
 
 
 def _pct(v) -> float:
@@ -27,15 +27,15 @@ def _latest(e: dict) -> str:
     return "after" if e.get("test_accuracy_after") is not None else "before"
 
 
-def sweep_table(results: dict) -> pd.DataFrame:
-    """One row per sweep point: method, amount and sparsity (%), test accuracy, balanced accuracy and
+def curve_table(results: dict) -> pd.DataFrame:
+    """One row per curve point: method, amount and sparsity (%), test accuracy, balanced accuracy and
     macro-F1 (%) before and after retraining; the paired change against the dense (trained) model
     after retraining (before, where not retrained) with its 95% interval and the exact McNemar
-    p-value Holm-corrected over the sweep points, and its verdict at 5%; measured speedup with its
+    p-value Holm-corrected over the curve points, and its verdict at 5%; measured speedup with its
     interval, theoretical speedup, latency, sizes."""
     rows = []
     timing = _timing(results)
-    for e in _sweep(results):
+    for e in _points(results):
         when = _latest(e)
         c = e.get(f"paired_{when}")
         low, high = e.get("speedup_ci") or (None, None)
@@ -59,8 +59,8 @@ def sweep_table(results: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def sweep_styler(results: dict):
-    df = sweep_table(results)
+def curve_styler(results: dict):
+    df = curve_table(results)
     if df.empty:
         return df
     fmt = {c: "{:.2f}" for c in df.columns if df[c].dtype.kind == "f"}
@@ -68,7 +68,7 @@ def sweep_styler(results: dict):
     return (df.style.format(fmt, na_rep="—").hide(axis="index")
             .set_caption("vs dense: the paired change of test accuracy against the trained (dense) model on the "
                          "same test crops, after retraining where the point was retrained; exact McNemar p-value "
-                         "Holm-corrected over the sweep points, verdict at 5% ('too few changes': the crops that "
+                         "Holm-corrected over the curve points, verdict at 5% ('too few changes': the crops that "
                          "changed answer could not reach 5% whichever way they went). Speedup: geometric mean of "
                          f"paired timing ratios with its 95% interval; 'saves time' only when it lies above "
                          f"{efficiency.MIN_SPEEDUP:.2f}×; masked points run the dense computation and are not "
@@ -84,21 +84,21 @@ def _saves(e: dict) -> str:
 
 
 def _timing(results: dict) -> tuple[str, int, int | None] | None:
-    """(device, batch, threads) of the sweep's latency measurements: those of its first timed point;
+    """(device, batch, threads) of the curve's latency measurements: those of its first timed point;
     None when no point was timed (every one of the dense computation: masked methods)."""
-    e = next((e for e in _sweep(results) if e.get("timed", True)), None)
+    e = next((e for e in _points(results) if e.get("timed", True)), None)
     return (e["latency_device"], e["latency_batch"], e.get("latency_threads")) if e else None
 
 
-def f_sweep(results: dict) -> str | None:
-    """The findings' sentence on the sweep: accuracy at the largest amount against the dense model and
-    against the floor (random pruning), each a paired test Holm-corrected over the sweep, and speed."""
-    sweep = _sweep(results)
-    if not sweep:
+def f_curve(results: dict) -> str | None:
+    """The findings' sentence on the curve: accuracy at the largest amount against the dense model and
+    against the floor (random pruning), each a paired test Holm-corrected over the curve, and speed."""
+    curve = _points(results)
+    if not curve:
         return None
-    methods = list(dict.fromkeys(e["method"] for e in sweep))
-    top = max(e["amount"] for e in sweep)
-    at_top = {e["method"]: e for e in sweep if e["amount"] == top}
+    methods = list(dict.fromkeys(e["method"] for e in curve))
+    top = max(e["amount"] for e in curve)
+    at_top = {e["method"]: e for e in curve if e["amount"] == top}
     stage = "after" if all(e.get("test_accuracy_after") is not None for e in at_top.values()) else "before"
     acc = {m: e[f"test_accuracy_{stage}"] for m, e in at_top.items()}
 
@@ -106,8 +106,8 @@ def f_sweep(results: dict) -> str | None:
         c = at_top[m].get(f"paired_{stage}")
         return "" if c is None else f"; {signed(100 * c['change'])} points against the dense model, {_short(c)}"
     parts = "; ".join(f"{m} {pct(a)} (sparsity {pct(at_top[m]['sparsity'], 0)}{vs_dense(m)})" for m, a in acc.items())
-    n_amounts = len({e["amount"] for e in sweep})
-    s = (f"In the sweep ({len(methods)} method{'s' * (len(methods) != 1)} × {n_amounts} "
+    n_amounts = len({e["amount"] for e in curve})
+    s = (f"On the curve ({len(methods)} method{'s' * (len(methods) != 1)} × {n_amounts} "
          f"amount{'s' * (n_amounts != 1)}), at the largest "
          f"amount ({pct(top, 0)}) test accuracy {stage} retraining was: {parts}")
     rand = floor_method()
@@ -125,13 +125,13 @@ def f_sweep(results: dict) -> str | None:
                            + ("" if c["verdict"] == "gain" else ": not shown to beat random"))
         if against:
             s += "; against it, paired on the same crops: " + "; ".join(against)
-    fast = {m: max(e["speedup_measured"] for e in sweep if e["method"] == m) for m in methods}
-    saving = [m for m in methods if any(_saves(e) == "yes" for e in sweep if e["method"] == m)]
+    fast = {m: max(e["speedup_measured"] for e in curve if e["method"] == m) for m in methods}
+    saving = [m for m in methods if any(_saves(e) == "yes" for e in curve if e["method"] == m)]
     timing = _timing(results)
     s += ((f". Measured speedup at batch {timing[1]}: " if timing else
            ". Speedup: none timed, every point runs the dense model's computation (masked weights on dense kernels): ")
           + ", ".join(f"{m} 1.00× (not timed: the dense computation)" if not any(
-              e.get("timed", True) for e in sweep if e["method"] == m) else f"{m} up to {v:.2f}×"
+              e.get("timed", True) for e in curve if e["method"] == m) else f"{m} up to {v:.2f}×"
               for m, v in fast.items())
           + ("; no method was shown to save time" if not saving else
              f"; {'only ' * (len(saving) < len(methods))}{', '.join(saving)} saved time (speedup interval above "
@@ -140,27 +140,27 @@ def f_sweep(results: dict) -> str | None:
 
 
 def _short(c: dict) -> str:
-    """A sweep comparison's verdict in a few words: 'a significant drop, p < 0.001 after Holm'."""
+    """A curve comparison's verdict in a few words: 'a significant drop, p < 0.001 after Holm'."""
     if c["verdict"] == "too few changes":
         return f"only {c['gains'] + c['losses']} crops changed: too few for a verdict"
-    p = pvalue(c["p_holm"]) + f" after Holm's correction over {c['family']} sweep points"
+    p = pvalue(c["p_holm"]) + f" after Holm's correction over {c['family']} curve points"
     return f"a significant {c['verdict']}, {p}" if c["verdict"] in ("drop", "gain") else f"no significant change, {p}"
 
 
-def sweep_markdown(results: dict) -> str:
-    s = f_sweep(results)
+def curve_markdown(results: dict) -> str:
+    s = f_curve(results)
     if not s:
-        return "No sweep in this run (prune.amounts is null), so there are no trade-off curves."
+        return "No curve in this run (prune.amounts is null), so there are no trade-off curves."
     return md_escape(s) + one_seed_note(results)
 
 
 def one_seed_note(results: dict) -> str:
-    """What the sweep of a run with `seeds` repeats does not show: the repeats do not repeat it."""
+    """What the curve of a run with `seeds` repeats does not show: the repeats do not repeat it."""
     others = [r["seed"] for r in results.get("repeats") or []]
     if not others:
         return ""
     seed = (results.get("params") or {}).get("seed")
-    return (f"\n\nThe sweep ran on the study's seed ({md_escape(seed)}) only: the repeats (seed"
+    return (f"\n\nThe curve ran on the study's seed ({md_escape(seed)}) only: the repeats (seed"
             f"{'s' * (len(others) > 1)} {', '.join(md_escape(s) for s in others)}) do not repeat it, so its points "
             f"have no spread over seeds. For means and 95% bands over seeds, {config.SWEEP_SEEDS_HINT}.")
 
@@ -197,20 +197,20 @@ def _curves(ax, points: list[dict], x: list[float], key: str, style: tuple[str, 
 
 
 def plot_tradeoff(results: dict) -> Figure:
-    """The sweep's trade-off curves: test accuracy (%) against sparsity (% of the targeted weights
+    """The curve's trade-off plots: test accuracy (%) against sparsity (% of the targeted weights
     zero or removed), balanced accuracy against sparsity, and test accuracy against the measured
     CPU speedup over the dense model, one colour per method; solid = after retraining, dashed =
     before; random pruning (grey) shaded below as the floor; the dense model and the dense control
     as horizontal reference lines."""
-    sweep = _sweep(results)
-    if not sweep:
-        return placeholder("No sweep in this run (prune.amounts is null): no trade-off curves.")
+    curve = _points(results)
+    if not curve:
+        return placeholder("No curve in this run (prune.amounts is null): no trade-off curves.")
     fig, (ax_s, ax_b, ax_t) = figure(3, size=(16, 4.6))
-    methods = list(dict.fromkeys(e["method"] for e in sweep))
+    methods = list(dict.fromkeys(e["method"] for e in curve))
     rand = floor_method()
     tops, tops_b = [], []
     for m in methods:
-        points = sorted((e for e in sweep if e["method"] == m), key=lambda e: e["sparsity"])
+        points = sorted((e for e in curve if e["method"] == m), key=lambda e: e["sparsity"])
         name = literal(m) + (" (random: the floor)" if m == rand else "")
         sparsity = [100 * e["sparsity"] for e in points]
         tops += _curves(ax_s, points, sparsity, "test_accuracy", method_style(m), name)
@@ -231,10 +231,10 @@ def plot_tradeoff(results: dict) -> Figure:
                             (ax_b, "balanced accuracy (%, mean per-class recall)", "Balanced accuracy vs sparsity")):
         label(ax, "sparsity: targeted weights zero or removed (% of the dense model's)", what, title)
         ax.set_xlim(0, 100)
-    ax_t.set_xlim(left=min(0.9, 0.95 * min(e["speedup_measured"] for e in sweep)))
+    ax_t.set_xlim(left=min(0.9, 0.95 * min(e["speedup_measured"] for e in curve)))
     parts = [f"{device.upper() if device == 'cpu' else device}, batch {batch}"
              + (f", {threads} threads" if threads else "")] if device else []
-    if any(e.get("timed") is False for e in sweep):
+    if any(e.get("timed") is False for e in curve):
         parts.append("masked points at 1×, not timed")
     where = "; ".join(parts)
     label(ax_t, f"measured speedup over the dense model (×, log scale)\n{where}", "test accuracy (%)",
