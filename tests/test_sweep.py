@@ -31,6 +31,7 @@ from prunestudy import (
     metrics,
     paths,
     records,
+    runlock,
     stagestore,
     sweep,
 )
@@ -151,7 +152,7 @@ def test_a_stage_that_raises_outside_its_notebook_is_a_failed_stage_not_the_end_
     assert r["id"] == tid and r["point"] == pts[0].name
     out = capsys.readouterr().out
     assert f"==> [{pts[0].name}] data: Traceback" in out and "in save_fails" in out
-    records.RunLock(paths.point_dir(tmp_path / "grid", pts[0].name), "the test").release()   # not left locked
+    runlock.RunLock(paths.point_dir(tmp_path / "grid", pts[0].name), "the test").release()   # not left locked
 
 
 def test_a_pool_workers_warm_kernel_is_the_one_its_notebooks_run_in(tmp_path):
@@ -174,7 +175,7 @@ def test_a_pool_workers_warm_kernel_is_the_one_its_notebooks_run_in(tmp_path):
         notebooks = [execute.notebooks_dir() / paths.NOTEBOOK_OF[s] for s in graph.CHAIN]
         for spec in specs.values():   # what run_task does before its notebook
             sweep._apply_env(spec["env"], spec["threads"])
-            os.environ[records.TOKEN_ENV] = "a run lock's token"   # PRUNESTUDY_*: reset, not fingerprinted
+            os.environ[runlock.TOKEN_ENV] = "a run lock's token"   # PRUNESTUDY_*: reset, not fingerprinted
             for nb in [*notebooks, execute.notebooks_dir() / paths.SWEEP_NOTEBOOK]:
                 fp = kernels.fingerprint(execute.ensure_kernel(), kernels.notebook_cwd(nb))
                 assert fp == warmed, (spec["id"], nb)

@@ -9,7 +9,7 @@ import sys
 
 import yaml
 
-from . import config, download, execute, graph, lab, paths, pipeline, records, sweep
+from . import config, download, execute, graph, lab, paths, pipeline, runlock, sweep
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         res = pipeline.run(cfg, run_dir, force=args.force, log=lambda m: print(m, flush=True), store_root=args.store,
                            fresh_kernels=args.fresh_kernels, jobs=args.jobs)
-    except (FileNotFoundError, execute.PreflightError, records.LockedError) as e:
+    except (FileNotFoundError, execute.PreflightError, runlock.LockedError) as e:
         print(f"prunestudy: {e}", file=sys.stderr)
         return 2
     except execute.StageFailed as e:

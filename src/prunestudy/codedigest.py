@@ -14,8 +14,8 @@ The rule, read statically from the source (nothing is imported):
   callers' text is not possible, so a move of reached code recomputes; a move of unreached code
   (an unrelated helper) does not.
 - **Not followed:** argument defaults (the values a stage runs with are its parameters, which are
-  in the key) and the bookkeeping modules (`BOOKKEEPING`: records, keys, the store, progress bars)
-  that say where and how a result is kept, not what it is.
+  in the key) and the bookkeeping modules (`BOOKKEEPING`: records, the run folder's lock, keys,
+  the store, progress bars) that say where and how a result is kept, not what it is.
 - **The notebook**: its code cells, not its outputs, metadata or the `parameters` cell (its values
   are the parameters). For the analysis, whose notebook is the report, the package code its cells
   call is followed too; the stage notebooks' display calls are presentation and are not.
@@ -40,7 +40,7 @@ PACKAGE = "prunestudy"
 PACKAGE_DIR = Path(__file__).resolve().parent
 LOCK = "requirements.lock"
 # where and how a result is kept, and the progress shown while it is computed: not what it is
-BOOKKEEPING = ("records", "graph", "codedigest", "stagestore", "progress", "kernels")
+BOOKKEEPING = ("records", "runlock", "graph", "codedigest", "stagestore", "progress", "kernels")
 # the parameter schema: defaults and descriptions, not code (a stage's values are its parameters)
 NOT_FOLLOWED = (("config", "SCHEMA"),)
 DIGEST_CHARS = 16

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
-from . import atomic, config, execute, graph, grid, kernels, paths, progress, records, stagestore
+from . import atomic, config, execute, graph, grid, kernels, paths, progress, records, runlock, stagestore
 
 GPU_STAGES = ("train", "prune", "retrain")   # what may fine-tune: a GPU each on a cluster with GPUs
 RETRIES = 2                                  # a stage whose process died is tried this many more times
@@ -121,8 +121,8 @@ def _run_task(spec: dict, *upstream: dict) -> dict:
     st = stagestore.Store(spec["store"])
     log = _print   # the tags name the point
     try:
-        with records.RunLock(folder, f"prunestudy sweep (pid {os.getpid()})") as lock:
-            os.environ[records.TOKEN_ENV] = lock.token
+        with runlock.RunLock(folder, f"prunestudy sweep (pid {os.getpid()})") as lock:
+            os.environ[runlock.TOKEN_ENV] = lock.token
             if _complete(cfg, folder, stage, key, st):
                 return {**info, "status": "done earlier", "end": time.time()}
             if stage == "analysis":
@@ -137,7 +137,7 @@ def _run_task(spec: dict, *upstream: dict) -> dict:
     except execute.StageFailed as e:
         return {**info, "status": "failed", "error": str(e).splitlines()[0], "notebook": str(e.notebook),
                 "end": time.time()}
-    except records.LockedError as e:
+    except runlock.LockedError as e:
         return {**info, "status": "failed", "error": str(e), "notebook": None, "end": time.time()}
     except KeyboardInterrupt:   # Ctrl-C reached this worker and its kernel: no "never retrieved" traceback
         _interrupted = True
@@ -515,7 +515,7 @@ def run(pts: list[grid.Point], sweep_dir: str | Path, *, engine: str = "local", 
         execute.preflight(p.cfg, paths.point_dir(sweep_dir, p.name))
     st = stagestore.Store(store_root or stagestore.default_root(sweep_dir))
     execute.ensure_kernel()
-    with records.RunLock(sweep_dir, f"prunestudy sweep (pid {os.getpid()})"):
+    with runlock.RunLock(sweep_dir, f"prunestudy sweep (pid {os.getpid()})"):
         prepare(pts, sweep_dir, st)
         todo = tasks(pts, kinds)
         env = task_env()
@@ -609,7 +609,7 @@ def _cli(args) -> int:
     try:
         summary = run(pts, sweep_dir, engine=args.engine, jobs=args.jobs, address=args.address, store_root=root,
                       log=lambda m: print(m, flush=True), fresh_kernels=args.fresh_kernels, gpus=args.gpus)
-    except (FileNotFoundError, execute.PreflightError, records.LockedError) as e:
+    except (FileNotFoundError, execute.PreflightError, runlock.LockedError) as e:
         print(f"prunestudy: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
