@@ -28,6 +28,7 @@ from prunestudy import (
     graph,
     grid,
     kernels,
+    machine,
     metrics,
     paths,
     records,
@@ -134,7 +135,7 @@ def test_a_stage_that_raises_outside_its_notebook_is_a_failed_stage_not_the_end_
     """An error outside the notebook's code (papermill saving the notebook: 'Too many open files',
     a full disk, a bug) used to leave the task as an exception, which ended the local engine's
     driver with a traceback and without the other points; it is a failed stage like any other."""
-    for var in (*config.THREAD_VARS, "PRUNESTUDY_PROGRESS"):   # run_task sets the task's threads here
+    for var in (*machine.THREAD_VARS, "PRUNESTUDY_PROGRESS"):   # run_task sets the task's threads here
         monkeypatch.setenv(var, os.environ.get(var, ""))
     pts = grid.points(SMALL)[:1]
     st = stagestore.Store(tmp_path / "store")
@@ -227,7 +228,7 @@ def test_threads_and_jobs_follow_the_cores_this_process_may_use(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert config.usable_cpus() == crops.default_workers() == 6
+    assert machine.usable_cpus() == crops.default_workers() == 6
     assert sweep.task_threads("local", 2) == 3 and sweep.task_threads("local", 8) == 1
     assert distributed._child_env(2, None)["OMP_NUM_THREADS"] == "3"
     import argparse

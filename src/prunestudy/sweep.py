@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
-from . import atomic, config, execute, graph, grid, kernels, paths, progress, records, runlock, stagestore
+from . import atomic, config, execute, graph, grid, kernels, machine, paths, progress, records, runlock, stagestore
 
 GPU_STAGES = ("train", "prune", "retrain")   # what may fine-tune: a GPU each on a cluster with GPUs
 RETRIES = 2                                  # a stage whose process died is tried this many more times
@@ -179,7 +179,7 @@ def _apply_env(env: dict, threads: int) -> None:
     """A task's environment in its worker process (and so in the kernel it starts): the sweep's
     variables and the threads this task was given."""
     os.environ.update(env)
-    for var in config.THREAD_VARS:   # the stage's kernel computes with the threads this task was given
+    for var in machine.THREAD_VARS:   # the stage's kernel computes with the threads this task was given
         os.environ[var] = str(threads)
     os.environ.setdefault(progress.ENV, "log")
 
@@ -214,7 +214,7 @@ def task_threads(engine: str, jobs: int) -> int:
     oversubscription), 1 on Ray (each task asks for num_cpus=1). Fixed per engine and jobs, so the
     local engine and a Ray of as many CPUs compute bit for bit alike: PyTorch's CPU results depend
     on the thread count (the order of float sums); the count is in every stage's metrics.json."""
-    return max(1, config.usable_cpus() // max(jobs, 1)) if engine == "local" else 1
+    return max(1, machine.usable_cpus() // max(jobs, 1)) if engine == "local" else 1
 
 
 @contextlib.contextmanager
@@ -566,7 +566,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--sweep-dir", help="output folder (default: runs/<grid file name>[-<hash of the points>])")
     p.add_argument("--dry-run", action="store_true", help="print the plan (points, unique stages, done, time left)")
     p.add_argument("--engine", choices=("local", "ray"), default="local", help="local process pool (default) or Ray")
-    p.add_argument("--jobs", type=int, default=config.usable_cpus(),
+    p.add_argument("--jobs", type=int, default=machine.usable_cpus(),
                    help="local engine: parallel stages (default: the cores this process may use)")
     p.add_argument("--gpus", default="auto", metavar="auto|none|ID,ID,...",
                    help="local engine: pin worker i to GPU i mod the count (its CUDA_VISIBLE_DEVICES), so N jobs use "
