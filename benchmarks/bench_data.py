@@ -142,7 +142,7 @@ def main() -> None:
     root = Path(args.root)
     if not (root / "annotations" / "instances_train2017.json").is_file():
         raise SystemExit(f"no COCO root at {root}: pass --root /path/to/coco (official layout)")
-    from prunestudy.config import cpu_name  # here: the children time their own imports
+    from prunestudy.machine import cpu_name  # here: the children time their own imports
 
     cores = len(os.sched_getaffinity(0))
     print(f"machine: {cpu_name()}, {cores} cores usable; python {platform.python_version()}")

@@ -39,7 +39,7 @@ from pathlib import Path
 import yaml
 from bench_sweep import CLI, GRID, ROOT, _base_args, timed
 
-from prunestudy import config, execute, graph, grid, paths, states, worker
+from prunestudy import config, execute, graph, grid, machine, paths, states, worker
 
 DVC_VERSION = "3.67.1"
 GOAL = 1.5
@@ -84,7 +84,7 @@ def main() -> None:
     env = {**os.environ, "PRUNESTUDY_HOME": str(ROOT), "PRUNESTUDY_CACHE": str(out / "cache-dvc"),
            "PRUNESTUDY_PROGRESS": "log", "DVC_NO_ANALYTICS": "1", "JUPYTER_PATH": str(execute.kernel_dir().parents[1]),
            "PATH": f"{dvc.parent}{os.pathsep}{os.environ['PATH']}",   # the queue starts its workers as `dvc`
-           **dict.fromkeys(config.THREAD_VARS, str(threads))}
+           **dict.fromkeys(machine.THREAD_VARS, str(threads))}
     repo = out / "dvc"
     dvc_cmd = make_repo(repo, base, dvc, env)
     names = {p.name: re.sub(r"[=,]", "-", p.name) for p in points}   # experiment names: git ref names

@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from prunestudy import config
+from prunestudy import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "prunestudy.cli"]
@@ -74,7 +74,7 @@ def main() -> None:
                "noop_rerun_s_cold_summaries": statistics.median(cold_runs),
                "digest_all_stages_s_cold": statistics.median(cold), "digest_all_stages_s_warm": statistics.median(warm),
                "goal_s": GOAL_S, "goal_met": statistics.median(cold) <= GOAL_S,
-               "cpu": config.cpu_name()}
+               "cpu": machine.cpu_name()}
     print(f"no-op rerun of the smoke study: {figures['noop_rerun_s_warm_summaries']:.2f} s (summaries cached), "
           f"{figures['noop_rerun_s_cold_summaries']:.2f} s (none cached), median of 5")
     print(f"digest of every stage's code: {figures['digest_all_stages_s_cold']:.3f} s cold, "

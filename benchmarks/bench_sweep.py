@@ -89,7 +89,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     grid_file = out / "grid.yaml"
     grid_file.write_text(GRID.replace("[l1_unstructured, random_unstructured]", f"[{args.methods}]"))
-    from prunestudy import config, grid, worker
+    from prunestudy import grid, machine, worker
 
     points = grid.points(grid_file)
     figures = {"machine": os.uname().nodename, "cpus": os.cpu_count(), "points": len(points),
@@ -130,7 +130,7 @@ def main() -> None:
         for i, what in enumerate(("before retraining", "after retraining", "dense control"))}
     figures["max_accuracy_difference_separate_vs_local"] = max(diffs)
     # the points that differ, once more as separate runs with the sweep's threads: the same as the sweep?
-    one = {**os.environ, **dict.fromkeys(config.THREAD_VARS, str(worker.task_threads("local", 2)))}
+    one = {**os.environ, **dict.fromkeys(machine.THREAD_VARS, str(worker.task_threads("local", 2)))}
     again = {}
     for p in points:
         if acc_separate[p.name] != acc_local[p.name]:

@@ -41,7 +41,7 @@ def test_the_command_line_and_the_sweep_workers_start_without_the_heavy_librarie
     import sys
 
     probe = ("import sys, prunestudy.cli, prunestudy.sweep, prunestudy.pipeline, prunestudy.grid, prunestudy.status, "
-             "prunestudy.execute, prunestudy.graph, prunestudy.codedigest; "
+             "prunestudy.execute, prunestudy.graph, prunestudy.codedigest, prunestudy.machine, prunestudy.runlock; "
              f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

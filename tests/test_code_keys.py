@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from prunestudy import codedigest, config, graph, paths
+from prunestudy import codedigest, config, graph, machine, paths
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.e2e
@@ -175,10 +175,10 @@ def test_latency_is_keyed_on_the_machine_and_timed_again_without_recomputing_a_m
     res = results(run_dir)
     eff, timing = res["prune"]["efficiency"], res["timing"]
     assert eff["latency_from"] is None and eff["latency"]["cpu"]["threads"] == timing["machine"]["threads"] == 2
-    assert timing["machine"]["cpu"] == config.cpu_name() and timing["machine"]["isa"] == config.cpu_isa()
+    assert timing["machine"]["cpu"] == machine.cpu_name() and timing["machine"]["isa"] == machine.cpu_isa()
     assert res["retrain"]["efficiency"]["measured_speedup"] == eff["measured_speedup"]   # the same computation
     html = (run_dir / paths.REPORT).read_text()
-    assert "timed on" in html and config.cpu_name() in html and timing["measured"][:10] in html
+    assert "timed on" in html and machine.cpu_name() in html and timing["measured"][:10] in html
     first = {s: record(paths.stage_dir(run_dir, s)) for s in ("prune", "retrain")}
     first_timing = record(paths.timing_dir(run_dir))
 
@@ -208,7 +208,7 @@ def test_the_timing_key_and_the_analysis_key_hold_the_machine(monkeypatch):
     for var, value in (("cpu_name", lambda: "Another CPU"), ("cpu_isa", lambda: "avx512"),
                        ("threads", lambda: 7)):
         with monkeypatch.context() as m:
-            m.setattr(config, var, value)
+            m.setattr(machine, var, value)
             other = graph.all_keys(cfg)
             assert graph.timing_key("r" * 12, 5, "auto") != timing, var
             assert other["analysis"] != keys["analysis"], var

@@ -14,7 +14,7 @@ import yaml
 from conftest import curve_by_hand
 from matplotlib.colors import to_hex
 
-from prunestudy import config, data, efficiency, execute, graph, methods, paths, prune, report, stages, synth
+from prunestudy import config, data, efficiency, execute, graph, machine, methods, paths, prune, report, stages, synth
 
 matplotlib.use("Agg")
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +84,7 @@ def test_params_hash_and_stage_keys_are_pinned(monkeypatch):
     cfg = config.load(ROOT / "params" / "default.yaml")
     assert config.stage_hash(cfg) == "6352af093fd1"   # issue 16 added prune.latency_repeats
     fixed = "0" * 16
-    monkeypatch.setattr(config, "machine", lambda: {"cpu": "pinned", "isa": "avx2", "dispatch": {}, "threads": 2,
+    monkeypatch.setattr(machine, "describe", lambda: {"cpu": "pinned", "isa": "avx2", "dispatch": {}, "threads": 2,
                                                     "gpus": []})   # the analysis' key holds the machine
     keys = graph.all_keys(cfg, code=fixed)
     # issue 29: keys hold the code's digest (fixed here); the parameters and the chain are those of issue 14

@@ -18,7 +18,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from prunestudy import atomic, browser, cli, config, execute, graph, lab, paths, records, stages, synth
+from prunestudy import atomic, browser, cli, config, execute, graph, lab, paths, records, runlock, stages, synth
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "prunestudy.cli"]
@@ -147,7 +147,7 @@ def test_second_writer_refused_and_a_killed_holder_taken_over(smoke_run, tmp_pat
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.time() + 120
-        while records.holder(run_dir) is None and time.time() < deadline:
+        while runlock.holder(run_dir) is None and time.time() < deadline:
             time.sleep(0.2)
         second = run_cli("run", "-f", "params/smoke.yaml", "-p", "prune.amount=0.6", "--run-dir", str(run_dir))
         assert second.returncode == 2 and first.poll() is None   # refused at once, while the first one works
@@ -158,7 +158,7 @@ def test_second_writer_refused_and_a_killed_holder_taken_over(smoke_run, tmp_pat
     finally:
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
-    assert records.holder(run_dir) is None   # the lock died with its process
+    assert runlock.holder(run_dir) is None   # the lock died with its process
     third = run_cli("run", "-f", "params/smoke.yaml", *no_sweep, "--run-dir", str(run_dir))
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     ours, smoke = (atomic.read_json(d / "results.json") for d in (run_dir, smoke_run[0]))
@@ -167,11 +167,11 @@ def test_second_writer_refused_and_a_killed_holder_taken_over(smoke_run, tmp_pat
 
 
 def test_a_notebook_cannot_write_into_a_folder_a_run_is_writing(tmp_path):
-    with records.RunLock(tmp_path / "run", "prunestudy run (test)"):
+    with runlock.RunLock(tmp_path / "run", "prunestudy run (test)"):
         child = subprocess.run([sys.executable, "-c",
                                 "from prunestudy import stages; stages.run_data(r'%s', root='nowhere')"
                                 % (tmp_path / "run")], capture_output=True, text=True, timeout=120,
-                               env={**os.environ, records.TOKEN_ENV: ""})
+                               env={**os.environ, runlock.TOKEN_ENV: ""})
     assert child.returncode != 0 and "is being written by prunestudy run (test)" in child.stderr
 
 

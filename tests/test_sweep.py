@@ -28,9 +28,11 @@ from prunestudy import (
     graph,
     grid,
     kernels,
+    machine,
     metrics,
     paths,
     records,
+    runlock,
     schedule,
     stagestore,
     sweep,
@@ -135,7 +137,7 @@ def test_a_stage_that_raises_outside_its_notebook_is_a_failed_stage_not_the_end_
     """An error outside the notebook's code (papermill saving the notebook: 'Too many open files',
     a full disk, a bug) used to leave the task as an exception, which ended the local engine's
     driver with a traceback and without the other points; it is a failed stage like any other."""
-    for var in (*config.THREAD_VARS, "PRUNESTUDY_PROGRESS"):   # run_task sets the task's threads here
+    for var in (*machine.THREAD_VARS, "PRUNESTUDY_PROGRESS"):   # run_task sets the task's threads here
         monkeypatch.setenv(var, os.environ.get(var, ""))
     pts = grid.points(SMALL)[:1]
     st = stagestore.Store(tmp_path / "store")
@@ -153,7 +155,7 @@ def test_a_stage_that_raises_outside_its_notebook_is_a_failed_stage_not_the_end_
     assert r["id"] == tid and r["point"] == pts[0].name
     out = capsys.readouterr().out
     assert f"==> [{pts[0].name}] data: Traceback" in out and "in save_fails" in out
-    records.RunLock(paths.point_dir(tmp_path / "grid", pts[0].name), "the test").release()   # not left locked
+    runlock.RunLock(paths.point_dir(tmp_path / "grid", pts[0].name), "the test").release()   # not left locked
 
 
 def test_a_pool_workers_warm_kernel_is_the_one_its_notebooks_run_in(tmp_path):
@@ -176,7 +178,7 @@ def test_a_pool_workers_warm_kernel_is_the_one_its_notebooks_run_in(tmp_path):
         notebooks = [execute.notebooks_dir() / paths.NOTEBOOK_OF[s] for s in graph.CHAIN]
         for spec in specs.values():   # what run_task does before its notebook
             schedule.apply_env(spec["env"], spec["threads"])
-            os.environ[records.TOKEN_ENV] = "a run lock's token"   # PRUNESTUDY_*: reset, not fingerprinted
+            os.environ[runlock.TOKEN_ENV] = "a run lock's token"   # PRUNESTUDY_*: reset, not fingerprinted
             for nb in [*notebooks, execute.notebooks_dir() / paths.SWEEP_NOTEBOOK]:
                 fp = kernels.fingerprint(execute.ensure_kernel(), kernels.notebook_cwd(nb))
                 assert fp == warmed, (spec["id"], nb)
@@ -228,7 +230,7 @@ def test_threads_and_jobs_follow_the_cores_this_process_may_use(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert config.usable_cpus() == crops.default_workers() == 6
+    assert machine.usable_cpus() == crops.default_workers() == 6
     assert worker.task_threads("local", 2) == 3 and worker.task_threads("local", 8) == 1
     assert distributed._child_env(2, None)["OMP_NUM_THREADS"] == "3"
     import argparse

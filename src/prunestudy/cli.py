@@ -10,7 +10,21 @@ from pathlib import Path
 
 import yaml
 
-from . import config, download, execute, graph, grid, lab, paths, pipeline, records, schedule, stagestore, sweep
+from . import (
+    config,
+    download,
+    execute,
+    graph,
+    grid,
+    lab,
+    machine,
+    paths,
+    pipeline,
+    runlock,
+    schedule,
+    stagestore,
+    sweep,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         res = pipeline.run(cfg, run_dir, force=args.force, log=lambda m: print(m, flush=True), store_root=args.store,
                            fresh_kernels=args.fresh_kernels, jobs=args.jobs)
-    except (FileNotFoundError, execute.PreflightError, records.LockedError) as e:
+    except (FileNotFoundError, execute.PreflightError, runlock.LockedError) as e:
         print(f"prunestudy: {e}", file=sys.stderr)
         return 2
     except execute.StageFailed as e:
@@ -209,7 +223,7 @@ def _add_sweep_cli(subparsers) -> None:
     p.add_argument("--sweep-dir", help="output folder (default: runs/<grid file name>[-<hash of the points>])")
     p.add_argument("--dry-run", action="store_true", help="print the plan (points, unique stages, done, time left)")
     p.add_argument("--engine", choices=("local", "ray"), default="local", help="local process pool (default) or Ray")
-    p.add_argument("--jobs", type=int, default=config.usable_cpus(),
+    p.add_argument("--jobs", type=int, default=machine.usable_cpus(),
                    help="local engine: parallel stages (default: the cores this process may use)")
     p.add_argument("--gpus", default="auto", metavar="auto|none|ID,ID,...",
                    help="local engine: pin worker i to GPU i mod the count (its CUDA_VISIBLE_DEVICES), so N jobs use "
@@ -252,7 +266,7 @@ def _sweep(args) -> int:
     try:
         summary = sweep.run(pts, sweep_dir, engine=args.engine, jobs=args.jobs, address=args.address, store_root=root,
                       log=lambda m: print(m, flush=True), fresh_kernels=args.fresh_kernels, gpus=args.gpus)
-    except (FileNotFoundError, execute.PreflightError, records.LockedError) as e:
+    except (FileNotFoundError, execute.PreflightError, runlock.LockedError) as e:
         print(f"prunestudy: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -14,8 +14,12 @@ The rule, read statically from the source (nothing is imported):
   callers' text is not possible, so a move of reached code recomputes; a move of unreached code
   (an unrelated helper) does not.
 - **Not followed:** argument defaults (the values a stage runs with are its parameters, which are
-  in the key) and the bookkeeping modules (`BOOKKEEPING`: records, keys, the store, progress bars)
-  that say where and how a result is kept, not what it is.
+  in the key) and the bookkeeping modules (`BOOKKEEPING`: records, the run folder's lock, keys,
+  the store, progress bars) that say where and how a result is kept, not what it is; and the
+  machine's facts (`machine`: cores, CPU, threads, GPUs), which say what it is computed on: its
+  description is a parameter of the keys of the measurements that depend on it (timing, analysis),
+  and its cores only set how many workers and threads compute a stage, which no other key holds
+  (prunestudy.graph).
 - **The notebook**: its code cells, not its outputs, metadata or the `parameters` cell (its values
   are the parameters). For the analysis, whose notebook is the report, the package code its cells
   call is followed too; the stage notebooks' display calls are presentation and are not.
@@ -39,8 +43,9 @@ from . import config
 PACKAGE = "prunestudy"
 PACKAGE_DIR = Path(__file__).resolve().parent
 LOCK = "requirements.lock"
-# where and how a result is kept, and the progress shown while it is computed: not what it is
-BOOKKEEPING = ("records", "graph", "codedigest", "stagestore", "progress", "kernels")
+# where and how a result is kept, the progress shown while it is computed, and the machine it is computed on
+# (whose description is a parameter of the keys it defines: timing, analysis): not what it is
+BOOKKEEPING = ("records", "runlock", "graph", "codedigest", "stagestore", "progress", "kernels", "machine")
 # the parameter schema: defaults and descriptions, not code (a stage's values are its parameters)
 NOT_FOLLOWED = (("config", "SCHEMA"),)
 DIGEST_CHARS = 16

@@ -17,7 +17,7 @@ import threading
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
-from . import config
+from . import machine
 
 #: Constant fill for the parts of a crop square outside the image: the ImageNet
 #: mean colour (0.485, 0.456, 0.406) * 255, rounded.  Image-independent, so a
@@ -193,7 +193,7 @@ def _chunks(tasks: list, size: int, per_chunk: int = CHUNK_IMAGES):
 
 def default_workers() -> int:
     """All CPU cores this process may use."""
-    return config.usable_cpus()
+    return machine.usable_cpus()
 
 
 def _start_method() -> str:

@@ -39,7 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import config
+from . import machine
 
 LAUNCHERS = ("none", "torchrun")
 
@@ -75,7 +75,7 @@ def command(args_file: str | os.PathLike, nproc_per_node: int, nnodes: int = 1,
 def _child_env(nproc_per_node: int, extra: dict | None) -> dict:
     """Unbuffered output (streamed line by line) and one share of the cores per process."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra or {})}
-    env.setdefault("OMP_NUM_THREADS", str(max(1, config.usable_cpus() // nproc_per_node)))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, machine.usable_cpus() // nproc_per_node)))
     return env
 
 

@@ -12,8 +12,8 @@ one after it, nothing before), and the digest of what computes it (`codedigest`:
 its entry points reach, its notebook's code cells, the lock file). Where a run folder lives, how
 many threads or workers compute it, and which process does, are not part of it, except for the
 timing stage: a latency is a measurement of a machine, so its key holds the machine's description
-(`config.machine`: processor, instruction set, threads, GPUs), and so does the analysis' key (the
-analysis runs the timing stage); the pruning it times is not computed again on another machine.
+(`machine.describe()`: processor, instruction set, threads, GPUs), and so does the analysis' key
+(the analysis runs the timing stage); the pruning it times is not computed again on another machine.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import functools
 import os
 from dataclasses import dataclass
 
-from . import codedigest, config, paths
+from . import codedigest, config, machine, paths
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ def key_params(name: str, cfg: dict) -> dict:
     """A stage's parameters in cfg (what its notebook is run with, where it reads and writes aside).
     The analysis has none but the machine: it runs the timing stage, so on another machine (or with
     other threads) it runs again, and the latencies are measured there."""
-    return {"machine": config.machine()} if name == "analysis" else config.stage_params(name, cfg)
+    return {"machine": machine.describe()} if name == "analysis" else config.stage_params(name, cfg)
 
 
 def chain_keys(cfg: dict, *, after: str | None = None, names: tuple[str, ...] = CHAIN,
@@ -167,7 +167,7 @@ def control_params_of(cfg: dict) -> dict:
 def timing_params(latency_repeats: int, device: str) -> dict:
     """What defines a timing beside the models it times: the prune stage's latency settings and the
     machine it is measured on."""
-    return {"latency_repeats": latency_repeats, "device": device, "machine": config.machine()}
+    return {"latency_repeats": latency_repeats, "device": device, "machine": machine.describe()}
 
 
 def timing_key(retrain_key: str, latency_repeats: int, device: str) -> str:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import atomic, config, execute, graph, grid, paths, progress, records, schedule, stagestore, worker
+from . import atomic, config, execute, graph, grid, paths, progress, records, runlock, schedule, stagestore, worker
 
 STAGES = graph.CHAIN   # a run folder's stages, in order
 FORCEABLE = (*STAGES, "timing")   # --force timing: the analysis times the models again, nothing else reruns
@@ -34,7 +34,7 @@ def run(cfg: dict, run_dir: str | Path, *, force: str | None = None, log: Callab
     than one kernel reset between them (prunestudy.kernels). `jobs` > 1: the chains (the study, its
     curve points and its `seeds` repeats) are computed first, `jobs` stages at a time
     (`parallel_points`). Holds the run folder's lock throughout (a
-    second writer is refused: records.LockedError). Returns results.json's content."""
+    second writer is refused: runlock.LockedError). Returns results.json's content."""
     import papermill  # noqa: F401  (fail here, before any work, if it is missing)
 
     run_dir = config.resolve_path(run_dir)
@@ -44,15 +44,15 @@ def run(cfg: dict, run_dir: str | Path, *, force: str | None = None, log: Callab
     if execute.curve_points(cfg) and config.repeat_seeds(cfg):
         log(f"==> note: the curve (prune.amounts) runs on the study's seed ({cfg['seed']}) only, not on the repeats of "
             f"`seeds`: for bands over seeds, {config.SWEEP_SEEDS_HINT}")
-    with records.RunLock(run_dir, f"prunestudy run (pid {os.getpid()})") as lock:
-        os.environ[records.TOKEN_ENV] = lock.token   # the kernels it starts inherit it: they may write
+    with runlock.RunLock(run_dir, f"prunestudy run (pid {os.getpid()})") as lock:
+        os.environ[runlock.TOKEN_ENV] = lock.token   # the kernels it starts inherit it: they may write
         try:
             stage_store = _store(run_dir, store_root)
             if jobs > 1:
                 parallel_points(cfg, run_dir, stage_store, jobs, log, fresh_kernels, force)
             return _run(cfg, run_dir, force, log, stage_store, fresh_kernels)
         finally:
-            os.environ.pop(records.TOKEN_ENV, None)
+            os.environ.pop(runlock.TOKEN_ENV, None)
 
 
 def parallel_points(cfg: dict, run_dir: Path, stage_store: stagestore.Store | None, jobs: int,
@@ -81,7 +81,7 @@ def parallel_points(cfg: dict, run_dir: Path, stage_store: stagestore.Store | No
     folder = run_dir / paths.PARALLEL
     for p in pts:
         execute.preflight(p.cfg, paths.point_dir(folder, p.name))
-    with records.RunLock(folder, f"prunestudy run --jobs {jobs} (pid {os.getpid()})"):
+    with runlock.RunLock(folder, f"prunestudy run --jobs {jobs} (pid {os.getpid()})"):
         summary = worker.compute(pts, folder, stage_store, jobs=jobs, log=log, fresh_kernels=fresh_kernels,
                                  kinds=("data", *graph.REPEAT))
     if summary["failed"]:

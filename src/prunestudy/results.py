@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import atomic, codedigest, config, data, graph, methods, metrics, paths, records, states
+from . import atomic, codedigest, config, data, graph, machine, methods, metrics, paths, records, states
 
 
 def collect_results(run_dir, params: dict | None = None, timings: dict | None = None) -> dict:
@@ -253,11 +253,10 @@ def environment(device: torch.device) -> dict:
     return {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "python": sys.executable,
             "torch_threads": torch.get_num_threads(), "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
-            "cpu": config.cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cpu_dispatch": config.cpu_dispatch()}
+            "cpu": machine.cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_dispatch": machine.cpu_dispatch()}
 
 
-cpu_name = config.cpu_name   # (benchmarks and older callers)
 LOCK_FILE = codedigest.LOCK   # the project's pinned environment (make setup installs it)
 
 
@@ -271,7 +270,7 @@ def provenance() -> dict:
             versions[pkg] = None
     lock = config.project_root() / LOCK_FILE
     return {"versions": versions, "python": platform.python_version(), "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(), "cpu": config.cpu_name(),
+            "processor": platform.processor() or platform.machine(), "cpu": machine.cpu_name(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "git_commit": config.git_commit(),
             "lock_file": LOCK_FILE, "lock_sha256": data.sha256_file(lock) if lock.is_file() else None,
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}

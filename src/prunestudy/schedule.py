@@ -24,7 +24,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import get_context
 
-from . import config, kernels, progress
+from . import kernels, machine, progress
 
 RETRIES = 2                                  # a task whose process died is tried this many more times
 GPU_STAGES = ("train", "prune", "retrain")   # what may fine-tune: a GPU each on a cluster with GPUs
@@ -313,7 +313,7 @@ def apply_env(env: dict, threads: int) -> None:
     """A task's environment in its worker process (and so in the kernel it starts): the engine's
     variables and the threads this task was given."""
     os.environ.update(env)
-    for var in config.THREAD_VARS:   # the stage's kernel computes with the threads this task was given
+    for var in machine.THREAD_VARS:   # the stage's kernel computes with the threads this task was given
         os.environ[var] = str(threads)
     os.environ.setdefault(progress.ENV, "log")
 

@@ -33,6 +33,7 @@ from . import (
     prune,
     records,
     results,
+    runlock,
     stagestore,
     synth,
     train,
@@ -88,9 +89,9 @@ def _computing(stage: str, run_dir: Path, out: Path, args: dict, inputs: dict[st
     up = graph.stage(stage).after
     after = (records.read(inputs[up]) or {}).get("key") if up else None
     key = graph.key(stage, params, after)
-    runner = records.under_runner(run_dir)
+    runner = runlock.under_runner(run_dir)
     by = "prunestudy run" if runner else ("notebook" if progress.in_kernel() else "python")
-    with records.writing(run_dir, f"the {stage} stage ({by})"):
+    with runlock.writing(run_dir, f"the {stage} stage ({by})"):
         later = [] if runner else _later_stages(run_dir, stage)
         if not runner:
             _announce(stage, run_dir, params, later, log)
@@ -401,7 +402,7 @@ def _shared_control(out: Path, model_dir: Path, params: dict, log):
         yield todo
         if todo:
             records.write(out, "control", key, params, records.input_ids(inputs), time.perf_counter() - start,
-                          "prunestudy run" if records.under_runner(out.parent.parent) else "python")
+                          "prunestudy run" if runlock.under_runner(out.parent.parent) else "python")
 
 
 def _control(out: Path, dense, trainset, testset, *, epochs, batch_size, lr, seed, log, speed, classes) -> dict:
@@ -543,8 +544,8 @@ def _chain_timing(run_dir: Path, folder: Path, force: bool, log) -> dict | None:
     params = graph.timing_params(repeats, device)
     key = graph.key("timing", params, recs["retrain"]["key"])
     out, inputs = paths.timing_dir(folder), {s: dirs[s] for s in ("train", "prune", "retrain")}
-    with records.writing(run_dir, "the timing stage"):
-        if not records.under_runner(run_dir):
+    with runlock.writing(run_dir, "the timing stage"):
+        if not runlock.under_runner(run_dir):
             stagestore.detach(out)   # never write another key into a shared store entry
         out.mkdir(parents=True, exist_ok=True)
         with stagestore.claim_dir(out, log):
@@ -557,7 +558,7 @@ def _chain_timing(run_dir: Path, folder: Path, force: bool, log) -> dict | None:
             timing = _time_models(dirs, pm, rm, repeats, device, params["machine"])
             atomic.write_json(out / paths.METRICS, timing)
             records.write(out, "timing", key, params, records.input_ids(inputs), time.perf_counter() - start,
-                          "prunestudy run" if records.under_runner(run_dir) else "python")
+                          "prunestudy run" if runlock.under_runner(run_dir) else "python")
             said = "; ".join(f"{name}: {t['remark'].split(':')[0]}" for name, t in timing["models"].items())
             log(f"[timing] {said} ({time.perf_counter() - start:.1f} s on this machine, key {key})")
             return timing

@@ -26,7 +26,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from . import config, execute, graph, grid, paths, records, schedule, stagestore, worker
+from . import config, execute, graph, grid, paths, runlock, schedule, stagestore, worker
 
 
 def run(pts: list[grid.Point], sweep_dir: str | Path, *, engine: str = "local", jobs: int = 2,
@@ -45,7 +45,7 @@ def run(pts: list[grid.Point], sweep_dir: str | Path, *, engine: str = "local", 
         execute.preflight(p.cfg, paths.point_dir(sweep_dir, p.name))
     st = stagestore.Store(store_root or stagestore.default_root(sweep_dir))
     execute.ensure_kernel()
-    with records.RunLock(sweep_dir, f"prunestudy sweep (pid {os.getpid()})"):
+    with runlock.RunLock(sweep_dir, f"prunestudy sweep (pid {os.getpid()})"):
         summary = worker.compute(pts, sweep_dir, st, engine=engine, jobs=jobs, gpus=pinned, address=address,
                                  ray_init=ray_init, log=log, fresh_kernels=fresh_kernels, kinds=kinds,
                                  report="analysis" in kinds)

@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from . import config, crops
+from . import crops, machine
 from .config import default
 from .synth_scene import CATEGORIES, _scene
 
@@ -139,7 +139,7 @@ def _workers(n_images: int) -> int:
         if want < 1:
             raise ValueError(f"PRUNESTUDY_SYNTH_WORKERS must be a positive int, got {env!r}; unset it or set e.g. 1")
     else:
-        want = min(config.usable_cpus(), 8, n_images // 100)
+        want = min(machine.usable_cpus(), 8, n_images // 100)
     if "fork" not in multiprocessing.get_all_start_methods():
         return 1
     return max(1, min(want, n_images))

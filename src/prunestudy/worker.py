@@ -13,7 +13,21 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from . import atomic, config, execute, graph, grid, kernels, paths, progress, records, schedule, stagestore
+from . import (
+    atomic,
+    config,
+    execute,
+    graph,
+    grid,
+    kernels,
+    machine,
+    paths,
+    progress,
+    records,
+    runlock,
+    schedule,
+    stagestore,
+)
 
 
 def tasks(pts: list[grid.Point], kinds: tuple[str, ...] = graph.CHAIN) -> dict[str, schedule.Task]:
@@ -101,8 +115,8 @@ def run_task(spec: dict, *upstream: dict) -> dict:
     st = stagestore.Store(spec["store"])
     log = _print   # the tags name the point
     try:
-        with records.RunLock(folder, f"prunestudy sweep (pid {os.getpid()})") as lock:
-            os.environ[records.TOKEN_ENV] = lock.token
+        with runlock.RunLock(folder, f"prunestudy sweep (pid {os.getpid()})") as lock:
+            os.environ[runlock.TOKEN_ENV] = lock.token
             if _complete(cfg, folder, stage, key, st):
                 return {**info, "status": "done earlier", "end": time.time()}
             if stage == "analysis":
@@ -117,7 +131,7 @@ def run_task(spec: dict, *upstream: dict) -> dict:
     except execute.StageFailed as e:
         return {**info, "status": "failed", "error": str(e).splitlines()[0], "notebook": str(e.notebook),
                 "end": time.time()}
-    except records.LockedError as e:
+    except runlock.LockedError as e:
         return {**info, "status": "failed", "error": str(e), "notebook": None, "end": time.time()}
     except Exception as e:  # noqa: BLE001 - outside the notebook's code (saving it, the store, a bug): the
         # stage failed all the same, and is reported as failed; raised, it ended the whole sweep (the local
@@ -193,7 +207,7 @@ def task_threads(engine: str, jobs: int) -> int:
     oversubscription), 1 on Ray (each task asks for num_cpus=1). Fixed per engine and jobs, so the
     local engine and a Ray of as many CPUs compute bit for bit alike: PyTorch's CPU results depend
     on the thread count (the order of float sums); the count is in every stage's metrics.json."""
-    return max(1, config.usable_cpus() // max(jobs, 1)) if engine == "local" else 1
+    return max(1, machine.usable_cpus() // max(jobs, 1)) if engine == "local" else 1
 
 
 def warm_settings(specs: dict[str, dict]) -> dict | None:
