@@ -67,6 +67,20 @@ def accuracies_of_run(run_dir: Path) -> tuple:
     return _rounded(r["prune"]["test_accuracy"], r["retrain"]["test_accuracy"], r["control"]["test_accuracy"])
 
 
+def digest_cost(store: Path) -> dict:
+    """{stage: [median seconds, entries]} the stages spent hashing their outputs (their records')."""
+    import statistics
+
+    from prunestudy import records, stagestore
+
+    spent: dict[str, list[float]] = {}
+    for entry in stagestore.entries(store):
+        rec = records.read(entry) or {}
+        if "digest_seconds" in rec:
+            spent.setdefault(rec["stage"], []).append(rec["digest_seconds"])
+    return {stage: [round(statistics.median(v), 4), len(v)] for stage, v in spent.items()}
+
+
 def accuracies_of_sweep(sweep_dir: Path) -> dict:
     rows = json.loads((sweep_dir / "sweep.json").read_text())["points"]
     return {r["point"]: _rounded(r["accuracy_before"], r["accuracy_after"], r["control_accuracy"]) for r in rows}
@@ -112,6 +126,9 @@ def main() -> None:
     figures["sweep_local_2_jobs_s"] = round(seconds, 1)
     acc_local = accuracies_of_sweep(out / "local" / "grid")
     print(f"sweep, local engine, 2 jobs: {seconds:.1f} s", flush=True)
+    figures["digest_seconds_per_stage"] = digest_cost(out / "local" / ".store")
+    print(f"hashing the outputs (records.DIGEST), median seconds per stage: {figures['digest_seconds_per_stage']}",
+          flush=True)
 
     # 3. the sweep on a local Ray
     acc_ray = None

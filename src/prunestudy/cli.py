@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_sweep_cli(sub)
     _add_status_cli(sub)
     _add_cache_cli(sub)
+    _add_store_cli(sub)
     args = parser.parse_args(argv)
     if getattr(args, "handler", None):
         return args.handler(args)
@@ -195,6 +196,32 @@ def _cache(args) -> int:
         state = "" if r["complete"] else " (incomplete)"
         print(f"{r['kind']:8s} {r['key']}  {sizes}{r['bytes'] / 2**20:.1f} MiB{state}  {r['root'] or r['path']}")
     return 0
+
+
+def _add_store_cli(sub) -> None:
+    p = sub.add_parser("store", help="the stage store: verify every entry's files against their digests",
+                       description="verify: hash every complete entry of the stage store again and compare with "
+                                   "the digests its stage recorded; a damaged entry is moved to "
+                                   "<store>/.quarantine/ (the runs that link it compute it again). Exit 1 when "
+                                   "one was damaged.")
+    p.add_argument("action", choices=("verify",))
+    p.add_argument("--store", metavar="DIR",
+                   help="the stage store (default: $PRUNESTUDY_STORE, else the project's runs/.store)")
+    p.set_defaults(handler=_store)
+
+
+def _store(args) -> int:
+    root = (Path(args.store).resolve() if args.store
+            else stagestore.default_root(config.resolve_path(Path("runs") / "any", config.project_root())))
+    if not root.is_dir():
+        print(f"prunestudy store: no stage store at {root}: give the one your runs use with --store DIR",
+              file=sys.stderr)
+        return 2
+    found = stagestore.verify_all(root, lambda m: print(f"prunestudy store: {m}", flush=True))
+    print(f"prunestudy store: {root}: {len(found['ok'])} entries verified, {len(found['damaged'])} damaged "
+          f"(quarantined), {len(found['unverifiable'])} without digests (computed by an earlier prunestudy), "
+          f"{len(found['incomplete'])} incomplete")
+    return 1 if found["damaged"] else 0
 
 
 def _add_params_args(p: argparse.ArgumentParser) -> None:

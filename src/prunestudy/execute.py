@@ -110,13 +110,31 @@ def stage_inputs(cfg: dict, run_dir: Path, stage: str) -> dict[str, Path]:
     return inputs
 
 
-def problem(cfg: dict, run_dir: Path, stage: str, key: str) -> str | None:
+def problem(cfg: dict, run_dir: Path, stage: str, key: str, *, verify: bool = False,
+            log: Callable[[str], None] = print) -> str | None:
     """Why `stage` must (re)run in run_dir, or None when it is complete with this key: its record,
-    its inputs (recomputed since?), its output files (missing, changed?) are all checked."""
-    why = records.problem(paths.stage_dir(run_dir, stage), key, stage_inputs(cfg, run_dir, stage),
+    its inputs (recomputed since?), its output files (missing, changed?) are all checked. `verify`
+    (before the stage is used): its files' digests too; a store entry that fails is quarantined."""
+    folder = paths.stage_dir(run_dir, stage)
+    why = records.problem(folder, key, stage_inputs(cfg, run_dir, stage),
                           (graph.key_params(stage, cfg), graph.code_files(stage)))
     if why is None and not paths.completion_marker(run_dir, stage).is_file():
         why = f"{paths.completion_marker(run_dir, stage).name} is missing"
+    if why is None and verify:
+        why = damaged(folder, log)
+    return why
+
+
+def damaged(folder: Path, log: Callable[[str], None] = print) -> str | None:
+    """Why a complete stage folder's files are not what its stage wrote (records.verify), after moving
+    it out of the stage store when it is an entry there (every run that links it computes it again)."""
+    why = records.verify(folder)
+    if why is not None and Path(folder).is_symlink():
+        where = stagestore.quarantine(folder, why)
+        if where is not None:
+            log(f"==> the stored {Path(folder).name} entry {Path(folder).resolve().name} is damaged ({why}): "
+                f"moved to {where}, computed again")
+        why = f"damaged in the stage store: {why}"
     return why
 
 
@@ -127,10 +145,17 @@ def reusable(st: stagestore.Store, cfg: dict, run_dir: Path, stage: str, key: st
         and (entry / paths.marker(stage)).is_file()
 
 
-def reuse(st: stagestore.Store, cfg: dict, run_dir: Path, stage: str, key: str) -> bool:
-    """Link the run folder's stage to a complete store entry of this key, if there is one."""
+def reuse(st: stagestore.Store, cfg: dict, run_dir: Path, stage: str, key: str,
+          log: Callable[[str], None] = print) -> bool:
+    """Link the run folder's stage to a complete store entry of this key, if there is one whose
+    files are the bytes its stage wrote (a damaged one is quarantined, and the stage computed)."""
     entry = st.entry(stage, key)
     if not reusable(st, cfg, run_dir, stage, key):
+        return False
+    why = records.verify(entry)
+    if why is not None:
+        where = stagestore.quarantine(entry, why)
+        log(f"==> the stored {stage} entry {key} is damaged ({why}): moved to {where}, computed again")
         return False
     stagestore.link(paths.stage_dir(run_dir, stage), entry)
     if st.notebook(stage, key).is_file():
@@ -164,7 +189,7 @@ def execute_stage(cfg: dict, run_dir: Path, stage: str, key: str, *, kernel: str
         parameters["retime"] = True   # --force timing: the analysis times the models again
     try:
         with stage_store.claim(stage, key, log) if stored else nullcontext():
-            if stored and recheck and reuse(stage_store, cfg, run_dir, stage, key):
+            if stored and recheck and reuse(stage_store, cfg, run_dir, stage, key, log):
                 log(f"{tag}: completed meanwhile by another process (key {key}); linked, not recomputed")
                 return None
             if stored:   # computed in its store entry, which the run folder links to

@@ -46,6 +46,7 @@ LOCK = "run.lock"                  # held by the process writing the run folder 
 COMPARE_PAGE = "compare.html"      # prunestudy compare's page, in the current folder unless -o names another
 STORE = ".store"                   # beside the run folders: the stage store (stagestore.py)
 ENTRY_NOTEBOOK = ".executed.ipynb"  # a store entry's executed notebook (run/notebooks/ links to it)
+QUARANTINE = ".quarantine"          # <store>/.quarantine/<stage>/<key>-<time>/: entries whose bytes changed
 
 # files inside a stage folder
 STAGE_RECORD = "stage.json"        # the stage key, written by the runner when the stage finished

@@ -248,8 +248,8 @@ class _Chain:
         tag = f"==> [{f.label or f'{STAGES.index(stage) + 1}/{len(STAGES)}'}] {stage}"
         stored = self.store is not None and stage in graph.STORED
         if not changed and stage not in self.forced:
-            why = execute.problem(f.cfg, run_dir, stage, key)
-            linked = why is not None and stored and execute.reuse(self.store, f.cfg, run_dir, stage, key)
+            why = execute.problem(f.cfg, run_dir, stage, key, verify=stage in graph.STORED, log=self.log)
+            linked = why is not None and stored and execute.reuse(self.store, f.cfg, run_dir, stage, key, self.log)
             if why is None or linked:   # one line each: linked from the store, or up to date here
                 rec = records.read(paths.stage_dir(run_dir, stage)) or {}
                 f.timings[stage] = rec.get("wall_seconds", rec.get("seconds", 0.0))

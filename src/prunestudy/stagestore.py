@@ -4,6 +4,8 @@ sweep point that asks for the same stage (as OpenLTH names a run by the hash of 
     <store>/<stage>/<key>/        the stage's outputs, its record (stage.json) and its executed
                                   notebook (.executed.ipynb)
     <store>/<stage>/.<key>.claim  flock held by the process computing it (its pid inside)
+    <store>/.quarantine/<stage>/<key>-<time>/   an entry whose files no longer match their digests
+                                  (records.verify), moved aside with a note of why, never linked
 
 A run folder's `data/`, `train/`, `prune/` and `retrain/` are symbolic links into the store, so
 two runs that differ only in pruning parameters share the data and the training, and a sweep
@@ -19,11 +21,12 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import paths
+from . import paths, records
 
 ENV = "PRUNESTUDY_STORE"
 
@@ -113,6 +116,25 @@ def link(folder: Path, target: Path) -> None:
     os.replace(tmp, folder)
 
 
+def quarantine(entry: Path, reason: str) -> Path | None:
+    """Move a store entry whose files are not the bytes its stage wrote out of the store (into
+    <store>/.quarantine/, with a note of why), so that no run links it again and the stage is
+    computed anew; the run folders that linked it find their stage missing. Returns where it went
+    (None when it was not in a store, or another process moved it first)."""
+    entry = Path(entry).resolve()
+    root, stage = entry.parent.parent, entry.parent.name
+    if root.name == paths.QUARANTINE or not (root / stage).is_dir():
+        return None
+    target = root / paths.QUARANTINE / stage / f"{entry.name}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(entry, target)
+    except FileNotFoundError:
+        return None
+    (target / "QUARANTINED").write_text(reason + "\n")
+    return target
+
+
 def detach(folder: Path) -> None:
     """Before a stage is computed outside the runner (a notebook, Python) into a run folder whose
     stage folder links into the store: give the run folder a private folder instead, so the
@@ -121,3 +143,33 @@ def detach(folder: Path) -> None:
     if folder.is_symlink():
         folder.unlink()
         folder.mkdir()
+
+
+def entries(root: Path):
+    """Every entry folder of a store: <root>/<stage>/<key>/ (not the quarantine, claims or temporary files)."""
+    root = Path(root)
+    stages = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
+    for stage in stages:
+        yield from sorted(p for p in stage.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def verify_all(root: Path, log: Callable[[str], None] = print) -> dict[str, list[str]]:
+    """Hash every complete entry of a store again (records.verify); a damaged one is quarantined.
+    Returns {"ok", "damaged", "unverifiable" (records of an earlier prunestudy: no digests),
+    "incomplete" (no record: being computed, or abandoned)}: entry paths relative to the store."""
+    out: dict[str, list[str]] = {"ok": [], "damaged": [], "unverifiable": [], "incomplete": []}
+    for entry in entries(root):
+        name = entry.relative_to(root).as_posix()
+        rec = records.read(entry)
+        if rec is None:
+            out["incomplete"].append(name)
+        elif not rec.get("digests"):
+            out["unverifiable"].append(name)
+        elif (why := records.verify(entry)) is None:
+            out["ok"].append(name)
+        else:
+            where = quarantine(entry, why)
+            log(f"damaged: {name}: {why}; moved to {where}")
+            out["damaged"].append(name)
+    return out
+

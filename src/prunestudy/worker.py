@@ -169,9 +169,9 @@ def _finish(folder: Path, cfg: dict, fresh_kernels: bool, keys: dict | None = No
 
 
 def _complete(cfg: dict, folder: Path, stage: str, key: str, st: stagestore.Store) -> bool:
-    if execute.problem(cfg, folder, stage, key) is None:
+    if execute.problem(cfg, folder, stage, key, verify=stage in graph.STORED, log=_print) is None:
         return True
-    return stage in graph.STORED and execute.reuse(st, cfg, folder, stage, key)
+    return stage in graph.STORED and execute.reuse(st, cfg, folder, stage, key, _print)
 
 
 def _print(message: str) -> None:
