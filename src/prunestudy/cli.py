@@ -254,7 +254,8 @@ def _sweep(args) -> int:
     except ValueError as e:
         print(f"prunestudy: {e}", file=sys.stderr)
         return 2
-    name = Path(args.file).stem + (f"-{config.stage_hash([p.cfg for p in pts])}" if args.param or args.grid else "")
+    digest = config.stage_hash_of_list(p.cfg for p in pts) if args.param or args.grid else None
+    name = Path(args.file).stem + (f"-{digest}" if digest else "")
     sweep_dir = (config.resolve_path(args.sweep_dir) if args.sweep_dir
                  else config.resolve_path(Path("runs") / name, config.project_root()))   # the project's runs/
     root = Path(args.store).resolve() if args.store else stagestore.default_root(sweep_dir)
