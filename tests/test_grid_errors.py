@@ -5,13 +5,20 @@ line."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 from conftest import ROOT
 
-from prunestudy import cli, config, graph, grid
+from prunestudy import cli, config, graph, grid, stagestore
 
 SMALL = ROOT / "params" / "grid-small.yaml"
 SMOKE = ROOT / "params" / "smoke.yaml"
+CLI = [sys.executable, "-m", "prunestudy.cli"]
 
 
 # --- equal values written differently -------------------------------------------------------------
@@ -86,3 +93,51 @@ def test_streamed_hash_of_a_list_is_the_hash_of_the_list():
     items = [{"b": [1, 2.5], "a": None}, {"c": "x"}, {}]
     assert config.stage_hash_of_list(iter(items)) == config.stage_hash(items)
     assert config.stage_hash_of_list([]) == config.stage_hash([])
+
+
+# --- SIGTERM behaves like Ctrl-C ----------------------------------------------------------------
+def _living(group: int) -> list[str]:
+    ps = subprocess.run(["ps", "-o", "stat=,args=", "-g", str(group)], capture_output=True, text=True).stdout
+    return [line for line in ps.splitlines() if line.strip() and not line.strip().startswith("Z")]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("command", ["sweep", "run"])
+def test_sigterm_is_a_ctrl_c(command, tmp_path):
+    """SIGTERM to the driver alone while a stage computes: exit 143, one line, no stack, no claim held,
+    no worker or kernel left."""
+    store = tmp_path / "store"
+    args = (["sweep", "-f", str(SMALL), "-g", "seed=0", "-g", "prune.method=l1_unstructured", "-g",
+             "prune.amount=0.5", "--jobs", "1", "--sweep-dir", str(tmp_path / "sw")] if command == "sweep"
+            else ["run", "-f", str(SMOKE), "-p", "prune.amounts=null", "--run-dir", str(tmp_path / "run")])
+    proc = subprocess.Popen([*CLI, *args, "--store", str(store)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and \
+            not any(stagestore.held(c) for c in store.rglob("*.claim")):
+        time.sleep(0.3)
+    assert proc.poll() is None, proc.communicate()
+    os.kill(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out[-2000:] + err[-3000:]
+    assert "Traceback" not in out + err and "terminated (SIGTERM)" in err, err[-3000:]
+    assert len([line for line in err.splitlines() if line.startswith("prunestudy:")]) == 1, err
+    assert not any(stagestore.held(c) for c in store.rglob("*.claim"))
+    deadline = time.time() + 15
+    while time.time() < deadline and _living(proc.pid):
+        time.sleep(0.5)
+    assert _living(proc.pid) == []
+
+
+# --- an unreachable Ray cluster -----------------------------------------------------------------
+def test_unreachable_ray_address_fails_within_30_s(tmp_path):
+    pytest.importorskip("ray", reason="Ray is not installed")
+    started = time.time()
+    proc = subprocess.run([*CLI, "sweep", "-f", str(SMALL), "-g", "seed=0", "-g", "prune.method=l1_unstructured",
+                           "-g", "prune.amount=0.5", "--engine", "ray", "--address", "127.0.0.1:1", "--sweep-dir",
+                           str(tmp_path / "sw"), "--store", str(tmp_path / "store")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert time.time() - started < 30
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "127.0.0.1:1" in lines[0] and "Traceback" not in proc.stderr, proc.stderr
