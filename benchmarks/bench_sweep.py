@@ -12,7 +12,8 @@ cores, and PyTorch's CPU results depend on the thread count, so they may differ 
 Each point where they differ is then run once more as a separate run with the sweep's thread count
 (OMP_NUM_THREADS and MKL_NUM_THREADS = 1), not timed, to tell the thread count from the sweep:
 that run must agree with the sweep exactly. Each sweep's output is kept beside its folder (local.log,
-ray.log). Then the dry-run plan of a 1,000-point grid, and how long it takes.
+ray.log). Then the dry-run plan of a 1,000-point grid, and how long it takes; and of a
+100,000-point grid, its time and peak RSS (`--huge-dry-run-only`: only that one).
 
     .venv/bin/python benchmarks/bench_sweep.py [--out DIR] [--skip-ray]
 """
@@ -98,9 +99,14 @@ def main() -> None:
     ap.add_argument("--methods", default="l1_unstructured,random_unstructured",
                     help="the grid's two methods (default: the masked ones the figures are for; channel points are "
                          "timed against the dense model at every point, masked ones are not)")
+    ap.add_argument("--huge-dry-run-only", action="store_true", help="only the 100,000-point dry run")
     args = ap.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="bench-sweep-"))
     out.mkdir(parents=True, exist_ok=True)
+    if args.huge_dry_run_only:
+        (out / "big.yaml").write_text(BIG)
+        print(json.dumps(huge_dry_run(out / "big.yaml", out), indent=2))
+        return
     grid_file = out / "grid.yaml"
     grid_file.write_text(GRID.replace("[l1_unstructured, random_unstructured]", f"[{args.methods}]"))
     from prunestudy import grid, machine, worker
@@ -167,6 +173,7 @@ def main() -> None:
     seconds, proc = timed([*CLI, "sweep", "-f", str(big), "--dry-run", "--sweep-dir", str(out / "big")])
     figures["dry_run_1000_points_s"] = round(seconds, 2)
     figures["dry_run_1000_points_plan"] = proc.stdout.strip().splitlines()
+    figures.update(huge_dry_run(big, out))
     print(json.dumps(figures, indent=2))
     print(f"speedup of the sweep (local, 2 jobs) over 12 separate runs: {figures['speedup_local']}x "
           f"(goal: at least 4x); per-point accuracies identical, local and Ray: {figures['identical_local_and_ray']}; "
@@ -175,6 +182,26 @@ def main() -> None:
           f"{figures['max_accuracy_difference_separate_vs_local']:.4f}: threads differ, see docs/sweeps.md); "
           f"those points run separately with the sweep's threads, identical to the sweep: {again}")
     (out / "bench_sweep.json").write_text(json.dumps(figures, indent=2))
+
+
+def huge_dry_run(grid_file: Path, out: Path) -> dict:
+    """The dry run of a 100,000-point grid (1,000 amounts x 25 seeds x 4 methods, as -g overrides of
+    `grid_file`): its wall time and its peak RSS (getrusage of a process that runs only it)."""
+    amounts = ",".join(f"{(i + 1) / 1001:.6f}" for i in range(1000))
+    seeds = ",".join(str(s) for s in range(25))
+    cmd = [*CLI, "sweep", "-f", str(grid_file), "-g", f"prune.amount={amounts}", "-g", f"seed={seeds}",
+           "--dry-run", "--sweep-dir", str(out / "huge")]
+    measure = ("import json, resource, subprocess, sys, time; t = time.perf_counter(); "
+               "p = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+               "print(json.dumps({'rc': p.returncode, 's': time.perf_counter() - t, "
+               "'rss_mb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 'out': p.stdout + p.stderr}))")
+    result = json.loads(subprocess.run([sys.executable, "-c", measure, *cmd], cwd=ROOT, capture_output=True,
+                                       text=True, check=True).stdout)
+    if result["rc"] != 0:
+        sys.exit(f"the 100,000-point dry run failed:\n{result['out'][-3000:]}")
+    print(f"dry run of 100,000 points: {result['s']:.1f} s, peak RSS {result['rss_mb']:.0f} MB", flush=True)
+    return {"dry_run_100000_points_s": round(result["s"], 1), "dry_run_100000_points_rss_mb": round(result["rss_mb"]),
+            "dry_run_100000_points_plan": result["out"].strip().splitlines()[1:3]}
 
 
 def _base_args(grid_file: Path, out: Path) -> list[str]:

@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         print(status.text(result))
         return 0
     print(f"prunestudy: run folder {run_dir} (params hash {config.stage_hash(cfg)})", flush=True)
+    schedule.sigterm_as_sigint()
     try:
         res = pipeline.run(cfg, run_dir, force=args.force, log=lambda m: print(m, flush=True), store_root=args.store,
                            fresh_kernels=args.fresh_kernels, jobs=args.jobs)
@@ -108,14 +109,26 @@ def main(argv: list[str] | None = None) -> int:
         # the notebook client's cell task ends with the kernel's KeyboardInterrupt after we stopped listening:
         # asyncio would print it as "Task exception was never retrieved" with a traceback at exit
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-        print(f"prunestudy: interrupted; finished stages are kept in {run_dir}: rerun the same command to go on",
-              file=sys.stderr)
-        return 130
+        print(f"prunestudy: {_interruption()}; finished stages are kept in {run_dir}: rerun the same command to "
+              "go on", file=sys.stderr)
+        return _interrupted_status()
     except OSError as e:  # the runner's own writes (results.json, report): disk full, folder gone
         print(f"prunestudy: {e}; finished stages are kept in {run_dir}: fix the cause and rerun", file=sys.stderr)
         return 1
     print(_summary(res))
     return 0
+
+
+def _interruption() -> str:
+    return "terminated (SIGTERM)" if schedule.terminated() else "interrupted"
+
+
+def _interrupted_status() -> int:
+    """The shell's status of a process ended by the signal: 143 for SIGTERM, 130 for Ctrl-C. From here
+    on SIGINT is ignored: stopping a kernel signals its process group, which may hold this process,
+    and a KeyboardInterrupt while exiting would end it with -2 instead."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return 128 + (signal.SIGTERM if schedule.terminated() else signal.SIGINT)
 
 
 def _add_compare_cli(sub) -> None:
@@ -281,7 +294,8 @@ def _sweep(args) -> int:
     except ValueError as e:
         print(f"prunestudy: {e}", file=sys.stderr)
         return 2
-    name = Path(args.file).stem + (f"-{config.stage_hash([p.cfg for p in pts])}" if args.param or args.grid else "")
+    digest = config.stage_hash_of_list(p.cfg for p in pts) if args.param or args.grid else None
+    name = Path(args.file).stem + (f"-{digest}" if digest else "")
     sweep_dir = (config.resolve_path(args.sweep_dir) if args.sweep_dir
                  else config.resolve_path(Path("runs") / name, config.project_root()))   # the project's runs/
     root = Path(args.store).resolve() if args.store else stagestore.default_root(sweep_dir)
@@ -290,17 +304,18 @@ def _sweep(args) -> int:
         print(grid.dry_run_text(pts, sweep_dir, root))
         return 0
     print(f"prunestudy: sweep folder {sweep_dir} ({len(pts)} points), stage store {root}", flush=True)
+    schedule.sigterm_as_sigint()
     try:
         summary = sweep.run(pts, sweep_dir, engine=args.engine, jobs=args.jobs, address=args.address, store_root=root,
                       log=lambda m: print(m, flush=True), fresh_kernels=args.fresh_kernels, gpus=args.gpus)
-    except (FileNotFoundError, execute.PreflightError, runlock.LockedError) as e:
+    except (FileNotFoundError, execute.PreflightError, runlock.LockedError, schedule.EngineError) as e:
         print(f"prunestudy: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)   # see cli._run
-        print(f"prunestudy: interrupted; finished stages are kept in the store ({root}): rerun the same command to "
-              "go on", file=sys.stderr)
-        return 130
+        print(f"prunestudy: {_interruption()}; finished stages are kept in the store ({root}): rerun the same "
+              "command to go on", file=sys.stderr)
+        return _interrupted_status()
     except execute.StageFailed as e:   # the grid report itself
         print(f"prunestudy: {e}", file=sys.stderr)
         return 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import hashlib
 import json
 import os
@@ -142,6 +143,11 @@ def default(key: str) -> Any:
 
 def stage_parameters(stage: str) -> dict[str, str]:
     """Parameter name of `stage`'s function and notebook -> the schema key it stands for."""
+    return dict(_stage_parameters(stage))
+
+
+@functools.cache
+def _stage_parameters(stage: str) -> dict[str, str]:
     if stage not in STAGE_EXTRAS:
         raise ValueError(f"unknown stage {stage!r}: one of {', '.join(STAGE_EXTRAS)}")
     own = {key.split(".", 1)[1]: key for key in SCHEMA if key.startswith(stage + ".") and key not in RUNNER_KEYS}
@@ -150,8 +156,16 @@ def stage_parameters(stage: str) -> dict[str, str]:
 
 def stage_params(stage: str, cfg: dict) -> dict:
     """The values of `stage`'s parameters in cfg (what its notebook is run with)."""
-    flat = flatten(cfg)
-    return {name: flat[key] for name, key in stage_parameters(stage).items()}
+    return {name: value(cfg, key) for name, key in _stage_parameters(stage).items()}
+
+
+def value(cfg: dict, key: str) -> Any:
+    """The value of a schema key (dotted) in cfg, as flatten(cfg)[key] gives it (without flattening
+    all of cfg: a grid reads a few keys of each of its points)."""
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
 
 
 def choices(key: str) -> tuple | None:
@@ -202,39 +216,61 @@ def cache_root() -> Path:
 
 def load(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
     """Defaults, then the YAML file, then `key=value` overrides (values parsed as YAML); validated."""
-    cfg = defaults()
-    problems: list[str] = []
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ParamsError([f"parameter file {p}{_resolved(str(p))} does not exist: pass an existing YAML file "
-                               "to -f"])
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ParamsError([f"{p} is not valid YAML: {e}"]) from None
-        if not isinstance(loaded, dict):
-            raise ParamsError([f"{p} must hold a mapping of parameters, not {type(loaded).__name__}"])
-        for key, value in flatten(loaded).items():
-            _set(cfg, key, value)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            problems.append(f"override {item!r} is not key=value (e.g. -p train.epochs=3)")
-            continue
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as e:
-            problems.append(f"-p {key.strip()}: the value {raw!r} is not valid YAML ({_yaml_reason(e)}): close its "
-                            "brackets or quotes, e.g. -p 'data.classes=[person, car]', or quote a string, e.g. "
-                            "-p 'data.root=\"/my dir\"'")
-            continue
-        _set(cfg, key.strip(), value)
-    _coerce_floats(cfg)
+    cfg, problems = merged(path, overrides)
     problems += validate(cfg)
     if problems:
         raise ParamsError(problems)
     return absolute_paths(cfg)
+
+
+def merged(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (),
+           values: dict | None = None) -> tuple[dict, list]:
+    """(defaults, then the YAML file, then `values` (flat, parsed already), then the `key=value`
+    overrides, floats coerced; the overrides' problems): not validated yet (a grid sets its values
+    first, then validates each point)."""
+    cfg = defaults()
+    if path is not None:
+        for key, value in read_file(path).items():
+            _set(cfg, key, value)
+    for key, value in (values or {}).items():
+        _set(cfg, key, value)
+    problems = []
+    for item in overrides:
+        try:
+            key, value = parse_override(item)
+        except ParamsError as e:
+            problems += e.problems
+            continue
+        _set(cfg, key, value)
+    _coerce_floats(cfg)
+    return cfg, problems
+
+
+def read_file(path: str | os.PathLike) -> dict:
+    """A parameter file's parameters, flat ({'train.lr': 0.001})."""
+    p = Path(path)
+    if not p.is_file():
+        raise ParamsError([f"parameter file {p}{_resolved(str(p))} does not exist: pass an existing YAML file to -f"])
+    try:
+        loaded = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ParamsError([f"{p} is not valid YAML: {e}"]) from None
+    if not isinstance(loaded, dict):
+        raise ParamsError([f"{p} must hold a mapping of parameters, not {type(loaded).__name__}"])
+    return flatten(loaded)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """(key, value) of one `-p key=value` (the value read as YAML; empty: null)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ParamsError([f"override {item!r} is not key=value (e.g. -p train.epochs=3)"])
+    try:
+        return key.strip(), (yaml.safe_load(raw) if raw.strip() else None)
+    except yaml.YAMLError as e:
+        raise ParamsError([f"-p {key.strip()}: the value {raw!r} is not valid YAML ({_yaml_reason(e)}): close its "
+                           "brackets or quotes, e.g. -p 'data.classes=[person, car]', or quote a string, e.g. "
+                           "-p 'data.root=\"/my dir\"'"]) from None
 
 
 PATH_KEYS = ("data.root", "train.weights")   # parameters naming a file or folder ('embedded' is not a path)
@@ -258,25 +294,14 @@ def _yaml_reason(e: yaml.YAMLError) -> str:
     return " ".join(str(reason).split())
 
 
-def validate(cfg: dict) -> list[str]:
-    """Every problem in cfg, one readable line each (empty list = valid)."""
-    problems = []
+def validate(cfg: dict, known: dict[str, list[str]] | None = None) -> list[str]:
+    """Every problem in cfg, one readable line each (empty list = valid). `known`: the problems of
+    each value on its own (key_problems) for keys whose values are known to be those (a grid's
+    common parameters, checked once, not once per point)."""
     flat = flatten(cfg)
-    for key, value in flat.items():
-        if key not in SCHEMA:
-            close = difflib.get_close_matches(key, SCHEMA, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(SCHEMA)}"
-            problems.append(f"unknown parameter {key!r}{hint}")
-            continue
-        _, types, _ = SCHEMA[key]
-        if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
-            names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-            problems.append(f"{key} must be {names}, got {value!r}")
-        elif isinstance(value, dict) and set(value) - set(SCHEMA[key][0]):
-            extra = ", ".join(sorted(set(value) - set(SCHEMA[key][0])))
-            problems.append(f"{key} has unknown keys {extra}; valid: {', '.join(SCHEMA[key][0])}")
-        elif choices(key) is not None and value not in choices(key):
-            problems.append(f"{key} must be one of {', '.join(map(str, choices(key)))}, got {value!r}")
+    known = known or {}
+    own = key_problems(flat, [k for k in flat if k not in known])
+    problems = [p for k in flat for p in (own[k] if k in own else known[k])]
     bad = {p.split()[0] for p in problems}
 
     def ok(key: str) -> bool:  # range checks only where the type is right
@@ -326,6 +351,30 @@ def validate(cfg: dict) -> list[str]:
     problems += _prune_problems(flat, ok)
     problems += _model_problems(flat, ok)
     return problems
+
+
+def key_problems(flat: dict, keys=None) -> dict[str, list[str]]:
+    """{key: the problems of its value on its own (an unknown key, a wrong type, an unknown choice)}
+    for `keys` of flat (default: all)."""
+    out = {}
+    for key in (flat if keys is None else keys):
+        out[key] = problems = []
+        value = flat[key]
+        if key not in SCHEMA:
+            close = difflib.get_close_matches(key, SCHEMA, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(SCHEMA)}"
+            problems.append(f"unknown parameter {key!r}{hint}")
+            continue
+        _, types, _ = SCHEMA[key]
+        if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            problems.append(f"{key} must be {names}, got {value!r}")
+        elif isinstance(value, dict) and set(value) - set(SCHEMA[key][0]):
+            extra = ", ".join(sorted(set(value) - set(SCHEMA[key][0])))
+            problems.append(f"{key} has unknown keys {extra}; valid: {', '.join(SCHEMA[key][0])}")
+        elif choices(key) is not None and value not in choices(key):
+            problems.append(f"{key} must be one of {', '.join(map(str, choices(key)))}, got {value!r}")
+    return out
 
 
 def _classes_problems(flat: dict, ok) -> list[str]:
@@ -416,6 +465,19 @@ def curve_methods(prune_cfg: dict) -> list[str]:
     return list(dict.fromkeys(chosen))
 
 
+@functools.cache
+def _method_fault(method: str, targets: str, model: str) -> str | None:
+    """prune.check's error for a method on a model, checked once per process (a grid validates
+    every point, and the check walks the model's layers)."""
+    from . import prune  # torch: only once the simple checks have passed
+
+    try:
+        prune.check(method, 0.0, targets, model)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def _prune_problems(flat: dict, ok) -> list[str]:
     """Pruning schedule, rewinding and curve; then `prune.check` of every method against train.model,
     so that a method that cannot apply to the model is an error before any work starts."""
@@ -458,8 +520,6 @@ def _prune_problems(flat: dict, ok) -> list[str]:
             problems.append(f"prune.methods lists a method twice: {swept}")
     if not all(ok(k) for k in ("train.model", "prune.targets")):
         return problems
-    from . import prune  # torch: only once the simple checks have passed
-
     checks = []
     if ok("prune.method") and ok("prune.amount") and 0 <= flat["prune.amount"] < 1:
         checks.append(("", flat["prune.method"]))
@@ -474,10 +534,9 @@ def _prune_problems(flat: dict, ok) -> list[str]:
                             "structural method has no earlier state of its smaller shape to rewind to; list "
                             "masked methods only in prune.methods, or set prune.rewind_step=null")
     for prefix, method in checks:
-        try:
-            prune.check(method, 0.0, flat["prune.targets"], flat["train.model"])
-        except ValueError as e:
-            problems.append(prefix + str(e))
+        fault = _method_fault(method, flat["prune.targets"], flat["train.model"])
+        if fault:
+            problems.append(prefix + fault)
     return problems
 
 
@@ -500,6 +559,16 @@ def stage_hash(cfg: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def stage_hash_of_list(items) -> str:
+    """stage_hash(list(items)), streamed: the same digest without the JSON of all of them in memory
+    at once (a 100,000-point grid's parameters are some 300 MB of JSON)."""
+    h = hashlib.sha256(b"[")
+    for i, item in enumerate(items):
+        h.update((b"," if i else b"") + json.dumps(item, sort_keys=True, separators=(",", ":"), default=str).encode())
+    h.update(b"]")
+    return h.hexdigest()[:12]
+
+
 def resolve_path(value: str | os.PathLike | None, root: Path | None = None) -> Path | None:
     """A path made absolute: a relative path is taken from the current directory (as a shell user
     expects; `root` instead, where a default location of the project is meant, e.g. runs/)."""
@@ -519,12 +588,43 @@ def _resolved(value: str) -> str:
 def _coerce_floats(cfg: dict) -> None:
     """YAML 1.1 reads `1e-4` as a string and `1` as an int: accept both where a float is meant."""
     for key, value in flatten(cfg).items():
-        types = SCHEMA.get(key, (None, ()))[1]
-        if float in types and not isinstance(value, bool) and isinstance(value, (str, int)):
-            try:
-                _set(cfg, key, float(value))
-            except ValueError:
-                pass
+        if coerced(key, value) is not value:
+            _set(cfg, key, coerced(key, value))
+
+
+def coerced(key: str, value: Any) -> Any:
+    """The value as the schema takes it: `1e-4` (a string to YAML 1.1) and `1` as floats where a
+    float is meant; anything else as it is (validation then says what is wrong)."""
+    types = SCHEMA.get(key, (None, ()))[1]
+    if float in types and not isinstance(value, bool) and isinstance(value, (str, int)):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def with_values(cfg: dict, values: dict) -> dict:
+    """cfg with these flat values set (coerced already), sharing with cfg every section they leave
+    alone: a grid of 100,000 points holds one copy of its common parameters, not one each. Treat
+    the sections as read-only."""
+    out, fresh = dict(cfg), set()
+    for key, value in values.items():
+        *parents, last = key.split(".")
+        node = out
+        for part in parents:   # copy each section on the way once
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+            elif id(child) not in fresh:
+                child = dict(child)
+            fresh.add(id(child))
+            node[part] = node = child
+        if isinstance(SCHEMA.get(key, (None,))[0], dict) and isinstance(value, dict) \
+                and isinstance(node.get(last), dict):   # a dict parameter merges key-wise (_set)
+            value = {**node[last], **value}
+        node[last] = value
+    return absolute_paths(out) if any(k in PATH_KEYS for k in values) else out
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

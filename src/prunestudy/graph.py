@@ -19,6 +19,7 @@ timing stage: a latency is a measurement of a machine, so its key holds the mach
 from __future__ import annotations
 
 import functools
+import json
 import os
 from dataclasses import dataclass
 
@@ -124,9 +125,10 @@ def key_params(name: str, cfg: dict) -> dict:
 
 
 def chain_keys(cfg: dict, *, after: str | None = None, names: tuple[str, ...] = CHAIN,
-               code: str | None = None) -> dict[str, str]:
+               code: str | None = None, memo: KeyMemo | None = None) -> dict[str, str]:
     """Each stage's key in a run folder with these parameters. The analysis' key also holds the keys
-    of the repeats' (`seeds`) and the in-run points' (`prune.amounts`) last stages."""
+    of the repeats' (`seeds`) and the in-run points' (`prune.amounts`) last stages. `memo`: the keys
+    already computed for other studies of a grid (KeyMemo)."""
     keys, previous = {}, after
     for name in names:
         extra = {}
@@ -135,9 +137,53 @@ def chain_keys(cfg: dict, *, after: str | None = None, names: tuple[str, ...] = 
                                 for s in config.repeat_seeds(cfg)}
         if name == "analysis" and config.curve_points(cfg):
             extra["curve"] = [point_keys(p, keys["data"], code=code)["retrain"] for p in config.curve_points(cfg)]
-        keys[name] = key(name, key_params(name, cfg), previous, code=code, **extra)
+        if memo is not None and not extra:
+            keys[name] = memo.key(name, cfg, previous, code)
+        else:
+            keys[name] = key(name, key_params(name, cfg), previous, code=code, **extra)
         previous = keys[name]
     return keys
+
+
+CONTROL_INPUTS = ("retrain.epochs", "prune.rounds", "retrain.epochs_per_round", "retrain.lr", "retrain.batch_size",
+                  "seed", "train.device")   # what control_params_of reads
+
+
+def inputs(name: str) -> tuple[str, ...]:
+    """The parameters (schema keys) a stage's key parameters are read from, beside the key it follows
+    (and, for the analysis, the machine): two studies that agree in these and in the key before
+    have the same key for this stage."""
+    if name == "control":
+        return CONTROL_INPUTS
+    if name in ("analysis", "timing"):
+        return ()
+    return tuple(config.stage_parameters(name).values())
+
+
+class KeyMemo:
+    """The stage keys of many studies that differ in a few parameters (a grid's points, `varying`):
+    each key computed once per distinct stage parameters and key before, not once per study (a
+    100,000-point plan computes a few hundred data, training and control keys, not 100,000 each)."""
+
+    def __init__(self, varying: tuple[str, ...]):
+        self.varying = tuple(varying)
+        self._read = {name: tuple(k for k in self.varying if k in inputs(name)) for name in KINDS}
+        self._keys: dict[tuple, str] = {}
+
+    def key(self, name: str, cfg: dict, after: str | None, code: str | None = None) -> str:
+        """The key of stage `name` of cfg, after the key `after` (computed if no study before had it)."""
+        memo = (name, after, code, tuple(_hashable(config.value(cfg, k)) for k in self._read[name]))
+        if memo not in self._keys:
+            params = control_params_of(cfg) if name == "control" else key_params(name, cfg)
+            self._keys[memo] = key(name, params, after, code=code)
+        return self._keys[memo]
+
+
+def _hashable(value) -> tuple:
+    """A value as a memo's key: its type too (1, 1.0 and True are one key to a dict, not to a stage)."""
+    if isinstance(value, (dict, list)):
+        return ("json", json.dumps(value, sort_keys=True, default=str))
+    return (type(value).__name__, value)
 
 
 def repeat_keys(cfg: dict, seed: int, data_key: str, *, code: str | None = None) -> dict[str, str]:
@@ -175,9 +221,10 @@ def timing_key(retrain_key: str, latency_repeats: int, device: str) -> str:
     return key("timing", timing_params(latency_repeats, device), retrain_key)
 
 
-def all_keys(cfg: dict, *, code: str | None = None) -> dict[str, str]:
-    """Every stage key of one study (a grid point): its chain's, and its control's."""
-    keys = chain_keys(cfg, code=code)
+def all_keys(cfg: dict, *, code: str | None = None, memo: KeyMemo | None = None) -> dict[str, str]:
+    """Every stage key of one study (a grid point): its chain's, and its control's. `memo`: see chain_keys."""
+    keys = chain_keys(cfg, code=code, memo=memo)
     if cfg["retrain"]["control"]:
-        keys["control"] = key("control", control_params_of(cfg), keys["train"], code=code)
+        keys["control"] = (memo.key("control", cfg, keys["train"], code) if memo is not None
+                           else key("control", control_params_of(cfg), keys["train"], code=code))
     return keys

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,13 @@ GRID_KEY = "grid"
 class Point:
     name: str                   # folder name under <sweep>/points/, readable
     values: dict                # this point's grid values {key: value}
-    cfg: dict = field(repr=False)   # its full, validated parameters
+    cfg: dict = field(repr=False)   # its full, validated parameters (sections shared between points: read-only)
+    keys: dict | None = field(default=None, repr=False)   # its stage keys (graph.all_keys), when computed already
+
+
+def keys_of(point: Point) -> dict[str, str]:
+    """Every stage key of a point (graph.all_keys): those computed with the grid, or now."""
+    return point.keys if point.keys is not None else graph.all_keys(point.cfg)
 
 
 def _parse_grid_override(item: str) -> tuple[str, list]:
@@ -50,8 +57,8 @@ def _parse_grid_override(item: str) -> tuple[str, list]:
 
 
 def read(path: str | Path | None, overrides=(), grid_overrides=()) -> tuple[dict, dict[str, list]]:
-    """(the study parameters common to every point, as a flat dict of the file and -p overrides;
-    the grid {key: values}) from a grid file."""
+    """(the study parameters common to every point, as a flat dict of the file, then the -p overrides
+    (so that `-p key=null` clears a key of the file); the grid {key: values}) from a grid file."""
     loaded: dict = {}
     if path is not None:
         p = Path(path)
@@ -71,7 +78,18 @@ def read(path: str | Path | None, overrides=(), grid_overrides=()) -> tuple[dict
     for item in grid_overrides:
         key, values = _parse_grid_override(item)
         grid[key] = values
-    return loaded, grid
+    base, problems = config.flatten(loaded), []
+    for item in overrides:
+        try:
+            key, value = config.parse_override(item)
+        except config.ParamsError as e:
+            problems += e.problems
+            continue
+        both_dicts = isinstance(base.get(key), dict) and isinstance(value, dict)
+        base[key] = {**base[key], **value} if both_dicts else value   # a dict parameter merges key-wise
+    if problems:
+        raise config.ParamsError(problems)
+    return base, grid
 
 
 def _problems_of_grid(base: dict, grid: dict[str, list]) -> list[str]:
@@ -81,47 +99,66 @@ def _problems_of_grid(base: dict, grid: dict[str, list]) -> list[str]:
             problems.append(f"grid key {key!r} is not a parameter (prunestudy params --show lists them)")
         elif not values:
             problems.append(f"grid key {key} has no values")
-        elif len({json.dumps(v, sort_keys=True, default=str) for v in values}) != len(values):
-            problems.append(f"grid key {key} lists a value twice: {values}")
-    flat_base = config.flatten(base)
-    for key in ("seeds", "prune.amounts", "prune.methods"):
-        if flat_base.get(key) is not None or key in grid:
+        elif twice := _twice(key, values, base):
+            problems.append(f"grid key {key} lists one value twice: {twice}; list each value once")
+    for key in config.RUNNER_KEYS:
+        if base.get(key) is not None or key in grid:
             target = {"seeds": "seed", "prune.amounts": "prune.amount", "prune.methods": "prune.method"}[key]
             problems.append(f"{key} is the one-run shorthand of a grid: in a grid file write `grid: {{{target}: "
-                            f"[...]}}` instead (each value a point, its stages shared and run in parallel)")
+                            f"[...]}}` instead (each value a point, its stages shared and run in parallel), or "
+                            f"clear it with -p {key}=null")
     return problems
 
 
+def _twice(key: str, values: list, base: dict) -> str:
+    """The values of a grid key that are one value as the schema takes it (0.5, 5e-1 and 0.50 are
+    one prune.amount; a dict parameter merged into its default): '' if none."""
+    seen: dict[str, list] = {}
+    for value in values:
+        seen.setdefault(_canonical(key, value, base), []).append(value)
+    alike = [written for written in seen.values() if len(written) > 1]
+    return "; ".join(" and ".join(json.dumps(v, default=str) for v in written) for written in alike)
+
+
+def _canonical(key: str, value, base: dict) -> str:
+    value = config.coerced(key, value)
+    default = config.SCHEMA[key][0]
+    if isinstance(default, dict) and isinstance(value, dict):   # merged key-wise into the file's or default
+        value = {**default, **(base.get(key) or {}), **value}
+    return json.dumps([type(value).__name__, value], sort_keys=True, default=str)
+
+
 def points(path: str | Path | None, overrides=(), grid_overrides=()) -> list[Point]:
-    """Every point of the grid, validated: config.ParamsError lists every problem of every point."""
+    """Every point of the grid, validated: config.ParamsError lists every problem of every point.
+    The common parameters are merged once; each point shares their sections it does not change,
+    and its stage keys are computed once per distinct stage parameters (graph.KeyMemo)."""
     base, grid = read(path, overrides, grid_overrides)
     problems = _problems_of_grid(base, grid)
     if problems:
         raise config.ParamsError(problems)
+    common, _ = config.merged(values=base)
+    common = config.absolute_paths(common)
     keys = list(grid)
+    grid = {k: [config.coerced(k, v) for v in vs] for k, vs in grid.items()}
+    memo = graph.KeyMemo(tuple(keys))
+    flat = config.flatten(common)
+    known = config.key_problems(flat, [k for k in flat if k not in grid])   # the common values, checked once
     out, bad = [], []
     combos = itertools.product(*(grid[k] for k in keys)) if keys else [()]
     for combo in combos:
         values = dict(zip(keys, combo))
-        extra = [f"{k}={json.dumps(v)}" for k, v in values.items()]
-        try:
-            cfg = _load_point(base, list(overrides) + extra)
-        except config.ParamsError as e:
-            bad += [f"point {_label(values)}: {p}" for p in e.problems]
+        cfg = config.with_values(common, values)
+        problems = config.validate(cfg, known)
+        if problems:
+            bad += [f"point {_label(values)}: {p}" for p in problems]
             continue
-        out.append(Point(_name(values), values, cfg))
+        out.append(Point(_name(values), values, cfg, graph.all_keys(cfg, memo=memo)))
     if bad:
         raise config.ParamsError(bad)
     names = [p.name for p in out]
     if len(set(names)) != len(names):   # values that print alike: make the names unique
-        out = [Point(f"{p.name}-{config.stage_hash(p.values)[:6]}", p.values, p.cfg) for p in out]
+        out = [Point(f"{p.name}-{config.stage_hash(p.values)[:6]}", p.values, p.cfg, p.keys) for p in out]
     return out
-
-
-def _load_point(base: dict, overrides: list[str]) -> dict:
-    """Defaults, the grid file's parameters, the -p overrides, the point's values; validated."""
-    common = [f"{k}={json.dumps(v)}" for k, v in config.flatten(base).items()]
-    return config.load(None, common + overrides)
 
 
 def _label(values: dict) -> str:
@@ -147,19 +184,29 @@ def plan(pts: list[Point]) -> dict:
     """{stage kind: {key: [point names]}}: the unique stages and the points that share each."""
     out: dict[str, dict[str, list[str]]] = {s: {} for s in graph.PLANNED}
     for p in pts:
-        for stage, key in graph.all_keys(p.cfg).items():
+        for stage, key in keys_of(p).items():
             out[stage].setdefault(key, []).append(p.name)
     return out
 
 
 def done_keys(store_root: Path, the_plan: dict) -> dict[str, set[str]]:
     """The keys of each stored kind whose store entry holds a record of that key (complete when
-    its inputs still agree: the run checks that again before it skips anything)."""
+    its inputs still agree: the run checks that again before it skips anything). Only the entries
+    that exist are read (a 100,000-point plan on a fresh store opens no file)."""
     done = {}
     for stage, keys in the_plan.items():
         folder = Path(store_root) / stage
-        done[stage] = {k for k in keys if records.recorded(folder / k, k)}
+        done[stage] = {k for k in _present(folder, keys) if records.recorded(folder / k, k)}
     return done
+
+
+def _present(folder: Path, names) -> list[str]:
+    """The names that are entries of the folder (none if it does not exist), listed once."""
+    try:
+        there = set(os.listdir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return [n for n in names if n in there]
 
 
 def dry_run_text(pts: list[Point], sweep_dir: Path, store_root: Path) -> str:
@@ -167,9 +214,11 @@ def dry_run_text(pts: list[Point], sweep_dir: Path, store_root: Path) -> str:
     left from the stage times the store has measured."""
     the_plan = plan(pts)
     done = done_keys(store_root, the_plan)
-    for point in pts:   # analyses live in the point folders, not in the store
-        key = graph.all_keys(point.cfg)["analysis"]
-        if records.recorded(paths.stage_dir(paths.point_dir(sweep_dir, point.name), "analysis"), key):
+    points_dir = Path(sweep_dir) / paths.SWEEP_POINTS
+    by_name = {p.name: p for p in pts}
+    for name in _present(points_dir, by_name):   # analyses live in the point folders, not in the store
+        key = keys_of(by_name[name])["analysis"]
+        if records.recorded(paths.stage_dir(paths.point_dir(sweep_dir, name), "analysis"), key):
             done["analysis"].add(key)
     seconds = measured_seconds(store_root)
     lines = [f"{len(pts)} points; stages (unique, done, to run; shared per ...):"]

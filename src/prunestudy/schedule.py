@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -207,9 +208,13 @@ class Ray:
         import ray
 
         self._started_here = not ray.is_initialized()
+        if self._started_here and self.address:
+            reachable(self.address)
         if self._started_here:
             kw = {"include_dashboard": False, "log_to_driver": True, **(self.init or {})}
+            sigterm = signal.getsignal(signal.SIGTERM)
             ray.init(address=self.address, **kw) if self.address else ray.init(**kw)
+            signal.signal(signal.SIGTERM, sigterm)   # Ray's own handler aborts with its stack (rc 134)
         self.gpus = ray.cluster_resources().get("GPU", 0) > 0
         return self
 
@@ -248,6 +253,24 @@ class Ray:
             with contextlib.suppress(Exception):
                 ray.cancel(self._refs[fut], force=True)
 
+
+
+class EngineError(RuntimeError):
+    """The engine cannot start (a Ray cluster that does not answer): one line naming what and the fix."""
+
+
+def reachable(address: str, timeout: float = 10.0) -> None:
+    """Raise EngineError unless a Ray cluster's `address` (host:port or ray://host:port; "auto" is
+    left to Ray) accepts a connection within `timeout` seconds: ray.init itself retries an address
+    that does not answer for minutes."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if address == "auto" or not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise EngineError(f"no Ray cluster answers at {address} ({e.strerror or e}): start one there (ray start "
+                          "--head) or give its address to --address (auto: the one started on this machine)") from None
 
 
 def ray_options(task: Task, cfg: dict, gpus: bool) -> dict:
@@ -297,6 +320,31 @@ def gpu_ids(gpus: str | None, trainings: list[dict]) -> list[str]:
     import torch
 
     return [str(i) for i in range(torch.cuda.device_count())]
+
+
+# --- the driver's signals -------------------------------------------------------------------------
+_terminated = False    # SIGTERM reached the driver
+
+
+def sigterm_as_sigint() -> None:
+    """SIGTERM (`kill`, a batch system's stop) ends this process as Ctrl-C does: it runs the SIGINT
+    handler of the moment, so the same code runs (the loop interrupts its workers and their kernels,
+    claims are released, no stack is printed); `terminated()` then tells the command line to exit
+    143. (Not raise_signal: a SIGINT still pending at exit kills the process with status -2.)"""
+    def handler(signum, frame) -> None:
+        global _terminated
+        _terminated = True
+        on_sigint = signal.getsignal(signal.SIGINT)
+        if callable(on_sigint):
+            on_sigint(signal.SIGINT, frame)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def terminated() -> bool:
+    """SIGTERM reached this process (sigterm_as_sigint): an interrupt exits 143, not 130."""
+    return _terminated
 
 
 # --- a pool's worker process ---------------------------------------------------------------------

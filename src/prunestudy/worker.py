@@ -36,7 +36,7 @@ def tasks(pts: list[grid.Point], kinds: tuple[str, ...] = graph.CHAIN) -> dict[s
     users: dict[str, list[str]] = {}
     first: dict[str, tuple[str, str, str, tuple[str, ...]]] = {}
     for p in pts:
-        keys = graph.chain_keys(p.cfg)
+        keys = grid.keys_of(p)
         for stage in kinds:
             tid = f"{stage}:{keys[stage]}"
             users.setdefault(tid, []).append(p.name)
@@ -54,7 +54,7 @@ def prepare(pts: list[grid.Point], folder: Path, st: stagestore.Store) -> None:
         point = paths.point_dir(folder, p.name)
         paths.notebooks_dir(point).mkdir(parents=True, exist_ok=True)
         atomic.write_json(point / paths.PARAMS, p.cfg)
-        keys = graph.all_keys(p.cfg)
+        keys = grid.keys_of(p)
         for stage in graph.STORED:
             entry = st.entry(stage, keys[stage])
             entry.mkdir(parents=True, exist_ok=True)
@@ -191,9 +191,14 @@ def spec(task: schedule.Task, pts: dict[str, grid.Point], folder: Path, st: stag
          threads: int, fresh_kernels: bool = False) -> dict:
     """What `run_task` is given: plain data, sent to a worker process or a Ray node."""
     return {"id": task.id, "stage": task.stage, "key": task.key, "point": task.point, "cfg": pts[task.point].cfg,
-            "threads": threads, "fresh_kernels": fresh_kernels, "keys": graph.chain_keys(pts[task.point].cfg),
+            "threads": threads, "fresh_kernels": fresh_kernels, "keys": _chain(grid.keys_of(pts[task.point])),
             "point_dir": str(paths.point_dir(folder, task.point)), "store": str(st.root), "env": env,
             "inject": os.environ.get("PRUNESTUDY_INJECT_FAULT")}
+
+
+def _chain(keys: dict[str, str]) -> dict[str, str]:
+    """A point's chain keys (graph.chain_keys) of its stage keys (graph.all_keys: the control's too)."""
+    return {stage: keys[stage] for stage in graph.CHAIN}
 
 
 def task_env() -> dict:

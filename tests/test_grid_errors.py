@@ -1,0 +1,143 @@
+"""The grid's errors as `run`'s (issue 30, item 6): equal values written differently are one grid
+value, `-p key=null` clears a key before the grid checks it, the plan of a large grid is arithmetic
+(keys once per distinct stage parameters), and the sweep's signals, engines and paths fail in one
+line."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT
+
+from prunestudy import cli, config, graph, grid, stagestore
+
+SMALL = ROOT / "params" / "grid-small.yaml"
+SMOKE = ROOT / "params" / "smoke.yaml"
+CLI = [sys.executable, "-m", "prunestudy.cli"]
+
+
+# --- equal values written differently -------------------------------------------------------------
+@pytest.mark.parametrize("values", ["prune.amount=0.5,5e-1", "train.lr=1,1.0", "prune.amount=0.50,0.5"])
+def test_equal_values_written_differently_are_refused(values):
+    with pytest.raises(config.ParamsError) as e:
+        grid.points(SMALL, [], [values])
+    key = values.split("=")[0]
+    assert len(e.value.problems) == 1 and key in e.value.problems[0] and "twice" in e.value.problems[0]
+
+
+def test_equal_values_exit_2_naming_key_and_values(tmp_path, capsys):
+    rc = cli.main(["sweep", "-f", str(SMALL), "-g", "prune.amount=0.5,5e-1", "--dry-run",
+                   "--sweep-dir", str(tmp_path / "sw"), "--store", str(tmp_path / "store")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    problem = [line for line in err.splitlines() if "prune.amount" in line]
+    assert len(problem) == 1 and "0.5" in problem[0] and "5e-1" in problem[0]
+
+
+def test_dict_values_equal_after_merging_are_refused(tmp_path):
+    """data.embedded merges key-wise into the file's: {seed: 0} is the file's value written short."""
+    with pytest.raises(config.ParamsError, match="data.embedded lists one value twice"):
+        grid.points(SMALL, [], ["data.embedded=[{seed: 0}, {seed: 0, train_images: 40}]"])
+
+
+def test_every_point_has_its_own_parameters():
+    pts = grid.points(SMALL, [], ["prune.amount=0.25,0.5"])
+    assert len({config.stage_hash(p.cfg) for p in pts}) == len(pts)
+
+
+# --- -p key=null --------------------------------------------------------------------------------
+def test_null_override_clears_a_runner_key(tmp_path, capsys):
+    args = ["sweep", "-f", str(SMOKE), "--dry-run", "--sweep-dir", str(tmp_path / "sw"), "--store",
+            str(tmp_path / "store")]
+    assert cli.main(args) == 2   # smoke.yaml has prune.amounts: a run's curve, not a grid's
+    assert "-p prune.amounts=null" in capsys.readouterr().err
+    assert cli.main([*args, "-p", "prune.amounts=null"]) == 0
+    assert "1 points" in capsys.readouterr().out
+
+
+def test_override_of_a_dict_parameter_merges_with_the_file():
+    (p,) = grid.points(SMOKE, ["prune.amounts=null", "data.embedded={seed: 3}"])
+    assert p.cfg["data"]["embedded"]["seed"] == 3 and p.cfg["data"]["embedded"]["train_images"] == 40
+
+
+# --- the plan is arithmetic ---------------------------------------------------------------------
+def test_keys_computed_once_per_distinct_stage_parameters(monkeypatch):
+    calls: dict[str, int] = {}
+    real = graph.key
+
+    def counted(name, *args, **kw):
+        calls[name] = calls.get(name, 0) + 1
+        return real(name, *args, **kw)
+
+    monkeypatch.setattr(graph, "key", counted)
+    pts = grid.points(SMALL, [], ["prune.amount=0.1,0.2,0.3,0.4,0.5", "seed=0,1,2"])   # 2 methods: 30 points
+    assert len(pts) == 30
+    assert calls == {"data": 3, "train": 3, "control": 3, "prune": 30, "retrain": 30, "analysis": 30}
+    monkeypatch.setattr(graph, "key", real)
+    for p in pts:   # the memo gives what each point's own computation gives
+        assert p.keys == graph.all_keys(p.cfg)
+
+
+def test_points_share_the_sections_they_do_not_change():
+    a, b = grid.points(SMALL, [], ["prune.amount=0.25,0.5", "seed=0", "prune.method=l1_unstructured"])
+    assert a.cfg["data"] is b.cfg["data"] and a.cfg["train"] is b.cfg["train"]
+    assert a.cfg["prune"] is not b.cfg["prune"] and (a.cfg["prune"]["amount"], b.cfg["prune"]["amount"]) == (0.25, 0.5)
+
+
+def test_streamed_hash_of_a_list_is_the_hash_of_the_list():
+    items = [{"b": [1, 2.5], "a": None}, {"c": "x"}, {}]
+    assert config.stage_hash_of_list(iter(items)) == config.stage_hash(items)
+    assert config.stage_hash_of_list([]) == config.stage_hash([])
+
+
+# --- SIGTERM behaves like Ctrl-C ----------------------------------------------------------------
+def _living(group: int) -> list[str]:
+    ps = subprocess.run(["ps", "-o", "stat=,args=", "-g", str(group)], capture_output=True, text=True).stdout
+    return [line for line in ps.splitlines() if line.strip() and not line.strip().startswith("Z")]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("command", ["sweep", "run"])
+def test_sigterm_is_a_ctrl_c(command, tmp_path):
+    """SIGTERM to the driver alone while a stage computes: exit 143, one line, no stack, no claim held,
+    no worker or kernel left."""
+    store = tmp_path / "store"
+    args = (["sweep", "-f", str(SMALL), "-g", "seed=0", "-g", "prune.method=l1_unstructured", "-g",
+             "prune.amount=0.5", "--jobs", "1", "--sweep-dir", str(tmp_path / "sw")] if command == "sweep"
+            else ["run", "-f", str(SMOKE), "-p", "prune.amounts=null", "--run-dir", str(tmp_path / "run")])
+    proc = subprocess.Popen([*CLI, *args, "--store", str(store)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and \
+            not any(stagestore.held(c) for c in store.rglob("*.claim")):
+        time.sleep(0.3)
+    assert proc.poll() is None, proc.communicate()
+    os.kill(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out[-2000:] + err[-3000:]
+    assert "Traceback" not in out + err and "terminated (SIGTERM)" in err, err[-3000:]
+    assert len([line for line in err.splitlines() if line.startswith("prunestudy:")]) == 1, err
+    assert not any(stagestore.held(c) for c in store.rglob("*.claim"))
+    deadline = time.time() + 15
+    while time.time() < deadline and _living(proc.pid):
+        time.sleep(0.5)
+    assert _living(proc.pid) == []
+
+
+# --- an unreachable Ray cluster -----------------------------------------------------------------
+def test_unreachable_ray_address_fails_within_30_s(tmp_path):
+    pytest.importorskip("ray", reason="Ray is not installed")
+    started = time.time()
+    proc = subprocess.run([*CLI, "sweep", "-f", str(SMALL), "-g", "seed=0", "-g", "prune.method=l1_unstructured",
+                           "-g", "prune.amount=0.5", "--engine", "ray", "--address", "127.0.0.1:1", "--sweep-dir",
+                           str(tmp_path / "sw"), "--store", str(tmp_path / "store")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert time.time() - started < 30
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "127.0.0.1:1" in lines[0] and "Traceback" not in proc.stderr, proc.stderr
