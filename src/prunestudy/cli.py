@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from . import (
+    atomic,
     config,
     download,
     execute,
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         res = pipeline.run(cfg, run_dir, force=args.force, log=lambda m: print(m, flush=True), store_root=args.store,
                            fresh_kernels=args.fresh_kernels, jobs=args.jobs)
-    except (FileNotFoundError, execute.PreflightError, runlock.LockedError) as e:
+    except (FileNotFoundError, execute.PreflightError, runlock.LockedError, atomic.PlantedLink) as e:
         print(f"prunestudy: {e}", file=sys.stderr)
         return 2
     except execute.StageFailed as e:
@@ -266,7 +267,7 @@ def _sweep(args) -> int:
     try:
         summary = sweep.run(pts, sweep_dir, engine=args.engine, jobs=args.jobs, address=args.address, store_root=root,
                       log=lambda m: print(m, flush=True), fresh_kernels=args.fresh_kernels, gpus=args.gpus)
-    except (FileNotFoundError, execute.PreflightError, runlock.LockedError) as e:
+    except (FileNotFoundError, execute.PreflightError, runlock.LockedError, atomic.PlantedLink) as e:
         print(f"prunestudy: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import paths
+from . import atomic, paths
 
 ENV = "PRUNESTUDY_STORE"
 
@@ -59,9 +59,10 @@ class Store:
 @contextmanager
 def claim_dir(folder: Path, log: Callable[[str], None] = print):
     """An exclusive claim on a folder that may be shared (a store entry, seen through a link):
-    the flock file sits beside the folder's real location."""
+    the flock file sits beside the folder's real location, opened without following a link
+    (atomic.open_lock: a planted one is refused with its path)."""
     real = Path(folder).resolve()
-    with open(claim_file(real), "a+") as f:
+    with atomic.open_lock(claim_file(real)) as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -84,7 +85,7 @@ def claim_file(folder: Path) -> Path:
 
 def held(claim: Path) -> bool:
     """Whether a claim file is held now (by a process computing that stage)."""
-    with open(claim, "a+") as f:
+    with atomic.open_lock(claim) as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

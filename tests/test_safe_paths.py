@@ -1,0 +1,87 @@
+"""Paths that cannot destroy (issue 30): claim and lock files are never written through a planted
+link; a run or sweep folder is never the project, the stage store or a folder that is not its own;
+a run or sweep folder records its store, and a rerun from the folder uses it."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from prunestudy import atomic, cli, config, graph, runlock, stagestore
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "params" / "smoke.yaml")
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """Every file and link under a folder: its relative name -> the sha256 of its bytes (or where a
+    link points), so that any change, addition or removal shows."""
+    out = {}
+    for p in sorted(Path(folder).rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        if p.is_symlink():
+            out[rel] = "-> " + str(p.readlink())
+        elif p.is_file():
+            out[rel] = f"{p.stat().st_size} {hashlib.sha256(p.read_bytes()).hexdigest()}"
+        else:
+            out[rel] = "dir"
+    return out
+
+
+# --------------------------------------------------------------------------- planted links
+
+def plant(tmp_path: Path, at: Path, name: str = "victim.pt") -> Path:
+    """A file someone else owns (a model in the store) and a link to it where a lock file goes."""
+    victim = tmp_path / name
+    victim.write_bytes(b"the weights of another run" * 100)
+    at.parent.mkdir(parents=True, exist_ok=True)
+    at.symlink_to(victim)
+    return victim
+
+
+def test_a_planted_claim_link_is_refused_and_its_target_untouched(tmp_path):
+    st = stagestore.Store(tmp_path / "store")
+    claim = stagestore.claim_file(st.entry("train", "abc"))
+    victim = plant(tmp_path, claim)
+    before = victim.read_bytes()
+    with pytest.raises(atomic.PlantedLink, match=str(claim)):
+        with st.claim("train", "abc", log=lambda m: None):
+            pass
+    with pytest.raises(atomic.PlantedLink, match=str(claim)):
+        stagestore.held(claim)
+    assert victim.read_bytes() == before and claim.is_symlink()
+
+
+def test_a_planted_hard_link_or_run_lock_link_is_refused(tmp_path):
+    st = stagestore.Store(tmp_path / "store")
+    claim = stagestore.claim_file(st.entry("prune", "k"))
+    claim.parent.mkdir(parents=True)
+    victim = tmp_path / "victim.json"
+    victim.write_text('{"key": "k"}')
+    claim.hardlink_to(victim)
+    with pytest.raises(atomic.PlantedLink, match="hard link"):
+        with st.claim("prune", "k", log=lambda m: None):
+            pass
+    assert victim.read_text() == '{"key": "k"}'
+    run_dir = tmp_path / "run"
+    lock = run_dir / "run.lock"
+    victim = plant(tmp_path, lock, "model.pt")
+    before = victim.read_bytes()
+    with pytest.raises(atomic.PlantedLink, match=str(lock)):
+        runlock.RunLock(run_dir, "test")
+    assert victim.read_bytes() == before
+
+
+def test_a_run_meeting_a_planted_claim_exits_2_naming_it(tmp_path, capsys):
+    """The runner claims the data stage's entry first: the planted link stops it, one line, exit 2."""
+    store = tmp_path / "store"
+    cfg = config.load(SMOKE, [])
+    claim = stagestore.claim_file(stagestore.Store(store).entry("data", graph.chain_keys(cfg)["data"]))
+    victim = plant(tmp_path, claim)
+    before = victim.read_bytes()
+    assert cli.main(["run", "-f", SMOKE, "--run-dir", str(tmp_path / "run"), "--store", str(store)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(claim) in err[0] and "symbolic link" in err[0], err
+    assert victim.read_bytes() == before
