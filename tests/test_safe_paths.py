@@ -85,3 +85,63 @@ def test_a_run_meeting_a_planted_claim_exits_2_naming_it(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(claim) in err[0] and "symbolic link" in err[0], err
     assert victim.read_bytes() == before
+
+
+# --------------------------------------------------------------------------- one store per folder
+
+def test_a_folder_records_its_store_relative_to_itself_and_keeps_it(tmp_path, monkeypatch):
+    run_dir, store = tmp_path / "runs" / "mine", tmp_path / "elsewhere" / "store"
+    run_dir.mkdir(parents=True)
+    monkeypatch.delenv(stagestore.ENV, raising=False)
+    assert stagestore.choose(run_dir, None) == tmp_path / "runs" / ".store"   # a new folder: beside it
+    assert stagestore.choose(run_dir, store) == store.resolve()
+    stagestore.record(run_dir, store)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    monkeypatch.setenv(stagestore.ENV, str(tmp_path / "third"))
+    assert stagestore.choose(run_dir, None) == store.resolve()   # any directory, whatever PRUNESTUDY_STORE says
+    assert stagestore.choose(run_dir / "repeats" / "seed-1", None) == store.resolve()
+    with pytest.raises(stagestore.StoreError, match="drop --store"):
+        stagestore.choose(run_dir, tmp_path / "third")
+    assert stagestore.choose(run_dir, "none") is None
+
+
+@pytest.mark.e2e
+def test_a_sweep_point_rerun_from_its_folder_uses_the_sweeps_store(tmp_path, monkeypatch):
+    """The issue's probe: `prunestudy run -f <point>/params.json --run-dir <point>` from another
+    directory, its prune and retrain links gone, links them again from the sweep's store; no second
+    store appears under points/, and another --store is refused, exit 2, nothing changed."""
+    import subprocess
+    import sys
+
+    monkeypatch.delenv(stagestore.ENV, raising=False)
+    cli_ = [sys.executable, "-m", "prunestudy.cli"]
+    env = {k: v for k, v in __import__("os").environ.items() if k != stagestore.ENV}
+    sweep_dir = tmp_path / "grid"
+    proc = subprocess.run([*cli_, "sweep", "-f", str(ROOT / "params" / "grid-small.yaml"), "-g",
+                           "prune.method=l1_unstructured", "-g", "prune.amount=0.5", "-g", "seed=0", "--jobs", "1",
+                           "--sweep-dir", str(sweep_dir)], cwd=ROOT, capture_output=True, text=True, timeout=1500,
+                          env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    store = tmp_path / ".store"
+    assert f"stage store {store}" in proc.stdout.strip().splitlines()[-1]
+    (point,) = (sweep_dir / "points").iterdir()
+    for stage in ("prune", "retrain"):
+        (point / stage).unlink()   # the links only: the entries stay in the store
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    rel = Path("..") / "grid" / "points" / point.name
+    proc = subprocess.run([*cli_, "run", "-f", str(rel / "params.json"), "--run-dir", str(rel)], cwd=elsewhere,
+                          capture_output=True, text=True, timeout=1500, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "found in the stage store" in proc.stdout and ": start (" not in proc.stdout, proc.stdout
+    assert not (sweep_dir / "points" / ".store").exists()
+    for stage in ("data", "train", "prune", "retrain"):
+        assert (point / stage).resolve().is_relative_to(store.resolve()), stage
+    assert f"stage store {store}" in proc.stdout.strip().splitlines()[-1]
+    before = tree_digest(point)
+    proc = subprocess.run([*cli_, "run", "-f", str(rel / "params.json"), "--run-dir", str(rel), "--store",
+                           str(tmp_path / "other")], cwd=elsewhere, capture_output=True, text=True, timeout=600,
+                          env=env)
+    assert proc.returncode == 2 and "drop --store" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert tree_digest(point) == before and not (tmp_path / "other").exists()

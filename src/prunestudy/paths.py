@@ -16,6 +16,7 @@
       analysis/figures/*.png      figures_dir(run)
       <stage>/stage.json          stage_record(run, stage): what the stage was computed from (records)
       run.lock                    lock_file(run): the lock of the process writing the folder
+      store.json                  STORE_RECORD: the stage store its stages link into (a sweep folder's too)
       repeats/seed-<s>/           repeat_dir(run, s): a run folder of its own (data/ linked)
       curve/<method>-<amount>/    curve_point_dir(run, name): a curve point's run folder (data/ and
                                   train/ linked; its own prune/, retrain/ and notebooks/)
@@ -45,6 +46,7 @@ PARALLEL = ".parallel"             # `prunestudy run --jobs N`: its chains compu
 LOCK = "run.lock"                  # held by the process writing the run folder (runlock.RunLock)
 COMPARE_PAGE = "compare.html"      # prunestudy compare's page, in the current folder unless -o names another
 STORE = ".store"                   # beside the run folders: the stage store (stagestore.py)
+STORE_RECORD = "store.json"        # a run or sweep folder's stage store, relative to it (stagestore.recorded)
 ENTRY_NOTEBOOK = ".executed.ipynb"  # a store entry's executed notebook (run/notebooks/ links to it)
 
 # files inside a stage folder

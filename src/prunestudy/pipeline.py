@@ -29,8 +29,9 @@ def run(cfg: dict, run_dir: str | Path, *, force: str | None = None, log: Callab
         store_root: str | Path | None = None, fresh_kernels: bool = False, jobs: int = 1) -> dict:
     """Run the study into run_dir, skipping every stage already complete with the same key (in the
     run folder, or in the stage store: then it is linked, not recomputed); `force` reruns from
-    that stage on. `store_root`: the stage store (None: stagestore.default_root; "none": no store,
-    every stage computed in the run folder). `fresh_kernels`: a new kernel per notebook, rather
+    that stage on. `store_root`: the stage store (None: the one the run folder recorded, else
+    stagestore.default_root; "none": no store, every stage computed in the run folder;
+    stagestore.choose). `fresh_kernels`: a new kernel per notebook, rather
     than one kernel reset between them (prunestudy.kernels). `jobs` > 1: the chains (the study, its
     curve points and its `seeds` repeats) are computed first, `jobs` stages at a time
     (`parallel_points`). Holds the run folder's lock throughout (a
@@ -40,6 +41,7 @@ def run(cfg: dict, run_dir: str | Path, *, force: str | None = None, log: Callab
     run_dir = config.resolve_path(run_dir)
     if force is not None and force not in FORCEABLE:
         raise execute.PreflightError(f"--force must name a stage ({', '.join(FORCEABLE)}), got {force!r}")
+    root = stagestore.choose(run_dir, store_root)
     execute.preflight(cfg, run_dir)
     if execute.curve_points(cfg) and config.repeat_seeds(cfg):
         log(f"==> note: the curve (prune.amounts) runs on the study's seed ({cfg['seed']}) only, not on the repeats of "
@@ -47,7 +49,9 @@ def run(cfg: dict, run_dir: str | Path, *, force: str | None = None, log: Callab
     with runlock.RunLock(run_dir, f"prunestudy run (pid {os.getpid()})") as lock:
         os.environ[runlock.TOKEN_ENV] = lock.token   # the kernels it starts inherit it: they may write
         try:
-            stage_store = _store(run_dir, store_root)
+            stage_store = stagestore.Store(root) if root is not None else None
+            if stage_store is not None:   # a rerun from any directory, or of a sweep's point, uses it again
+                stagestore.record(run_dir, stage_store.root)
             if jobs > 1:
                 parallel_points(cfg, run_dir, stage_store, jobs, log, fresh_kernels, force)
             return _run(cfg, run_dir, force, log, stage_store, fresh_kernels)
@@ -88,12 +92,6 @@ def parallel_points(cfg: dict, run_dir: Path, stage_store: stagestore.Store | No
         log(f"==> --jobs {jobs}: {len(summary['failed'])} stage(s) failed; they run again below, one at a time")
     else:
         shutil.rmtree(run_dir / paths.PARALLEL, ignore_errors=True)   # its stages are in the store
-
-
-def _store(run_dir: Path, root: str | Path | None) -> stagestore.Store | None:
-    if root is not None and str(root).lower() == "none":
-        return None
-    return stagestore.Store(root if root is not None else stagestore.default_root(run_dir))
 
 
 def _run(cfg: dict, run_dir: Path, force: str | None, log: Callable[[str], None],
