@@ -145,3 +145,81 @@ def test_a_sweep_point_rerun_from_its_folder_uses_the_sweeps_store(tmp_path, mon
                           env=env)
     assert proc.returncode == 2 and "drop --store" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert tree_digest(point) == before and not (tmp_path / "other").exists()
+
+
+# --------------------------------------------------------------------------- paths that cannot destroy
+
+def fake_store(folder: Path) -> Path:
+    """A store with entries of two stages (other seeds' trainings among them) and their claims."""
+    for stage, key in (("data", "d1"), ("train", "t1"), ("train", "t2"), ("prune", "p1")):
+        entry = folder / stage / key
+        entry.mkdir(parents=True)
+        (entry / "model.pt").write_bytes(key.encode() * 1000)
+        (entry / "stage.json").write_text(f'{{"key": "{key}"}}')
+        stagestore.claim_file(entry).write_text("")
+    return folder
+
+
+def refused(capsys, *args) -> str:
+    assert cli.main(list(args)) == 2, args
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_a_run_into_the_store_inside_it_or_holding_it_exits_2_and_changes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv(stagestore.ENV, raising=False)
+    store = fake_store(tmp_path / "runs" / ".store")
+    before = tree_digest(tmp_path)
+    # the issue's probe: --run-dir runs/.store, whose default store (beside it) is itself
+    line = refused(capsys, "run", "-f", SMOKE, "--run-dir", str(store))
+    assert f"the run folder {store} is the stage store {store}" in line and "--run-dir runs/mine" in line
+    assert "lies in the stage store" in refused(capsys, "run", "-f", SMOKE, "--run-dir", str(store / "train"))
+    assert "contains the stage store" in refused(capsys, "run", "-f", SMOKE, "--run-dir", str(tmp_path / "runs"),
+                                                 "--store", str(store))
+    monkeypatch.setenv(stagestore.ENV, str(store))
+    assert "lies in the stage store" in refused(capsys, "run", "-f", SMOKE, "--run-dir", str(store / "data" / "d1"))
+    assert "lies in the stage store" in refused(capsys, "sweep", "-f", str(ROOT / "params" / "grid-small.yaml"),
+                                                "--sweep-dir", str(store / "points"))
+    assert tree_digest(tmp_path) == before
+
+
+def test_a_sweep_into_the_project_or_a_foreign_folder_exits_2_and_changes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv(stagestore.ENV, raising=False)
+    notebooks = tree_digest(ROOT / "notebooks")
+    grid_file = str(ROOT / "params" / "grid-small.yaml")
+    line = refused(capsys, "sweep", "-f", grid_file, "--sweep-dir", str(ROOT))
+    assert f"the sweep folder {ROOT} is, or contains, the project" in line and "--sweep-dir runs/my-grid" in line
+    assert not (ROOT / "points").exists() and not (ROOT / "grid.json").exists()
+    assert tree_digest(ROOT / "notebooks") == notebooks
+    mine = tmp_path / "mine"
+    (mine / "notebooks").mkdir(parents=True)
+    (mine / "notebooks" / "06_sweep.ipynb").write_text("my own notebook")
+    (mine / "thesis.tex").write_text("text")
+    before = tree_digest(mine)
+    assert "is neither new, empty nor a sweep folder" in refused(capsys, "sweep", "-f", grid_file, "--sweep-dir",
+                                                                 str(mine))
+    # a run does not take a folder holding a run's names without its params.json either
+    assert "is not a run folder (no params.json) but holds notebooks" in refused(
+        capsys, "run", "-f", SMOKE, "--run-dir", str(mine))
+    assert tree_digest(mine) == before
+
+
+def test_run_jobs_refuses_a_parallel_folder_that_leads_into_the_store(tmp_path, capsys):
+    store, run_dir = fake_store(tmp_path / "store"), tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / ".parallel").symlink_to(store)
+    before = tree_digest(store)
+    line = refused(capsys, "run", "-f", SMOKE, "-p", "seeds=[0,1]", "--jobs", "2", "--run-dir", str(run_dir),
+                   "--store", str(store))
+    assert f"the sweep folder {store.resolve()} is the stage store" in line
+    assert tree_digest(store) == before
+
+
+def test_a_link_never_replaces_the_folder_that_holds_its_target(tmp_path):
+    """What `run --run-dir <store>` did: data/ of the store replaced by a link to data/<key> in it."""
+    store = fake_store(tmp_path / "store")
+    before = tree_digest(store)
+    with pytest.raises(stagestore.StoreError, match="refused to replace it"):
+        stagestore.link(store / "data", store / "data" / "d1")
+    assert tree_digest(store) == before

@@ -66,6 +66,9 @@ CHECKPOINT = "checkpoint.pt"       # train/, retrain/: end-of-epoch state while 
 CONTROL = "control"                # retrain/control/: the dense control
 TIMING = "timing"                  # timing/: the latency of a chain's models on one machine (the timing stage)
 FIGURES = Path("analysis") / "figures"
+# what a run writes at the top of its folder besides its stages: a folder that holds one of these (or a
+# stage folder) without a params.json is not a run folder, and a run there would replace them
+RUN_NAMES = (PARAMS, RESULTS, REPORT, NOTEBOOKS, REPEATS, CURVE, TIMING)
 
 SPLITS = ("train", "test")
 
@@ -76,6 +79,7 @@ SWEEP_JSON = "sweep.json"          # one row per point and per operating point
 SWEEP_CSV = "sweep.csv"            # one row per point
 SWEEP_REPORT = "sweep.html"        # the grid report
 SWEEP_NOTEBOOK = "06_sweep.ipynb"  # the grid report's notebook (notebooks/ of the project and of the sweep)
+SWEEP_BEGUN = (LOCK, SWEEP_POINTS)  # all a sweep's first start leaves before its grid.json (cut short)
 
 
 def point_dir(sweep_dir: str | Path, name: str) -> Path:

@@ -42,7 +42,7 @@ def run(cfg: dict, run_dir: str | Path, *, force: str | None = None, log: Callab
     if force is not None and force not in FORCEABLE:
         raise execute.PreflightError(f"--force must name a stage ({', '.join(FORCEABLE)}), got {force!r}")
     root = stagestore.choose(run_dir, store_root)
-    execute.preflight(cfg, run_dir)
+    execute.preflight(cfg, run_dir, root)
     if execute.curve_points(cfg) and config.repeat_seeds(cfg):
         log(f"==> note: the curve (prune.amounts) runs on the study's seed ({cfg['seed']}) only, not on the repeats of "
             f"`seeds`: for bands over seeds, {config.SWEEP_SEEDS_HINT}")
@@ -83,15 +83,16 @@ def parallel_points(cfg: dict, run_dir: Path, stage_store: stagestore.Store | No
     log(f"==> --jobs {jobs}: {len(pts)} chains (the study, {len(points)} curve point(s), {len(seeds)} repeat(s)) "
         f"computed {jobs} stages at a time (the local pool), then linked")
     folder = run_dir / paths.PARALLEL
+    execute.check_folder(folder, "sweep", stage_store.root)   # never a link planted into the store or elsewhere
     for p in pts:
-        execute.preflight(p.cfg, paths.point_dir(folder, p.name))
+        execute.preflight(p.cfg, paths.point_dir(folder, p.name), stage_store.root)
     with runlock.RunLock(folder, f"prunestudy run --jobs {jobs} (pid {os.getpid()})"):
         summary = worker.compute(pts, folder, stage_store, jobs=jobs, log=log, fresh_kernels=fresh_kernels,
                                  kinds=("data", *graph.REPEAT))
     if summary["failed"]:
         log(f"==> --jobs {jobs}: {len(summary['failed'])} stage(s) failed; they run again below, one at a time")
     else:
-        shutil.rmtree(run_dir / paths.PARALLEL, ignore_errors=True)   # its stages are in the store
+        shutil.rmtree(folder, ignore_errors=True)   # its stages are in the store; its links go, not their entries
 
 
 def _run(cfg: dict, run_dir: Path, force: str | None, log: Callable[[str], None],
@@ -109,7 +110,7 @@ def _run(cfg: dict, run_dir: Path, force: str | None, log: Callable[[str], None]
         return execute.write_results(run_dir, cfg, timings, keys)
 
     chain = _Chain(kernel, forced, log, invalidate=paths.stage_record(run_dir, "analysis"), store=stage_store,
-                   fresh_kernels=fresh_kernels, retime=force == "timing")
+                   fresh_kernels=fresh_kernels, retime=force == "timing", root=run_dir)
     folders = [_Folder("study", "", cfg, run_dir, STAGES[:-1], keys, timings, finish)]
     points = execute.curve_points(cfg)
     for n, (name, pcfg) in enumerate(points, 1):   # the curve: other methods and amounts, the same training
@@ -221,8 +222,10 @@ class _Chain:
     with the same key until one runs; from there on every later stage reruns (its inputs changed)."""
 
     def __init__(self, kernel: str, forced: tuple[str, ...], log: Callable[[str], None], invalidate: Path,
-                 store: stagestore.Store | None = None, fresh_kernels: bool = False, retime: bool = False):
+                 store: stagestore.Store | None = None, fresh_kernels: bool = False, retime: bool = False,
+                 root: Path | None = None):
         self.kernel, self.forced, self.log = kernel, forced, log
+        self.root = root   # the run folder: nothing outside it is ever cleared or replaced
         self.retime = retime   # --force timing: the analysis measures the timings again
         self.fresh_kernels = fresh_kernels
         self.invalidate = invalidate   # the analysis' record: outdated as soon as any stage reruns
@@ -236,6 +239,8 @@ class _Chain:
         stage = f.names[j]
         result = {"id": f"{f.name}:{stage}" if f.name else stage, "stage": stage, "point": f.name}
         if j == 0:
+            if self.root is not None:   # a repeat's or curve point's folder: no link out of the run folder
+                execute.owned(f.run_dir, self.root)
             f.changed = f.before() if f.before else False
             if f.changed is None:
                 self.log(f"==> [{f.label}]: the study's own method and amount: its prune and retrain folders linked")
@@ -264,6 +269,8 @@ class _Chain:
                 if folder.is_symlink():   # a store entry other runs may use: unlinked, not cleared
                     folder.unlink()
                     continue
+                if self.root is not None:
+                    execute.owned(folder, self.root)
                 records.clear(folder)
                 for stale in folder.glob(".*.tmp"):  # left by a killed atomic write
                     stale.unlink(missing_ok=True)
@@ -289,6 +296,8 @@ def link_data(src: Path, dst: Path) -> bool:
     """A repeat's data/: hard links to the run's data files (copies where links fail), refreshed
     whenever a file differs (the data stage reran). True when anything changed. The data stays
     immutable: no stage writes there."""
+    if dst.is_symlink():   # never written through: the files behind it are not this folder's
+        dst.unlink()
     dst.mkdir(parents=True, exist_ok=True)
     names = {f.name for f in src.iterdir() if f.is_file() and not f.name.startswith(".")}
     changed = False

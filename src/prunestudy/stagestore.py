@@ -153,6 +153,9 @@ def link(folder: Path, target: Path) -> None:
     what was there (an older link, or a private folder of outputs that is being recomputed)."""
     folder = Path(folder)
     rel = os.path.relpath(target, folder.parent)
+    if not folder.is_symlink() and Path(target).resolve().is_relative_to(folder.resolve()):
+        raise StoreError(f"{folder} holds {target}: refused to replace it with a link into itself (a run folder "
+                         "that is the store?); choose a run folder of its own")
     if folder.is_symlink():
         if os.readlink(folder) == rel:
             return

@@ -45,8 +45,9 @@ def run(pts: list[grid.Point], sweep_dir: str | Path, *, engine: str = "local", 
     root = stagestore.choose(sweep_dir, store_root)   # the one the sweep folder recorded, if any
     if root is None:
         raise execute.PreflightError("a sweep computes its stages in a stage store: drop --store none")
+    execute.check_folder(sweep_dir, "sweep", root)   # before anything is written: not the project, not the store
     for p in pts:
-        execute.preflight(p.cfg, paths.point_dir(sweep_dir, p.name))
+        execute.preflight(p.cfg, paths.point_dir(sweep_dir, p.name), root)
     st = stagestore.Store(root)
     execute.ensure_kernel()
     with runlock.RunLock(sweep_dir, f"prunestudy sweep (pid {os.getpid()})"):
