@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -67,6 +68,40 @@ def link_file(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
         shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
     return dst
+
+
+class PlantedLink(ValueError):
+    """A lock or claim file that is a symbolic link, a hard link or not a file: never written
+    through (the CLI exits 2)."""
+
+
+def open_lock(path: str | os.PathLike):
+    """A lock or claim file (flock, then a pid written into it) opened read-write without following
+    a link: created with O_EXCL, else opened with O_NOFOLLOW and checked to be a plain file of one
+    link. A link planted in its place (to a model in the store, say) would otherwise be truncated
+    and overwritten by whoever takes the lock; it is refused with its path instead."""
+    path = Path(path)
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    except FileExistsError:
+        try:
+            fd = os.open(path, flags)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            raise PlantedLink(_planted(path, "a symbolic link")) from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        raise PlantedLink(_planted(path, "not a plain file" if not stat.S_ISREG(st.st_mode)
+                                   else f"a hard link ({st.st_nlink} names)"))
+    return os.fdopen(fd, "r+")
+
+
+def _planted(path: Path, what: str) -> str:
+    return (f"{path} is {what}, not a lock file of its own: refused, nothing written through it; "
+            "remove it (rm) and rerun")
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -117,7 +117,7 @@ def materialize(entry: Path, out_dir, key: str) -> dict:
 @contextmanager
 def _locked(entry: Path):
     entry.mkdir(parents=True, exist_ok=True)
-    with open(entry / ".lock", "w") as f:
+    with atomic.open_lock(entry / ".lock") as f:   # a planted link is refused, never truncated
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield

@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from . import (
+    atomic,
     config,
     download,
     execute,
@@ -36,8 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     _add_params_args(run)
     run.add_argument("--run-dir", help="output folder (default: runs/<params file name>[-<hash of overrides>])")
     run.add_argument("--store", metavar="DIR",
-                     help="the stage store shared by runs and sweeps (default: .store beside the run folder, "
-                          "or $PRUNESTUDY_STORE; 'none': every stage computed in the run folder)")
+                     help="the stage store shared by runs and sweeps (default: the one the run folder recorded, "
+                          "else .store beside it or $PRUNESTUDY_STORE; 'none': every stage computed in the "
+                          "run folder)")
     run.add_argument("--fresh-kernels", action="store_true",
                      help="a new Jupyter kernel for every notebook (default: one kernel, reset between notebooks)")
     run.add_argument("--jobs", type=int, default=1, metavar="N",
@@ -91,7 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         from . import status
 
-        result = status.status(run_dir, cfg, args.store)
+        try:
+            result = status.status(run_dir, cfg, args.store)
+        except stagestore.StoreError as e:
+            print(f"prunestudy: {e}", file=sys.stderr)
+            return 2
         print(status.text(result))
         return 0
     print(f"prunestudy: run folder {run_dir} (params hash {config.stage_hash(cfg)})", flush=True)
@@ -99,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         res = pipeline.run(cfg, run_dir, force=args.force, log=lambda m: print(m, flush=True), store_root=args.store,
                            fresh_kernels=args.fresh_kernels, jobs=args.jobs)
-    except (FileNotFoundError, execute.PreflightError, runlock.LockedError) as e:
+    except (FileNotFoundError, execute.PreflightError, runlock.LockedError, atomic.PlantedLink,
+            stagestore.StoreError) as e:
         print(f"prunestudy: {e}", file=sys.stderr)
         return 2
     except execute.StageFailed as e:
@@ -116,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prunestudy: {e}; finished stages are kept in {run_dir}: fix the cause and rerun", file=sys.stderr)
         return 1
     print(_summary(res))
+    no_store = args.store is not None and args.store.lower() == "none"
+    print(_where_stored(None if no_store else stagestore.recorded(run_dir)))
     return 0
 
 
@@ -129,6 +138,13 @@ def _interrupted_status() -> int:
     and a KeyboardInterrupt while exiting would end it with -2 instead."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     return 128 + (signal.SIGTERM if schedule.terminated() else signal.SIGINT)
+
+
+def _where_stored(root: Path | None) -> str:
+    """The last line of a run or sweep: where its stage outputs are (its folders only link there)."""
+    if root is None:
+        return "prunestudy: no stage store (--store none): every stage is in the run folder"
+    return f"prunestudy: stage outputs are in the stage store {root} (the folder's stages link there; docs/sweeps.md)"
 
 
 def _add_compare_cli(sub) -> None:
@@ -269,8 +285,9 @@ def _add_sweep_cli(subparsers) -> None:
                    help="local engine: pin worker i to GPU i mod the count (its CUDA_VISIBLE_DEVICES), so N jobs use "
                         "every GPU; auto (default): the GPUs this process sees, when a point trains on CUDA")
     p.add_argument("--address", help="ray engine: the cluster (auto, ray://host:port); default a local Ray")
-    p.add_argument("--store", metavar="DIR", help="the stage store (default: .store beside the sweep folder, or "
-                                                  "$PRUNESTUDY_STORE; on a shared file system for several machines)")
+    p.add_argument("--store", metavar="DIR", help="the stage store (default: the one the sweep folder recorded, "
+                                                  "else .store beside it or $PRUNESTUDY_STORE; on a shared file "
+                                                  "system for several machines)")
     p.add_argument("--fresh-kernels", action="store_true",
                    help="a new Jupyter kernel for every notebook (default: one per worker, reset between notebooks)")
     p.set_defaults(handler=_sweep)
@@ -298,7 +315,13 @@ def _sweep(args) -> int:
     name = Path(args.file).stem + (f"-{digest}" if digest else "")
     sweep_dir = (config.resolve_path(args.sweep_dir) if args.sweep_dir
                  else config.resolve_path(Path("runs") / name, config.project_root()))   # the project's runs/
-    root = Path(args.store).resolve() if args.store else stagestore.default_root(sweep_dir)
+    try:
+        root = stagestore.choose(sweep_dir, args.store)   # the sweep folder's own, once it recorded one
+        if root is None:
+            raise stagestore.StoreError("a sweep computes its stages in a stage store: drop --store none")
+    except stagestore.StoreError as e:
+        print(f"prunestudy: {e}", file=sys.stderr)
+        return 2
     if args.dry_run:
         print(f"prunestudy: sweep folder {sweep_dir}, stage store {root}")
         print(grid.dry_run_text(pts, sweep_dir, root))
@@ -308,7 +331,8 @@ def _sweep(args) -> int:
     try:
         summary = sweep.run(pts, sweep_dir, engine=args.engine, jobs=args.jobs, address=args.address, store_root=root,
                       log=lambda m: print(m, flush=True), fresh_kernels=args.fresh_kernels, gpus=args.gpus)
-    except (FileNotFoundError, execute.PreflightError, runlock.LockedError, schedule.EngineError) as e:
+    except (FileNotFoundError, execute.PreflightError, runlock.LockedError, schedule.EngineError, atomic.PlantedLink,
+            stagestore.StoreError) as e:
         print(f"prunestudy: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -330,6 +354,7 @@ def _sweep(args) -> int:
             print(f"  - {r['id']} (point {r['point']}): {r.get('error')}{where}", file=sys.stderr)
         print("  fix the cause and rerun the same command: only what is missing or failed runs", file=sys.stderr)
         return 1
+    print(_where_stored(root))
     return 0
 
 

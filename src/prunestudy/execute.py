@@ -253,8 +253,9 @@ def _render_failed(notebook: Path) -> Path | None:
         return None
 
 
-def preflight(cfg: dict, run_dir: Path | None = None) -> None:
-    """Checks that need the file system, before any work starts."""
+def preflight(cfg: dict, run_dir: Path | None = None, store: Path | None = None) -> None:
+    """Checks that need the file system, before any work starts; `run_dir` where the run writes,
+    linking into `store` (check_folder)."""
     if cfg["data"]["root"] != "embedded":
         from . import data
 
@@ -264,19 +265,82 @@ def preflight(cfg: dict, run_dir: Path | None = None) -> None:
         raise FileNotFoundError(f"notebooks {', '.join(missing)} not found in {notebooks_dir()}: run "
                                 "prunestudy from the project's checkout (or set PRUNESTUDY_HOME to it)")
     if run_dir is not None:
-        check_not_project(Path(run_dir))
+        check_folder(Path(run_dir), "run", store)
         check_writable(Path(run_dir))
 
 
-def check_not_project(run_dir: Path) -> None:
-    """A run folder is never the project, nor holds it, nor lives in its notebooks/: a run writes
-    its executed notebooks and stage folders there."""
-    root, rd = config.project_root().resolve(), Path(run_dir).resolve()
-    nb = root / "notebooks"
-    if root.is_relative_to(rd) or rd.is_relative_to(nb):
-        raise PreflightError(f"the run folder {rd} is, or contains, the project {root} (or lies in its "
-                             "notebooks/): a run writes executed notebooks and stage folders into its folder, "
-                             "over the project's own files; choose a folder of its own, e.g. --run-dir runs/mine")
+_FOLDER = {"run": ("run folder", "--run-dir runs/mine"), "sweep": ("sweep folder", "--sweep-dir runs/my-grid")}
+
+
+def check_folder(folder: Path, kind: str, store: Path | None) -> None:
+    """Where a run ("run") or a sweep ("sweep": `prunestudy sweep`, `run --jobs`' .parallel/) may
+    write, checked in this one place before any work: never the project (nor in its notebooks/),
+    never the stage store, inside it or holding it (a run replaces its stage folders by links into
+    the store: the store's own data/ and train/ would be removed), never a folder of something
+    else (`_foreign`). A PreflightError names the folder, the problem and what to use instead."""
+    name, fix = _FOLDER[kind]
+    real, root = Path(folder).resolve(), config.project_root().resolve()
+    if store is not None and root.is_relative_to(Path(store).resolve()):
+        raise PreflightError(f"the stage store {store} is, or contains, the project {root}: choose a store "
+                             "of its own, e.g. --store runs/.store")
+    stores = [Path(store).resolve()] if store is not None else []
+    why = _in_project(real, root) or next(filter(None, (_in_store(real, s) for s in [*stores, *_store_of(real)])),
+                                          None) or _foreign(real, kind)
+    if why:
+        raise PreflightError(f"the {name} {real} {why}; choose a folder of its own, e.g. {fix}")
+
+
+def _in_project(real: Path, root: Path) -> str | None:
+    if root.is_relative_to(real) or real.is_relative_to(root / "notebooks"):
+        return (f"is, or contains, the project {root} (or lies in its notebooks/): it would get executed "
+                "notebooks and stage folders over the project's own files")
+    return None
+
+
+def _in_store(real: Path, store: Path) -> str | None:
+    where = "is" if real == store else "lies in" if real.is_relative_to(store) else \
+        "contains" if store.is_relative_to(real) else None
+    return where and (f"{where} the stage store {store}: its stage folders would replace the store's own "
+                      "folders with links")
+
+
+def _store_of(real: Path) -> list[Path]:
+    """The stage store the folder is or lies in, whichever store the run would use (`--run-dir
+    runs/.store/train` has its own default store beside it): a folder whose data/ or train/ holds
+    claim files (beside the entries) is a store; a run folder's never do."""
+    for folder in (real, *real.parents):
+        for stage in graph.CHAIN[:2]:
+            place = folder / stage
+            if place.is_dir() and not place.is_symlink() and next(place.glob(".*.claim"), None):
+                return [folder]
+    return []
+
+
+def _foreign(real: Path, kind: str) -> str | None:
+    """Why an existing folder is not one a run or sweep may write into: a sweep writes only into a
+    new or empty folder, one a sweep began (run.lock, points/) or a sweep folder (grid.json); a run
+    not into a folder that holds a run's names (RUN_NAMES, stage folders) but no params.json."""
+    if not real.is_dir():
+        return None
+    names = {p.name for p in real.iterdir()}
+    if kind == "sweep":
+        if paths.SWEEP_GRID in names or names <= set(paths.SWEEP_BEGUN):
+            return None
+        return (f"is neither new, empty nor a sweep folder (no {paths.SWEEP_GRID}): a sweep writes points/, "
+                "notebooks/ and its pages into it")
+    clash = sorted(names & {*paths.RUN_NAMES, *paths.NOTEBOOK_OF})
+    if paths.PARAMS in names or not clash:
+        return None
+    return f"is not a run folder (no {paths.PARAMS}) but holds {', '.join(clash)}: a run would replace them"
+
+
+def owned(path: Path, run_dir: Path) -> Path:
+    """`path`, if it really lies in the run folder; else a PreflightError: a link on its way leads out
+    of it (into the store, another run), and the runner never removes or replaces anything there."""
+    if path.exists() and not path.resolve().is_relative_to(Path(run_dir).resolve()):
+        raise PreflightError(f"{path} leads out of the run folder {run_dir} (to {path.resolve()}) through a "
+                             "link: refused to clear or replace it; remove that link and rerun")
+    return path
 
 
 def check_writable(run_dir: Path) -> None:

@@ -16,6 +16,7 @@
       analysis/figures/*.png      figures_dir(run)
       <stage>/stage.json          stage_record(run, stage): what the stage was computed from (records)
       run.lock                    lock_file(run): the lock of the process writing the folder
+      store.json                  STORE_RECORD: the stage store its stages link into (a sweep folder's too)
       repeats/seed-<s>/           repeat_dir(run, s): a run folder of its own (data/ linked)
       curve/<method>-<amount>/    curve_point_dir(run, name): a curve point's run folder (data/ and
                                   train/ linked; its own prune/, retrain/ and notebooks/)
@@ -45,6 +46,7 @@ PARALLEL = ".parallel"             # `prunestudy run --jobs N`: its chains compu
 LOCK = "run.lock"                  # held by the process writing the run folder (runlock.RunLock)
 COMPARE_PAGE = "compare.html"      # prunestudy compare's page, in the current folder unless -o names another
 STORE = ".store"                   # beside the run folders: the stage store (stagestore.py)
+STORE_RECORD = "store.json"        # a run or sweep folder's stage store, relative to it (stagestore.recorded)
 ENTRY_NOTEBOOK = ".executed.ipynb"  # a store entry's executed notebook (run/notebooks/ links to it)
 QUARANTINE = ".quarantine"          # <store>/.quarantine/<stage>/<key>-<time>/: entries whose bytes changed
 
@@ -65,6 +67,9 @@ CHECKPOINT = "checkpoint.pt"       # train/, retrain/: end-of-epoch state while 
 CONTROL = "control"                # retrain/control/: the dense control
 TIMING = "timing"                  # timing/: the latency of a chain's models on one machine (the timing stage)
 FIGURES = Path("analysis") / "figures"
+# what a run writes at the top of its folder besides its stages: a folder that holds one of these (or a
+# stage folder) without a params.json is not a run folder, and a run there would replace them
+RUN_NAMES = (PARAMS, RESULTS, REPORT, NOTEBOOKS, REPEATS, CURVE, TIMING)
 
 SPLITS = ("train", "test")
 
@@ -75,6 +80,7 @@ SWEEP_JSON = "sweep.json"          # one row per point and per operating point
 SWEEP_CSV = "sweep.csv"            # one row per point
 SWEEP_REPORT = "sweep.html"        # the grid report
 SWEEP_NOTEBOOK = "06_sweep.ipynb"  # the grid report's notebook (notebooks/ of the project and of the sweep)
+SWEEP_BEGUN = (LOCK, SWEEP_POINTS)  # all a sweep's first start leaves before its grid.json (cut short)
 
 
 def point_dir(sweep_dir: str | Path, name: str) -> Path:

@@ -29,8 +29,9 @@ def run(cfg: dict, run_dir: str | Path, *, force: str | None = None, log: Callab
         store_root: str | Path | None = None, fresh_kernels: bool = False, jobs: int = 1) -> dict:
     """Run the study into run_dir, skipping every stage already complete with the same key (in the
     run folder, or in the stage store: then it is linked, not recomputed); `force` reruns from
-    that stage on. `store_root`: the stage store (None: stagestore.default_root; "none": no store,
-    every stage computed in the run folder). `fresh_kernels`: a new kernel per notebook, rather
+    that stage on. `store_root`: the stage store (None: the one the run folder recorded, else
+    stagestore.default_root; "none": no store, every stage computed in the run folder;
+    stagestore.choose). `fresh_kernels`: a new kernel per notebook, rather
     than one kernel reset between them (prunestudy.kernels). `jobs` > 1: the chains (the study, its
     curve points and its `seeds` repeats) are computed first, `jobs` stages at a time
     (`parallel_points`). Holds the run folder's lock throughout (a
@@ -40,14 +41,17 @@ def run(cfg: dict, run_dir: str | Path, *, force: str | None = None, log: Callab
     run_dir = config.resolve_path(run_dir)
     if force is not None and force not in FORCEABLE:
         raise execute.PreflightError(f"--force must name a stage ({', '.join(FORCEABLE)}), got {force!r}")
-    execute.preflight(cfg, run_dir)
+    root = stagestore.choose(run_dir, store_root)
+    execute.preflight(cfg, run_dir, root)
     if execute.curve_points(cfg) and config.repeat_seeds(cfg):
         log(f"==> note: the curve (prune.amounts) runs on the study's seed ({cfg['seed']}) only, not on the repeats of "
             f"`seeds`: for bands over seeds, {config.SWEEP_SEEDS_HINT}")
     with runlock.RunLock(run_dir, f"prunestudy run (pid {os.getpid()})") as lock:
         os.environ[runlock.TOKEN_ENV] = lock.token   # the kernels it starts inherit it: they may write
         try:
-            stage_store = _store(run_dir, store_root)
+            stage_store = stagestore.Store(root) if root is not None else None
+            if stage_store is not None:   # a rerun from any directory, or of a sweep's point, uses it again
+                stagestore.record(run_dir, stage_store.root)
             if jobs > 1:
                 parallel_points(cfg, run_dir, stage_store, jobs, log, fresh_kernels, force)
             return _run(cfg, run_dir, force, log, stage_store, fresh_kernels)
@@ -79,21 +83,16 @@ def parallel_points(cfg: dict, run_dir: Path, stage_store: stagestore.Store | No
     log(f"==> --jobs {jobs}: {len(pts)} chains (the study, {len(points)} curve point(s), {len(seeds)} repeat(s)) "
         f"computed {jobs} stages at a time (the local pool), then linked")
     folder = run_dir / paths.PARALLEL
+    execute.check_folder(folder, "sweep", stage_store.root)   # never a link planted into the store or elsewhere
     for p in pts:
-        execute.preflight(p.cfg, paths.point_dir(folder, p.name))
+        execute.preflight(p.cfg, paths.point_dir(folder, p.name), stage_store.root)
     with runlock.RunLock(folder, f"prunestudy run --jobs {jobs} (pid {os.getpid()})"):
         summary = worker.compute(pts, folder, stage_store, jobs=jobs, log=log, fresh_kernels=fresh_kernels,
                                  kinds=("data", *graph.REPEAT))
     if summary["failed"]:
         log(f"==> --jobs {jobs}: {len(summary['failed'])} stage(s) failed; they run again below, one at a time")
     else:
-        shutil.rmtree(run_dir / paths.PARALLEL, ignore_errors=True)   # its stages are in the store
-
-
-def _store(run_dir: Path, root: str | Path | None) -> stagestore.Store | None:
-    if root is not None and str(root).lower() == "none":
-        return None
-    return stagestore.Store(root if root is not None else stagestore.default_root(run_dir))
+        shutil.rmtree(folder, ignore_errors=True)   # its stages are in the store; its links go, not their entries
 
 
 def _run(cfg: dict, run_dir: Path, force: str | None, log: Callable[[str], None],
@@ -111,7 +110,7 @@ def _run(cfg: dict, run_dir: Path, force: str | None, log: Callable[[str], None]
         return execute.write_results(run_dir, cfg, timings, keys)
 
     chain = _Chain(kernel, forced, log, invalidate=paths.stage_record(run_dir, "analysis"), store=stage_store,
-                   fresh_kernels=fresh_kernels, retime=force == "timing")
+                   fresh_kernels=fresh_kernels, retime=force == "timing", root=run_dir)
     folders = [_Folder("study", "", cfg, run_dir, STAGES[:-1], keys, timings, finish)]
     points = execute.curve_points(cfg)
     for n, (name, pcfg) in enumerate(points, 1):   # the curve: other methods and amounts, the same training
@@ -223,8 +222,10 @@ class _Chain:
     with the same key until one runs; from there on every later stage reruns (its inputs changed)."""
 
     def __init__(self, kernel: str, forced: tuple[str, ...], log: Callable[[str], None], invalidate: Path,
-                 store: stagestore.Store | None = None, fresh_kernels: bool = False, retime: bool = False):
+                 store: stagestore.Store | None = None, fresh_kernels: bool = False, retime: bool = False,
+                 root: Path | None = None):
         self.kernel, self.forced, self.log = kernel, forced, log
+        self.root = root   # the run folder: nothing outside it is ever cleared or replaced
         self.retime = retime   # --force timing: the analysis measures the timings again
         self.fresh_kernels = fresh_kernels
         self.invalidate = invalidate   # the analysis' record: outdated as soon as any stage reruns
@@ -238,6 +239,8 @@ class _Chain:
         stage = f.names[j]
         result = {"id": f"{f.name}:{stage}" if f.name else stage, "stage": stage, "point": f.name}
         if j == 0:
+            if self.root is not None:   # a repeat's or curve point's folder: no link out of the run folder
+                execute.owned(f.run_dir, self.root)
             f.changed = f.before() if f.before else False
             if f.changed is None:
                 self.log(f"==> [{f.label}]: the study's own method and amount: its prune and retrain folders linked")
@@ -266,6 +269,8 @@ class _Chain:
                 if folder.is_symlink():   # a store entry other runs may use: unlinked, not cleared
                     folder.unlink()
                     continue
+                if self.root is not None:
+                    execute.owned(folder, self.root)
                 records.clear(folder)
                 for stale in folder.glob(".*.tmp"):  # left by a killed atomic write
                     stale.unlink(missing_ok=True)
@@ -291,6 +296,8 @@ def link_data(src: Path, dst: Path) -> bool:
     """A repeat's data/: hard links to the run's data files (copies where links fail), refreshed
     whenever a file differs (the data stage reran). True when anything changed. The data stays
     immutable: no stage writes there."""
+    if dst.is_symlink():   # never written through: the files behind it are not this folder's
+        dst.unlink()
     dst.mkdir(parents=True, exist_ok=True)
     names = {f.name for f in src.iterdir() if f.is_file() and not f.name.startswith(".")}
     changed = False

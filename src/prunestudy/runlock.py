@@ -18,7 +18,7 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import paths
+from . import atomic, paths
 
 TOKEN_ENV = "PRUNESTUDY_LOCK_TOKEN"      # set by the runner for the kernels it starts
 
@@ -32,7 +32,7 @@ def holder(run_dir: Path) -> dict | None:
     path = paths.lock_file(run_dir)
     if not path.is_file():
         return None
-    with open(path, "a+") as f:
+    with atomic.open_lock(path) as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -59,7 +59,7 @@ class RunLock:
         self.path = paths.lock_file(run_dir)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.token = uuid.uuid4().hex
-        self._file = open(self.path, "a+")
+        self._file = atomic.open_lock(self.path)   # a planted link is refused, never written through
         try:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

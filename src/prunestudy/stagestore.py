@@ -11,9 +11,10 @@ A run folder's `data/`, `train/`, `prune/` and `retrain/` are symbolic links int
 two runs that differ only in pruning parameters share the data and the training, and a sweep
 computes each unique stage once. A process that computes a stage first *claims* its entry (an
 exclusive flock, released when the process ends, even by SIGKILL): a second process asking for
-the same stage waits, then finds it complete. The store lives beside the run folders
-(`runs/.store` for `runs/<name>`) unless `--store DIR` or PRUNESTUDY_STORE says otherwise (on a
-shared file system for several machines).
+the same stage waits, then finds it complete. A new folder's store lives beside it (`runs/.store`
+for `runs/<name>`) unless `--store DIR` or PRUNESTUDY_STORE says otherwise (on a shared file system
+for several machines); the folder then records it (`store.json`), and every later run in it uses
+that store, from any directory (`choose`).
 """
 
 from __future__ import annotations
@@ -26,9 +27,13 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import paths, records
+from . import atomic, paths, records
 
 ENV = "PRUNESTUDY_STORE"
+
+
+class StoreError(ValueError):
+    """A store asked for that is not the one the folder links into (the CLI exits 2)."""
 
 
 def default_root(run_dir: Path) -> Path:
@@ -36,6 +41,55 @@ def default_root(run_dir: Path) -> Path:
     if os.environ.get(ENV):
         return Path(os.environ[ENV]).expanduser().resolve()
     return Path(run_dir).resolve().parent / paths.STORE
+
+
+def choose(folder: Path, asked: str | os.PathLike | None) -> Path | None:
+    """The store a run or sweep folder uses: the one it recorded, whatever the current directory or
+    PRUNESTUDY_STORE (a point rerun from its own folder uses its sweep's, not a new `.store` beside
+    it); a `--store` (`asked`) other than that is refused, since the folder's stages link into the
+    recorded one. A folder without a record: `asked`, else default_root. None: `--store none`."""
+    if asked is not None and str(asked).lower() == "none":
+        return None
+    was = recorded(folder)
+    if asked is None:
+        return was or default_root(folder)
+    root = Path(asked).expanduser().resolve()
+    if was is not None and root != was:
+        raise StoreError(f"{folder} links its stages into the stage store {was} (its {paths.STORE_RECORD}), "
+                         f"not {root}: drop --store, or choose a new folder for that store (if {was} was moved, "
+                         f"delete {Path(folder) / paths.STORE_RECORD} first)")
+    return root
+
+
+def recorded(folder: Path) -> Path | None:
+    """The store a folder recorded (`record`); a repeat, curve point or sweep point without a record
+    of its own: its run's or sweep's; a sweep of an earlier version: its grid.json's. None: none."""
+    folder = Path(folder)
+    places = [folder]
+    if folder.parent.name in (paths.SWEEP_POINTS, paths.REPEATS, paths.CURVE):
+        places.append(folder.parent.parent)
+    for place in places:
+        for name in (paths.STORE_RECORD, paths.SWEEP_GRID):
+            try:
+                value = atomic.read_json(place / name).get("store")
+            except (OSError, ValueError, AttributeError):
+                continue
+            if value:
+                return (place / value).resolve()   # relative to the folder, as its links are
+    return None
+
+
+def record(folder: Path, root: Path) -> None:
+    """Write which store a run or sweep folder links into, relative to the folder (so a folder moved
+    with its store keeps it, as its relative links do)."""
+    path = Path(folder) / paths.STORE_RECORD
+    rel = os.path.relpath(Path(root).resolve(), Path(folder).resolve())
+    try:
+        if atomic.read_json(path).get("store") == rel:
+            return
+    except (OSError, ValueError, AttributeError):
+        pass
+    atomic.write_json(path, {"store": rel})
 
 
 class Store:
@@ -62,9 +116,10 @@ class Store:
 @contextmanager
 def claim_dir(folder: Path, log: Callable[[str], None] = print):
     """An exclusive claim on a folder that may be shared (a store entry, seen through a link):
-    the flock file sits beside the folder's real location."""
+    the flock file sits beside the folder's real location, opened without following a link
+    (atomic.open_lock: a planted one is refused with its path)."""
     real = Path(folder).resolve()
-    with open(claim_file(real), "a+") as f:
+    with atomic.open_lock(claim_file(real)) as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -87,7 +142,7 @@ def claim_file(folder: Path) -> Path:
 
 def held(claim: Path) -> bool:
     """Whether a claim file is held now (by a process computing that stage)."""
-    with open(claim, "a+") as f:
+    with atomic.open_lock(claim) as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -101,6 +156,9 @@ def link(folder: Path, target: Path) -> None:
     what was there (an older link, or a private folder of outputs that is being recomputed)."""
     folder = Path(folder)
     rel = os.path.relpath(target, folder.parent)
+    if not folder.is_symlink() and Path(target).resolve().is_relative_to(folder.resolve()):
+        raise StoreError(f"{folder} holds {target}: refused to replace it with a link into itself (a run folder "
+                         "that is the store?); choose a run folder of its own")
     if folder.is_symlink():
         if os.readlink(folder) == rel:
             return

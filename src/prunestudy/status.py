@@ -99,7 +99,7 @@ def _propagate(lines: list[Line]) -> list[Line]:
 def sweep_lines(sweep_dir: Path) -> tuple[list[Line], Path]:
     """The status of every point and stage of a sweep folder (its grid.json and point folders)."""
     grid_file = atomic.read_json(Path(sweep_dir) / paths.SWEEP_GRID)
-    st = stagestore.Store(grid_file["store"])
+    st = stagestore.Store(stagestore.choose(sweep_dir, None))
     lines = []
     for row in grid_file["points"]:
         folder, where = paths.point_dir(sweep_dir, row["name"]), f"{paths.SWEEP_POINTS}/{row['name']}"
@@ -126,8 +126,8 @@ def status(target: str | Path, cfg: dict | None = None, store_root: str | Path |
                                         f"(no {paths.SWEEP_GRID}): name one that `prunestudy run` or `prunestudy "
                                         "sweep` wrote")
             cfg = atomic.read_json(folder / paths.PARAMS)
-        st = None if store_root is not None and str(store_root).lower() == "none" else \
-            stagestore.Store(store_root if store_root else stagestore.default_root(folder))
+        root = stagestore.choose(folder, store_root)   # the run folder's own store, if it recorded one
+        st = stagestore.Store(root) if root is not None else None
         lines, root, kind = run_lines(cfg, folder, st), (st.root if st else None), "run"
     return {"folder": str(folder), "kind": kind, "store": str(root) if root else None,
             "stages": [asdict(x) for x in lines], "stale": sum(x.state != UP_TO_DATE for x in lines)}

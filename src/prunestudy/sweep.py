@@ -5,6 +5,7 @@ training stages on CUDA).
 
     runs/<sweep>/
       grid.json                 the points: name, grid values, parameters hash, stage keys
+      store.json                the stage store its points link into (stagestore.record)
       points/<point>/           a run folder per point: its stages link into the store; its own
                                 analysis, report.html and results.json
       sweep.json, sweep.csv     one row per point (report.grid_table); written by the sweep notebook
@@ -41,9 +42,13 @@ def run(pts: list[grid.Point], sweep_dir: str | Path, *, engine: str = "local", 
     its own itself). Returns {"results": {task id: result}, "failed": [...], "ran": {stage: count}, ...}."""
     sweep_dir = config.resolve_path(sweep_dir)
     pinned = schedule.gpu_ids(gpus, [p.cfg["train"] for p in pts]) if engine == "local" else []
+    root = stagestore.choose(sweep_dir, store_root)   # the one the sweep folder recorded, if any
+    if root is None:
+        raise execute.PreflightError("a sweep computes its stages in a stage store: drop --store none")
+    execute.check_folder(sweep_dir, "sweep", root)   # before anything is written: not the project, not the store
     for p in pts:
-        execute.preflight(p.cfg, paths.point_dir(sweep_dir, p.name))
-    st = stagestore.Store(store_root or stagestore.default_root(sweep_dir))
+        execute.preflight(p.cfg, paths.point_dir(sweep_dir, p.name), root)
+    st = stagestore.Store(root)
     execute.ensure_kernel()
     with runlock.RunLock(sweep_dir, f"prunestudy sweep (pid {os.getpid()})"):
         summary = worker.compute(pts, sweep_dir, st, engine=engine, jobs=jobs, gpus=pinned, address=address,

@@ -62,7 +62,8 @@ def prepare(pts: list[grid.Point], folder: Path, st: stagestore.Store) -> None:
                 if records.read(paths.stage_dir(point, stage)) is None:
                     stagestore.link(paths.stage_dir(point, stage), entry)
         rows.append({"name": p.name, "values": p.values, "params_hash": config.stage_hash(p.cfg), "keys": keys})
-    atomic.write_json(Path(folder) / paths.SWEEP_GRID, {"points": rows, "store": str(st.root)})
+    atomic.write_json(Path(folder) / paths.SWEEP_GRID, {"points": rows})
+    stagestore.record(folder, st.root)   # a rerun of the sweep, or of a point from its folder, uses it
 
 
 def compute(pts: list[grid.Point], folder: Path, st: stagestore.Store, *, engine: str = "local", jobs: int = 2,
