@@ -135,8 +135,8 @@ def _run(cfg: dict, run_dir: Path, force: str | None, log: Callable[[str], None]
         return bool(chain.ran)
     folders.append(_Folder("", "", cfg, run_dir, ("analysis",), keys, timings, finish, before=before_analysis,
                            after=tuple(f"{f.name}:{f.names[-1]}" for f in folders)))
-    placed = [(f, j, t) for f in folders for j, t in enumerate(f.tasks())]
-    todo, by_task = {t.id: t for _, _, t in placed}, {t.id: (f, j) for f, j, t in placed}
+    todo = {t.id: t for f in folders for t in f.tasks()}
+    by_task = {t.id: (f, j) for f in folders for j, t in enumerate(f.tasks())}
     schedule.run(todo, schedule.Inline(), lambda t: (chain.step, *by_task[t.id]), log)
     if not chain.ran:
         log(f"==> nothing to do: every stage is up to date in {run_dir} (--force STAGE reruns from STAGE)")

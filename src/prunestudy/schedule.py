@@ -87,19 +87,10 @@ def run(todo: dict[str, Task], executor, work: Callable[[Task], tuple], log: Cal
                         continue
                     results[tid] = result
                     _log_result(result, log)
-            return results, (_final(executor, *final) if final else None)
+            return results, (executor.final(*final) if final else None)
         except KeyboardInterrupt:
             executor.interrupt(running)
             raise
-
-
-def _final(executor, fn: Callable, *args):
-    """The final task on the executor, once every task is done: what it returned, or False when it
-    failed there or its worker was lost (the caller then runs it itself, where its error is raised)."""
-    try:
-        return next(iter(_first_done({executor.submit(None, fn, *args): None}))).result() or False
-    except Exception:  # noqa: BLE001 - see above
-        return False
 
 
 def _first_done(running: dict) -> set:
@@ -138,6 +129,9 @@ class Inline:
 
     def failed(self, task: Task, exc: Exception) -> dict | None:
         raise exc
+
+    def final(self, fn: Callable, *args):
+        return fn(*args) or False
 
     def interrupt(self, running: Iterable) -> None:
         pass
@@ -184,6 +178,12 @@ class Pool:
         if isinstance(exc, BrokenProcessPool):
             return None
         raise exc
+
+    def final(self, fn: Callable, *args):
+        try:
+            return next(iter(_first_done({self.submit(None, fn, *args): None}))).result() or False
+        except BrokenProcessPool:   # its worker died: the caller runs it itself
+            return False
 
     def interrupt(self, running: Iterable) -> None:
         """A Ctrl-C that reached only this process reaches the workers too: their kernels stop the stage."""
@@ -239,6 +239,12 @@ class Ray:
     def failed(self, task: Task, exc: Exception) -> dict | None:
         """Ray retried it already (max_retries): a failed task, its worker lost more often than retried."""
         return failure(task, f"{type(exc).__name__}: {exc}"[:300])
+
+    def final(self, fn: Callable, *args):
+        try:
+            return next(iter(_first_done({self.submit(None, fn, *args): None}))).result() or False
+        except Exception:  # noqa: BLE001 - its worker lost: the driver renders it
+            return False
 
     def interrupt(self, running: Iterable) -> None:
         import ray
