@@ -62,10 +62,11 @@ def notebooks_dir() -> Path:
     return config.project_root() / "notebooks"
 
 
-def link_timing(cfg: dict, run_dir: Path, st: stagestore.Store) -> None:
+def link_timing(cfg: dict, run_dir: Path, st: stagestore.Store, retime: bool = False) -> None:
     """Before the analysis runs: each chain's timing/ (the study's, each in-run point's) a link to
     the store entry of its timing key on this machine (graph.timing_key), when its pruning left the
-    latency to the timing stage; the analysis' run_timing claims and fills it, or finds it done."""
+    latency to the timing stage; the analysis' run_timing claims and fills it, or finds it done.
+    `retime` (--force timing): new entries, so that the timings other run folders link stay."""
     keys = graph.chain_keys(cfg)
     chains = [(run_dir, keys["retrain"])]
     chains += [(paths.curve_point_dir(run_dir, name), graph.point_keys(p, keys["data"])["retrain"])
@@ -77,10 +78,26 @@ def link_timing(cfg: dict, run_dir: Path, st: stagestore.Store) -> None:
             continue
         if (pm.get("efficiency") or {}).get("latency_from") != graph.TIMING_PENDING:
             continue
-        entry = st.entry("timing", graph.timing_key(retrain_key, cfg["prune"]["latency_repeats"],
-                                                    cfg["train"]["device"]))
+        key = graph.timing_key(retrain_key, cfg["prune"]["latency_repeats"], cfg["train"]["device"])
+        inputs = {s: paths.stage_dir(folder, s) for s in ("train", "prune", "retrain")}
+        entry = usable_entry(st, "timing", key, inputs, paths.timing_dir(folder), fresh=retime)
         entry.mkdir(parents=True, exist_ok=True)
         stagestore.link(paths.timing_dir(folder), entry)
+
+
+def usable_entry(st: stagestore.Store, stage: str, key: str, inputs: dict[str, Path], current: Path,
+                 fresh: bool = False) -> Path:
+    """The store entry a stage the runner links before it is computed (the timing, a retraining's
+    control) goes into: the one `current` links to, or another complete one of this key computed
+    from these inputs, or else one nobody uses yet (Store.fresh): never a complete entry computed
+    from other inputs, which the stage would recompute in place under other run folders' links.
+    `fresh`: a new computation (--force timing), whatever is complete."""
+    if not fresh:
+        linked = Path(current).resolve() if Path(current).is_symlink() else None
+        for entry in ([linked] if linked in st.candidates(stage, key) else []) + st.candidates(stage, key):
+            if records.problem(entry, key, inputs) is None:
+                return entry
+    return st.fresh(stage, key)
 
 
 def notebook_parameters(stage: str, cfg: dict, run_dir: Path) -> dict:
@@ -138,29 +155,29 @@ def damaged(folder: Path, log: Callable[[str], None] = print) -> str | None:
     return why
 
 
-def reusable(st: stagestore.Store, cfg: dict, run_dir: Path, stage: str, key: str) -> bool:
-    """Whether the store holds a complete entry of this key, computed from the run folder's inputs."""
-    entry = st.entry(stage, key)
-    return records.problem(entry, key, stage_inputs(cfg, run_dir, stage)) is None \
-        and (entry / paths.marker(stage)).is_file()
+def reusable(st: stagestore.Store, cfg: dict, run_dir: Path, stage: str, key: str) -> Path | None:
+    """A complete store entry of this key computed from the run folder's inputs (None: none)."""
+    inputs = stage_inputs(cfg, run_dir, stage)
+    return next((e for e in st.candidates(stage, key)
+                 if records.problem(e, key, inputs) is None and (e / paths.marker(stage)).is_file()), None)
 
 
 def reuse(st: stagestore.Store, cfg: dict, run_dir: Path, stage: str, key: str,
           log: Callable[[str], None] = print) -> bool:
     """Link the run folder's stage to a complete store entry of this key, if there is one whose
     files are the bytes its stage wrote (a damaged one is quarantined, and the stage computed)."""
-    entry = st.entry(stage, key)
-    if not reusable(st, cfg, run_dir, stage, key):
-        return False
-    why = records.verify(entry)
-    if why is not None:
+    while (entry := reusable(st, cfg, run_dir, stage, key)) is not None:
+        why = records.verify(entry)
+        if why is None:
+            stagestore.link(paths.stage_dir(run_dir, stage), entry)
+            if (entry / paths.ENTRY_NOTEBOOK).is_file():
+                stagestore.link(paths.executed_notebook(run_dir, stage), entry / paths.ENTRY_NOTEBOOK)
+            return True
         where = stagestore.quarantine(entry, why)
-        log(f"==> the stored {stage} entry {key} is damaged ({why}): moved to {where}, computed again")
-        return False
-    stagestore.link(paths.stage_dir(run_dir, stage), entry)
-    if st.notebook(stage, key).is_file():
-        stagestore.link(paths.executed_notebook(run_dir, stage), st.notebook(stage, key))
-    return True
+        log(f"==> the stored {stage} entry {entry.name} is damaged ({why}): moved to {where}, computed again")
+        if where is None:   # not movable: never linked, never looked at again here
+            return False
+    return False
 
 
 def execute_stage(cfg: dict, run_dir: Path, stage: str, key: str, *, kernel: str, stage_store: stagestore.Store | None,
@@ -192,18 +209,20 @@ def execute_stage(cfg: dict, run_dir: Path, stage: str, key: str, *, kernel: str
             if stored and recheck and reuse(stage_store, cfg, run_dir, stage, key, log):
                 log(f"{tag}: completed meanwhile by another process (key {key}); linked, not recomputed")
                 return None
-            if stored:   # computed in its store entry, which the run folder links to
-                stagestore.link(paths.stage_dir(run_dir, stage), stage_store.entry(stage, key))
-                out = stage_store.notebook(stage, key)
+            if stored:   # computed in an entry no run folder uses yet, which the run folder links to
+                entry = stage_store.fresh(stage, key)
+                stagestore.link(paths.stage_dir(run_dir, stage), entry)
+                out = entry / paths.ENTRY_NOTEBOOK
                 stagestore.link(shown, out)   # before it runs: a failure's notebook is found in the run folder
                 if stage == "retrain" and cfg["retrain"]["control"]:   # the control: shared by its own key
-                    control = stage_store.entry("control", graph.all_keys(cfg)["control"])
+                    control = usable_entry(stage_store, "control", graph.all_keys(cfg)["control"],
+                                           {"train": paths.stage_dir(run_dir, "train")}, entry / paths.CONTROL)
                     control.mkdir(parents=True, exist_ok=True)
-                    stagestore.link(stage_store.entry(stage, key) / paths.CONTROL, control)
+                    stagestore.link(entry / paths.CONTROL, control)
             elif shown.is_symlink():   # a link left by a stored run or a sweep point: never written through
                 shown.unlink()
             if stage == "analysis" and stage_store is not None:
-                link_timing(cfg, run_dir, stage_store)
+                link_timing(cfg, run_dir, stage_store, retime)
             try:
                 kernels.execute_notebook(src, out, kernel_name=kernel, fresh=fresh_kernel, parameters=parameters,
                                          stdout_file=sys.stdout, stderr_file=sys.stderr)
@@ -224,6 +243,10 @@ def execute_stage(cfg: dict, run_dir: Path, stage: str, key: str, *, kernel: str
                                   f"{rec and rec['key']}): its notebook must call the stage function with the "
                                   "parameters it was given")
             atomic.write_json(folder / paths.STAGE_RECORD, {**rec, "wall_seconds": seconds})   # still claimed
+            if stored:   # complete: other run folders may link it from now on, nothing changes it
+                stagestore.seal(folder.resolve())
+                if (folder / paths.CONTROL).is_symlink():
+                    stagestore.seal((folder / paths.CONTROL).resolve())
     except pm.PapermillExecutionError as e:
         on_failure()
         if e.ename == "KeyboardInterrupt":  # Ctrl-C reached the kernel first
@@ -410,12 +433,14 @@ def render_report(run_dir: Path, cfg: dict) -> Path:
     for nb in sorted([*nb_dir.glob("0*.ipynb"), *repeats, *points]):
         if nb.is_symlink() and not nb.exists():   # the study's notebook, gone: computed outside the runner
             continue
-        if nb.is_symlink():   # a stage of the store: its page is rendered once, beside its notebook there
-            target = nb.resolve()
-            page = target.with_suffix(".html")
-            if not page.is_file() or page.stat().st_mtime_ns < target.stat().st_mtime_ns:
-                render_html(target, page, hide_code=False, title=nb.stem)
-            stagestore.link(nb.with_suffix(".html"), page)
+        if nb.is_symlink():   # a stage of the store, whose entry is read-only: its page is the run folder's
+            target, mine = nb.resolve(), nb.with_suffix(".html")
+            page = target.with_suffix(".html")   # rendered into the entry by an earlier version
+            if page.is_file() and page.stat().st_mtime_ns >= target.stat().st_mtime_ns:
+                stagestore.link(mine, page)
+            elif mine.is_symlink() or not mine.is_file() or mine.stat().st_mtime_ns < target.stat().st_mtime_ns:
+                mine.unlink(missing_ok=True)
+                render_html(target, mine, hide_code=False, title=nb.stem)
         else:
             render_html(nb, nb.with_suffix(".html"), hide_code=False)
     return render_html(paths.executed_notebook(run_dir, "analysis"), Path(run_dir) / paths.REPORT, hide_code=True,

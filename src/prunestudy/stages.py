@@ -102,7 +102,8 @@ def _computing(stage: str, run_dir: Path, out: Path, args: dict, inputs: dict[st
         records.write(out, stage, key, params, records.input_ids(inputs), time.perf_counter() - start, by)
         if not runner:
             reason = f"{stage} was recomputed ({by}, {time.strftime('%Y-%m-%d %H:%M:%S')}) after it"
-            for name in later:
+            for name in later:   # in this run folder only: a linked store entry is copied here first
+                stagestore.privatize(paths.stage_dir(run_dir, name))
                 records.mark_stale(paths.stage_dir(run_dir, name), reason)
             for page in (paths.executed_notebook(run_dir, stage), paths.executed_notebook(run_dir, stage)
                          .with_suffix(".html")):
@@ -559,6 +560,8 @@ def _chain_timing(run_dir: Path, folder: Path, force: bool, log) -> dict | None:
             atomic.write_json(out / paths.METRICS, timing)
             records.write(out, "timing", key, params, records.input_ids(inputs), time.perf_counter() - start,
                           "prunestudy run" if runlock.under_runner(run_dir) else "python")
+            if out.is_symlink():   # a store entry (execute.link_timing): complete, read-only from now on
+                stagestore.seal(out.resolve())
             said = "; ".join(f"{name}: {t['remark'].split(':')[0]}" for name, t in timing["models"].items())
             log(f"[timing] {said} ({time.perf_counter() - start:.1f} s on this machine, key {key})")
             return timing

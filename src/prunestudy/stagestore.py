@@ -2,7 +2,9 @@
 sweep point that asks for the same stage (as OpenLTH names a run by the hash of what defines it).
 
     <store>/<stage>/<key>/        the stage's outputs, its record (stage.json) and its executed
-                                  notebook (.executed.ipynb)
+                                  notebook (.executed.ipynb); read-only once complete (`seal`)
+    <store>/<stage>/<key>+<hex>/  another computation of the same key (`--force`, or inputs that
+                                  were recomputed): entries are written once, never over
     <store>/<stage>/.<key>.claim  flock held by the process computing it (its pid inside)
     <store>/.quarantine/<stage>/<key>-<time>/   an entry whose files no longer match their digests
                                   (records.verify), moved aside with a note of why, never linked
@@ -15,6 +17,13 @@ the same stage waits, then finds it complete. A new folder's store lives beside 
 for `runs/<name>`) unless `--store DIR` or PRUNESTUDY_STORE says otherwise (on a shared file system
 for several machines); the folder then records it (`store.json`), and every later run in it uses
 that store, from any directory (`choose`).
+
+Entries are write-once: a stage is computed into an entry that no run folder links to yet
+(`Store.fresh`: the key's own folder if it holds no record, else `<key>+<hex>`), and the entry is
+made read-only once its record is written (`seal`). No writer ever changes a file that another run
+folder links to: a `--force` rerun gets an entry of its own and relinks only its run folder; a
+notebook rerun computes into a private folder and marks its later stages stale in private copies
+(`privatize`), not in the shared entries.
 """
 
 from __future__ import annotations
@@ -22,7 +31,9 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import stat
 import time
+import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -112,6 +123,93 @@ class Store:
     def notebook(self, stage: str, key: str) -> Path:
         return self.entry(stage, key) / paths.ENTRY_NOTEBOOK
 
+    def candidates(self, stage: str, key: str) -> list[Path]:
+        """The entries of a key: its own folder first, then other computations of it (`fresh`),
+        newest first. Each may hold a record computed from other inputs (their ids differ)."""
+        own = self.entry(stage, key)
+        others = sorted(own.parent.glob(f"{key}+*"), key=_mtime, reverse=True) if own.parent.is_dir() else []
+        return [own, *(p for p in others if p.is_dir() and not p.is_symlink())]
+
+    def fresh(self, stage: str, key: str) -> Path:
+        """Where to compute a stage of this key (under its claim): the key's own folder when no
+        computation was ever recorded there (new, or left incomplete: no run folder uses it), else a
+        new entry `<key>+<hex>` beside it, so that the files other run folders link to never change."""
+        own = self.entry(stage, key)
+        if not (own / paths.STAGE_RECORD).exists() and not sealed(own):
+            return own
+        other = own.with_name(f"{key}+{uuid.uuid4().hex[:8]}")
+        other.mkdir(parents=True)
+        return other
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
+_WRITE = stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH
+
+
+def seal(entry: Path) -> None:
+    """Make a complete entry read-only (its files and folders lose every write bit; links inside it
+    are left as they are): other run folders link to it, so nothing may change it in place. The
+    digests (records.verify) catch what a write bit cannot stop (root, a tool that chmods)."""
+    entry = Path(entry)
+    if entry.is_symlink() or not entry.is_dir():
+        return
+    for top, dirs, files in os.walk(entry, topdown=False):
+        for name in [*files, *dirs]:
+            path = os.path.join(top, name)
+            if not os.path.islink(path):
+                os.chmod(path, stat.S_IMODE(os.lstat(path).st_mode) & ~_WRITE)
+    os.chmod(entry, stat.S_IMODE(entry.stat().st_mode) & ~_WRITE)
+
+
+def sealed(entry: Path) -> bool:
+    """Whether an entry folder was made read-only (`seal`)."""
+    try:
+        return not os.lstat(entry).st_mode & stat.S_IWUSR
+    except OSError:
+        return False
+
+
+def unseal(entry: Path) -> None:
+    """Give the owner write permission on an entry's folders again (not its files): needed to move it
+    (a folder's `..` changes) or remove it; its files stay read-only."""
+    for top, dirs, _ in os.walk(entry):
+        for path in [top, *(os.path.join(top, d) for d in dirs)]:
+            if not os.path.islink(path):
+                os.chmod(path, stat.S_IMODE(os.lstat(path).st_mode) | stat.S_IWUSR)
+
+
+def privatize(folder: Path) -> None:
+    """A run folder's stage folder that links into the store, replaced by a private folder of hard
+    links to the entry's files (copies with their times where links fail), so that what happens to
+    this run folder's view of it (a notebook rerun marking it stale) never reaches the shared entry;
+    the entry's files are never written through the hard links (every write replaces a file)."""
+    folder = Path(folder)
+    if not folder.is_symlink() or not folder.is_dir():
+        return
+    src, tmp = folder.resolve(), folder.with_name(f".{folder.name}.private")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    for top, dirs, files in os.walk(src):
+        rel = Path(top).relative_to(src)
+        (tmp / rel).mkdir(parents=True, exist_ok=True)
+        for name in [*files, *(d for d in dirs if os.path.islink(os.path.join(top, d)))]:
+            a, b = Path(top) / name, tmp / rel / name
+            if a.is_symlink():
+                os.symlink(os.path.relpath(a.resolve(), b.parent), b)
+                continue
+            try:
+                os.link(a, b)
+            except OSError:
+                shutil.copy2(a, b)
+    folder.unlink()
+    os.rename(tmp, folder)
+
 
 @contextmanager
 def claim_dir(folder: Path, log: Callable[[str], None] = print):
@@ -186,6 +284,7 @@ def quarantine(entry: Path, reason: str) -> Path | None:
     target = root / paths.QUARANTINE / stage / f"{entry.name}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
+        unseal(entry)   # moving a folder rewrites its `..`: it must be writable
         os.rename(entry, target)
     except FileNotFoundError:
         return None
