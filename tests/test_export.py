@@ -157,6 +157,16 @@ def test_a_dangling_stage_link_says_what_happened_and_how_to_fix_it_in_one_line(
     assert str(e.value) == line
 
 
+def test_a_link_to_a_quarantined_entry_says_where_it_went(tmp_path):
+    run, store = fake_run(tmp_path)
+    where = stagestore.quarantine(store / "train" / "t1", "output model.pt is not the bytes the stage wrote")
+    line = paths.dangling(run / "train")
+    assert line == (f"{run / 'train'} links to ../.store/train/t1, which was moved to {where} (its files were not "
+                    f"the bytes its stage wrote): rerun `prunestudy run -f {run / paths.PARAMS} --run-dir {run}` to "
+                    "compute it again")
+    assert f"which was moved to {where} " in paths.dangling(paths.executed_notebook(run, "train"))
+
+
 def test_compare_and_status_on_a_folder_copied_without_its_store_say_so(tmp_path):
     copy = copied_without_store(tmp_path)
     with pytest.raises(compare.CompareError) as e:

@@ -120,8 +120,15 @@ def dangling(path: str | Path, fix: bool = True) -> str | None:
     path = Path(path)
     if not path.is_symlink() or path.exists():
         return None
-    run = run_folder_of(path)
-    line = (f"{path} links to {os.readlink(path)}, which does not exist: the run folder was copied or moved "
+    run, link = run_folder_of(path), os.readlink(path)
+    target = Path(os.path.normpath(path.parent / link))
+    for entry in (target, target.parent):   # a stage folder's link, a notebook's (<store>/<stage>/<key>/<file>)
+        moved = sorted((entry.parent.parent / QUARANTINE / entry.parent.name).glob(f"{entry.name}-*"))
+        if moved:   # stagestore.quarantine: its files were not the bytes its stage wrote
+            line = (f"{path} links to {link}, which was moved to {moved[-1]} (its files were not the bytes its "
+                    "stage wrote)")
+            return f"{line}: rerun {rerun_command(run)} to compute it again" if fix else line
+    line = (f"{path} links to {link}, which does not exist: the run folder was copied or moved "
             "without its stage store (cp -r copies the links, not the stages), or the store was deleted")
     if not fix:
         return line
