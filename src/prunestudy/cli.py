@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     lab_p.add_argument("--no-browser", action="store_true", help="do not open a web browser")
     download.add_cli(sub)
     _add_compare_cli(sub)
+    _add_export_cli(sub)
     _add_sweep_cli(sub)
     _add_status_cli(sub)
     _add_cache_cli(sub)
@@ -173,6 +174,36 @@ def _compare(args: argparse.Namespace) -> int:
             print(f"prunestudy compare: {line}", file=sys.stderr)
         return 2
     print(f"prunestudy compare: {len(args.runs)} runs -> {out}")
+    return 0
+
+
+def _add_export_cli(sub) -> None:
+    p = sub.add_parser(
+        "export", help="a self-contained copy of a run folder (its stages as files, not links into the store)",
+        description="Copy a run folder to DEST with its stages: every link into the stage store becomes real "
+                    "files (hard links on the store's file system, copies elsewhere or with --copy; modification "
+                    "times kept), links inside the folder stay links. `cp -r` / `cp -a` copy the links, not the "
+                    "stages. DEST must not exist; it appears whole or not at all. A sweep's points are run "
+                    "folders: export them one by one.")
+    p.add_argument("run", metavar="RUN", help="a run folder written by `prunestudy run` (or a sweep's points/<p>)")
+    p.add_argument("dest", metavar="DEST", help="the new folder (must not exist)")
+    p.add_argument("--copy", action="store_true", help="copy every file, never hard-link to the store's files")
+    p.set_defaults(handler=_export)
+
+
+def _export(args) -> int:
+    """0: exported; 2: bad input, nothing written; 1: an error while writing (nothing left at DEST)."""
+    from . import export
+
+    try:
+        done = export.export(args.run, args.dest, copy=args.copy)
+    except export.ExportError as e:
+        print(f"prunestudy export: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"prunestudy export: {e}; nothing was left at {args.dest}: fix the cause and rerun", file=sys.stderr)
+        return 1
+    print(f"prunestudy export: {args.run} -> {args.dest}: {done.line()}")
     return 0
 
 

@@ -64,6 +64,9 @@ def load_run(path: str | Path) -> Run:
         raise CompareError(f"{path}: no such folder: check the path, or make the run with {command}")
     if not (path / paths.RESULTS).is_file():
         raise CompareError(f"{path} is not a finished run (no {paths.RESULTS}): {fix}")
+    gone = paths.dangling_stage(path)   # copied without its stage store
+    if gone:
+        raise CompareError(gone)
     try:
         saved = atomic.read_json(path / paths.RESULTS)
         results = stages.load_results(path)

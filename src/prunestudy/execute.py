@@ -133,6 +133,9 @@ def problem(cfg: dict, run_dir: Path, stage: str, key: str, *, verify: bool = Fa
     its inputs (recomputed since?), its output files (missing, changed?) are all checked. `verify`
     (before the stage is used): its files' digests too; a store entry that fails is quarantined."""
     folder = paths.stage_dir(run_dir, stage)
+    gone = paths.dangling(folder, fix=False)   # copied without its stage store: said so, not "no record"
+    if gone:
+        return gone
     why = records.problem(folder, key, stage_inputs(cfg, run_dir, stage),
                           (graph.key_params(stage, cfg), graph.code_files(stage)))
     if why is None and not paths.completion_marker(run_dir, stage).is_file():

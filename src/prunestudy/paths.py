@@ -26,6 +26,7 @@ Functions take the run folder and return paths; constants are bare file names.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from . import config
@@ -94,12 +95,64 @@ def resolve_run_dir(run_dir: str | Path | None) -> Path:
 
 
 def require(stage: str, directory: Path) -> Path:
-    """The output folder of `stage`, or a FileNotFoundError saying which notebook makes it."""
+    """The output folder of `stage`, or a FileNotFoundError saying which notebook makes it (or, for a
+    link into a stage store that is not there, `dangling`'s line)."""
+    gone = dangling(directory)
+    if gone:
+        raise FileNotFoundError(gone)
     if not (Path(directory) / marker(stage)).is_file():
         raise FileNotFoundError(
             f"no complete output of stage '{stage}' in {directory}: run notebooks/{NOTEBOOK_OF[stage]} "
             f"first with the same run_dir, or the whole chain with `make study` / `prunestudy run`")
     return directory
+
+
+def rerun_command(run_dir: str | Path) -> str:
+    """The command that computes a run folder's stages again, with its own parameters."""
+    return f"`prunestudy run -f {Path(run_dir) / PARAMS} --run-dir {run_dir}`"
+
+
+def dangling(path: str | Path, fix: bool = True) -> str | None:
+    """The one line that says a run folder's link (a stage folder, a notebook, timing/) leads nowhere,
+    why that happens and what to do (None when `path` is no such link): a run folder's stages are
+    links into its stage store, and `cp -r` / `cp -a` copy the links, not the stages. `fix=False`:
+    without the fix (the runner, which applies it)."""
+    path = Path(path)
+    if not path.is_symlink() or path.exists():
+        return None
+    run, link = run_folder_of(path), os.readlink(path)
+    target = Path(os.path.normpath(path.parent / link))
+    for entry in (target, target.parent):   # a stage folder's link, a notebook's (<store>/<stage>/<key>/<file>)
+        moved = sorted((entry.parent.parent / QUARANTINE / entry.parent.name).glob(f"{entry.name}-*"))
+        if moved:   # stagestore.quarantine: its files were not the bytes its stage wrote
+            line = (f"{path} links to {link}, which was moved to {moved[-1]} (its files were not the bytes its "
+                    "stage wrote)")
+            return f"{line}: rerun {rerun_command(run)} to compute it again" if fix else line
+    line = (f"{path} links to {link}, which does not exist: the run folder was copied or moved "
+            "without its stage store (cp -r copies the links, not the stages), or the store was deleted")
+    if not fix:
+        return line
+    return (f"{line}: copy a run folder with `prunestudy export SRC DEST`, or rerun {rerun_command(run)} to "
+            "compute its stages again")
+
+
+def dangling_stage(run_dir: str | Path) -> str | None:
+    """`dangling`'s line for the first stage folder of a run folder (timing/ too) that leads nowhere."""
+    return next(filter(None, (dangling(Path(run_dir) / name) for name in (*NOTEBOOK_OF, TIMING))), None)
+
+
+def run_folder_of(path: str | Path) -> Path:
+    """The run folder a path lies in (a repeat's or curve point's: its run's): the nearest folder above
+    it that holds a params.json, else the folder it lies in."""
+    path = Path(path)
+    for folder in path.parents:
+        if (folder / PARAMS).is_file():
+            if folder.parent.name in (REPEATS, CURVE) and (folder.parent.parent / PARAMS).is_file():
+                return folder.parent.parent
+            return folder
+        if folder.name in (REPEATS, CURVE) and (folder.parent / PARAMS).is_file():
+            return folder.parent
+    return path.parent
 
 
 def images(split: str) -> str:

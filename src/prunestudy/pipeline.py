@@ -259,7 +259,9 @@ class _Chain:
                 self.log(f"{tag}: found in the stage store (key {key}), linked" if linked
                          else f"{tag}: up to date (key {key}), skipped")
                 return {**result, "status": "linked" if linked else "up to date"}
-            if records.read(paths.stage_dir(run_dir, stage)) is not None or \
+            if paths.dangling(paths.stage_dir(run_dir, stage)):   # a folder copied without its stage store
+                self.log(f"{tag}: {why}: it is computed again, and every stage after it")
+            elif records.read(paths.stage_dir(run_dir, stage)) is not None or \
                     paths.completion_marker(run_dir, stage).is_file():
                 self.log(f"{tag}: {why}: it reruns, and every stage after it")
         if not f.ran:  # this stage and every later one will run: none of them counts as complete now

@@ -41,6 +41,7 @@ def _line(cfg: dict, folder: Path, stage: str, keys: dict, st: stagestore.Store 
     why = execute.problem(cfg, folder, stage, key)
     if why is None:
         return Line(stage, key, UP_TO_DATE, where=where)
+    why = paths.dangling(paths.stage_dir(folder, stage)) or why   # a link that leads nowhere: with the fix
     rec = records.read(paths.stage_dir(folder, stage)) or {}
     files, names = [], []
     if rec and rec.get("key") != key:
