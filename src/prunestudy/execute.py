@@ -79,8 +79,8 @@ def link_timing(cfg: dict, run_dir: Path, st: stagestore.Store) -> None:
             continue
         entry = st.entry("timing", graph.timing_key(retrain_key, cfg["prune"]["latency_repeats"],
                                                     cfg["train"]["device"]))
-        entry.mkdir(parents=True, exist_ok=True)
-        stagestore.link(paths.timing_dir(folder), entry)
+        with stagestore.linking(entry):   # made if missing; `store gc` cannot remove it meanwhile
+            stagestore.link(paths.timing_dir(folder), entry)
 
 
 def notebook_parameters(stage: str, cfg: dict, run_dir: Path) -> dict:
@@ -146,20 +146,24 @@ def reusable(st: stagestore.Store, cfg: dict, run_dir: Path, stage: str, key: st
 
 
 def reuse(st: stagestore.Store, cfg: dict, run_dir: Path, stage: str, key: str,
-          log: Callable[[str], None] = print) -> bool:
+          log: Callable[[str], None] = print, claimed: bool = False) -> bool:
     """Link the run folder's stage to a complete store entry of this key, if there is one whose
-    files are the bytes its stage wrote (a damaged one is quarantined, and the stage computed)."""
+    files are the bytes its stage wrote (a damaged one is quarantined, and the stage computed).
+    Under a shared claim (stagestore.using: `store gc` cannot remove the entry meanwhile); when its
+    claim is held by another process (computing it, or gc removing it), False: the caller's claim
+    path waits and rechecks. `claimed`: this process holds the entry's claim already."""
     entry = st.entry(stage, key)
-    if not reusable(st, cfg, run_dir, stage, key):
-        return False
-    why = records.verify(entry)
-    if why is not None:
-        where = stagestore.quarantine(entry, why)
-        log(f"==> the stored {stage} entry {key} is damaged ({why}): moved to {where}, computed again")
-        return False
-    stagestore.link(paths.stage_dir(run_dir, stage), entry)
-    if st.notebook(stage, key).is_file():
-        stagestore.link(paths.executed_notebook(run_dir, stage), st.notebook(stage, key))
+    with stagestore.using(entry, claimed) as ok:
+        if not ok or not reusable(st, cfg, run_dir, stage, key):
+            return False
+        why = records.verify(entry)
+        if why is not None:
+            where = stagestore.quarantine(entry, why)
+            log(f"==> the stored {stage} entry {key} is damaged ({why}): moved to {where}, computed again")
+            return False
+        stagestore.link(paths.stage_dir(run_dir, stage), entry)
+        if st.notebook(stage, key).is_file():
+            stagestore.link(paths.executed_notebook(run_dir, stage), st.notebook(stage, key))
     return True
 
 
@@ -189,7 +193,7 @@ def execute_stage(cfg: dict, run_dir: Path, stage: str, key: str, *, kernel: str
         parameters["retime"] = True   # --force timing: the analysis times the models again
     try:
         with stage_store.claim(stage, key, log) if stored else nullcontext():
-            if stored and recheck and reuse(stage_store, cfg, run_dir, stage, key, log):
+            if stored and recheck and reuse(stage_store, cfg, run_dir, stage, key, log, claimed=True):
                 log(f"{tag}: completed meanwhile by another process (key {key}); linked, not recomputed")
                 return None
             if stored:   # computed in its store entry, which the run folder links to
@@ -198,8 +202,8 @@ def execute_stage(cfg: dict, run_dir: Path, stage: str, key: str, *, kernel: str
                 stagestore.link(shown, out)   # before it runs: a failure's notebook is found in the run folder
                 if stage == "retrain" and cfg["retrain"]["control"]:   # the control: shared by its own key
                     control = stage_store.entry("control", graph.all_keys(cfg)["control"])
-                    control.mkdir(parents=True, exist_ok=True)
-                    stagestore.link(stage_store.entry(stage, key) / paths.CONTROL, control)
+                    with stagestore.linking(control):   # made if missing; `store gc` keeps it
+                        stagestore.link(stage_store.entry(stage, key) / paths.CONTROL, control)
             elif shown.is_symlink():   # a link left by a stored run or a sweep point: never written through
                 shown.unlink()
             if stage == "analysis" and stage_store is not None:
