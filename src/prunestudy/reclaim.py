@@ -20,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import resource
 import shutil
 import stat
 import time
@@ -30,7 +31,15 @@ from pathlib import Path
 
 from . import atomic, paths, stagestore
 
-BATCH = 200   # candidates locked at once (each holds an open claim file)
+
+def _batch() -> int:
+    """Candidates locked at once: each holds its claim file open (within the open-files limit);
+    each batch looks for links again, so the larger, the faster."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(16, min(5000, (soft if soft != resource.RLIM_INFINITY else 10000) // 2 - 64))
+
+
+BATCH = _batch()
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 

@@ -6,6 +6,8 @@ sweep point that asks for the same stage (as OpenLTH names a run by the hash of 
     <store>/<stage>/.<key>.claim  flock held by the process computing it (its pid inside)
     <store>/.quarantine/<stage>/<key>-<time>/   an entry whose files no longer match their digests
                                   (records.verify), moved aside with a note of why, never linked
+    <store>/.users/<hash>         a folder that recorded the store (its absolute path: `register`)
+    <store>/.gc.lock, .trash-<pid>/   `store gc`'s lock and what it is removing (prunestudy.reclaim)
 
 A run folder's `data/`, `train/`, `prune/` and `retrain/` are symbolic links into the store, so
 two runs that differ only in pruning parameters share the data and the training, and a sweep
