@@ -96,7 +96,8 @@ def test_a_folder_records_its_store_relative_to_itself_and_keeps_it(tmp_path, mo
     assert stagestore.choose(run_dir, None) == tmp_path / "runs" / ".store"   # a new folder: beside it
     assert stagestore.choose(run_dir, store) == store.resolve()
     stagestore.record(run_dir, store)
-    (tmp_path / "elsewhere").mkdir()
+    assert [f for _, f in stagestore.users(store)] == [run_dir.resolve()]   # registered in the store (store gc)
+    (tmp_path / "elsewhere").mkdir(exist_ok=True)
     monkeypatch.chdir(tmp_path / "elsewhere")
     monkeypatch.setenv(stagestore.ENV, str(tmp_path / "third"))
     assert stagestore.choose(run_dir, None) == store.resolve()   # any directory, whatever PRUNESTUDY_STORE says

@@ -226,7 +226,8 @@ def test_force_and_notebook_reruns_in_one_run_never_change_what_another_run_link
         entry = (tmp_path / "a" / s).resolve()
         assert "+" in entry.name and stagestore.sealed(entry) and records.read(entry)["key"] == entry.name[:12]
 
-    code = ("import json, sys; from prunestudy import stages; p = json.load(open(sys.argv[1] + '/params.json'))['prune'];"
+    code = ("import json, sys; from prunestudy import stages; "
+            "p = json.load(open(sys.argv[1] + '/params.json'))['prune']; "
             "stages.run_prune(sys.argv[1], method=p['method'], amount=0.5, log=lambda m: None)")
     nb = subprocess.run([sys.executable, "-c", code, str(tmp_path / "b")], cwd=ROOT, capture_output=True, text=True,
                         timeout=900)   # what 03_prune.ipynb does with `amount = 0.5` in b

@@ -21,6 +21,7 @@ from . import (
     machine,
     paths,
     pipeline,
+    reclaim,
     runlock,
     schedule,
     stagestore,
@@ -259,14 +260,38 @@ def _cache(args) -> int:
 
 
 def _add_store_cli(sub) -> None:
-    p = sub.add_parser("store", help="the stage store: verify every entry's files against their digests",
-                       description="verify: hash every complete entry of the stage store again and compare with "
-                                   "the digests its stage recorded; a damaged entry is moved to "
-                                   "<store>/.quarantine/ (the runs that link it compute it again). Exit 1 when "
-                                   "one was damaged.")
-    p.add_argument("action", choices=("verify",))
-    p.add_argument("--store", metavar="DIR",
-                   help="the stage store (default: $PRUNESTUDY_STORE, else the project's runs/.store)")
+    p = sub.add_parser("store", help="the stage store: verify its entries, see its size (du), remove what no "
+                                     "folder links (gc)",
+                       description="verify: hash every complete entry again; du: its size, what the run and sweep "
+                                   "folders link and what they do not; gc: remove what none links.")
+    actions = p.add_subparsers(dest="action", required=True)
+    verify = actions.add_parser("verify", help="hash every complete entry again against its recorded digests",
+                                description="hash every complete entry of the stage store again and compare with "
+                                            "the digests its stage recorded; a damaged entry is moved to "
+                                            "<store>/.quarantine/ (the runs that link it compute it again). Exit 1 "
+                                            "when one was damaged.")
+    du = actions.add_parser("du", help="the store's size per stage, what the run and sweep folders link, the "
+                                       "quarantine",
+                            description="the entries and bytes of each stage kind (hard links counted once), how "
+                                        "many of them the run and sweep folders under ROOTS link (directly or "
+                                        "through a linked entry) and how many they do not, the quarantine's size.")
+    gc = actions.add_parser("gc", help="remove the entries no run or sweep folder links",
+                            description="remove the store entries that no run or sweep folder under ROOTS links "
+                                        "(a symbolic link whose target is the entry or lies in it; a link inside "
+                                        "a kept entry counts too). Safe beside a running sweep or run: an entry "
+                                        "being computed (claimed), or linked after gc started, is kept.")
+    for q in (verify, du, gc):
+        q.add_argument("--store", metavar="DIR",
+                       help="the stage store (default: $PRUNESTUDY_STORE, else the project's runs/.store)")
+    for q in (du, gc):
+        q.add_argument("roots", nargs="*", metavar="ROOTS",
+                       help="the folders holding the run and sweep folders whose links count (default: the "
+                            "store's parent folder, runs/ for runs/.store, and every folder that recorded the "
+                            "store, wherever it lies)")
+    gc.add_argument("--dry-run", action="store_true", help="list what would be removed and the bytes freed")
+    gc.add_argument("--older-than", metavar="AGE",
+                    help="only entries completed longer ago than AGE (7d, 12h, 30m, 45s, 2w)")
+    gc.add_argument("--quarantine", action="store_true", help="empty the quarantine too")
     p.set_defaults(handler=_store)
 
 
@@ -277,11 +302,40 @@ def _store(args) -> int:
         print(f"prunestudy store: no stage store at {root}: give the one your runs use with --store DIR",
               file=sys.stderr)
         return 2
-    found = stagestore.verify_all(root, lambda m: print(f"prunestudy store: {m}", flush=True))
-    print(f"prunestudy store: {root}: {len(found['ok'])} entries verified, {len(found['damaged'])} damaged "
-          f"(quarantined), {len(found['unverifiable'])} without digests (computed by an earlier prunestudy), "
-          f"{len(found['incomplete'])} incomplete")
-    return 1 if found["damaged"] else 0
+    if args.action == "verify":
+        found = stagestore.verify_all(root, lambda m: print(f"prunestudy store: {m}", flush=True))
+        print(f"prunestudy store: {root}: {len(found['ok'])} entries verified, {len(found['damaged'])} damaged "
+              f"(quarantined), {len(found['unverifiable'])} without digests (computed by an earlier prunestudy), "
+              f"{len(found['incomplete'])} incomplete")
+        return 1 if found["damaged"] else 0
+    missing = [r for r in args.roots if not Path(r).is_dir()]
+    if missing:
+        print(f"prunestudy store: ROOTS must be folders: {', '.join(missing)} not found", file=sys.stderr)
+        return 2
+    if args.action == "du":
+        report = reclaim.du(root, args.roots)
+        print(f"prunestudy store du: {root}")
+        print(f"looked for links under: {', '.join(map(str, report['roots'])) or '(nothing)'}")
+        print(reclaim.du_table(report))
+        return 0
+    try:
+        age = reclaim.parse_age(args.older_than) if args.older_than else None
+    except ValueError as e:
+        print(f"prunestudy store: {e}", file=sys.stderr)
+        return 2
+    looked = reclaim.roots_of(root, args.roots)
+    print(f"prunestudy store gc: {root}" + (" (dry run: nothing is removed)" if args.dry_run else ""))
+    print(f"looked for links under: {', '.join(map(str, looked)) or '(nothing)'}")
+    done = reclaim.collect(root, args.roots, dry_run=args.dry_run, older_than=age, quarantine=args.quarantine,
+                           log=lambda m: print(f"  {m}", flush=True))
+    for folder in done["dropped_users"]:
+        print(f"  {'would drop' if args.dry_run else 'dropped'} the registered folder {folder} (it no longer exists)")
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"prunestudy store gc: {verb} {len(done['removed'])} entries, {reclaim.human(done['bytes'])}"
+          + (f" (+ {reclaim.human(done['quarantine_bytes'])} of quarantine)" if done["quarantine_bytes"] else "")
+          + (f"; kept {len(done['busy'])} being computed (claimed)" if done["busy"] else "")
+          + (f"; only entries older than {args.older_than}" if age is not None else ""))
+    return 0
 
 
 def _add_params_args(p: argparse.ArgumentParser) -> None:

@@ -81,8 +81,8 @@ def link_timing(cfg: dict, run_dir: Path, st: stagestore.Store, retime: bool = F
         key = graph.timing_key(retrain_key, cfg["prune"]["latency_repeats"], cfg["train"]["device"])
         inputs = {s: paths.stage_dir(folder, s) for s in ("train", "prune", "retrain")}
         entry = usable_entry(st, "timing", key, inputs, paths.timing_dir(folder), fresh=retime)
-        entry.mkdir(parents=True, exist_ok=True)
-        stagestore.link(paths.timing_dir(folder), entry)
+        with stagestore.linking(entry):   # made if missing; `store gc` cannot remove it meanwhile
+            stagestore.link(paths.timing_dir(folder), entry)
 
 
 def usable_entry(st: stagestore.Store, stage: str, key: str, inputs: dict[str, Path], current: Path,
@@ -158,28 +158,30 @@ def damaged(folder: Path, log: Callable[[str], None] = print) -> str | None:
     return why
 
 
-def reusable(st: stagestore.Store, cfg: dict, run_dir: Path, stage: str, key: str) -> Path | None:
-    """A complete store entry of this key computed from the run folder's inputs (None: none)."""
-    inputs = stage_inputs(cfg, run_dir, stage)
-    return next((e for e in st.candidates(stage, key)
-                 if records.problem(e, key, inputs) is None and (e / paths.marker(stage)).is_file()), None)
+def _reusable(entry: Path, key: str, stage: str, inputs: dict[str, Path]) -> bool:
+    return records.problem(entry, key, inputs) is None and (entry / paths.marker(stage)).is_file()
 
 
 def reuse(st: stagestore.Store, cfg: dict, run_dir: Path, stage: str, key: str,
-          log: Callable[[str], None] = print) -> bool:
+          log: Callable[[str], None] = print, claimed: bool = False) -> bool:
     """Link the run folder's stage to a complete store entry of this key, if there is one whose
-    files are the bytes its stage wrote (a damaged one is quarantined, and the stage computed)."""
-    while (entry := reusable(st, cfg, run_dir, stage, key)) is not None:
-        why = records.verify(entry)
-        if why is None:
+    files are the bytes its stage wrote (a damaged one is quarantined, and the stage computed).
+    Each entry under a shared claim (stagestore.using: `store gc` cannot remove it meanwhile); one
+    whose claim another process holds (computing it, or gc removing it) is passed over: the
+    caller's claim path waits and rechecks. `claimed`: this process holds the key's claim already."""
+    for entry in st.candidates(stage, key):
+        with stagestore.using(entry, claimed and entry == st.entry(stage, key)) as ok:
+            if not ok or not _reusable(entry, key, stage, stage_inputs(cfg, run_dir, stage)):
+                continue
+            why = records.verify(entry)
+            if why is not None:
+                where = stagestore.quarantine(entry, why)
+                log(f"==> the stored {stage} entry {entry.name} is damaged ({why}): moved to {where}, computed again")
+                continue
             stagestore.link(paths.stage_dir(run_dir, stage), entry)
             if (entry / paths.ENTRY_NOTEBOOK).is_file():
                 stagestore.link(paths.executed_notebook(run_dir, stage), entry / paths.ENTRY_NOTEBOOK)
             return True
-        where = stagestore.quarantine(entry, why)
-        log(f"==> the stored {stage} entry {entry.name} is damaged ({why}): moved to {where}, computed again")
-        if where is None:   # not movable: never linked, never looked at again here
-            return False
     return False
 
 
@@ -209,19 +211,20 @@ def execute_stage(cfg: dict, run_dir: Path, stage: str, key: str, *, kernel: str
         parameters["retime"] = True   # --force timing: the analysis times the models again
     try:
         with stage_store.claim(stage, key, log) if stored else nullcontext():
-            if stored and recheck and reuse(stage_store, cfg, run_dir, stage, key, log):
+            if stored and recheck and reuse(stage_store, cfg, run_dir, stage, key, log, claimed=True):
                 log(f"{tag}: completed meanwhile by another process (key {key}); linked, not recomputed")
                 return None
             if stored:   # computed in an entry no run folder uses yet, which the run folder links to
                 entry = stage_store.fresh(stage, key)
-                stagestore.link(paths.stage_dir(run_dir, stage), entry)
+                with stagestore.linking(entry):   # `store gc` cannot remove it before the link is made
+                    stagestore.link(paths.stage_dir(run_dir, stage), entry)
                 out = entry / paths.ENTRY_NOTEBOOK
                 stagestore.link(shown, out)   # before it runs: a failure's notebook is found in the run folder
                 if stage == "retrain" and cfg["retrain"]["control"]:   # the control: shared by its own key
                     control = usable_entry(stage_store, "control", graph.all_keys(cfg)["control"],
                                            {"train": paths.stage_dir(run_dir, "train")}, entry / paths.CONTROL)
-                    control.mkdir(parents=True, exist_ok=True)
-                    stagestore.link(entry / paths.CONTROL, control)
+                    with stagestore.linking(control):   # made if missing; `store gc` keeps it
+                        stagestore.link(entry / paths.CONTROL, control)
             elif shown.is_symlink():   # a link left by a stored run or a sweep point: never written through
                 shown.unlink()
             if stage == "analysis" and stage_store is not None:

@@ -50,6 +50,9 @@ STORE = ".store"                   # beside the run folders: the stage store (st
 STORE_RECORD = "store.json"        # a run or sweep folder's stage store, relative to it (stagestore.recorded)
 ENTRY_NOTEBOOK = ".executed.ipynb"  # a store entry's executed notebook (run/notebooks/ links to it)
 QUARANTINE = ".quarantine"          # <store>/.quarantine/<stage>/<key>-<time>/: entries whose bytes changed
+STORE_USERS = ".users"             # <store>/.users/<hash>: a folder that links into the store (its absolute path)
+TRASH = ".trash-"                  # <store>/.trash-<pid>/: entries `store gc` is removing (renamed there first)
+GC_LOCK = ".gc.lock"               # <store>/.gc.lock: held by `store gc` while it rescans and removes
 
 # files inside a stage folder
 STAGE_RECORD = "stage.json"        # the stage key, written by the runner when the stage finished

@@ -50,31 +50,35 @@ def run(cfg: dict, run_dir: str | Path, *, force: str | None = None, log: Callab
         os.environ[runlock.TOKEN_ENV] = lock.token   # the kernels it starts inherit it: they may write
         try:
             stage_store = stagestore.Store(root) if root is not None else None
-            if stage_store is not None:   # a rerun from any directory, or of a sweep's point, uses it again
+            pooled = jobs > 1 and parallel_points(cfg, run_dir, stage_store, jobs, log, fresh_kernels, force)
+            if stage_store is not None:   # a rerun from any directory, or of a sweep's point, uses it again;
+                # after --jobs' checks of .parallel/: a refused run writes nothing (the store registers it)
                 stagestore.record(run_dir, stage_store.root)
-            if jobs > 1:
-                parallel_points(cfg, run_dir, stage_store, jobs, log, fresh_kernels, force)
-            return _run(cfg, run_dir, force, log, stage_store, fresh_kernels)
+            results = _run(cfg, run_dir, force, log, stage_store, fresh_kernels)
+            if pooled:   # its links go, not their entries; only now, as the run folder links them (store gc)
+                shutil.rmtree(run_dir / paths.PARALLEL, ignore_errors=True)
+            return results
         finally:
             os.environ.pop(runlock.TOKEN_ENV, None)
 
 
 def parallel_points(cfg: dict, run_dir: Path, stage_store: stagestore.Store | None, jobs: int,
-                    log: Callable[[str], None], fresh_kernels: bool = False, force: str | None = None) -> None:
+                    log: Callable[[str], None], fresh_kernels: bool = False, force: str | None = None) -> bool:
     """The study's chain, its curve points and its `seeds` repeats are points of one stage graph,
     with the keys of the grid points they equal. With `--jobs N` they are computed first, N stages
     at a time, on the local pool (prunestudy.worker) into the stage store, and the run then
     links them like any stored stage. Each of those stages computes with cores/N threads, so its
     figures may differ in the last digits from a run with --jobs 1 (worker.task_threads). A stage
-    that fails there runs again in the chain, which reports it as usual."""
+    that fails there runs again in the chain, which reports it as usual. True: every stage was
+    computed there (its folder, `.parallel/`, is removed once the run links them)."""
     seeds, points = config.repeat_seeds(cfg), execute.curve_points(cfg)
     if not seeds and not points:
         log(f"==> --jobs {jobs}: one chain (no seeds repeats, no curve): its stages run one after another")
-        return
+        return False
     if stage_store is None or force is not None:
         log(f"==> --jobs {jobs}: the chains run one after another ("
             + ("no stage store: --store none" if stage_store is None else f"--force {force} reruns them") + ")")
-        return
+        return False
     main = config.repeat_config(cfg, cfg["seed"])   # the study's own chain: the point of its seed
     pts = [grid.Point(f"seed={cfg['seed']}", {"seed": cfg["seed"]}, main)]
     pts += [grid.Point(name, {"prune.method": p["prune"]["method"], "prune.amount": p["prune"]["amount"]}, p)
@@ -91,8 +95,7 @@ def parallel_points(cfg: dict, run_dir: Path, stage_store: stagestore.Store | No
                                  kinds=("data", *graph.REPEAT))
     if summary["failed"]:
         log(f"==> --jobs {jobs}: {len(summary['failed'])} stage(s) failed; they run again below, one at a time")
-    else:
-        shutil.rmtree(folder, ignore_errors=True)   # its stages are in the store; its links go, not their entries
+    return not summary["failed"]
 
 
 def _run(cfg: dict, run_dir: Path, force: str | None, log: Callable[[str], None],

@@ -8,6 +8,8 @@ sweep point that asks for the same stage (as OpenLTH names a run by the hash of 
     <store>/<stage>/.<key>.claim  flock held by the process computing it (its pid inside)
     <store>/.quarantine/<stage>/<key>-<time>/   an entry whose files no longer match their digests
                                   (records.verify), moved aside with a note of why, never linked
+    <store>/.users/<hash>         a folder that recorded the store (its absolute path: `register`)
+    <store>/.gc.lock, .trash-<pid>/   `store gc`'s lock and what it is removing (prunestudy.reclaim)
 
 A run folder's `data/`, `train/`, `prune/` and `retrain/` are symbolic links into the store, so
 two runs that differ only in pruning parameters share the data and the training, and a sweep
@@ -29,6 +31,7 @@ notebook rerun computes into a private folder and marks its later stages stale i
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import shutil
 import stat
@@ -92,7 +95,9 @@ def recorded(folder: Path) -> Path | None:
 
 def record(folder: Path, root: Path) -> None:
     """Write which store a run or sweep folder links into, relative to the folder (so a folder moved
-    with its store keeps it, as its relative links do)."""
+    with its store keeps it, as its relative links do); and register the folder as a user of the
+    store (`register`), so that `store gc` looks for its links wherever it lies."""
+    register(root, folder)
     path = Path(folder) / paths.STORE_RECORD
     rel = os.path.relpath(Path(root).resolve(), Path(folder).resolve())
     try:
@@ -101,6 +106,33 @@ def record(folder: Path, root: Path) -> None:
     except (OSError, ValueError, AttributeError):
         pass
     atomic.write_json(path, {"store": rel})
+
+
+def user_file(root: Path, folder: Path) -> Path:
+    """<store>/.users/<first 16 hex digits of the SHA-256 of the folder's absolute path>."""
+    name = hashlib.sha256(str(Path(folder).resolve()).encode()).hexdigest()[:16]
+    return Path(root) / paths.STORE_USERS / name
+
+
+def register(root: Path, folder: Path) -> None:
+    """Note in the store that a run or sweep folder links into it (its absolute path, written once):
+    `store gc` then looks for links there too, a folder kept outside the store's parent included."""
+    path = user_file(root, folder)
+    if not path.is_file():
+        atomic.write_bytes(path, f"{Path(folder).resolve()}\n".encode())
+
+
+def users(root: Path) -> list[tuple[Path, Path]]:
+    """(registry file, folder) of every folder registered as a user of the store (`register`)."""
+    place = Path(root) / paths.STORE_USERS
+    found = []
+    for f in sorted(place.iterdir()) if place.is_dir() else []:
+        if f.is_file() and not f.name.startswith("."):
+            try:
+                found.append((f, Path(f.read_text().strip())))
+            except (OSError, UnicodeDecodeError):
+                continue
+    return found
 
 
 class Store:
@@ -116,6 +148,7 @@ class Store:
         entry = self.entry(stage, key)
         entry.mkdir(parents=True, exist_ok=True)
         with claim_dir(entry, log):
+            entry.mkdir(parents=True, exist_ok=True)   # `store gc` may have removed it, unclaimed, meanwhile
             for stale in entry.glob(".*.tmp"):   # left by a killed atomic write
                 stale.unlink(missing_ok=True)
             yield entry
@@ -247,6 +280,64 @@ def held(claim: Path) -> bool:
             return True
         fcntl.flock(f, fcntl.LOCK_UN)
         return False
+
+
+@contextmanager
+def using(entry: Path, claimed: bool = False):
+    """A shared flock on an entry's claim file while a run or sweep folder is linked to it: `store
+    gc` (which takes the exclusive claim before it removes an entry) cannot remove it meanwhile.
+    Yields True when held; False when the claim is held (the entry is being computed, or gc is
+    removing it): treat the entry as not reusable now (the claim path waits, then rechecks).
+    `claimed`: this process holds the exclusive claim already (flock locks per open file
+    description: a second descriptor of this process asking for a shared lock would conflict with
+    its own claim): yields True without locking."""
+    if claimed:
+        yield True
+        return
+    real = Path(entry).resolve()
+    real.parent.mkdir(parents=True, exist_ok=True)
+    with atomic.open_lock(claim_file(real)) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextmanager
+def linking(entry: Path):
+    """While an entry that may be new (made here if missing) is linked from a folder, whether or not
+    another process is computing it: safe against `store gc`. The shared claim (`using`); when the
+    claim is held, the store's gc lock, shared: gc holds it exclusively for as long as it holds
+    any claim, so a claim still held then is a computing process's, which keeps the entry until
+    the link is made, and gc sees the link when it rescans. Makes the entry; yields its path."""
+    entry = Path(entry)
+    with using(entry) as ok:
+        if ok:
+            entry.mkdir(parents=True, exist_ok=True)
+            yield entry
+            return
+    with gc_lock(entry.parent.parent, shared=True):
+        entry.mkdir(parents=True, exist_ok=True)
+        yield entry
+
+
+@contextmanager
+def gc_lock(root: Path, shared: bool):
+    """The store's gc lock (<store>/.gc.lock): exclusive for `store gc` while it holds claims, rescans
+    and removes; shared for a process linking an entry whose claim it could not share (`linking`)."""
+    path = Path(root) / paths.GC_LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic.open_lock(path) as f:
+        fcntl.flock(f, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def link(folder: Path, target: Path) -> None:

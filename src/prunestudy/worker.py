@@ -56,11 +56,12 @@ def prepare(pts: list[grid.Point], folder: Path, st: stagestore.Store) -> None:
         atomic.write_json(point / paths.PARAMS, p.cfg)
         keys = grid.keys_of(p)
         for stage in graph.STORED:
-            entry = st.entry(stage, keys[stage])
-            entry.mkdir(parents=True, exist_ok=True)
-            if not paths.stage_dir(point, stage).is_symlink():   # a private, complete folder stays
-                if records.read(paths.stage_dir(point, stage)) is None:
-                    stagestore.link(paths.stage_dir(point, stage), entry)
+            entry, here = st.entry(stage, keys[stage]), paths.stage_dir(point, stage)
+            if not here.is_symlink() and records.read(here) is None:   # a private, complete folder stays
+                with stagestore.linking(entry):   # made if missing; `store gc` keeps it
+                    stagestore.link(here, entry)
+            else:
+                entry.mkdir(parents=True, exist_ok=True)
         rows.append({"name": p.name, "values": p.values, "params_hash": config.stage_hash(p.cfg), "keys": keys})
     atomic.write_json(Path(folder) / paths.SWEEP_GRID, {"points": rows})
     stagestore.record(folder, st.root)   # a rerun of the sweep, or of a point from its folder, uses it
