@@ -141,6 +141,17 @@ def test_a_claimed_entry_is_kept_and_its_links_keep_theirs(store):
     assert {"retrain/r2", "control/c2"} <= names(store)
 
 
+def test_another_computation_of_a_key_is_kept_while_the_keys_claim_is_held(store):
+    """A forced rerun computes into <key>+<hex> (stagestore.Store.fresh) under the key's own claim:
+    gc treats that entry as claimed, even with no run folder under its roots linking it yet."""
+    other = entry(store, "prune", "p1+ab12cd34", complete=False)
+    with stagestore.claim_dir(store / "prune" / "p1", lambda m: None):
+        done = reclaim.collect(store, log=lambda m: None)
+    assert {"prune/p1", "prune/p1+ab12cd34"} <= set(done["busy"]) and other.is_dir()
+    done = reclaim.collect(store, log=lambda m: None)   # the claim released: unlinked, it goes
+    assert "prune/p1+ab12cd34" in done["removed"] and not other.exists()
+
+
 def test_a_link_made_after_gc_took_its_candidates_is_respected(store, tmp_path):
     """The race, in the order it would happen: gc plans and claims its candidates; a sweep links one
     of them (as prepare or a stage link do) before gc removes anything; gc rescans and keeps it."""

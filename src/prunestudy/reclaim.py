@@ -284,7 +284,7 @@ def _plan(root: Path, looked: list[Path], young: Callable[[Path], bool]) -> tupl
     while True:
         keep = links.closure(links.roots | busy | {e for e in ents if young(e)})
         cands = [e for e in ents if e not in keep]
-        now_busy = {e for e in cands if stagestore.held(stagestore.claim_file(e))}
+        now_busy = {e for e in cands if _computing(e)}
         if not now_busy:
             return cands, busy, links
         busy |= now_busy
@@ -369,8 +369,21 @@ def collect(root: Path, roots: Iterable[str | os.PathLike] | None = None, *, dry
             "roots": looked, "dropped_users": [str(folder) for _, folder in dropped], "quarantine_bytes": qbytes}
 
 
+def _computing(entry: Path) -> bool:
+    """Whether a process holds the entry's claim, or, for another computation of a key
+    (`<key>+<hex>`, stagestore.Store.fresh), the key's claim it is computed under."""
+    own = entry.name.split("+", 1)[0]
+    return stagestore.held(stagestore.claim_file(entry)) or (
+        own != entry.name and stagestore.claim_file(entry.with_name(own)).is_file()
+        and stagestore.held(stagestore.claim_file(entry.with_name(own))))
+
+
 def _claim(entry: Path, stack: ExitStack) -> bool:
-    """Take an entry's exclusive claim without waiting, held until `stack` closes; False: busy."""
+    """Take an entry's exclusive claim without waiting, held until `stack` closes; False: busy (or
+    the key's claim is held: `<key>+<hex>` is being computed under it)."""
+    own = entry.name.split("+", 1)[0]
+    if own != entry.name and _computing(entry):
+        return False
     f = stack.enter_context(atomic.open_lock(stagestore.claim_file(entry)))
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
