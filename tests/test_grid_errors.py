@@ -5,6 +5,8 @@ line."""
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import signal
 import subprocess
@@ -127,6 +129,115 @@ def test_sigterm_is_a_ctrl_c(command, tmp_path):
     while time.time() < deadline and _living(proc.pid):
         time.sleep(0.5)
     assert _living(proc.pid) == []
+
+
+# --- SIGKILL of the driver ---------------------------------------------------------------------
+def _stat(pid: int) -> tuple[str, str] | None:
+    """(state, start time) of a process, None when it is gone."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return fields[0], fields[19]
+
+
+def _descendants(pid: int) -> dict[int, str]:
+    """{pid: command line} of every process below `pid`, read from /proc's children lists."""
+    found, todo = {}, [pid]
+    while todo:
+        for task in glob.glob(f"/proc/{todo.pop()}/task/*/children"):
+            with contextlib.suppress(OSError):
+                for child in map(int, open(task).read().split()):
+                    with contextlib.suppress(OSError):
+                        found[child] = open(f"/proc/{child}/cmdline").read().replace("\0", " ")
+                    todo.append(child)
+    return found
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the processes in Linux's /proc")
+def test_sigkill_of_the_driver_ends_its_workers_and_kernels(tmp_path):
+    """`kill -9` of a sweep's driver while its two pool workers and their kernels run: none of them
+    is left after 10 s (prunestudy.lifeline: PR_SET_PDEATHSIG; before, they computed on for minutes)."""
+    args = ["sweep", "-f", str(SMALL), "-g", "seed=0", "-g", "prune.method=l1_unstructured", "-g", "prune.amount=0.5",
+            "--jobs", "2", "--sweep-dir", str(tmp_path / "sw"), "--store", str(tmp_path / "store")]
+    proc = subprocess.Popen([*CLI, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    seen: dict[int, tuple] = {}   # pid: (command line, start time), to kill leftovers and not a reused pid
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            for pid, cmd in _descendants(proc.pid).items():
+                if pid not in seen and (st := _stat(pid)):
+                    seen[pid] = (cmd, st[1])
+            workers = [p for p, (cmd, _) in seen.items() if "multiprocessing" in cmd and _stat(p)]
+            kernels = [p for p, (cmd, _) in seen.items() if "ipykernel" in cmd and _stat(p)]
+            if len(workers) >= 2 and kernels:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None and len(workers) >= 2 and kernels, (seen, proc.poll())
+        os.kill(proc.pid, signal.SIGKILL)
+        killed = time.time()
+        proc.wait(timeout=10)
+
+        def alive() -> list[str]:
+            return [cmd for p, (cmd, start) in seen.items() if (st := _stat(p)) and st == (st[0], start)
+                    and st[0] not in "ZX"]
+
+        while alive() and time.time() < killed + 10:
+            time.sleep(0.1)
+        print(f"every worker and kernel gone {time.time() - killed:.2f} s after the SIGKILL")
+        assert alive() == []
+    finally:
+        with contextlib.suppress(OSError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        for pid, (_, start) in seen.items():   # never outlive the test, whatever failed
+            if (st := _stat(pid)) and st[1] == start:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+TIED = """
+import os, subprocess, sys, time
+from prunestudy import lifeline
+if sys.argv[1] == "middle":   # start the tied child, say its pid, wait to be killed
+    child = subprocess.Popen([sys.executable, "-c", sys.argv[2], "child", sys.argv[3]])
+    print(child.pid, flush=True)
+    time.sleep(60)
+else:
+    if sys.argv[2] == "watchdog":
+        lifeline._prctl_deathsig = lambda sig: False
+    print(lifeline.tie_to_parent(os.getppid()), flush=True)
+    time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the processes in Linux's /proc")
+@pytest.mark.parametrize("how", ["prctl", "watchdog"])
+def test_a_tied_process_dies_with_its_parent(how):
+    """prctl(PR_SET_PDEATHSIG) where Linux has it; else a thread polling getppid() (forced here)."""
+    middle = subprocess.Popen([sys.executable, "-c", TIED, "middle", TIED, how], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    try:
+        child = int(middle.stdout.readline())
+        time.sleep(0.5)   # the child has tied itself (its "prctl"/"watchdog" line goes to the same pipe)
+        assert middle.stdout.readline().strip() == how
+        middle.kill()
+        middle.wait()
+        deadline = time.time() + 5
+        while _stat(child) and _stat(child)[0] not in "ZX" and time.time() < deadline:
+            time.sleep(0.05)
+        assert not _stat(child) or _stat(child)[0] in "ZX"
+    finally:
+        with contextlib.suppress(OSError):
+            os.killpg(middle.pid, signal.SIGKILL)
+
+
+def test_a_process_whose_parent_died_before_it_tied_itself_ends_at_once():
+    proc = subprocess.run([sys.executable, "-c", "from prunestudy import lifeline; lifeline.tie_to_parent(1)"],
+                          timeout=60)
+    assert proc.returncode == -signal.SIGKILL
 
 
 # --- an unreachable Ray cluster -----------------------------------------------------------------

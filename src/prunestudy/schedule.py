@@ -25,7 +25,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import get_context
 
-from . import kernels, machine, progress
+from . import kernels, lifeline, machine, progress
 
 RETRIES = 2                                  # a task whose process died is tried this many more times
 GPU_STAGES = ("train", "prune", "retrain")   # what may fine-tune: a GPU each on a cluster with GPUs
@@ -398,12 +398,15 @@ def _worker_sigint(*_) -> None:
         raise KeyboardInterrupt
 
 
-def _worker_init(warm: dict | None = None, slots=None) -> None:
-    """A pool worker starts with SIGINT blocked (a Ctrl-C while it imports would print a traceback);
-    from here on `_worker_sigint` takes it (one that came meanwhile is delivered to it now). With
+def _worker_init(warm: dict | None = None, slots=None, driver: int | None = None) -> None:
+    """A pool worker dies with its `driver` (the pid of the process that started it), even one
+    SIGKILLed (prunestudy.lifeline); so does its kernel. It starts with SIGINT blocked (a Ctrl-C while
+    it imports would print a traceback); from here on `_worker_sigint` takes it (one that came
+    meanwhile is delivered to it now). With
     `slots` (a queue of GPU ids, `pool`), it takes one and sees only that GPU from now on: its
     kernel and every stage it runs. With `warm` (`warm_settings`: what its tasks will run with), it
     starts its kernel and imports the package there now, while the first stage runs in another worker."""
+    lifeline.tie_to_parent(driver)
     signal.signal(signal.SIGINT, _worker_sigint)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     if slots is not None:
@@ -423,4 +426,5 @@ def pool(jobs: int, warm: dict | None, gpus: list[str]) -> ProcessPoolExecutor:
         slots = ctx.Queue()
         for i in range(jobs):
             slots.put(gpus[i % len(gpus)])
-    return ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init, initargs=(warm, slots))
+    return ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
+                               initargs=(warm, slots, os.getpid()))
