@@ -9,7 +9,9 @@ The loop does not know what a task computes: `work(task)` gives the function and
 (a stage of a run folder, a stage of a grid point); the results of a task's inputs are appended to
 them. A task whose worker process dies (a pool's BrokenProcessPool) is submitted again, up to
 RETRIES more times (Ray retries its own); an error of the task itself is the task's result, or,
-in this process (Inline), raised as it is.
+in this process (Inline), raised as it is. A result with `halt` (a full disk, a folder that cannot
+be written: worker.run_task) stops the loop: no other task starts (they are skipped), the running
+ones finish, `final` does not run.
 """
 
 from __future__ import annotations
@@ -87,7 +89,13 @@ def run(todo: dict[str, Task], executor, work: Callable[[Task], tuple], log: Cal
                         continue
                     results[tid] = result
                     _log_result(result, log)
-            return results, (executor.final(*final) if final else None)
+                    if result.get("halt"):   # a full disk: every other task would fail alike
+                        for other in pending:
+                            results[other] = {**failure(todo[other], result["halt"]), "status": "skipped",
+                                              "because": tid}
+                        pending.clear()
+            halted = any(r.get("halt") for r in results.values())
+            return results, (executor.final(*final) if final and not halted else None)
         except KeyboardInterrupt:
             executor.interrupt(running)
             raise
