@@ -5,7 +5,10 @@ line."""
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -129,6 +132,115 @@ def test_sigterm_is_a_ctrl_c(command, tmp_path):
     assert _living(proc.pid) == []
 
 
+# --- SIGKILL of the driver ---------------------------------------------------------------------
+def _stat(pid: int) -> tuple[str, str] | None:
+    """(state, start time) of a process, None when it is gone."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return fields[0], fields[19]
+
+
+def _descendants(pid: int) -> dict[int, str]:
+    """{pid: command line} of every process below `pid`, read from /proc's children lists."""
+    found, todo = {}, [pid]
+    while todo:
+        for task in glob.glob(f"/proc/{todo.pop()}/task/*/children"):
+            with contextlib.suppress(OSError):
+                for child in map(int, open(task).read().split()):
+                    with contextlib.suppress(OSError):
+                        found[child] = open(f"/proc/{child}/cmdline").read().replace("\0", " ")
+                    todo.append(child)
+    return found
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the processes in Linux's /proc")
+def test_sigkill_of_the_driver_ends_its_workers_and_kernels(tmp_path):
+    """`kill -9` of a sweep's driver while its two pool workers and their kernels run: none of them
+    is left after 10 s (prunestudy.lifeline: PR_SET_PDEATHSIG; before, they computed on for minutes)."""
+    args = ["sweep", "-f", str(SMALL), "-g", "seed=0", "-g", "prune.method=l1_unstructured", "-g", "prune.amount=0.5",
+            "--jobs", "2", "--sweep-dir", str(tmp_path / "sw"), "--store", str(tmp_path / "store")]
+    proc = subprocess.Popen([*CLI, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    seen: dict[int, tuple] = {}   # pid: (command line, start time), to kill leftovers and not a reused pid
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            for pid, cmd in _descendants(proc.pid).items():
+                if pid not in seen and (st := _stat(pid)):
+                    seen[pid] = (cmd, st[1])
+            workers = [p for p, (cmd, _) in seen.items() if "multiprocessing" in cmd and _stat(p)]
+            kernels = [p for p, (cmd, _) in seen.items() if "ipykernel" in cmd and _stat(p)]
+            if len(workers) >= 2 and kernels:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None and len(workers) >= 2 and kernels, (seen, proc.poll())
+        os.kill(proc.pid, signal.SIGKILL)
+        killed = time.time()
+        proc.wait(timeout=10)
+
+        def alive() -> list[str]:
+            return [cmd for p, (cmd, start) in seen.items() if (st := _stat(p)) and st == (st[0], start)
+                    and st[0] not in "ZX"]
+
+        while alive() and time.time() < killed + 10:
+            time.sleep(0.1)
+        print(f"every worker and kernel gone {time.time() - killed:.2f} s after the SIGKILL")
+        assert alive() == []
+    finally:
+        with contextlib.suppress(OSError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        for pid, (_, start) in seen.items():   # never outlive the test, whatever failed
+            if (st := _stat(pid)) and st[1] == start:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+TIED = """
+import os, subprocess, sys, time
+from prunestudy import lifeline
+if sys.argv[1] == "middle":   # start the tied child, say its pid, wait to be killed
+    child = subprocess.Popen([sys.executable, "-c", sys.argv[2], "child", sys.argv[3]])
+    print(child.pid, flush=True)
+    time.sleep(60)
+else:
+    if sys.argv[2] == "watchdog":
+        lifeline._prctl_deathsig = lambda sig: False
+    print(lifeline.tie_to_parent(os.getppid()), flush=True)
+    time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the processes in Linux's /proc")
+@pytest.mark.parametrize("how", ["prctl", "watchdog"])
+def test_a_tied_process_dies_with_its_parent(how):
+    """prctl(PR_SET_PDEATHSIG) where Linux has it; else a thread polling getppid() (forced here)."""
+    middle = subprocess.Popen([sys.executable, "-c", TIED, "middle", TIED, how], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    try:
+        child = int(middle.stdout.readline())
+        time.sleep(0.5)   # the child has tied itself (its "prctl"/"watchdog" line goes to the same pipe)
+        assert middle.stdout.readline().strip() == how
+        middle.kill()
+        middle.wait()
+        deadline = time.time() + 5
+        while _stat(child) and _stat(child)[0] not in "ZX" and time.time() < deadline:
+            time.sleep(0.05)
+        assert not _stat(child) or _stat(child)[0] in "ZX"
+    finally:
+        with contextlib.suppress(OSError):
+            os.killpg(middle.pid, signal.SIGKILL)
+
+
+def test_a_process_whose_parent_died_before_it_tied_itself_ends_at_once():
+    proc = subprocess.run([sys.executable, "-c", "from prunestudy import lifeline; lifeline.tie_to_parent(1)"],
+                          timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+
 # --- an unreachable Ray cluster -----------------------------------------------------------------
 def test_unreachable_ray_address_fails_within_30_s(tmp_path):
     pytest.importorskip("ray", reason="Ray is not installed")
@@ -141,3 +253,77 @@ def test_unreachable_ray_address_fails_within_30_s(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "127.0.0.1:1" in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+
+
+# --- a full disk, a store that cannot be written --------------------------------------------------
+ONE_POINT = ["-g", "seed=0", "-g", "prune.method=l1_unstructured", "-g", "prune.amount=0.5"]
+
+
+@contextlib.contextmanager
+def tmpfs(folder, options: str):
+    """A small tmpfs at `folder` for the test (root only): a real full or read-only disk."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip() or 'not root'}): these tests need root "
+                    "where mounting is allowed (a container without CAP_SYS_ADMIN refuses it)")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def one_line(proc: subprocess.CompletedProcess) -> str:
+    """The one line a sweep that failed for its file system says (stderr, progress bars aside)."""
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stdout[-3000:] + proc.stderr[-3000:]
+    said = [line for line in proc.stderr.replace("\r", "\n").splitlines() if line.startswith("prunestudy")]
+    assert len(said) == 1, proc.stderr[-3000:]
+    return said[0]
+
+
+@pytest.mark.parametrize("case", ["full (local)", "full (ray)", "read-only", "under a file"])
+def test_a_store_that_cannot_be_prepared_is_one_line_and_exit_2(case, tmp_path):
+    """The sweep's preparation (its points' folders, their links into the store) on a full disk (no
+    inode left), a read-only disk, or a store path under a file: exit 2, one line naming the path."""
+    mount = tmp_path / "mnt"
+    options = {"read-only": "ro,size=64k", "under a file": None}.get(case, "size=64k,nr_inodes=2")
+    with contextlib.ExitStack() as stack:
+        if options:
+            stack.enter_context(tmpfs(mount, options))
+            store = mount / "store" if case == "read-only" else mount
+        else:
+            (tmp_path / "afile").write_text("a file, not a folder")
+            store = tmp_path / "afile" / "store"
+        engine = ["--engine", "ray"] if case.endswith("(ray)") else ["--jobs", "1"]
+        proc = subprocess.run([*CLI, "sweep", "-f", str(SMALL), *ONE_POINT, *engine, "--sweep-dir",
+                               str(tmp_path / "sw"), "--store", str(store)], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    line = one_line(proc)
+    why = {"read-only": "(Read-only file system)", "under a file": "(a part of it is a file, not a folder)"}
+    assert str(store) in line and why.get(case, "the disk is full") in line, line
+    assert ("free some space" if case.startswith("full") else "fix its permissions") in line, line
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_a_full_disk_in_a_stage_is_one_line_and_stops_the_sweep(engine, tmp_path):
+    """A stage that fills the store's disk, in a worker of the pool (the training's torch.save:
+    "[enforce fail at inline_container.cc] unexpected pos", no errno, no file) or of Ray (the data
+    stage, papermill saving its notebook: ENOSPC): exit 1, one line naming the stage's folder in the
+    store and saying to free space; no traceback; no later stage started, no grid report."""
+    if engine == "ray":
+        pytest.importorskip("ray", reason="Ray is not installed")
+    size = "20m" if engine == "local" else "300k"   # 20 MB hold the data stage (4 MB), not the model (34 MB)
+    with tmpfs(tmp_path / "store", f"size={size}") as store:
+        args = ["--jobs", "1"] if engine == "local" else ["--engine", "ray"]
+        proc = subprocess.run([*CLI, "sweep", "-f", str(SMALL), *ONE_POINT, *args, "--sweep-dir", str(tmp_path / "sw"),
+                               "--store", str(store)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+        line = one_line(proc)
+        stage = "train" if engine == "local" else "data"
+        entry = next(e for e in (store / stage).iterdir() if e.is_dir())
+        assert f"the disk is full: {entry} could not be written" in line and "free some space" in line, line
+        assert re.findall(r"\] (\w+): start", proc.stdout) == (["data", "train"] if engine == "local" else ["data"])
+        assert not (tmp_path / "sw" / "sweep.html").exists()

@@ -54,6 +54,23 @@ def test_inline_raises_a_tasks_error_and_runs_nothing_after_it():
     assert ran == ["a", "b"]
 
 
+def test_a_result_that_halts_starts_no_other_task_and_no_final():
+    """A full disk (worker.run_task's `halt`): the tasks not started yet are skipped, even those that
+    do not depend on it, and the final task (the grid report) does not run."""
+    todo = graph(("a", ()), ("b", ()), ("c", ("a",)))
+    ran = []
+
+    def work(task):
+        def fn(*up):
+            ran.append(task.id)
+            return {**_record(task.id, *up), "status": "failed", "halt": "the disk is full: /x"}
+        return (fn,)
+    results, final = schedule.run(todo, schedule.Inline(), work, lambda m: None, final=(lambda: "page",))
+    assert ran == ["a"] and final is None
+    assert {t: r["status"] for t, r in results.items()} == {"a": "failed", "b": "skipped", "c": "skipped"}
+    assert results["b"]["because"] == "a"
+
+
 DEATHS = """
 import json, os, sys
 from prunestudy import schedule

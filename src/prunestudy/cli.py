@@ -428,6 +428,13 @@ def _sweep(args) -> int:
     except execute.StageFailed as e:   # the grid report itself
         print(f"prunestudy: {e}", file=sys.stderr)
         return 1
+    except OSError as e:   # the driver's own writes (the grid report, its pages): a full disk, a folder gone
+        print(f"prunestudy: {execute.write_problem(e, sweep_dir) or f'{e}; finished stages are kept in the store'}"
+              f" ({root}): fix the cause and rerun", file=sys.stderr)
+        return 1
+    if summary["halted"]:   # a full disk or an unwritable folder stopped it: one line, as `run` says it
+        print(f"prunestudy: {summary['halted']}", file=sys.stderr)
+        return 1
     ran = ", ".join(f"{n} {s}" for s, n in summary["ran"].items() if n) or "nothing (every stage was done)"
     print(f"prunestudy: {summary['points']} points, {summary['unique']} unique stages; computed {ran}; "
           f"report {sweep_dir / paths.SWEEP_REPORT}")

@@ -7,9 +7,11 @@ here."""
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -23,8 +25,12 @@ TEMPLATES = Path(__file__).parent / "templates"
 
 
 class StageFailed(RuntimeError):
-    def __init__(self, stage: str, notebook: Path, reason: str, page: Path | None = None):
-        self.stage, self.notebook = stage, notebook
+    """A stage's notebook raised. `problem`: the one line of an error that is the file system's, not
+    the stage's (a full disk: `write_problem`), else None."""
+
+    def __init__(self, stage: str, notebook: Path, reason: str, page: Path | None = None,
+                 problem: str | None = None):
+        self.stage, self.notebook, self.problem = stage, notebook, problem
         shown = f"\n  the same as a web page: {page}" if page else ""
         super().__init__(f"stage '{stage}' failed: {reason}\n  executed notebook (with the traceback): {notebook}"
                          f"{shown}\n  finished stages are kept: fix the cause and rerun the same command")
@@ -259,7 +265,9 @@ def execute_stage(cfg: dict, run_dir: Path, stage: str, key: str, *, kernel: str
             raise KeyboardInterrupt from None
         log(f"{tag}: FAILED after {time.perf_counter() - start:.1f} s")
         page = _render_failed(shown)
-        raise StageFailed(stage, shown, f"{e.ename}: {_last_line(e.evalue)}{_hint(e)}", page) from None
+        problem = write_problem(f"{e.ename}: {e.evalue}", paths.stage_dir(run_dir, stage).resolve())
+        raise StageFailed(stage, shown, f"{e.ename}: {_last_line(e.evalue)}" + (f"\n  {problem}" if problem else ""),
+                          page, problem) from None
     return seconds
 
 
@@ -268,10 +276,40 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
-def _hint(e) -> str:
-    if "No space left on device" in str(e.evalue) or "Errno 28" in str(e.evalue):
-        return "\n  the disk is full: free some space and rerun the same command; finished stages are kept"
-    return ""
+# what a full disk says: Python's OSError (ENOSPC), and PyTorch's torch.save, whose C++ writer
+# (caffe2's inline_container.cc) reports a short write without the errno or the file
+DISK_FULL = ("No space left on device", "[Errno 28]")
+TORCH_DISK_FULL = ("unexpected pos", "file write failed")   # with "inline_container" in the same message
+UNWRITABLE = {errno.EACCES: "Permission denied", errno.EPERM: "Operation not permitted",
+              errno.EROFS: "Read-only file system", errno.ENOTDIR: "a part of it is a file, not a folder"}
+
+
+def disk_full(error: BaseException | str) -> bool:
+    """Whether an error (an exception, or a notebook's error text) says that the disk is full: the
+    one recognition of it, for `run`, a sweep's stages (any engine) and its preparation."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return True
+    text = str(error)
+    return any(sign in text for sign in DISK_FULL) or \
+        ("inline_container" in text and any(sign in text for sign in TORCH_DISK_FULL))
+
+
+def write_problem(error: BaseException | str, path: str | os.PathLike) -> str | None:
+    """The one line for an error that is the file system's, not the code's, naming `path` (where it
+    wrote: an OSError's own file name first) and the fix: a full disk (`disk_full`), or a folder
+    that cannot be written (no permission, read-only, a file on the way). None for other errors."""
+    code, named = getattr(error, "errno", None), getattr(error, "filename", None)
+    if not isinstance(error, BaseException):   # a notebook's error text: "PermissionError: [Errno 13] ...: 'path'"
+        found = re.search(r"\[Errno (\d+)\][^'\n]*(?:'([^'\n]+)')?", error)
+        code, named = (int(found[1]), found[2]) if found else (None, None)
+    path = named or path
+    if disk_full(error):
+        return (f"the disk is full: {path} could not be written (No space left on device): free some space "
+                "there and rerun the same command; finished stages are kept")
+    if code in UNWRITABLE:
+        return (f"{path} cannot be written ({UNWRITABLE[code]}): fix its permissions (or choose another "
+                "folder) and rerun the same command")
+    return None
 
 
 def _render_failed(notebook: Path) -> Path | None:

@@ -58,7 +58,8 @@ MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=536870912:glibc.malloc.trim_thres
 # stage's code went there, kernels running side by side contended for its lock, and each reset wrote
 # to it. nbclient passes this to the kernels it starts, but only to kernelspecs named python or
 # python3, not to the project's; JupyterLab's sessions of the kernel keep their history as usual.
-KERNEL_ARGUMENTS = ("--HistoryManager.hist_file=:memory:",)
+# And every kernel dies with the process that started it, even one SIGKILLed (prunestudy.lifeline).
+KERNEL_ARGUMENTS = ("--HistoryManager.hist_file=:memory:", "--IPKernelApp.extensions=prunestudy.lifeline")
 CLIENT_CLASS = f"{__name__}.ReadyClient"   # the kernel clients of reused kernels (ReadyClient's text)
 COLLECT = "__import__('gc').collect(); __import__('gc').freeze()"   # the reset's last step (see _reset)
 OWN_PREFIX = "PRUNESTUDY_"   # read by the stage functions when they run: set before each notebook

@@ -9,7 +9,9 @@ The loop does not know what a task computes: `work(task)` gives the function and
 (a stage of a run folder, a stage of a grid point); the results of a task's inputs are appended to
 them. A task whose worker process dies (a pool's BrokenProcessPool) is submitted again, up to
 RETRIES more times (Ray retries its own); an error of the task itself is the task's result, or,
-in this process (Inline), raised as it is.
+in this process (Inline), raised as it is. A result with `halt` (a full disk, a folder that cannot
+be written: worker.run_task) stops the loop: no other task starts (they are skipped), the running
+ones finish, `final` does not run.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import get_context
 
-from . import kernels, machine, progress
+from . import kernels, lifeline, machine, progress
 
 RETRIES = 2                                  # a task whose process died is tried this many more times
 GPU_STAGES = ("train", "prune", "retrain")   # what may fine-tune: a GPU each on a cluster with GPUs
@@ -87,7 +89,13 @@ def run(todo: dict[str, Task], executor, work: Callable[[Task], tuple], log: Cal
                         continue
                     results[tid] = result
                     _log_result(result, log)
-            return results, (executor.final(*final) if final else None)
+                    if result.get("halt"):   # a full disk: every other task would fail alike
+                        for other in pending:
+                            results[other] = {**failure(todo[other], result["halt"]), "status": "skipped",
+                                              "because": tid}
+                        pending.clear()
+            halted = any(r.get("halt") for r in results.values())
+            return results, (executor.final(*final) if final and not halted else None)
         except KeyboardInterrupt:
             executor.interrupt(running)
             raise
@@ -398,12 +406,15 @@ def _worker_sigint(*_) -> None:
         raise KeyboardInterrupt
 
 
-def _worker_init(warm: dict | None = None, slots=None) -> None:
-    """A pool worker starts with SIGINT blocked (a Ctrl-C while it imports would print a traceback);
-    from here on `_worker_sigint` takes it (one that came meanwhile is delivered to it now). With
+def _worker_init(warm: dict | None = None, slots=None, driver: int | None = None) -> None:
+    """A pool worker dies with its `driver` (the pid of the process that started it), even one
+    SIGKILLed (prunestudy.lifeline); so does its kernel. It starts with SIGINT blocked (a Ctrl-C while
+    it imports would print a traceback); from here on `_worker_sigint` takes it (one that came
+    meanwhile is delivered to it now). With
     `slots` (a queue of GPU ids, `pool`), it takes one and sees only that GPU from now on: its
     kernel and every stage it runs. With `warm` (`warm_settings`: what its tasks will run with), it
     starts its kernel and imports the package there now, while the first stage runs in another worker."""
+    lifeline.tie_to_parent(driver)
     signal.signal(signal.SIGINT, _worker_sigint)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     if slots is not None:
@@ -423,4 +434,5 @@ def pool(jobs: int, warm: dict | None, gpus: list[str]) -> ProcessPoolExecutor:
         slots = ctx.Queue()
         for i in range(jobs):
             slots.put(gpus[i % len(gpus)])
-    return ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init, initargs=(warm, slots))
+    return ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
+                               initargs=(warm, slots, os.getpid()))

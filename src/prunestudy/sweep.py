@@ -56,6 +56,6 @@ def run(pts: list[grid.Point], sweep_dir: str | Path, *, engine: str = "local", 
                                  report="analysis" in kinds)
         if summary["page"]:   # a worker of the pool or of Ray rendered it
             log(f"==> sweep report: {summary['page']}")
-        elif "analysis" in kinds:
+        elif "analysis" in kinds and not summary["halted"]:
             execute.sweep_report(sweep_dir, log, fresh_kernels)
     return summary

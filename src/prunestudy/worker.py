@@ -74,8 +74,16 @@ def compute(pts: list[grid.Point], folder: Path, st: stagestore.Store, *, engine
     """Every unique stage of the points once, into the store (their folders under `folder`), on the
     local pool of `jobs` workers (pinned to `gpus` in turn) or on Ray (`address`); `report`: then the
     grid report, in a worker whose kernel is warm. Returns {"results": {task id: result},
-    "failed": [...], "ran": {stage: count}, "points", "unique", "page": the report, None or False}."""
-    prepare(pts, folder, st)
+    "failed": [...], "ran": {stage: count}, "points", "unique", "page": the report, None or False,
+    "halted": the one line of a full disk or an unwritable folder that stopped it, or None}. Raises
+    PreflightError when the point folders cannot be prepared for that reason."""
+    try:
+        prepare(pts, folder, st)
+    except OSError as e:   # a full disk, a store under a file or on a read-only disk: one line, exit 2
+        problem = execute.write_problem(e, folder)
+        if problem is None:
+            raise
+        raise execute.PreflightError(problem) from None
     todo = tasks(pts, kinds)
     env, threads = task_env(), task_threads(engine, jobs)
     by_name = {p.name: p for p in pts}
@@ -94,7 +102,9 @@ def compute(pts: list[grid.Point], folder: Path, st: stagestore.Store, *, engine
     results, page = schedule.run(todo, executor, lambda t: (run_task, specs[t.id]), log, final)
     failed = [r for r in results.values() if r["status"] == "failed"]
     ran = {s: sum(1 for r in results.values() if r["status"] == "ran" and r["stage"] == s) for s in graph.CHAIN}
-    return {"results": results, "failed": failed, "ran": ran, "points": len(pts), "unique": len(todo), "page": page}
+    halted = next((r["halt"] for r in failed if r.get("halt")), None)
+    return {"results": results, "failed": failed, "ran": ran, "points": len(pts), "unique": len(todo), "page": page,
+            "halted": halted}
 
 
 # --- one task, in a worker process ---------------------------------------------------------------
@@ -131,13 +141,19 @@ def run_task(spec: dict, *upstream: dict) -> dict:
             if stage == "analysis":
                 _finish(folder, cfg, spec.get("fresh_kernels", False), spec.get("keys"))
     except execute.StageFailed as e:
-        return {**info, "status": "failed", "error": str(e).splitlines()[0], "notebook": str(e.notebook),
-                "end": time.time()}
+        return {**info, "status": "failed", "error": e.problem or str(e).splitlines()[0], "notebook": str(e.notebook),
+                "end": time.time(), **({"halt": e.problem} if e.problem else {})}
     except runlock.LockedError as e:
         return {**info, "status": "failed", "error": str(e), "notebook": None, "end": time.time()}
     except Exception as e:  # noqa: BLE001 - outside the notebook's code (saving it, the store, a bug): the
         # stage failed all the same, and is reported as failed; raised, it ended the whole sweep (the local
         # engine) with a traceback and without the other points' results
+        problem = execute.write_problem(e, st.entry(stage, key) if stage in graph.STORED
+                                         else paths.stage_dir(folder, stage))
+        if problem:   # a full disk, a folder that cannot be written: one line, and the sweep stops
+            log(f"==> [{spec['point']}] {stage}: {problem}")
+            return {**info, "status": "failed", "error": problem, "notebook": None, "end": time.time(),
+                    "halt": problem}
         for line in traceback.format_exc().rstrip().splitlines():
             log(f"==> [{spec['point']}] {stage}: {line}")
         return {**info, "status": "failed", "error": f"{type(e).__name__}: {e}"[:300], "notebook": None,
