@@ -387,7 +387,7 @@ def validate(cfg: dict, known: dict[str, list[str]] | None = None) -> list[str]:
     problems += pruning
     if size := _model_check(flat, ok):
         questions.append(("", size))
-    found = torchchecks.answers(q for _, q in questions)   # PyTorch's answers, without importing it here
+    found = torchchecks.answers((q for _, q in questions), cache_root, CHOICES["train.model"])   # without PyTorch here
     problems += [prefix + found[q] for prefix, q in questions if found[q]]
     return problems
 

@@ -225,7 +225,7 @@ def _bad_points(common: dict, keys: tuple, lists: list[list], known: dict) -> li
     with torchchecks.collected() as wanted:
         bad_parts = check_groups()
     if wanted:   # questions for PyTorch found: asked at once, then the groups checked with the answers
-        torchchecks.answers(wanted)
+        torchchecks.answers(wanted, config.cache_root, config.CHOICES["train.model"])
         bad_parts = check_groups()
     if not any(bad_parts):
         return []

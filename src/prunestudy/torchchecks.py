@@ -9,7 +9,8 @@ not need PyTorch otherwise (its stages compute in their kernels). So:
 
 - a process that has imported PyTorch already (a kernel, a test) answers here, as before;
 - any other asks one short child process (`python -m prunestudy.torchchecks`) for every question
-  it has at once, and keeps the answers in the cache folder (config.cache_root()/checks/), under a
+  it has at once, and keeps the answers in the cache folder (config.cache_root()/checks/, given by
+  the caller: this module imports nothing of the package but what answers), under a
   digest of the code that answers them (models.py, prune.py, methods.py) and of the installed
   torch and torchvision: a later plan, dry run or run asks nothing. The answers are the checks'
   own error texts, so the messages are the same either way.
@@ -28,6 +29,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
@@ -36,36 +38,32 @@ _answers: dict[tuple, str | None] = {}
 _collecting: list[set] = []
 
 
-def answer(question: tuple) -> str | None:
-    """The error text of one check (None: it passes); see `answers`."""
-    return answers([question])[question]
-
-
-def answers(questions) -> dict[tuple, str | None]:
-    """{question: its error text or None}: from this process's memory, the cache folder, this
-    process when it has PyTorch imported, else one child process for all the questions not known
-    (and, while it has PyTorch, every method and targets on every model: `_widened`)."""
+def answers(questions, cache: Callable[[], Path], models: tuple[str, ...] = ()) -> dict[tuple, str | None]:
+    """{question: its error text or None}: from this process's memory, the cache folder (`cache()`:
+    config.cache_root), this process when it has PyTorch imported, else one child process for all
+    the questions not known (and, while it has PyTorch, every method and targets on each of
+    `models`, the valid train.model values: `_widened`)."""
     questions = [tuple(q) for q in questions]
     todo = [q for q in dict.fromkeys(questions) if q not in _answers]
     if todo:
-        _load()   # another process (a test worker, a run) may have added answers since
+        path = Path(cache()) / "checks" / f"{digest()}.json"
+        _load(path)   # another process (a test worker, a run) may have added answers since
         todo = [q for q in todo if q not in _answers]
     if todo and _collecting:   # a grid collecting its questions before asking them at once (`collected`)
         _collecting[-1].update(todo)
         return {q: _answers.get(q) for q in questions}
     if todo:
-        found = {q: _compute(q) for q in todo} if "torch" in sys.modules else _ask_child(todo)
+        found = {q: _compute(q) for q in todo} if "torch" in sys.modules else _ask_child(todo, models)
         _answers.update(found)
-        _save(found)
+        _save(path, found)
     return {q: _answers[q] for q in questions}
 
 
-def _widened(questions: list[tuple]) -> list[tuple]:
-    """The questions, then those a later check is likely to ask (every method and targets on every
-    model, each asked size on every model): cheap once the child has PyTorch imported."""
-    from . import config, methods
+def _widened(questions: list[tuple], models: tuple[str, ...]) -> list[tuple]:
+    """The questions, then those a later check is likely to ask (every method and targets on each
+    model, each asked size on each model): cheap once the child has PyTorch imported."""
+    from . import methods
 
-    models = config.CHOICES["train.model"]
     more = [("method", m, t, model) for model in models for m in methods.names() for t in methods.TARGETS]
     more += [("size", model, q[2], q[3]) for q in questions if q[0] == "size" for model in models]
     return list(dict.fromkeys([*questions, *(q for q in more if q not in _answers)]))
@@ -108,7 +106,7 @@ def _compute(question: tuple) -> str | None:
     raise ValueError(f"unknown check {question!r}")
 
 
-def _ask_child(questions: list[tuple]) -> dict[tuple, str | None]:
+def _ask_child(questions: list[tuple], models: tuple[str, ...] = ()) -> dict[tuple, str | None]:
     """The answers of a child process that imports PyTorch (this one does not), to these questions
     and to `_widened`'s; computed here if the child fails (its error is then raised here, as it
     would have been before)."""
@@ -116,7 +114,7 @@ def _ask_child(questions: list[tuple]) -> dict[tuple, str | None]:
                                                        if p)}
     try:
         proc = subprocess.run([sys.executable, "-m", "prunestudy.torchchecks", str(len(questions))],
-                              input=json.dumps(_widened(questions)), capture_output=True, text=True, env=env,
+                              input=json.dumps(_widened(questions, models)), capture_output=True, text=True, env=env,
                               timeout=600)
         if proc.returncode == 0:
             found = {tuple(q): a for q, a in json.loads(proc.stdout.strip().splitlines()[-1])}
@@ -155,18 +153,11 @@ def digest() -> str:
     return h.hexdigest()[:16]
 
 
-def _file() -> Path:
-    from . import config
-
-    return config.cache_root() / "checks" / f"{digest()}.json"
-
-
 def _key(question: tuple) -> str:
     return json.dumps(list(question))
 
 
-def _load() -> None:
-    path = _file()
+def _load(path: Path) -> None:
     try:
         stored = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -177,12 +168,11 @@ def _load() -> None:
                 _answers.setdefault(tuple(json.loads(k)), v)
 
 
-def _save(found: dict[tuple, str | None]) -> None:
+def _save(path: Path, found: dict[tuple, str | None]) -> None:
     """Add these answers to the cache file (best effort: a folder that cannot be written only
     means asking again next time)."""
     from . import atomic
 
-    path = _file()
     try:
         stored = json.loads(path.read_text()) if path.is_file() else {}
         stored = stored if isinstance(stored, dict) else {}
