@@ -32,12 +32,12 @@ def test_equal_values_written_differently_are_refused(values):
 
 
 def test_equal_values_exit_2_naming_key_and_values(tmp_path, capsys):
-    rc = cli.main(["sweep", "-f", str(SMALL), "-g", "prune.amount=0.5,5e-1", "--dry-run",
+    rc = cli.main(["sweep", "-f", str(SMALL), "-g", "prune.amount=0.5,5e-1,0.50", "--dry-run",
                    "--sweep-dir", str(tmp_path / "sw"), "--store", str(tmp_path / "store")])
     err = capsys.readouterr().err
     assert rc == 2
     problem = [line for line in err.splitlines() if "prune.amount" in line]
-    assert len(problem) == 1 and "0.5" in problem[0] and "5e-1" in problem[0]
+    assert len(problem) == 1 and "0.5 and 5e-1 and 0.50" in problem[0]   # as written
 
 
 def test_dict_values_equal_after_merging_are_refused(tmp_path):

@@ -86,13 +86,24 @@ def keys_of(point: Point) -> dict[str, str]:
     return keys if keys is not None else graph.all_keys(point.cfg)
 
 
+class _Written(list):
+    """A grid key's values from `-g key=v1,v2`, with each as it was written (`written`): a value
+    listed twice is named as the user wrote it (0.5 and 0.50 are one value)."""
+
+    written: list[str]
+
+
 def _parse_grid_override(item: str) -> tuple[str, list]:
     key, sep, raw = item.partition("=")
     if not sep or not key.strip() or not raw.strip():
         raise config.ParamsError([f"grid override {item!r} is not key=v1,v2,... (e.g. -g prune.amount=0.2,0.5,0.8)"])
     raw = raw.strip()
     try:
-        values = yaml.safe_load(raw) if raw.startswith("[") else [yaml.safe_load(v) for v in raw.split(",")]
+        if raw.startswith("["):
+            values = yaml.safe_load(raw)
+        else:
+            values = _Written(yaml.safe_load(v) for v in raw.split(","))
+            values.written = [v.strip() for v in raw.split(",")]
     except yaml.YAMLError as e:
         raise config.ParamsError([f"grid override {item!r}: values are not valid YAML ({e.problem})"]) from None
     return key.strip(), values if isinstance(values, list) else [values]
@@ -155,11 +166,12 @@ def _problems_of_grid(base: dict, grid: dict[str, list]) -> list[str]:
 def _twice(key: str, values: list, base: dict) -> str:
     """The values of a grid key that are one value as the schema takes it (0.5, 5e-1 and 0.50 are
     one prune.amount; a dict parameter merged into its default): '' if none."""
+    shown = getattr(values, "written", None) or [json.dumps(v, default=str) for v in values]
     seen: dict[str, list] = {}
-    for value in values:
-        seen.setdefault(_canonical(key, value, base), []).append(value)
+    for value, written in zip(values, shown):
+        seen.setdefault(_canonical(key, value, base), []).append(written)
     alike = [written for written in seen.values() if len(written) > 1]
-    return "; ".join(" and ".join(json.dumps(v, default=str) for v in written) for written in alike)
+    return "; ".join(" and ".join(written) for written in alike)
 
 
 def _canonical(key: str, value, base: dict) -> str:
