@@ -58,11 +58,11 @@ class Point:
 
     @property
     def values(self) -> dict:
-        return dict(zip(self._grid.names, self._values)) if self._grid else self._values
+        return dict(zip(self._grid.names, self._values)) if self._grid is not None else self._values
 
     @property
     def cfg(self) -> dict:
-        return config.with_values(self._grid.common, self.values) if self._grid else self._cfg
+        return config.with_values(self._grid.common, self.values) if self._grid is not None else self._cfg
 
     @property
     def keys(self) -> dict | None:
