@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import re
 import signal
@@ -34,12 +35,12 @@ def test_equal_values_written_differently_are_refused(values):
 
 
 def test_equal_values_exit_2_naming_key_and_values(tmp_path, capsys):
-    rc = cli.main(["sweep", "-f", str(SMALL), "-g", "prune.amount=0.5,5e-1", "--dry-run",
+    rc = cli.main(["sweep", "-f", str(SMALL), "-g", "prune.amount=0.5,5e-1,0.50", "--dry-run",
                    "--sweep-dir", str(tmp_path / "sw"), "--store", str(tmp_path / "store")])
     err = capsys.readouterr().err
     assert rc == 2
     problem = [line for line in err.splitlines() if "prune.amount" in line]
-    assert len(problem) == 1 and "0.5" in problem[0] and "5e-1" in problem[0]
+    assert len(problem) == 1 and "0.5 and 5e-1 and 0.50" in problem[0]   # as written
 
 
 def test_dict_values_equal_after_merging_are_refused(tmp_path):
@@ -84,6 +85,43 @@ def test_keys_computed_once_per_distinct_stage_parameters(monkeypatch):
     monkeypatch.setattr(graph, "key", real)
     for p in pts:   # the memo gives what each point's own computation gives
         assert p.keys == graph.all_keys(p.cfg)
+
+
+def test_the_plan_process_does_not_import_pytorch(tmp_path):
+    """A dry run (and a grid refused for a check only a traced model answers) leaves PyTorch out of
+    the plan's process: the checks that need it are asked of a child once, then read from the cache."""
+    script = """if True:
+        import json, sys
+        from prunestudy import cli, config, torchchecks
+        runs = []
+        for grid in (["-g", "prune.amount=0.2,0.5", "-g", "seed=0,1,2"],
+                     ["-g", "train.model=resnet18", "-g", "prune.targets=linear", "-g", "prune.method=channel"]):
+            rc = cli.main(["sweep", "-f", sys.argv[1], "-p", "prune.amounts=null", *grid, "--dry-run",
+                           "--sweep-dir", sys.argv[2], "--store", sys.argv[3]])
+            runs.append(rc)
+        imported = sorted(m for m in ("torch", "torchvision", "torch_pruning") if m in sys.modules)
+        cached = (config.cache_root() / "checks" / f"{torchchecks.digest()}.json").is_file()
+        print(json.dumps({"rc": runs, "imported": imported, "cached": cached}))
+    """
+    env = {**os.environ, config.CACHE_ENV: str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-c", script, str(SMOKE), str(tmp_path / "sw"), str(tmp_path / "store")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got == {"rc": [0, 2], "imported": [], "cached": True}, got
+    assert "prune.method 'channel' cannot apply to resnet18 with prune.targets='linear'" in proc.stderr
+
+
+def test_a_problem_of_two_grid_keys_together_is_found_at_its_points_only():
+    """Grid keys that a check reads together are checked together (config.READ_TOGETHER); apart,
+    fp16 and cpu are each valid."""
+    with pytest.raises(config.ParamsError) as e:
+        grid.points(SMALL, [], ["train.precision=fp16,fp32", "train.device=cpu,cuda", "seed=0",
+                                "prune.method=l1_unstructured", "prune.amount=0.5"])
+    (problem,) = e.value.problems
+    assert "train.precision=fp16, train.device=cpu: train.precision fp16 is refused on the CPU" in problem
+    assert config.read_together(["seed", "train.device", "prune.amount", "train.precision", "train.model",
+                                 "data.image_size"]) == [(0,), (1, 3), (2, 4, 5)]
 
 
 def test_points_share_the_sections_they_do_not_change():

@@ -391,12 +391,14 @@ def _sweep(args) -> int:
         print("prunestudy: --gpus is the local engine's; Ray gives each training stage a GPU of its own "
               "(num_gpus=1): drop --gpus", file=sys.stderr)
         return 2
-    try:
-        schedule.gpu_ids(args.gpus, [p.cfg["train"] for p in pts])
+    try:   # --gpus auto raises nothing (and asks PyTorch for the GPUs when some point trains on CUDA)
+        if (args.gpus or "auto").strip() != "auto":
+            schedule.gpu_ids(args.gpus, [p.cfg["train"] for p in pts])
     except ValueError as e:
         print(f"prunestudy: {e}", file=sys.stderr)
         return 2
-    digest = config.stage_hash_of_list(p.cfg for p in pts) if args.param or args.grid else None
+    # the default folder's name: the hash of every point's parameters (not computed for --sweep-dir)
+    digest = config.stage_hash_of_list(p.cfg for p in pts) if (args.param or args.grid) and not args.sweep_dir else None
     name = Path(args.file).stem + (f"-{digest}" if digest else "")
     sweep_dir = (config.resolve_path(args.sweep_dir) if args.sweep_dir
                  else config.resolve_path(Path("runs") / name, config.project_root()))   # the project's runs/

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from . import methods
+from . import methods, torchchecks
 
 STAGE_SECTIONS = ("data", "train", "prune", "retrain")
 
@@ -294,6 +294,41 @@ def _yaml_reason(e: yaml.YAMLError) -> str:
     return " ".join(str(reason).split())
 
 
+# The checks of `validate` that read several parameters, each as the parameters it reads (a check
+# gated on `ok(key)` reads that key too): any other check reads one parameter alone. A grid checks
+# the values of keys that no entry here joins apart from each other (grid._bad_points): a check
+# that reads two parameters must be listed here.
+READ_TOGETHER: tuple[frozenset[str], ...] = (
+    frozenset({"train.precision", "train.device"}),
+    frozenset({"seeds", "seed"}),
+    frozenset({"prune.rewind_step", "prune.method", "prune.methods", "prune.amounts"}),   # rewinding, the curve
+    frozenset({"prune.method", "prune.amount", "prune.targets", "prune.amounts", "prune.methods",
+               "train.model"}),   # prune.check of each method on the model (torchchecks)
+    frozenset({"train.model", "data.image_size"}),   # the crops fit the model (torchchecks)
+)
+
+
+def read_together(keys) -> list[tuple[int, ...]]:
+    """The grid keys (their indices in `keys`) in groups that no check of `validate` reads across:
+    those READ_TOGETHER joins, directly or through another key; every key in one group."""
+    keys = list(keys)
+    group = list(range(len(keys)))
+
+    def root(i: int) -> int:
+        while group[i] != i:
+            i = group[i]
+        return i
+
+    for joined in READ_TOGETHER:
+        inside = [i for i, k in enumerate(keys) if k in joined]
+        for i in inside[1:]:
+            group[root(i)] = root(inside[0])
+    out: dict[int, list[int]] = {}
+    for i in range(len(keys)):
+        out.setdefault(root(i), []).append(i)
+    return [tuple(members) for members in out.values()]
+
+
 def validate(cfg: dict, known: dict[str, list[str]] | None = None) -> list[str]:
     """Every problem in cfg, one readable line each (empty list = valid). `known`: the problems of
     each value on its own (key_problems) for keys whose values are known to be those (a grid's
@@ -348,8 +383,12 @@ def validate(cfg: dict, known: dict[str, list[str]] | None = None) -> list[str]:
         problems.append(f"seed must be 0 or more (numpy's generators take no negative seed), got {flat['seed']}")
     problems += _seeds_problems(flat, ok)
     problems += _classes_problems(flat, ok)
-    problems += _prune_problems(flat, ok)
-    problems += _model_problems(flat, ok)
+    pruning, questions = _prune_problems(flat, ok)
+    problems += pruning
+    if size := _model_check(flat, ok):
+        questions.append(("", size))
+    found = torchchecks.answers((q for _, q in questions), cache_root, CHOICES["train.model"])   # without PyTorch here
+    problems += [prefix + found[q] for prefix, q in questions if found[q]]
     return problems
 
 
@@ -399,17 +438,12 @@ def _classes_problems(flat: dict, ok) -> list[str]:
     return problems
 
 
-def _model_problems(flat: dict, ok) -> list[str]:
-    """The crops' size must fit the model (the seed CNN's fc1 fixes it to a narrow range)."""
+def _model_check(flat: dict, ok) -> tuple | None:
+    """The crops' size must fit the model (the seed CNN's fc1 fixes it to a narrow range): the
+    question for torchchecks (None: nothing to ask)."""
     if not (ok("train.model") and ok("data.image_size")) or flat["data.image_size"] < 1:
-        return []
-    from . import models  # torch: only once the simple checks have passed
-
-    try:
-        models.check_input_size(flat["train.model"], flat["data.image_size"], default("data.image_size"))
-    except ValueError as e:
-        return [str(e)]
-    return []
+        return None
+    return ("size", flat["train.model"], flat["data.image_size"], default("data.image_size"))
 
 
 def repeat_seeds(cfg: dict) -> list[int]:
@@ -465,22 +499,10 @@ def curve_methods(prune_cfg: dict) -> list[str]:
     return list(dict.fromkeys(chosen))
 
 
-@functools.cache
-def _method_fault(method: str, targets: str, model: str) -> str | None:
-    """prune.check's error for a method on a model, checked once per process (a grid validates
-    every point, and the check walks the model's layers)."""
-    from . import prune  # torch: only once the simple checks have passed
-
-    try:
-        prune.check(method, 0.0, targets, model)
-    except ValueError as e:
-        return str(e)
-    return None
-
-
-def _prune_problems(flat: dict, ok) -> list[str]:
-    """Pruning schedule, rewinding and curve; then `prune.check` of every method against train.model,
-    so that a method that cannot apply to the model is an error before any work starts."""
+def _prune_problems(flat: dict, ok) -> tuple[list[str], list[tuple[str, tuple]]]:
+    """(the problems of the pruning schedule, rewinding and curve; the questions for torchchecks:
+    `prune.check` of every method against train.model, so that a method that cannot apply to the
+    model is an error before any work starts, as (prefix of its message, question))."""
     problems = []
     if ok("prune.latency_repeats") and flat["prune.latency_repeats"] < 2:
         problems.append(f"prune.latency_repeats must be at least 2 (an interval needs two paired timings), got "
@@ -519,7 +541,7 @@ def _prune_problems(flat: dict, ok) -> list[str]:
         if len(set(map(str, swept))) != len(swept):
             problems.append(f"prune.methods lists a method twice: {swept}")
     if not all(ok(k) for k in ("train.model", "prune.targets")):
-        return problems
+        return problems, []
     checks = []
     if ok("prune.method") and ok("prune.amount") and 0 <= flat["prune.amount"] < 1:
         checks.append(("", flat["prune.method"]))
@@ -533,11 +555,8 @@ def _prune_problems(flat: dict, ok) -> list[str]:
                             f"and prune.rewind_step={rewind}: every curve point rewinds like the study, and a "
                             "structural method has no earlier state of its smaller shape to rewind to; list "
                             "masked methods only in prune.methods, or set prune.rewind_step=null")
-    for prefix, method in checks:
-        fault = _method_fault(method, flat["prune.targets"], flat["train.model"])
-        if fault:
-            problems.append(prefix + fault)
-    return problems
+    return problems, [(prefix, ("method", method, flat["prune.targets"], flat["train.model"]))
+                      for prefix, method in checks]
 
 
 def describe(cfg: dict) -> str:
@@ -553,10 +572,14 @@ def describe(cfg: dict) -> str:
                    for left, text, default, value in rows)
 
 
+# json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str), its encoder made once (a
+# grid's plan hashes three keys a point)
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str)
+
+
 def stage_hash(cfg: dict) -> str:
     """Short sha256 of the canonical JSON of cfg: the name of what defines a run."""
-    blob = json.dumps(cfg, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+    return hashlib.sha256(_CANONICAL.encode(cfg).encode()).hexdigest()[:12]
 
 
 def stage_hash_of_list(items) -> str:
@@ -564,7 +587,7 @@ def stage_hash_of_list(items) -> str:
     at once (a 100,000-point grid's parameters are some 300 MB of JSON)."""
     h = hashlib.sha256(b"[")
     for i, item in enumerate(items):
-        h.update((b"," if i else b"") + json.dumps(item, sort_keys=True, separators=(",", ":"), default=str).encode())
+        h.update((b"," if i else b"") + _CANONICAL.encode(item).encode())
     h.update(b"]")
     return h.hexdigest()[:12]
 

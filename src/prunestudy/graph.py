@@ -168,15 +168,32 @@ class KeyMemo:
     def __init__(self, varying: tuple[str, ...]):
         self.varying = tuple(varying)
         self._read = {name: tuple(k for k in self.varying if k in inputs(name)) for name in KINDS}
-        self._keys: dict[tuple, str] = {}
+        self._keys: dict[tuple, dict[tuple, str]] = {}   # {(stage, code): {(key before, read values): key}}
+        self._code: dict[str, str] = {}                    # each stage's code digest, read once
+        self._machine: dict | None = None                  # machine.describe(), once
+        self._params: dict[str, dict] = {}                 # the first study's stage parameters (key_params)
+        self._own = {name: [(p, k) for p, k in config.stage_parameters(name).items() if k in self.varying]
+                     for name in KINDS if name in config.STAGE_EXTRAS}   # the varying ones among them
 
     def key(self, name: str, cfg: dict, after: str | None, code: str | None = None) -> str:
         """The key of stage `name` of cfg, after the key `after` (computed if no study before had it)."""
-        memo = (name, after, code, tuple(_hashable(config.value(cfg, k)) for k in self._read[name]))
-        if memo not in self._keys:
-            params = control_params_of(cfg) if name == "control" else key_params(name, cfg)
-            self._keys[memo] = key(name, params, after, code=code)
-        return self._keys[memo]
+        known = self._keys.setdefault((name, code), {})
+        memo = (after, *[part for k in self._read[name] for part in _hashable(config.value(cfg, k))])
+        found = known.get(memo)
+        if found is None:
+            if name == "control":
+                params = control_params_of(cfg)
+            elif name == "analysis":   # key_params' machine, described once (it reads the environment)
+                self._machine = self._machine or {"machine": machine.describe()}
+                params = self._machine
+            elif name in self._params:   # the first study's, with this one's varying values
+                params = {**self._params[name], **{p: config.value(cfg, k) for p, k in self._own[name]}}
+            else:
+                params = self._params[name] = key_params(name, cfg)
+            if code is None and name not in self._code:
+                self._code[name] = code_digest(name)
+            found = known[memo] = key(name, params, after, code=self._code[name] if code is None else code)
+        return found
 
 
 def _hashable(value) -> tuple:

@@ -21,27 +21,76 @@ import itertools
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from . import config, graph, paths, records
+from . import config, graph, paths, records, torchchecks
 
 GRID_KEY = "grid"
 
 
-@dataclass(frozen=True)
 class Point:
-    name: str                   # folder name under <sweep>/points/, readable
-    values: dict                # this point's grid values {key: value}
-    cfg: dict = field(repr=False)   # its full, validated parameters (sections shared between points: read-only)
-    keys: dict | None = field(default=None, repr=False)   # its stage keys (graph.all_keys), when computed already
+    """A point of a grid: `name` (its folder under <sweep>/points/, readable), `values` (its grid
+    values {key: value}), `cfg` (its full, validated parameters; sections shared between points:
+    read-only) and `keys` (its stage keys, graph.all_keys, when computed already).
+
+    A point of `points` keeps only its grid values and its keys: its parameters are made again from
+    the grid's common ones each time `cfg` is read (config.with_values, microseconds), so that a
+    100,000-point grid does not hold 100,000 copies of its changed sections."""
+
+    __slots__ = ("name", "_values", "_cfg", "_keys", "_grid")
+
+    def __init__(self, name: str, values: dict, cfg: dict, keys: dict | None = None):
+        self.name, self._values, self._cfg, self._keys, self._grid = name, values, cfg, keys, None
+
+    @classmethod
+    def _of(cls, grid: _Grid, name: str, combo: tuple, keys: tuple) -> Point:
+        p = cls.__new__(cls)
+        p.name, p._values, p._cfg, p._keys, p._grid = name, combo, None, keys, grid
+        return p
+
+    def _renamed(self, name: str) -> Point:
+        p = Point.__new__(Point)
+        p.name, p._values, p._cfg, p._keys, p._grid = name, self._values, self._cfg, self._keys, self._grid
+        return p
+
+    @property
+    def values(self) -> dict:
+        return dict(zip(self._grid.names, self._values)) if self._grid is not None else self._values
+
+    @property
+    def cfg(self) -> dict:
+        return config.with_values(self._grid.common, self.values) if self._grid is not None else self._cfg
+
+    @property
+    def keys(self) -> dict | None:
+        if self._grid is None or self._keys is None:
+            return self._keys
+        return dict(zip(graph.CHAIN + ("control",), self._keys))   # graph.all_keys' order
+
+    def __repr__(self) -> str:
+        return f"Point(name={self.name!r}, values={self.values!r})"
+
+
+@dataclass(frozen=True)
+class _Grid:
+    common: dict               # the parameters every point shares (merged, checked, paths absolute)
+    names: tuple[str, ...]     # the grid keys, in order
 
 
 def keys_of(point: Point) -> dict[str, str]:
     """Every stage key of a point (graph.all_keys): those computed with the grid, or now."""
-    return point.keys if point.keys is not None else graph.all_keys(point.cfg)
+    keys = point.keys
+    return keys if keys is not None else graph.all_keys(point.cfg)
+
+
+class _Written(list):
+    """A grid key's values from `-g key=v1,v2`, with each as it was written (`written`): a value
+    listed twice is named as the user wrote it (0.5 and 0.50 are one value)."""
+
+    written: list[str]
 
 
 def _parse_grid_override(item: str) -> tuple[str, list]:
@@ -50,7 +99,11 @@ def _parse_grid_override(item: str) -> tuple[str, list]:
         raise config.ParamsError([f"grid override {item!r} is not key=v1,v2,... (e.g. -g prune.amount=0.2,0.5,0.8)"])
     raw = raw.strip()
     try:
-        values = yaml.safe_load(raw) if raw.startswith("[") else [yaml.safe_load(v) for v in raw.split(",")]
+        if raw.startswith("["):
+            values = yaml.safe_load(raw)
+        else:
+            values = _Written(yaml.safe_load(v) for v in raw.split(","))
+            values.written = [v.strip() for v in raw.split(",")]
     except yaml.YAMLError as e:
         raise config.ParamsError([f"grid override {item!r}: values are not valid YAML ({e.problem})"]) from None
     return key.strip(), values if isinstance(values, list) else [values]
@@ -113,11 +166,12 @@ def _problems_of_grid(base: dict, grid: dict[str, list]) -> list[str]:
 def _twice(key: str, values: list, base: dict) -> str:
     """The values of a grid key that are one value as the schema takes it (0.5, 5e-1 and 0.50 are
     one prune.amount; a dict parameter merged into its default): '' if none."""
+    shown = getattr(values, "written", None) or [json.dumps(v, default=str) for v in values]
     seen: dict[str, list] = {}
-    for value in values:
-        seen.setdefault(_canonical(key, value, base), []).append(value)
+    for value, written in zip(values, shown):
+        seen.setdefault(_canonical(key, value, base), []).append(written)
     alike = [written for written in seen.values() if len(written) > 1]
-    return "; ".join(" and ".join(json.dumps(v, default=str) for v in written) for written in alike)
+    return "; ".join(" and ".join(written) for written in alike)
 
 
 def _canonical(key: str, value, base: dict) -> str:
@@ -130,35 +184,70 @@ def _canonical(key: str, value, base: dict) -> str:
 
 def points(path: str | Path | None, overrides=(), grid_overrides=()) -> list[Point]:
     """Every point of the grid, validated: config.ParamsError lists every problem of every point.
-    The common parameters are merged once; each point shares their sections it does not change,
-    and its stage keys are computed once per distinct stage parameters (graph.KeyMemo)."""
+    The common parameters are merged and checked once; the values of grid keys that no check reads
+    together are checked apart (`_bad_points`); each point's stage keys are computed once per
+    distinct stage parameters (graph.KeyMemo); a point keeps only its values and keys (Point)."""
     base, grid = read(path, overrides, grid_overrides)
     problems = _problems_of_grid(base, grid)
     if problems:
         raise config.ParamsError(problems)
     common, _ = config.merged(values=base)
     common = config.absolute_paths(common)
-    keys = list(grid)
+    keys = tuple(grid)
     grid = {k: [config.coerced(k, v) for v in vs] for k, vs in grid.items()}
-    memo = graph.KeyMemo(tuple(keys))
+    lists = [grid[k] for k in keys]
     flat = config.flatten(common)
     known = config.key_problems(flat, [k for k in flat if k not in grid])   # the common values, checked once
-    out, bad = [], []
-    combos = itertools.product(*(grid[k] for k in keys)) if keys else [()]
-    for combo in combos:
-        values = dict(zip(keys, combo))
-        cfg = config.with_values(common, values)
-        problems = config.validate(cfg, known)
-        if problems:
-            bad += [f"point {_label(values)}: {p}" for p in problems]
-            continue
-        out.append(Point(_name(values), values, cfg, graph.all_keys(cfg, memo=memo)))
+    bad = _bad_points(common, keys, lists, known)
     if bad:
         raise config.ParamsError(bad)
-    names = [p.name for p in out]
-    if len(set(names)) != len(names):   # values that print alike: make the names unique
-        out = [Point(f"{p.name}-{config.stage_hash(p.values)[:6]}", p.values, p.cfg, p.keys) for p in out]
+    the_grid, memo, name_of = _Grid(common, keys), graph.KeyMemo(keys), _namer(keys, lists)
+    out = []
+    for index in itertools.product(*(range(len(vs)) for vs in lists)):
+        combo = tuple(vs[i] for vs, i in zip(lists, index))
+        cfg = config.with_values(common, dict(zip(keys, combo)))
+        out.append(Point._of(the_grid, name_of(index, combo), combo,
+                             tuple(graph.all_keys(cfg, memo=memo).values())))
+    names = {p.name for p in out}
+    if len(names) != len(out):   # values that print alike: make the names unique
+        out = [p._renamed(f"{p.name}-{config.stage_hash(p.values)[:6]}") for p in out]
     return out
+
+
+def _bad_points(common: dict, keys: tuple, lists: list[list], known: dict) -> list[str]:
+    """The problems of every bad point ('point <values>: <problem>'), each point's as config.validate
+    gives them. No check reads two grid keys of different groups (config.READ_TOGETHER) together,
+    so a point is valid when each group's values, set alone on the common parameters, are: each
+    distinct combination of a group's values is checked once (100 amounts x 1,000 seeds: 1,100
+    checks, not 100,000), and only the points holding a combination found bad are checked whole.
+    The checks that need PyTorch are asked all at once (torchchecks)."""
+    groups = config.read_together(keys) or [()]
+
+    def check_groups() -> list[set]:
+        bad = []
+        for group in groups:
+            found = set()
+            for index in itertools.product(*(range(len(lists[g])) for g in group)):
+                cfg = config.with_values(common, {keys[g]: lists[g][i] for g, i in zip(group, index)})
+                if config.validate(cfg, known):
+                    found.add(index)
+            bad.append(found)
+        return bad
+
+    with torchchecks.collected() as wanted:
+        bad_parts = check_groups()
+    if wanted:   # questions for PyTorch found: asked at once, then the groups checked with the answers
+        torchchecks.answers(wanted, config.cache_root, config.CHOICES["train.model"])
+        bad_parts = check_groups()
+    if not any(bad_parts):
+        return []
+    problems = []
+    for index in itertools.product(*(range(len(vs)) for vs in lists)):
+        if any(tuple(index[g] for g in group) in found for group, found in zip(groups, bad_parts) if found):
+            values = {k: vs[i] for k, vs, i in zip(keys, lists, index)}
+            problems += [f"point {_label(values)}: {p}" for p in config.validate(config.with_values(common, values),
+                                                                                 known)]
+    return problems
 
 
 def _label(values: dict) -> str:
@@ -172,11 +261,24 @@ def _name(values: dict) -> str:
     """A readable folder name: the grid values, short keys (e.g. method=l1_unstructured,amount=0.5,seed=0)."""
     if not values:
         return "base"
-    last = [k.rsplit(".", 1)[-1] for k in values]
-    parts = [f"{k.rsplit('.', 1)[-1] if last.count(k.rsplit('.', 1)[-1]) == 1 else k}={json.dumps(v, default=str)}"
-             for k, v in values.items()]
-    name = _UNSAFE.sub("_", ",".join(parts).replace('"', ""))
-    return name if len(name) <= 120 else f"{name[:100]}-{config.stage_hash(values)[:8]}"
+    keys = tuple(values)
+    return _namer(keys, [[v] for v in values.values()])((0,) * len(keys), tuple(values.values()))
+
+
+def _namer(keys: tuple, lists: list[list]):
+    """name(index, combo) of the points of a grid: _name's, each key=value part formatted once per
+    value (the unsafe characters never span a part: ',' is safe)."""
+    if not keys:
+        return lambda index, combo: "base"
+    short = [k.rsplit(".", 1)[-1] for k in keys]
+    labels = [s if short.count(s) == 1 else k for k, s in zip(keys, short)]
+    parts = [[_UNSAFE.sub("_", f"{label}={json.dumps(v, default=str)}".replace('"', "")) for v in vs]
+             for label, vs in zip(labels, lists)]
+
+    def name(index: tuple, combo: tuple) -> str:
+        joined = ",".join(p[i] for p, i in zip(parts, index))
+        return joined if len(joined) <= 120 else f"{joined[:100]}-{config.stage_hash(dict(zip(keys, combo)))[:8]}"
+    return name
 
 
 # --- the plan ----------------------------------------------------------------------------------
@@ -186,6 +288,15 @@ def plan(pts: list[Point]) -> dict:
     for p in pts:
         for stage, key in keys_of(p).items():
             out[stage].setdefault(key, []).append(p.name)
+    return out
+
+
+def unique_keys(pts: list[Point]) -> dict[str, set[str]]:
+    """{stage kind: its unique keys}: the plan's counts, without the names of the points sharing each."""
+    out: dict[str, set[str]] = {s: set() for s in graph.PLANNED}
+    for p in pts:
+        for stage, key in keys_of(p).items():
+            out[stage].add(key)
     return out
 
 
@@ -212,14 +323,15 @@ def _present(folder: Path, names) -> list[str]:
 def dry_run_text(pts: list[Point], sweep_dir: Path, store_root: Path) -> str:
     """The plan: points, unique stages per kind (and how many are done), and an estimate of the time
     left from the stage times the store has measured."""
-    the_plan = plan(pts)
+    the_plan = unique_keys(pts)
     done = done_keys(store_root, the_plan)
     points_dir = Path(sweep_dir) / paths.SWEEP_POINTS
-    by_name = {p.name: p for p in pts}
-    for name in _present(points_dir, by_name):   # analyses live in the point folders, not in the store
-        key = keys_of(by_name[name])["analysis"]
-        if records.recorded(paths.stage_dir(paths.point_dir(sweep_dir, name), "analysis"), key):
-            done["analysis"].add(key)
+    if points_dir.is_dir():   # analyses live in the point folders, not in the store
+        by_name = {p.name: p for p in pts}
+        for name in _present(points_dir, by_name):
+            key = keys_of(by_name[name])["analysis"]
+            if records.recorded(paths.stage_dir(paths.point_dir(sweep_dir, name), "analysis"), key):
+                done["analysis"].add(key)
     seconds = measured_seconds(store_root)
     lines = [f"{len(pts)} points; stages (unique, done, to run; shared per ...):"]
     left, unknown = 0.0, []
