@@ -210,9 +210,10 @@ def test_written_files_get_the_mode_of_a_plain_open_not_the_temp_files_0600(tmp_
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                           check=True).stdout.strip() == "0o640"   # the umask decides, as for open()
     run_dir, _ = smoke_run   # the study's own files, under this process's umask
-    for name in ("report.html", "results.json", "notebooks/05_analysis.html", "train/metrics.json",
-                 "train/model.pt"):
-        assert (run_dir / name).resolve().stat().st_mode & 0o777 == atomic.FILE_MODE, name
+    for name in ("report.html", "results.json", "notebooks/05_analysis.html"):
+        assert (run_dir / name).stat().st_mode & 0o777 == atomic.FILE_MODE, name
+    for name in ("train/metrics.json", "train/model.pt"):   # in the store: read-only once complete (sealed)
+        assert (run_dir / name).resolve().stat().st_mode & 0o777 == atomic.FILE_MODE & ~0o222, name
 
 
 def test_full_disk_gives_a_clear_error_and_keeps_the_old_file(tmp_path):
