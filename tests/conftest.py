@@ -36,6 +36,27 @@ def _project_home(monkeypatch):
     monkeypatch.setenv("PRUNESTUDY_HOME", str(ROOT))
 
 
+# Every Jupyter the tests start (JupyterLab, papermill's kernels, nbconvert) reads and writes these
+# folders of the test run, never the developer's own: a workspace left by `make lab` with other
+# notebooks open made the JupyterLab UI test run "Run All Cells" in the restored layout and fail.
+HERMETIC_JUPYTER = {"JUPYTER_CONFIG_DIR": "config", "JUPYTER_DATA_DIR": "data", "JUPYTER_RUNTIME_DIR": "runtime",
+                    "JUPYTERLAB_WORKSPACES_DIR": "workspaces", "JUPYTERLAB_SETTINGS_DIR": "settings"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _hermetic_jupyter(tmp_path_factory):
+    """JUPYTER_CONFIG_DIR, JUPYTER_DATA_DIR, JUPYTER_RUNTIME_DIR, JUPYTERLAB_WORKSPACES_DIR and
+    JUPYTERLAB_SETTINGS_DIR: empty folders of this test process (subprocesses inherit them). The
+    kernelspec is found all the same: it lives in the environment (sys.prefix, first on JUPYTER_PATH)."""
+    base = tmp_path_factory.mktemp("jupyter")
+    patch = pytest.MonkeyPatch()
+    for var, name in HERMETIC_JUPYTER.items():
+        (base / name).mkdir()
+        patch.setenv(var, str(base / name))
+    yield base
+    patch.undo()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _crop_cache(tmp_path_factory):
     """The crop sets the tests build go to the test run's temp folder, shared by its workers, not to

@@ -237,6 +237,30 @@ def test_lab_command_works_as_root_and_settings_silence_the_news():
 
 @pytest.mark.e2e
 @pytest.mark.skipif(browser.chromium_path() is None, reason="no Chromium: `make setup` installs it (as root)")
+def test_jupyter_in_the_tests_never_reads_the_developers_own_folders(tmp_path):
+    """A developer's JupyterLab leaves a workspace (notebooks open, a layout) and settings in
+    ~/.jupyter; the tests' Jupyter must not see them. Here a home folder holds such a workspace and
+    settings, and JupyterLab, started as the tests start it, looks only in the test run's folders."""
+    from conftest import HERMETIC_JUPYTER
+
+    home = tmp_path / "home"
+    spaces = home / ".jupyter" / "lab" / "workspaces"
+    spaces.mkdir(parents=True)
+    (spaces / "default-37a8.jupyterlab-workspace").write_text(json.dumps(
+        {"data": {"layout-restorer:data": {"main": {"current": "notebook:05_analysis.ipynb"}},
+                  "notebook:03_prune.ipynb": {"data": {"path": "03_prune.ipynb", "factory": "Notebook"}}},
+         "metadata": {"id": "default"}}))
+    probe = ("import json; from jupyterlab.labapp import LabApp; from jupyter_core import paths as p; a = LabApp(); "
+             "print(json.dumps([a.workspaces_dir, a.user_settings_dir, p.jupyter_config_dir(), p.jupyter_data_dir(), "
+             "p.jupyter_runtime_dir()]))")
+    seen = json.loads(subprocess.run([sys.executable, "-c", probe], env={**os.environ, "HOME": str(home)},
+                                     capture_output=True, text=True, check=True, timeout=120).stdout)
+    ours = {os.environ[var] for var in HERMETIC_JUPYTER}
+    assert all(not Path(d).is_relative_to(home) for d in seen), seen
+    assert set(seen) == ours, (seen, ours)   # each of the five is the test run's own
+    assert not any(Path(seen[0]).iterdir())   # the planted workspace is not where JupyterLab looks
+
+
 def test_jupyterlab_runs_the_pruning_notebook_through_its_ui(smoke_run, tmp_path):
     """JupyterLab as `make lab` starts it (as root in CI), the pruning notebook opened in headless
     Chromium, Run > Run All Cells through the menus: no error output, the figures rendered, the
