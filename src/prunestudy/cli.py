@@ -115,12 +115,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prunestudy: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        status = _interrupted_status()   # first: a second SIGINT (a kernel's group stopped) must not end us now
         # the notebook client's cell task ends with the kernel's KeyboardInterrupt after we stopped listening:
         # asyncio would print it as "Task exception was never retrieved" with a traceback at exit
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         print(f"prunestudy: {_interruption()}; finished stages are kept in {run_dir}: rerun the same command to "
               "go on", file=sys.stderr)
-        return _interrupted_status()
+        return status
     except OSError as e:  # the runner's own writes (results.json, report): disk full, folder gone
         print(f"prunestudy: {e}; finished stages are kept in {run_dir}: fix the cause and rerun", file=sys.stderr)
         return 1
@@ -137,7 +138,8 @@ def _interruption() -> str:
 def _interrupted_status() -> int:
     """The shell's status of a process ended by the signal: 143 for SIGTERM, 130 for Ctrl-C. From here
     on SIGINT is ignored: stopping a kernel signals its process group, which may hold this process,
-    and a KeyboardInterrupt while exiting would end it with -2 instead."""
+    and a KeyboardInterrupt while exiting would end it with -2 instead (seen once in CI, when the
+    SIGINT came while the closing line was printed: so this is called first)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     return 128 + (signal.SIGTERM if schedule.terminated() else signal.SIGINT)
 
@@ -423,10 +425,11 @@ def _sweep(args) -> int:
         print(f"prunestudy: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        status = _interrupted_status()   # first (see cli._run)
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)   # see cli._run
         print(f"prunestudy: {_interruption()}; finished stages are kept in the store ({root}): rerun the same "
               "command to go on", file=sys.stderr)
-        return _interrupted_status()
+        return status
     except execute.StageFailed as e:   # the grid report itself
         print(f"prunestudy: {e}", file=sys.stderr)
         return 1

@@ -229,7 +229,12 @@ def _map_chunks(chunks: list, workers: int):
 
 
 def _ignore_sigint() -> None:
+    """A pool worker: Ctrl-C ignored (its parent stops it), SIGTERM back to the default, so that
+    Pool.terminate ends it whatever handler the parent had (the command line's SIGTERM handler,
+    inherited by a forked worker, turned SIGTERM into an ignored SIGINT: the pool's exit then waited
+    for ever; it hung a test run in synth's pool)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def quiet_pool(ctx, processes: int):
