@@ -183,11 +183,13 @@ def defaults() -> dict:
 
 
 def project_root(start: str | os.PathLike | None = None) -> Path:
-    """The checkout holding params/ and pyproject.toml (PRUNESTUDY_HOME overrides); else cwd."""
+    """The checkout holding params/ and pyproject.toml (PRUNESTUDY_HOME overrides) that holds the
+    current folder (or `start`); else the checkout this package is imported from (an editable
+    install: papermill run from /tmp finds the project's notebooks); else the current folder."""
     if os.environ.get("PRUNESTUDY_HOME"):
         return Path(os.environ["PRUNESTUDY_HOME"]).resolve()
     here = Path(start or Path.cwd()).resolve()
-    for d in (here, *here.parents):
+    for d in (here, *here.parents, *Path(__file__).resolve().parents[1:3]):
         if (d / "pyproject.toml").is_file() and (d / "params").is_dir():
             return d
     return here
