@@ -223,6 +223,9 @@ def test_an_exported_run_is_complete_without_its_store(exported):
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert "==> nothing to do: every stage is up to date" in rerun.stdout, rerun.stdout
     assert ": start (" not in rerun.stdout
+    last = rerun.stdout.strip().splitlines()[-2:]   # its stages are its own files; then where the report is
+    assert last == [f"prunestudy: every stage is in the run folder {dest} (it links nothing in a stage store)",
+                    f"prunestudy: report {dest / paths.REPORT}"], last
     assert status.status(copied)["stale"] == 0
     page = execute.render_report(dest, atomic.read_json(dest / paths.PARAMS))
     assert page == dest / paths.REPORT and page.stat().st_size > 10_000

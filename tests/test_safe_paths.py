@@ -139,7 +139,8 @@ def test_a_sweep_point_rerun_from_its_folder_uses_the_sweeps_store(tmp_path, mon
     assert not (sweep_dir / "points" / ".store").exists()
     for stage in ("data", "train", "prune", "retrain"):
         assert (point / stage).resolve().is_relative_to(store.resolve()), stage
-    assert f"stage store {store}" in proc.stdout.strip().splitlines()[-1]
+    assert f"stage store {store}" in proc.stdout.strip().splitlines()[-2]
+    assert proc.stdout.strip().splitlines()[-1] == f"prunestudy: report {point.resolve() / 'report.html'}"
     before = tree_digest(point)
     proc = subprocess.run([*cli_, "run", "-f", str(rel / "params.json"), "--run-dir", str(rel), "--store",
                            str(tmp_path / "other")], cwd=elsewhere, capture_output=True, text=True, timeout=600,

@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(_summary(res))
     no_store = args.store is not None and args.store.lower() == "none"
-    print(_where_stored(None if no_store else stagestore.recorded(run_dir)))
+    print(_where_stored(None if no_store else stagestore.recorded(run_dir), run_dir))
+    print(f"prunestudy: report {run_dir / paths.REPORT}")   # always the last line: where to look
     return 0
 
 
@@ -144,10 +145,13 @@ def _interrupted_status() -> int:
     return 128 + (signal.SIGTERM if schedule.terminated() else signal.SIGINT)
 
 
-def _where_stored(root: Path | None) -> str:
-    """The last line of a run or sweep: where its stage outputs are (its folders only link there)."""
-    if root is None:
-        return "prunestudy: no stage store (--store none): every stage is in the run folder"
+def _where_stored(root: Path | None, run_dir: Path | None = None) -> str:
+    """A run's or sweep's line on where its stage outputs are (its folders only link there). A run
+    folder none of whose stages links into a store (`--store none`, an exported copy) holds them."""
+    linked = run_dir is None or any(Path(run_dir, name).is_symlink() for name in paths.NOTEBOOK_OF)
+    if root is None or not linked:
+        return ("prunestudy: no stage store (--store none): every stage is in the run folder" if root is None
+                else f"prunestudy: every stage is in the run folder {run_dir} (it links nothing in a stage store)")
     return f"prunestudy: stage outputs are in the stage store {root} (the folder's stages link there; docs/sweeps.md)"
 
 
