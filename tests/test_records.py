@@ -65,38 +65,6 @@ def notebook_text(path: Path) -> str:
 # --------------------------------------------------------------------------- the stage owns its record
 
 @pytest.mark.e2e
-def test_notebook_rerun_with_other_parameters_is_seen_and_rerun(smoke_run, tmp_path):
-    """make study; the pruning notebook alone at 0.5; then `prunestudy run` with the run's own
-    parameters: prune, retrain and analysis rerun and everything says 0.2 again."""
-    run_dir = copy_run(smoke_run, tmp_path)
-    nb = prune_notebook(run_dir, tmp_path, 0.5)
-    assert nb.returncode == 0, nb.stderr[-3000:]
-    out = notebook_text(tmp_path / "out.ipynb")
-    assert "differ from the run folder's params.json" in out and "amount = 0.5 here, 0.2 in params.json" in out
-    assert "retrain, analysis were computed from the previous prune stage" in out
-    assert atomic.read_json(run_dir / "prune" / "metrics.json")["amount"] == 0.5
-    assert sparsity_of_masks(run_dir / "prune") == pytest.approx(0.5, abs=1e-3)
-    rec = records.read(run_dir / "prune")
-    assert rec["by"] == "notebook" and rec["params"]["amount"] == 0.5
-    for later in ("retrain", "analysis"):
-        assert "prune was recomputed" in records.read(run_dir / later)["stale"]
-    assert [s for s, _ in records.chain_problems(run_dir)] == ["retrain"]
-
-    proc = run_cli("run", "-f", "params/smoke.yaml", "--run-dir", str(run_dir))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert started(proc.stdout) == ["prune", "retrain", "analysis"], proc.stdout
-    assert "parameters changed: amount 0.5 -> 0.2" in proc.stdout
-    res = atomic.read_json(run_dir / "results.json")
-    assert res["prune"]["amount"] == 0.2 and res["prune"]["global_sparsity"] == pytest.approx(0.2, abs=1e-4)
-    assert res["retrain"]["global_sparsity"] == pytest.approx(0.2, abs=1e-4)
-    assert sparsity_of_masks(run_dir / "prune") == pytest.approx(0.2, abs=1e-3)
-    assert sparsity_of_masks(run_dir / "retrain") == pytest.approx(0.2, abs=1e-3)
-    report = (run_dir / "report.html").read_text()
-    assert "l1_unstructured at 20%" in report and "mixes computations" not in report
-    assert records.chain_problems(run_dir) == []
-
-
-@pytest.mark.e2e
 def test_notebook_result_is_kept_when_the_run_asks_for_it(smoke_run, tmp_path):
     """The reverse: after the notebook at 0.5, `prunestudy run -p prune.amount=0.5` keeps that prune
     stage (its key matches) and reruns retrain and analysis, which were computed from the old one.

@@ -262,12 +262,50 @@ class Index:
         return f"src/{PACKAGE}/{path.relative_to(self.dir).as_posix()}"
 
 
-def notebook_cells(path: Path) -> str:
-    """The code of a notebook's cells, the `parameters` cell left out, as one text."""
+def code_cells(path: Path) -> list[str]:
+    """The source of each of a notebook's code cells, the `parameters` cell left out."""
     nb = json.loads(Path(path).read_text())
     cells = [c for c in nb.get("cells", []) if c.get("cell_type") == "code"
              and "parameters" not in (c.get("metadata", {}).get("tags") or [])]
-    return "\n\n".join("".join(c["source"]) if isinstance(c["source"], list) else c["source"] for c in cells)
+    return ["".join(c["source"]) if isinstance(c["source"], list) else c["source"] for c in cells]
+
+
+def notebook_cells(path: Path) -> str:
+    """The code of a notebook's cells, the `parameters` cell left out, as one text."""
+    return "\n\n".join(code_cells(path))
+
+
+def assigns_literals(source: str) -> bool:
+    """Whether a cell only assigns literal values to names (a parameters cell, papermill's injected
+    one, `amount = 0.5` typed in a cell of its own): parameters, which the key holds, not code."""
+    try:
+        body = ast.parse(source).body
+    except SyntaxError:
+        return False
+    for node in body:
+        targets = node.targets if isinstance(node, ast.Assign) else \
+            [node.target] if isinstance(node, ast.AnnAssign) and node.value is not None else None
+        if not targets or not all(isinstance(t, ast.Name) for t in targets):
+            return False
+        try:
+            ast.literal_eval(node.value)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            return False
+    return True
+
+
+def foreign_cells(notebook: Path, ran: list[str]) -> list[str]:
+    """The cells a kernel ran (`ran`: IPython's input history) that are neither code cells of the
+    notebook nor literal assignments: code the notebook's digest does not hold, which may have
+    changed what its stage computes (an edited cell, a scratch cell, a monkeypatch)."""
+    own = {c.strip() for c in code_cells(notebook)} if Path(notebook).is_file() else set()
+    return [c for c in ran if c.strip() and c.strip() not in own and not assigns_literals(c)]
+
+
+def ran_digest(ran: list[str]) -> str:
+    """The digest a notebook's entry takes in a stage's code files when its kernel ran other code
+    (`foreign_cells`): that of every cell it ran but literal assignments, in order."""
+    return "ran:" + _sha("\n\n".join(c for c in ran if c.strip() and not assigns_literals(c)))
 
 
 def _notebook_module(code: str) -> _Module:

@@ -106,6 +106,32 @@ def usable_entry(st: stagestore.Store, stage: str, key: str, inputs: dict[str, P
     return st.fresh(stage, key)
 
 
+def keep_replaced(st: stagestore.Store | None, cfg: dict, run_dir: Path, stage: str, key: str,
+                  log: Callable[[str], None], tag: str) -> None:
+    """Before the runner relinks or recomputes a run folder's stage: what a notebook (or Python)
+    computed there is kept in the stage store (stagestore.keep moves it in when it is not there
+    yet), and one line says what is replaced and where it stays."""
+    folder = paths.stage_dir(run_dir, stage)
+    rec = records.read(folder) if not paths.dangling(folder, fix=False) else None
+    if rec is None or rec.get("by", "prunestudy run") == "prunestudy run":
+        if rec is not None and st is not None:
+            stagestore.keep(folder, st, log)   # a stage computed here without a store, or a private copy
+        return
+    now, old = graph.key_params(stage, cfg), rec.get("params") or {}
+    differ = ", ".join(f"{n} = {old.get(n)!r}" for n in sorted({*old, *now}) if old.get(n) != now.get(n))
+    what = (f"the {rec['by']}'s {stage} here ({differ + '; ' if differ else ''}key {rec['key']}, computed "
+            f"{rec.get('finished', '?')})")
+    entry = stagestore.keep(folder, st, log) if st is not None and not folder.is_symlink() else \
+        folder.resolve() if folder.is_symlink() else None
+    if entry is None:
+        log(f"{tag}: replaces {what}; it is not kept ("
+            + ("no stage store: --store none" if st is None else "its files changed after it was computed") + ")")
+        return
+    links = "no run links it: computed by code of its own" if str(rec.get("code", {}).get(
+        f"notebooks/{paths.NOTEBOOK_OF[stage]}", "")).startswith("ran:") else "a run with its parameters links it"
+    log(f"{tag}: replaces {what}; it stays in the stage store, {entry} ({links})")
+
+
 def notebook_parameters(stage: str, cfg: dict, run_dir: Path) -> dict:
     """What papermill injects into each notebook: its stage's parameters and its input paths."""
     if stage == "analysis":

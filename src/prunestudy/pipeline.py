@@ -234,6 +234,18 @@ class _Chain:
         self.invalidate = invalidate   # the analysis' record: outdated as soon as any stage reruns
         self.store = store
         self.ran: set[str] = set()   # the tasks computed (not linked, not skipped)
+        self.kept: set[Path] = set()   # stage folders whose notebook computation keep() looked at
+
+    def tag(self, f: _Folder, stage: str) -> str:
+        return f"==> [{f.label or f'{STAGES.index(stage) + 1}/{len(STAGES)}'}] {stage}"
+
+    def keep(self, f: _Folder, stage: str) -> None:
+        """Before a stage folder is relinked or recomputed: what a notebook computed there is kept
+        (execute.keep_replaced), once per folder."""
+        folder = paths.stage_dir(f.run_dir, stage)
+        if stage in graph.STORED and folder not in self.kept:
+            self.kept.add(folder)
+            execute.keep_replaced(self.store, f.cfg, f.run_dir, stage, f.keys[stage], self.log, self.tag(f, stage))
 
     def step(self, f: _Folder, j: int, *upstream: dict) -> dict:
         """The folder's j-th stage: up to date, linked from the store, or computed. It reruns,
@@ -251,10 +263,12 @@ class _Chain:
             return {**result, "status": "linked"}
         changed = f.changed if j == 0 else upstream[0]["status"] == "ran"
         run_dir, key, names = f.run_dir, f.keys[stage], f.names
-        tag = f"==> [{f.label or f'{STAGES.index(stage) + 1}/{len(STAGES)}'}] {stage}"
+        tag = self.tag(f, stage)
         stored = self.store is not None and stage in graph.STORED
         if not changed and stage not in self.forced:
             why = execute.problem(f.cfg, run_dir, stage, key, verify=stage in graph.STORED, log=self.log)
+            if why is not None:
+                self.keep(f, stage)
             linked = why is not None and stored and execute.reuse(self.store, f.cfg, run_dir, stage, key, self.log)
             if why is None or linked:   # one line each: linked from the store, or up to date here
                 rec = records.read(paths.stage_dir(run_dir, stage)) or {}
@@ -270,6 +284,7 @@ class _Chain:
         if not f.ran:  # this stage and every later one will run: none of them counts as complete now
             self.invalidate.unlink(missing_ok=True)
             for later in names[j:]:
+                self.keep(f, later)
                 folder = paths.stage_dir(run_dir, later)
                 if folder.is_symlink():   # a store entry other runs may use: unlinked, not cleared
                     folder.unlink()

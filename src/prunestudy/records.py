@@ -16,6 +16,8 @@ Who may write a run folder (its lock): prunestudy.runlock.
 from __future__ import annotations
 
 import hashlib
+import html
+import re
 import time
 import uuid
 from pathlib import Path
@@ -188,6 +190,45 @@ def mark_stale(stage_folder: Path, reason: str) -> bool:
         return False
     rec["stale"] = reason
     atomic.write_json(Path(stage_folder) / paths.STAGE_RECORD, rec)
+    return True
+
+
+STAMP_ID = "prunestudy-outdated"   # report.html's banner of stages recomputed since it was rendered
+
+
+def mark_outdated(run_dir: Path, reason: str) -> bool:
+    """A run folder's report and results.json, once one of its stages was recomputed outside the
+    runner (a notebook, Python), say so at once: report.html gets a banner at the top of its first
+    screen (each reason once), results.json an `outdated` list. The runner renders both again.
+    True when there was a report to stamp."""
+    run_dir = Path(run_dir)
+    try:
+        res = atomic.read_json(run_dir / paths.RESULTS)
+        if reason not in res.setdefault("outdated", []):
+            res["outdated"].append(reason)
+            atomic.write_json(run_dir / paths.RESULTS, res)
+    except (OSError, ValueError, AttributeError):
+        pass
+    page = run_dir / paths.REPORT
+    try:
+        text = page.read_text()
+    except (OSError, UnicodeDecodeError):
+        return False
+    found = re.search(rf'<div id="{STAMP_ID}".*?</div>\n', text, flags=re.S)
+    reasons = re.findall(r"<li>(.*?)</li>", found[0]) if found else []
+    reasons += [] if html.escape(reason) in reasons else [html.escape(reason)]
+    banner = (f'<div id="{STAMP_ID}" role="alert" style="border:3px solid #b00020;background:#fff3f3;color:#000;'
+              'padding:0.6em 1em;margin:0.5em;font:15px/1.4 sans-serif"><strong>This report is out of date.</strong> '
+              "Stages of its run folder were computed again after it was rendered, so its figures are no longer "
+              f"those of the folder:<ul>{''.join(f'<li>{r}</li>' for r in reasons)}</ul>"
+              f"<code>{html.escape(paths.rerun_command(run_dir).strip('`'))}</code> renders it again for the "
+              "folder's parameters (the stages computed in notebooks stay in the stage store; docs/notebooks.md)."
+              "</div>\n")
+    text = text.replace(found[0], "") if found else text
+    body = re.search(r"<body[^>]*>\n?", text)
+    if body is None:
+        return False
+    atomic.write_bytes(page, (text[:body.end()] + banner + text[body.end():]).encode())
     return True
 
 

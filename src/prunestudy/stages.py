@@ -13,7 +13,7 @@ import functools
 import inspect
 import json
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -22,6 +22,7 @@ from . import (
     artifacts,
     atomic,
     cache,
+    codedigest,
     config,
     data,
     distributed,
@@ -88,26 +89,89 @@ def _computing(stage: str, run_dir: Path, out: Path, args: dict, inputs: dict[st
     params = json.loads(json.dumps({n: args[n] for n in config.stage_parameters(stage)}, default=str))
     up = graph.stage(stage).after
     after = (records.read(inputs[up]) or {}).get("key") if up else None
-    key = graph.key(stage, params, after)
     runner = runlock.under_runner(run_dir)
     by = "prunestudy run" if runner else ("notebook" if progress.in_kernel() else "python")
+    code, foreign = _code_that_ran(stage) if by == "notebook" else (None, [])
+    key = graph.key(stage, params, after, code=None if code is None else codedigest.combined(code))
     with runlock.writing(run_dir, f"the {stage} stage ({by})"):
         later = [] if runner else _later_stages(run_dir, stage)
+        store = None if runner else _store_of(run_dir, stage, out)
         if not runner:
             _announce(stage, run_dir, params, later, log)
-            stagestore.detach(out)   # never write other parameters into a shared store entry
-        records.clear(out)
-        start = time.perf_counter()
-        yield key
-        records.write(out, stage, key, params, records.input_ids(inputs), time.perf_counter() - start, by)
+            if foreign:
+                log(f"[{stage}] NOTE: this kernel ran code that is not {paths.NOTEBOOK_OF[stage]}'s own "
+                    f"({len(foreign)} cell(s), the first: {foreign[0].strip().splitlines()[0][:60]!r}): the result "
+                    "is kept under a key of that code, which `prunestudy run` never links. Restart the kernel and "
+                    "run all cells for the notebook's own.")
+        with (nullcontext() if runner else _into(stage, out, key, store, log)) as entry:
+            records.clear(out)
+            start = time.perf_counter()
+            yield key
+            records.write(out, stage, key, params, records.input_ids(inputs), time.perf_counter() - start, by, code)
+            if entry is not None:   # complete: other run folders may link it from now on
+                stagestore.seal(entry)
+                log(f"[{stage}] kept in the stage store under its key {key}: {entry}")
         if not runner:
-            reason = f"{stage} was recomputed ({by}, {time.strftime('%Y-%m-%d %H:%M:%S')}) after it"
-            for name in later:   # in this run folder only: a linked store entry is copied here first
-                stagestore.privatize(paths.stage_dir(run_dir, name))
-                records.mark_stale(paths.stage_dir(run_dir, name), reason)
-            for page in (paths.executed_notebook(run_dir, stage), paths.executed_notebook(run_dir, stage)
-                         .with_suffix(".html")):
-                page.unlink(missing_ok=True)   # it shows an older computation of this stage
+            _outdate(stage, run_dir, by, later)
+
+
+@contextmanager
+def _into(stage: str, out: Path, key: str, store: stagestore.Store | None, log):
+    """Where a stage computed outside the runner writes (the runner chooses its own). With the run
+    folder's stage store: a new entry of its key (claimed while it computes), which the run folder
+    links, so that the runner, once it relinks the folder to other parameters, replaces nothing it
+    cannot find again, and a run with these parameters links it. Without one: the run folder's own
+    folder, never a shared entry. What was computed here before is moved into the store first
+    (stagestore.keep)."""
+    if store is None:
+        stagestore.detach(out)   # never write other parameters into a shared store entry
+        yield None
+        return
+    stagestore.keep(out, store, log)
+    with store.claim(stage, key, log):
+        entry = store.fresh(stage, key)
+        with stagestore.linking(entry):   # `store gc` cannot remove it before the link is made
+            stagestore.link(out, entry)
+        yield entry
+
+
+def _store_of(run_dir: Path, stage: str, out: Path) -> stagestore.Store | None:
+    """The stage store a stage computed outside the runner goes into: the one the run folder
+    recorded (a folder `prunestudy run` made), for a stored stage written to its own place."""
+    root = stagestore.recorded(run_dir) if stage in graph.STORED else None
+    own = Path(out).absolute() == paths.stage_dir(run_dir, stage).absolute()
+    return stagestore.Store(root) if root is not None and own else None
+
+
+def _code_that_ran(stage: str) -> tuple[dict | None, list[str]]:
+    """In a kernel: (None, []) when every cell it ran is the stage notebook's own code or a literal
+    assignment (codedigest.foreign_cells), so that the stage's key is the notebook's. Else the code
+    files with the notebook's digest that of the cells it ran, and those cells: an edited or added
+    cell keys its result apart, never under the key `prunestudy run` would link."""
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    ran = list(getattr(getattr(shell, "history_manager", None), "input_hist_raw", None) or [])[1:]
+    notebook = config.project_root() / "notebooks" / paths.NOTEBOOK_OF[stage]
+    foreign = codedigest.foreign_cells(notebook, ran)
+    if not foreign:
+        return None, []
+    return {**graph.code_files(stage), f"notebooks/{paths.NOTEBOOK_OF[stage]}": codedigest.ran_digest(ran)}, foreign
+
+
+def _outdate(stage: str, run_dir: Path, by: str, later: list[str]) -> None:
+    """After a stage computed outside the runner: its later stages in this run folder are marked
+    stale (in private copies, never through the link into the store), its page removed (it shows an
+    older computation), the report and results.json stamped out of date at once."""
+    reason = f"{stage} was recomputed ({by}, {time.strftime('%Y-%m-%d %H:%M:%S')}) after it"
+    for name in later:   # in this run folder only: a linked store entry is copied here first
+        stagestore.privatize(paths.stage_dir(run_dir, name))
+        records.mark_stale(paths.stage_dir(run_dir, name), reason)
+    for page in (paths.executed_notebook(run_dir, stage), paths.executed_notebook(run_dir, stage)
+                 .with_suffix(".html")):
+        page.unlink(missing_ok=True)
+    if stage != "analysis":
+        records.mark_outdated(run_dir, f"{stage} was recomputed ({by}, {time.strftime('%Y-%m-%d %H:%M:%S')})")
 
 
 def _later_stages(run_dir: Path, stage: str) -> list[str]:

@@ -24,8 +24,9 @@ Entries are write-once: a stage is computed into an entry that no run folder lin
 (`Store.fresh`: the key's own folder if it holds no record, else `<key>+<hex>`), and the entry is
 made read-only once its record is written (`seal`). No writer ever changes a file that another run
 folder links to: a `--force` rerun gets an entry of its own and relinks only its run folder; a
-notebook rerun computes into a private folder and marks its later stages stale in private copies
-(`privatize`), not in the shared entries.
+stage computed in a notebook goes into an entry of its own key as well (prunestudy.stages), and
+marks its run's later stages stale in private copies (`privatize`), not in the shared entries.
+Nothing computed in a run folder is lost when the runner relinks it (`keep`).
 """
 
 from __future__ import annotations
@@ -381,6 +382,35 @@ def quarantine(entry: Path, reason: str) -> Path | None:
         return None
     (target / "QUARANTINED").write_text(reason + "\n")
     return target
+
+
+def keep(folder: Path, store: Store, log: Callable[[str], None] = print) -> Path | None:
+    """A run folder's own stage folder (not a link) holding a complete computation (a notebook's, or
+    one made without a store) is moved into the store as an entry of its key, sealed, and the folder
+    links it: nothing computed is lost when the folder is relinked. A private copy of an entry
+    (`privatize`: the same record id) links that entry again. Returns the entry; None when there is
+    nothing to keep (a link already, no complete record, files changed since the record)."""
+    folder = Path(folder)
+    rec = records.read(folder) if folder.is_dir() and not folder.is_symlink() else None
+    if rec is None or not (folder / paths.marker(rec["stage"])).is_file() or records.verify(folder) is not None:
+        return None
+    for entry in store.candidates(rec["stage"], rec["key"]):   # a private copy of an entry (privatize)
+        if (records.read(entry) or {}).get("id") == rec["id"]:
+            link(folder, entry)
+            return entry
+    if rec.get("stale"):   # a run folder's view (its input there was recomputed): the entry's inputs are its record's
+        atomic.write_json(folder / paths.STAGE_RECORD, {k: v for k, v in rec.items() if k != "stale"})
+    with store.claim(rec["stage"], rec["key"], log):
+        entry = store.fresh(rec["stage"], rec["key"])
+        with linking(entry):
+            try:
+                os.rename(folder, entry)   # onto the empty entry folder
+            except OSError:   # another file system: copied, times kept
+                shutil.copytree(folder, entry, dirs_exist_ok=True, symlinks=True)
+                shutil.rmtree(folder)
+            link(folder, entry)
+        seal(entry)
+    return entry
 
 
 def detach(folder: Path) -> None:
