@@ -214,8 +214,9 @@ def test_force_and_notebook_reruns_in_one_run_never_change_what_another_run_link
             assert execute.problem(cfg, tmp_path / "b", s, keys[s], verify=True) is None, s
         now = _tree(store)
         assert {k: now.get(k) for k in stored} == stored   # no file of a complete entry changed or went
+        was = {"/".join(name.split("/")[:2]) for name in stored}
         for name in set(now) - set(stored):   # new files are in new entries only
-            assert "+" in name.split("/")[1], name
+            assert "/".join(name.split("/")[:2]) not in was, name
 
     forced = subprocess.run([*CLI, *args, "--run-dir", str(tmp_path / "a"), "--force", "prune"], cwd=ROOT,
                             capture_output=True, text=True, timeout=900)
@@ -233,6 +234,9 @@ def test_force_and_notebook_reruns_in_one_run_never_change_what_another_run_link
                         timeout=900)   # what 03_prune.ipynb does with `amount = 0.5` in b
     assert nb.returncode == 0, nb.stdout[-3000:] + nb.stderr[-3000:]
     assert records.problem(tmp_path / "b" / "retrain").startswith("stale: prune was recomputed")
+    mine = (tmp_path / "b" / "prune").resolve()   # the notebook's: an entry of its own key, which only b links
+    assert mine.parent == store.resolve() / "prune" and stagestore.sealed(mine)
+    assert records.read(mine)["params"]["amount"] == 0.5 and records.read(mine)["by"] == "python"
     b_stages = {s: b_stages[s] for s in ("data", "train")}
     b_is_untouched()
     cfg = atomic.read_json(tmp_path / "a" / paths.PARAMS)   # a, whose forced entries b never shared, too
