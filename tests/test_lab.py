@@ -6,6 +6,7 @@ saving an unedited tracked notebook writes its bytes again."""
 from __future__ import annotations
 
 import ast
+import copy
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from prunestudy import atomic, cli, config, lab, paths
+from prunestudy import atomic, browser, cli, config, lab, paths
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = tuple(paths.NOTEBOOK_OF)
@@ -145,6 +146,71 @@ def test_lab_on_no_run_folder_is_one_line_exit_2_and_creates_nothing(given, tmp_
     assert sorted(tmp_path.rglob("*")) == before
 
 
+# --------------------------------------------------------------------------- saving a tracked notebook
+
+def as_jupyterlab_saves(content: dict) -> dict:
+    """A tracked notebook's JSON as JupyterLab sends it after Run All: outputs, execution counts and
+    the metadata it adds, at the notebook's level and the cells'."""
+    content = copy.deepcopy(content)
+    content["metadata"]["language_info"] = {"codemirror_mode": {"name": "ipython", "version": 3},
+                                            "file_extension": ".py", "name": "python", "version": "3.11.7"}
+    content["metadata"]["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {}}}
+    for n, cell in enumerate(content["cells"]):
+        cell["metadata"].update({"trusted": True, "collapsed": False, "scrolled": True,
+                                 "jupyter": {"outputs_hidden": False},
+                                 "execution": {"iopub.execute_input": "2026-01-01T00:00:00.000Z"}})
+        if cell["cell_type"] == "code":
+            cell["execution_count"] = n
+            cell["outputs"] = [{"output_type": "stream", "name": "stdout", "text": ["done\n"]}]
+    return content
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb")))
+def test_the_pre_save_hook_gives_back_the_tracked_bytes(name):
+    on_disk = json.loads(tracked_bytes(name))
+    saved = lab.as_committed(as_jupyterlab_saves(on_disk), on_disk)
+    assert (nbformat.writes(nbformat.from_dict(saved)) + "\n").encode() == tracked_bytes(name)
+    # a code edit is saved (its outputs are not); an upgrade to nbformat 4.5 (cell ids) is undone
+    edited = as_jupyterlab_saves(on_disk)
+    code = next(c for c in edited["cells"] if c["cell_type"] == "code")
+    code["source"] = "x = 1  # mine\n"
+    edited["nbformat_minor"] = 5
+    for n, cell in enumerate(edited["cells"]):
+        cell.setdefault("id", f"cell-{n}")
+    saved = lab.as_committed(edited, on_disk)
+    nbformat.validate(nbformat.from_dict(saved))
+    assert "x = 1  # mine\n" in [c["source"] for c in saved["cells"]]
+    assert saved["nbformat_minor"] == on_disk["nbformat_minor"]
+    assert all(("id" in c) == (on_disk["nbformat_minor"] >= 5) for c in saved["cells"])
+    assert all(not c.get("outputs") and c.get("execution_count") is None for c in saved["cells"])
+
+
+def test_a_contents_manager_with_the_hook_saves_tracked_notebooks_as_git_holds_them(project, run_dir):
+    """The hook as the command line configures it (ContentsManager.pre_save_hook) in a real
+    FileContentsManager: a tracked notebook saved after Run All is git's bytes; a run's lab copy
+    keeps its outputs."""
+    from jupyter_server.services.contents.filemanager import FileContentsManager
+    from traitlets.config import Config
+
+    hook = next(a for a in lab.command(project / "notebooks") if ".pre_save_hook=" in a)
+    section, _, value = hook.removeprefix("--").partition("=")
+    settings = Config({section.split(".")[0]: {section.split(".")[1]: value}})
+    manager = FileContentsManager(root_dir=str(project / "notebooks"), config=settings)
+    name = paths.NOTEBOOK_OF["prune"]
+    model = manager.get(name)
+    manager.save({"type": "notebook", "format": "json",
+                  "content": as_jupyterlab_saves(json.loads(json.dumps(model["content"])))}, name)
+    assert (project / "notebooks" / name).read_bytes() == tracked_bytes(name)
+
+    lab.prepare(run_dir, config.load(run_dir / paths.PARAMS))
+    runs = FileContentsManager(root_dir=str(run_dir), config=settings)
+    path = f"{paths.LAB}/{name}"
+    content = as_jupyterlab_saves(json.loads(json.dumps(runs.get(path)["content"])))
+    runs.save({"type": "notebook", "format": "json", "content": content}, path)
+    saved = nbformat.read(paths.lab_notebook(run_dir, "prune"), as_version=4)
+    assert any(c.get("outputs") for c in saved.cells) and "language_info" in saved.metadata
+
+
 # --------------------------------------------------------------------------- the server, end to end
 
 def free_port() -> int:
@@ -189,6 +255,29 @@ class Lab:
 
 
 @pytest.mark.e2e
+def test_jupyterlab_saves_an_unedited_tracked_notebook_as_git_holds_it(project, tmp_path):
+    """`prunestudy lab --source`, a tracked notebook PUT through the REST API as JupyterLab saves it
+    after Run All (outputs, counts, metadata): the file is git's bytes; a code edit is saved."""
+    server = Lab(["--source"], project, tmp_path / "lab.log")
+    try:
+        for name in (paths.NOTEBOOK_OF["prune"], paths.NOTEBOOK_OF["analysis"]):
+            content = as_jupyterlab_saves(server.api("GET", f"contents/{name}")["content"])
+            server.api("PUT", f"contents/{name}", {"type": "notebook", "format": "json", "content": content})
+            assert (project / "notebooks" / name).read_bytes() == tracked_bytes(name), name
+        name = paths.NOTEBOOK_OF["train"]
+        content = as_jupyterlab_saves(server.api("GET", f"contents/{name}")["content"])
+        content["cells"][-1]["source"] += "\nprint('edited on purpose')"
+        server.api("PUT", f"contents/{name}", {"type": "notebook", "format": "json", "content": content})
+    finally:
+        server.close()
+    saved = nbformat.read(project / "notebooks" / name, as_version=4)
+    assert saved.cells[-1].source.endswith("print('edited on purpose')")
+    assert all(not c.get("outputs") for c in saved.cells) and "language_info" in saved.metadata
+    assert saved.metadata == json.loads(tracked_bytes(name))["metadata"]
+    assert "Pre-save hook" not in (tmp_path / "lab.log").read_text()   # the hook ran without an error
+
+
+@pytest.mark.e2e
 def test_prunestudy_lab_serves_the_run_folder_and_its_working_copies(project, run_dir, tmp_path):
     server = Lab([str(run_dir)], project, tmp_path / "lab.log")
     try:
@@ -196,11 +285,12 @@ def test_prunestudy_lab_serves_the_run_folder_and_its_working_copies(project, ru
         top = {e["name"] for e in server.api("GET", "contents")["content"]}
         name = f"{paths.LAB}/{paths.NOTEBOOK_OF['train']}"
         content = server.api("GET", f"contents/{name}")["content"]
-        assert content["cells"]
         opener = urllib.request.build_opener(type("NoRedirect", (urllib.request.HTTPRedirectHandler,),
                                                   {"redirect_request": lambda *a, **k: None}))
         with pytest.raises(urllib.error.HTTPError) as redirect:
             opener.open(f"{server.url}/?token={server.token}", timeout=30)
+        saved = as_jupyterlab_saves(content)
+        server.api("PUT", f"contents/{name}", {"type": "notebook", "format": "json", "content": saved})
     finally:
         server.close()
     log = (tmp_path / "lab.log").read_text()
@@ -208,6 +298,38 @@ def test_prunestudy_lab_serves_the_run_folder_and_its_working_copies(project, ru
     assert redirect.value.headers["Location"].split("?")[0].endswith(f"/lab/tree/{paths.LAB}")
     values, _ = parameters(paths.lab_notebook(run_dir, "train"))
     assert values["lr"] == 0.001 and values["run_dir"] == str(run_dir)
+    assert any(c.get("outputs") for c in nbformat.read(paths.lab_notebook(run_dir, "train"), as_version=4).cells)
     assert f"JupyterLab on the run folder {run_dir}" in log and "tracked notebooks/ are not touched" in log
     assert f"prunestudy run -f {run_dir / paths.PARAMS}" in log
     assert all(tracked_bytes(p.name) == p.read_bytes() for p in (project / "notebooks").glob("*.ipynb"))
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(browser.chromium_path() is None, reason="no Chromium: `make setup` installs it (as root)")
+def test_a_tracked_notebook_run_and_saved_in_jupyterlabs_ui_stays_gits(project, tmp_path):
+    """The issue as a user meets it: `prunestudy lab --source`, a tracked notebook opened in headless
+    Chromium, a cell run (an execution count, language_info from the kernel), Ctrl+S: git's bytes."""
+    from playwright.sync_api import sync_playwright
+
+    name = paths.NOTEBOOK_OF["prune"]
+    server = Lab(["--source"], project, tmp_path / "lab.log")
+    try:
+        with sync_playwright() as p:
+            chrome = p.chromium.launch(executable_path=browser.chromium_path(), args=["--no-sandbox", "--disable-gpu"])
+            page = chrome.new_page(viewport={"width": 1366, "height": 900})
+            page.goto(f"{server.url}/lab/tree/{name}?token={server.token}")
+            page.wait_for_selector("text=Python (prunestudy) | Idle", timeout=120_000)
+            page.locator(".jp-CodeCell .jp-InputArea-editor").first.click()
+            page.keyboard.press("Shift+Enter")   # the parameters cell: no file is read
+            page.wait_for_selector(".jp-CodeCell .jp-InputPrompt:has-text('[1]')", timeout=60_000)
+            page.keyboard.press("Escape")
+            page.keyboard.press("Control+s")
+            deadline = time.time() + 30
+            while time.time() < deadline and page.locator(".jp-mod-dirty").count():   # saved: clean
+                time.sleep(0.5)
+            time.sleep(2)
+            chrome.close()
+    finally:
+        server.close()
+    assert "Saving file at /" + name in (tmp_path / "lab.log").read_text()
+    assert (project / "notebooks" / name).read_bytes() == tracked_bytes(name)

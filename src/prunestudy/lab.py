@@ -6,7 +6,10 @@ Interactive work happens in a run, not in the sources (issue 31): a user who ran
 notebooks and saved them left outputs and edited defaults in git, and the provenance read `+dirty`.
 `prunestudy lab RUN` writes RUN/lab/0N_<stage>.ipynb once, each the tracked notebook with the run's
 values in its `parameters` cell (they are then the user's: never overwritten; `--reset` moves them
-aside first), and serves RUN.
+aside first), and serves RUN. Whatever JupyterLab saves under the project's notebooks/ (`--source`)
+goes through `pre_save` first: outputs, execution counts and the metadata JupyterLab adds
+(NOTEBOOK_NOISE, CELL_NOISE) are put back as the file on disk has them, so that saving an unedited
+tracked notebook writes its bytes again; a code edit is saved as made.
 
 JupyterLab asks on first start whether to fetch Jupyter news and checks for updates; the project's
 settings answer both with no (an `overrides.json` in this environment's JupyterLab settings folder,
@@ -16,6 +19,7 @@ written by `prunestudy kernel`), and the server never checks for updates either.
 from __future__ import annotations
 
 import ast
+import copy
 import json
 import os
 import shlex
@@ -27,6 +31,12 @@ from . import atomic, config, execute, graph, paths
 
 # What JupyterLab would otherwise ask or fetch at start (docs: user/announcements).
 OVERRIDES = {"@jupyterlab/apputils-extension:notification": {"fetchNews": "false", "checkForUpdates": False}}
+
+# The metadata JupyterLab writes about where and how a notebook was last run or shown, not what it
+# is: the pre-save hook puts these keys back as the tracked file has them (the one list of them).
+NOTEBOOK_NOISE = ("kernelspec", "language_info", "widgets")
+CELL_NOISE = ("execution", "ExecuteTime", "scrolled", "collapsed", "jupyter", "trusted")
+PRE_SAVE_HOOK = f"{__name__}.pre_save"   # the contents manager imports it by this name
 
 
 def settings_dir() -> Path:
@@ -50,10 +60,11 @@ def ensure_settings() -> Path:
 def command(root_dir: Path, *, ip: str = "127.0.0.1", port: int | None = None, open_browser: bool = True,
             token: str | None = None, default_url: str | None = None) -> list[str]:
     """The JupyterLab command line: this Python's jupyterlab serving root_dir, loopback only,
-    --allow-root when running as root, no update checks; `default_url`: the page
+    --allow-root when running as root, no update checks, the pre-save hook; `default_url`: the page
     it opens on (e.g. /lab/tree/lab, the run's working copies)."""
     args = [sys.executable, "-m", "jupyterlab", f"--ServerApp.root_dir={root_dir}", f"--ServerApp.ip={ip}",
-            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
+            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+            f"--ContentsManager.pre_save_hook={PRE_SAVE_HOOK}"]
     if default_url is not None:
         args.append(f"--LabApp.default_url={default_url}")
     if port is not None:
@@ -65,6 +76,67 @@ def command(root_dir: Path, *, ip: str = "127.0.0.1", port: int | None = None, o
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         args.append("--allow-root")   # containers and CI run as root; JupyterLab refuses without it
     return args
+
+
+# --------------------------------------------------------------------------- saving a tracked notebook
+
+def pre_save(model: dict, path: str, contents_manager, **kwargs) -> None:
+    """The contents manager's pre_save_hook: a notebook saved under the project's notebooks/ is made
+    what is committed (`as_committed`); any other file (a run's lab/ copies) is saved as it is. An
+    error here is logged by the server and the model saved unchanged: a save is never lost."""
+    if model.get("type") != "notebook" or not isinstance(model.get("content"), dict):
+        return
+    target = Path(getattr(contents_manager, "root_dir", "")) / path.strip("/")
+    if not target.resolve().is_relative_to(execute.notebooks_dir().resolve()):
+        return
+    try:
+        on_disk = json.loads(target.read_text()) if target.is_file() else None
+    except ValueError:
+        on_disk = None
+    as_committed(model["content"], on_disk)
+
+
+def as_committed(content: dict, on_disk: dict | None) -> dict:
+    """A notebook's JSON (changed in place) as the project commits it: no outputs, no execution counts,
+    the noise metadata (NOTEBOOK_NOISE, CELL_NOISE) as `on_disk` (the file's JSON) has it: a cell's
+    matched by its id or its type and source; a new cell's, or any cell's of a new file (None), dropped
+    (a new file keeps its notebook-level metadata: its kernel). Sources, tags and any other metadata
+    are the model's: what the user edited is saved."""
+    cells = content.get("cells", [])
+    for cell in cells:
+        if cell.get("cell_type") == "code":
+            cell["outputs"], cell["execution_count"] = [], None
+    disk_cells = (on_disk or {}).get("cells", [])
+    for cell in cells:
+        old = next((c for c in disk_cells if _cell_key(c) == _cell_key(cell) or _cell_id(c) == _cell_id(cell)), {})
+        _restore(cell.setdefault("metadata", {}), old.get("metadata", {}), CELL_NOISE)
+    if on_disk is not None:
+        _restore(content.setdefault("metadata", {}), on_disk.get("metadata", {}), NOTEBOOK_NOISE)
+        minor = on_disk.get("nbformat_minor")
+        if isinstance(minor, int) and minor < content.get("nbformat_minor", minor):   # upgraded on the way
+            content["nbformat_minor"] = minor
+            for cell in cells if minor < 5 else ():   # cell ids came with 4.5
+                cell.pop("id", None)
+    return content
+
+
+def _cell_key(cell: dict) -> tuple:
+    """A cell's type and source: how a cell without an id is found in the file on disk."""
+    source = cell.get("source", "")
+    return cell.get("cell_type"), "".join(source) if isinstance(source, list) else source
+
+
+def _cell_id(cell: dict) -> object:
+    return cell.get("id") or object()   # a cell without an id matches none by id
+
+
+def _restore(meta: dict, disk_meta: dict, keys: tuple[str, ...]) -> None:
+    """`keys` of meta as disk_meta has them: its value, or none."""
+    for key in keys:
+        if key in disk_meta:
+            meta[key] = copy.deepcopy(disk_meta[key])
+        else:
+            meta.pop(key, None)
 
 
 # --------------------------------------------------------------------------- a run's working copies
@@ -235,7 +307,8 @@ def main(run: str | None = None, *, source: bool = False, reset: bool = False, p
     copies written first; `source`: on the tracked notebooks/."""
     if source:
         root, url = execute.notebooks_dir(), None
-        lines = [f"JupyterLab on the tracked {root} (--source: to edit the study's code)"]
+        lines = [f"JupyterLab on the tracked {root} (--source: to edit the study's code); saving strips "
+                 "outputs and JupyterLab's metadata, so only what you edit reaches git"]
     else:
         root = paths.resolve_run_dir(run)
         problem = no_run_folder(root)
