@@ -90,9 +90,11 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 
-# JupyterLab on notebooks/ with the prunestudy kernel; works as root (containers, CI) and as a user.
+# JupyterLab on a run folder's working copies of the notebooks (RUN/lab/, RUN default runs/default:
+# `make lab RUN=runs/smoke`), with the prunestudy kernel; as root (containers, CI) and as a user.
+# `prunestudy lab --source` opens the tracked notebooks/ instead.
 lab: $(STAMP)
-	$(VENV)/bin/prunestudy lab
+	$(VENV)/bin/prunestudy lab $(RUN)
 
 clean-runs:
 	rm -rf runs/

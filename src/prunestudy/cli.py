@@ -58,7 +58,17 @@ def main(argv: list[str] | None = None) -> int:
     show.add_argument("--show", action="store_true",
                       help="one line per parameter: value, default and what it does")
     sub.add_parser("kernel", help="install the 'prunestudy' Jupyter kernel (and JupyterLab settings) for this Python")
-    lab_p = sub.add_parser("lab", help="JupyterLab on the notebooks, with the prunestudy kernel (as root too)")
+    lab_p = sub.add_parser("lab", help="JupyterLab on a run folder's working copies of the stage notebooks (RUN/lab/), "
+                                       "with the prunestudy kernel (as root too)")
+    lab_p.add_argument("run_dir", nargs="?", metavar="RUN",
+                       help="the run folder (default: runs/default); its lab/ gets copies of the stage notebooks with "
+                            "its parameters, once (yours from then on)")
+    lab_p.add_argument("--reset", action="store_true",
+                       help=f"copy the notebooks into RUN/lab/ again; the old copies are moved to "
+                            f"{paths.LAB}/{paths.LAB_OLD}/, never deleted")
+    lab_p.add_argument("--source", action="store_true",
+                       help="JupyterLab on the tracked notebooks/ instead, to edit the study's code (saving strips "
+                            "outputs and JupyterLab's metadata)")
     lab_p.add_argument("--port", type=int, help="port (default: JupyterLab's, 8888 or the next free)")
     lab_p.add_argument("--no-browser", action="store_true", help="do not open a web browser")
     download.add_cli(sub)
@@ -77,7 +87,12 @@ def main(argv: list[str] | None = None) -> int:
               f"JupyterLab settings {lab.ensure_settings()}")
         return 0
     if args.command == "lab":
-        return lab.main(port=args.port, open_browser=not args.no_browser)
+        if args.source and (args.run_dir or args.reset):
+            print("prunestudy lab: --source opens the tracked notebooks/, not a run folder: drop RUN and --reset",
+                  file=sys.stderr)
+            return 2
+        return lab.main(args.run_dir, source=args.source, reset=args.reset, port=args.port,
+                        open_browser=not args.no_browser)
     try:
         cfg = config.load(args.file, args.param)
     except config.ParamsError as e:

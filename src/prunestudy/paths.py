@@ -20,6 +20,9 @@
       repeats/seed-<s>/           repeat_dir(run, s): a run folder of its own (data/ linked)
       curve/<method>-<amount>/    curve_point_dir(run, name): a curve point's run folder (data/ and
                                   train/ linked; its own prune/, retrain/ and notebooks/)
+      lab/0N_<stage>.ipynb        lab_notebook(run, stage): `prunestudy lab`'s working copies of the stage
+                                  notebooks, the run's parameters in them (the user's: never overwritten);
+                                  lab/.old/<name>-<time>.ipynb: lab_old(run, stage), a copy --reset moved aside
 
 Functions take the run folder and return paths; constants are bare file names.
 """
@@ -43,6 +46,8 @@ NOTEBOOKS = "notebooks"
 REPEATS = "repeats"
 CURVE = "curve"                    # curve/<point>/: the points of a run's curve (prune.amounts x prune.methods)
 OLD_CURVE = "sweep"                # what curve/ was called before (a run folder of then is renamed once)
+LAB = "lab"                        # lab/: `prunestudy lab`'s working copies of the stage notebooks
+LAB_OLD = ".old"                   # lab/.old/: the copies `prunestudy lab --reset` moved aside (never deleted)
 PARALLEL = ".parallel"             # `prunestudy run --jobs N`: its chains computed as a sweep of their own
 LOCK = "run.lock"                  # held by the process writing the run folder (runlock.RunLock)
 COMPARE_PAGE = "compare.html"      # prunestudy compare's page, in the current folder unless -o names another
@@ -239,6 +244,21 @@ def repeat_name(seed: int) -> str:
 
 def repeat_dir(run_dir: str | Path, seed: int) -> Path:
     return Path(run_dir) / repeat_name(seed)
+
+
+def lab_dir(run_dir: str | Path) -> Path:
+    """run/lab/: the working copies `prunestudy lab` opens (the tracked notebooks/ stay untouched)."""
+    return Path(run_dir) / LAB
+
+
+def lab_notebook(run_dir: str | Path, stage: str) -> Path:
+    return lab_dir(run_dir) / NOTEBOOK_OF[stage]
+
+
+def lab_old(run_dir: str | Path, stage: str, stamp: str) -> Path:
+    """Where `prunestudy lab --reset` moves a stage's working copy aside: lab/.old/<name>-<stamp>.ipynb."""
+    name = Path(NOTEBOOK_OF[stage])
+    return lab_dir(run_dir) / LAB_OLD / f"{name.stem}-{stamp}{name.suffix}"
 
 
 def lock_file(run_dir: str | Path) -> Path:
