@@ -120,3 +120,10 @@ def test_a_missing_run_folder_or_input_stage_is_one_line(tmp_path):
     assert notebook.parameters("data", namespace, history)["run_dir"] == str(tmp_path / "new")   # 01 starts one
     assert sorted(p.name for p in tmp_path.iterdir()) == ["half"]
 
+
+def test_a_stage_function_refuses_a_missing_run_folder_before_its_lock(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no run folder"):
+        stages.run_prune(tmp_path / "nope", log=lambda m: None)
+    with pytest.raises(notebook.MissingInput):
+        stages.run_retrain(tmp_path / "nope", log=lambda m: None)
+    assert not (tmp_path / "nope").exists()
