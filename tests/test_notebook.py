@@ -5,13 +5,17 @@ notebook in its first cell with one line, and leaves no file behind (prunestudy.
 from __future__ import annotations
 
 import ast
+import inspect
+import json
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import nbformat
 import pytest
 
-from prunestudy import atomic, config, notebook, paths, stages
+from prunestudy import atomic, config, notebook, paths, records, stages
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPERMILL = [sys.executable, "-m", "papermill"]
@@ -126,4 +130,69 @@ def test_a_stage_function_refuses_a_missing_run_folder_before_its_lock(tmp_path)
         stages.run_prune(tmp_path / "nope", log=lambda m: None)
     with pytest.raises(notebook.MissingInput):
         stages.run_retrain(tmp_path / "nope", log=lambda m: None)
+    assert not (tmp_path / "nope").exists()
+
+
+@pytest.mark.parametrize("stage", [*STAGE_FUNCTIONS, "analysis"])
+def test_each_notebook_offers_its_stage_functions_parameters_and_asks_for_them(stage):
+    """The names a notebook knows (its parameters cell's) are its stage function's, but NOT_OFFERED;
+    its first cell after the parameters cell asks notebook.parameters for its own stage."""
+    names = notebook.assigned(parameters_cell(stage))
+    if stage == "analysis":
+        assert names == ["run_dir", "retime"]
+    else:
+        signature = inspect.signature(STAGE_FUNCTIONS[stage]).parameters
+        assert set(names) == set(signature) - NOT_OFFERED[stage]
+    nb = nbformat.read(ROOT / "notebooks" / paths.NOTEBOOK_OF[stage], as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert f'notebook.parameters("{stage}", globals())' in code[1].source
+
+
+# --------------------------------------------------------------------------- papermill's command line
+
+def papermill(notebook_name: str, out: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*PAPERMILL, str(ROOT / "notebooks" / notebook_name), str(out), "-k", "prunestudy",
+                           *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def last_line(text: str) -> str:
+    return text.strip().splitlines()[-1]
+
+
+def copy_run(smoke_run, tmp_path) -> Path:
+    run_dir = tmp_path / "run"
+    shutil.copytree(smoke_run[0], run_dir, symlinks=False)
+    return run_dir
+
+
+@pytest.mark.e2e
+def test_papermill_stops_on_a_mistyped_parameter_and_changes_nothing(smoke_run, tmp_path):
+    run_dir = copy_run(smoke_run, tmp_path)
+    before = {p.name: p.read_bytes() for p in (run_dir / "prune").iterdir() if p.is_file()}
+    proc = papermill("03_prune.ipynb", tmp_path / "out.ipynb", "-p", "run_dir", str(run_dir), "-p", "amout", "0.5")
+    assert proc.returncode != 0
+    assert last_line(proc.stderr).startswith("UnknownParameter: unknown parameter 'amout' for 03_prune.ipynb: "
+                                             "did you mean 'amount'?"), proc.stderr[-2000:]
+    assert {p.name: p.read_bytes() for p in (run_dir / "prune").iterdir() if p.is_file()} == before
+
+
+@pytest.mark.e2e
+def test_papermill_takes_what_it_was_not_given_from_the_run_folder(smoke_run, tmp_path):
+    """The smoke run's retrain.lr is 0.001 and prune.latency_repeats 5; the cell says 0.0001 and 20."""
+    run_dir = copy_run(smoke_run, tmp_path)
+    saved = atomic.read_json(run_dir / paths.PARAMS)
+    assert (saved["retrain"]["lr"], saved["prune"]["latency_repeats"]) == (0.001, 5)
+    proc = papermill("03_prune.ipynb", tmp_path / "out.ipynb", "-p", "run_dir", str(run_dir), "-p", "amount", "0.5")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    params = records.read(run_dir / "prune")["params"]
+    assert params["amount"] == 0.5 and params["lr"] == 0.001 and params["latency_repeats"] == 5
+    out = json.dumps(nbformat.read(tmp_path / "out.ipynb", as_version=4).cells[3].outputs)
+    assert f"latency_repeats = 5 and lr = 0.001 from {run_dir / paths.PARAMS} (not given)" in out
+
+
+@pytest.mark.e2e
+def test_papermill_on_a_missing_run_folder_is_one_line_and_leaves_nothing(tmp_path):
+    proc = papermill("03_prune.ipynb", tmp_path / "out.ipynb", "-p", "run_dir", str(tmp_path / "nope"))
+    assert proc.returncode != 0
+    assert last_line(proc.stderr).startswith(f"MissingInput: no run folder {tmp_path / 'nope'}: "), proc.stderr[-2000:]
     assert not (tmp_path / "nope").exists()
