@@ -29,6 +29,7 @@ from . import (
     efficiency,
     graph,
     models,
+    notebook,
     paths,
     progress,
     prune,
@@ -78,6 +79,7 @@ def _recorded(stage: str):
             out = stage_dir(run_dir, stage, args["out_dir"])
             inputs = {up: stage_dir(run_dir, up, args.get(graph.stage(up).read_as))
                       for up in graph.stage(stage).reads}
+            notebook.require_run(run_dir, inputs)   # before the lock: a mistyped run_dir leaves no folder
             with _computing(stage, run_dir, out, args, inputs, args["log"]):
                 return fn(*a, **kw)
         return run
