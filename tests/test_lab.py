@@ -333,3 +333,101 @@ def test_a_tracked_notebook_run_and_saved_in_jupyterlabs_ui_stays_gits(project, 
         server.close()
     assert "Saving file at /" + name in (tmp_path / "lab.log").read_text()
     assert (project / "notebooks" / name).read_bytes() == tracked_bytes(name)
+
+
+def _started(out: str) -> list[str]:
+    import re
+
+    return re.findall(r"\] (\w+): start", out)
+
+
+def _run(project: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "prunestudy.cli", "run", *args], cwd=project, capture_output=True,
+                          text=True, timeout=900, env={**os.environ, "PRUNESTUDY_HOME": str(project)})
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(browser.chromium_path() is None, reason="no Chromium: `make setup` installs it (as root)")
+def test_an_afternoon_in_jupyterlab_loses_nothing_dirties_nothing_and_shows_nothing_stale(project, smoke_run,
+                                                                                            tmp_path):
+    """Issue 31's flow as a user meets it: `prunestudy lab RUN` on a finished run; in Chromium the
+    pruning notebook opened from the lab's file browser, `amount = 0.5` typed into its parameters
+    cell, Run > Run All Cells, Ctrl+S. The tracked notebooks keep their bytes, the cells ran without
+    an error in the project's kernel, and the report is stamped out of date at once. The batch run
+    afterwards names the notebook's prune as it replaces it, keeps it and links what the store holds;
+    a run with the notebook's amount links that prune without computing it."""
+    from playwright.sync_api import sync_playwright
+
+    from prunestudy import records, stagestore
+
+    shutil.copy(ROOT / "requirements.lock", project)   # the smoke run's code digests
+    shutil.copy(ROOT / "params" / "seed_report.yaml", project / "params")   # the report reads it
+    run = project / "runs" / "default"
+    shutil.copytree(smoke_run[0], run, symlinks=False)   # its stages as files; its store: runs/.store, new
+    before = {p.name: p.read_bytes() for p in (project / "notebooks").glob("*.ipynb")}
+    server = Lab([str(run)], project, tmp_path / "lab.log")
+    copy = paths.lab_notebook(run, "prune")
+    _, source = parameters(copy)
+    assert "amount = 0.2" in source
+    try:
+        with sync_playwright() as p:
+            chrome = p.chromium.launch(executable_path=browser.chromium_path(), args=["--no-sandbox", "--disable-gpu"])
+            page = chrome.new_page(viewport={"width": 1366, "height": 900})
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(f"{server.url}/lab/tree/{paths.LAB}?token={server.token}")   # where `prunestudy lab` opens
+            try:
+                page.locator(".jp-DirListing-item", has_text=copy.name).dblclick(timeout=120_000)
+            except Exception:
+                page.screenshot(path=str(tmp_path / "lab-start.png"), full_page=True)
+                raise
+            page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
+            page.wait_for_selector("text=Python (prunestudy) | Idle", timeout=120_000)
+            page.locator(".jp-CodeCell .cm-content").first.click()   # the parameters cell
+            page.keyboard.press("Control+a")
+            page.keyboard.insert_text(source.replace("amount = 0.2", "amount = 0.5"))
+            page.get_by_role("menuitem", name="Run", exact=True).click()
+            page.get_by_text("Run All Cells", exact=True).click()
+            time.sleep(3)
+            deadline = time.time() + 300
+            while time.time() < deadline and (page.locator(".jp-InputPrompt:has-text('[*]')").count()
+                                              or not page.locator("text=Python (prunestudy) | Idle").count()):
+                time.sleep(1)
+            page.keyboard.press("Control+s")
+            deadline = time.time() + 30
+            while time.time() < deadline and page.locator(".jp-mod-dirty").count():
+                time.sleep(0.5)
+            prompts = page.locator(".jp-CodeCell .jp-InputPrompt").all_inner_texts()
+            errors += page.locator("[data-mime-type='application/vnd.jupyter.error']").all_inner_texts()
+            images = page.eval_on_selector_all(".jp-RenderedImage img",
+                                               "els => els.map(e => e.complete && e.naturalWidth > 100)")
+            news = page.locator("text=official Jupyter news").count()
+            page.screenshot(path=str(tmp_path / "lab.png"), full_page=True)
+            chrome.close()
+    finally:
+        server.close()
+    assert errors == [], errors
+    assert prompts and all(p.strip().startswith("[") and "*" not in p and p.strip() != "[ ]:" for p in prompts), prompts
+    assert len(images) >= 1 and all(images) and news == 0
+    assert f"Saving file at /{paths.LAB}/{copy.name}" in (tmp_path / "lab.log").read_text()
+    assert {p.name: p.read_bytes() for p in (project / "notebooks").glob("*.ipynb")} == before   # git's bytes
+    assert parameters(copy)[0]["amount"] == 0.5   # the user's copy, saved with its outputs
+    assert any(c.get("outputs") for c in nbformat.read(copy, as_version=4).cells)
+
+    rec = records.read(run / "prune")   # computed into the stage store under its key
+    entry = (run / "prune").resolve()
+    assert rec["by"] == "notebook" and rec["params"]["amount"] == 0.5 and stagestore.sealed(entry)
+    page = (run / paths.REPORT).read_text()   # the report says at once that it is out of date
+    assert page.index(records.STAMP_ID) < page.index("Pruning study") and "prune was recomputed (notebook" in page
+
+    back = _run(project, "-f", str(run / paths.PARAMS), "--run-dir", str(run))
+    assert back.returncode == 0, back.stdout[-3000:] + back.stderr[-3000:]
+    said = [line for line in back.stdout.splitlines() if "replaces the notebook's prune here" in line]
+    assert len(said) == 1 and "amount = 0.5" in said[0] and str(entry) in said[0], back.stdout
+    assert _started(back.stdout) == ["analysis"], back.stdout   # prune and retrain linked from the store
+    assert back.stdout.strip().splitlines()[-1] == f"prunestudy: report {run / paths.REPORT}"
+    assert records.STAMP_ID not in (run / paths.REPORT).read_text() and records.read(entry)["params"]["amount"] == 0.5
+
+    again = _run(project, "-f", str(run / paths.PARAMS), "-p", "prune.amount=0.5", "--run-dir", str(run))
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert (run / "prune").resolve() == entry and _started(again.stdout) == ["retrain", "analysis"], again.stdout
