@@ -38,7 +38,7 @@ def test_only_cells_the_notebook_does_not_hold_are_foreign():
     assert len(own) >= 3
     typed = "amount = 0.5"   # a parameter typed into a cell of its own
     assert codedigest.foreign_cells(PRUNE_NB, ["run_dir = None\namount = 0.2", typed, *own]) == []
-    edited = own[1].replace("amount=amount", "amount=0.9 * amount")
+    edited = own[1].replace("stages.run_prune(**p)", "stages.run_prune(**{**p, 'amount': 0.9})")
     assert edited != own[1]
     assert codedigest.foreign_cells(PRUNE_NB, [own[0], edited]) == [edited]
     patch = "from prunestudy import prune\nprune.apply = print"

@@ -155,7 +155,8 @@ def run_values(stage: str, cfg: dict, run_dir: Path) -> dict:
 
 def with_values(source: str, values: dict) -> str:
     """A parameters cell with `values` for the names it assigns: a value that differs is written with
-    repr (the cell stays literals only), the rest of its line (a comment) kept; other lines as they were."""
+    repr (the cell stays literals only), the rest of its line (a comment) kept, but a comment saying
+    what None means where None was replaced; other lines as they were."""
     lines = source.splitlines(keepends=True)
     for node in reversed(_assignments(source)):
         name, value = node.targets[0].id, node.value
@@ -163,6 +164,9 @@ def with_values(source: str, values: dict) -> str:
             continue
         head = lines[value.lineno - 1].encode()[:value.col_offset].decode()   # ast's offsets count bytes
         tail = lines[value.end_lineno - 1].encode()[value.end_col_offset:].decode()
+        if _literal(value) is None and "None means" in tail:   # the comment tells what None stood for
+            end = "\n" if tail.endswith("\n") else ""
+            tail = ("  # the run folder of this copy" if name == "run_dir" else "") + end
         lines[value.lineno - 1:value.end_lineno] = [head + repr(values[name]) + tail]
     return "".join(lines)
 
