@@ -4,10 +4,11 @@ import math
 import random
 import statistics
 
+import numpy as np
 import pytest
 import torch
 
-from prunestudy import efficiency, kernels, models, prune
+from prunestudy import atomic, efficiency, kernels, models, paths, prune
 
 torch.set_num_threads(1)
 
@@ -180,6 +181,58 @@ def test_speed_ratio_is_the_t_interval_of_paired_log_ratios():
     assert (r["low"], r["high"]) == pytest.approx((math.exp(statistics.fmean(logs) - half),
                                                     math.exp(statistics.fmean(logs) + half)))
     assert efficiency.speed_ratio([10.0], [5.0]) == {"speedup": 2.0, "low": None, "high": None}
+
+
+def recomputed(times: dict, confidence: float) -> dict:
+    """(model, batch) -> median, minimum, speedup over the dense model and its interval, from one
+    latency table's stored repeats alone (batch -> model -> ms, repeat i paired across models), with
+    numpy and scipy: the recipe of docs/results.md, written apart from the package's own code."""
+    from scipy import stats
+
+    out = {}
+    for batch, by_model in times.items():
+        dense = np.asarray(by_model["dense"])
+        for model, ms in by_model.items():
+            logs = np.log(dense / np.asarray(ms))
+            half = stats.t.ppf(0.5 + confidence / 2, len(logs) - 1) * logs.std(ddof=1) / np.sqrt(len(logs))
+            out[model, int(batch)] = {"median_ms": np.median(ms), "min_ms": np.min(ms),
+                                      "speedup_vs_dense": np.exp(logs.mean()),
+                                      "speedup_ci_low": np.exp(logs.mean() - half),
+                                      "speedup_ci_high": np.exp(logs.mean() + half)}
+    return out
+
+
+def assert_recomputes(fields: dict, times: dict) -> None:
+    """Every stored row of an efficiency summary's latency tables, and its verdict's speedup and
+    interval, are what its stored repeats (`times`: device -> batch -> model -> ms) give."""
+    for dev, table in fields["latency"].items():
+        again = recomputed(times[dev], table["confidence"])
+        assert {(r["model"], r["batch"]) for r in table["rows"]} == set(again)
+        assert all(len(ms) == table["repeats"] for by_model in times[dev].values() for ms in by_model.values())
+        for row in table["rows"]:
+            for field, value in again[row["model"], row["batch"]].items():
+                assert row[field] == pytest.approx(value, rel=1e-9), (dev, row, field)
+    cpu = again if "cpu" not in fields["latency"] else recomputed(times["cpu"], fields["latency"]["cpu"]["confidence"])
+    verdict = cpu["pruned", fields["verdict_batch"]]
+    assert fields["measured_speedup"] == pytest.approx(verdict["speedup_vs_dense"], rel=1e-9)
+    assert fields["speedup_ci"] == pytest.approx([verdict["speedup_ci_low"], verdict["speedup_ci_high"]], rel=1e-9)
+
+
+def test_stored_repeats_recompute_the_speedup_and_its_interval(tmp_path):
+    """Every paired repeat is kept (the timing stage: apart from its metrics, in paths.TIMES), and
+    the medians, speedups and intervals stored are what those repeats give, recomputed from the
+    JSON files alone."""
+    dense, small = _net(), _net()
+    prune.apply(small, "channel", 0.5)
+    costs = efficiency.summary(small, dense, measure=False)
+    fields = efficiency.measured(small, dense, costs, batch_sizes=(1, 4), repeats=6, devices=("cpu",),
+                                 warmup=1)
+    metrics, times = efficiency.split_times({"models": {"prune": fields}, "device": "cpu"})
+    assert metrics["device"] == "cpu" and efficiency.TIMES not in json.dumps(metrics)   # metrics stay short
+    atomic.write_json(tmp_path / paths.METRICS, metrics)
+    atomic.write_json(tmp_path / paths.TIMES, times)
+    stored = atomic.read_json(tmp_path / paths.METRICS)["models"]["prune"]
+    assert_recomputes(stored, atomic.read_json(tmp_path / paths.TIMES)["prune"])
 
 
 def _fake_timer(monkeypatch, ratio: float, noise: float = 0.05, seed: int = 0) -> list:

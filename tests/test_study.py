@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 from conftest import curve_by_hand
+from test_efficiency import assert_recomputes
 
 from prunestudy import atomic, data, efficiency, methods, models, paths, prune, report, stages, synth, train
 
@@ -226,6 +227,11 @@ def test_sweep_points_fill_results_before_and_after_retraining(fresh):
         assert table["memory_format"] == "channels_last" and table["threads"] == timed[folder]["machine"]["threads"]
         assert {(r["model"], r["batch"]) for r in table["rows"]} == {(m, b) for m in ("dense", "pruned")
                                                                      for b in (1, 4)}
+        kept = paths.timing_dir(folder)   # every paired repeat, beside the metrics: they recompute them
+        times, stored = atomic.read_json(kept / paths.TIMES), atomic.read_json(kept / paths.METRICS)
+        assert stored == timed[folder] and set(times) == set(stored["models"]) == {"prune", "retrain"}
+        for stage, fields in stored["models"].items():
+            assert_recomputes(fields, times[stage])
     assert stages.run_timing(fresh, log=quiet) == timed   # reused while the key holds
     res = stages.collect_results(fresh)
     json.dumps(res)  # plain JSON
@@ -237,8 +243,10 @@ def test_sweep_points_fill_results_before_and_after_retraining(fresh):
         if e["kind"] == "masked":   # not timed (the dense computation)
             assert not e["timed"] and e["speedup_measured"] == 1.0 and e["latency_batch"] is None
             assert e["latency_ms"] is None and e["dense_latency_ms"] is None and not e["saves_time"]
+            assert e["times"] is None
         else:
             assert e["timed"] and e["latency_batch"] == 4 and e["latency_ms"] > 0 and e["dense_latency_ms"] > 0
+            assert e["times"] == f"{paths.CURVE}/{e['name']}/{paths.TIMING}/{paths.TIMES}"
         assert set(e["sizes"]) == {"state_dict_bytes", "masked_bytes", "sparse_compressed_bytes",
                                    "dense_state_dict_bytes"}
         assert 0 < e["sparsity"] < 1 and isinstance(e["saves_time"], bool) and e["remark"]

@@ -38,6 +38,11 @@ Definitions
   paired runs, on ../shared/coco-sample), so a smaller gain is not told from the machine's drift.
   When the interval holds 1, or lies above 1 but not above the margin, the remark says so, with
   the interval at every batch size measured.
+* Repeats kept: each table holds every repeat's time (`times_ms`: batch -> model -> one time per
+  repeat, repeat i of every model timed in the same shuffled round), so that a median, a speedup
+  and its interval can be recomputed from the numbers alone. The timing stage moves them out of
+  its metrics.json into a file of their own beside it (`split_times`, paths.TIMES), which keeps
+  the metrics (and results.json) short.
 * Not timed: a model that runs the dense model's computation (every conv and linear layer of the
   same shape: masked pruning folded to the dense shape, or nothing pruned) multiplies its zeros by
   the same dense kernels, so its speed is the dense model's: `measured_speedup` 1.0, no interval,
@@ -191,7 +196,24 @@ def latency_table(models: dict[str, nn.Module], batch_sizes=(1, 64), repeats: in
     return {"device": str(dev), "threads": threads, "repeats": repeats, "warmup": warmup,
             "memory_format": memory_format, "allocator": allocator(),
             "order": f"random per repeat and batch size (seed {seed})", "confidence": CONFIDENCE,
-            "input_size": list(input_size), "rows": rows}
+            "input_size": list(input_size), "rows": rows,
+            TIMES: {str(bs): {name: [t * 1e3 for t in times[name, bs]] for name in models} for bs in batch_sizes}}
+
+
+TIMES = "times_ms"   # a latency table's every repeat: batch (a string) -> model -> ms, repeat i paired across models
+
+
+def split_times(timing: dict) -> tuple[dict, dict]:
+    """The timing stage's metrics without the repeats' times, and those times apart: {stage:
+    {device: table[TIMES]}}. The metrics stay short enough to read; the times, kept in a file of
+    their own, let anyone recompute each median, speedup and interval (docs/results.md)."""
+    models, times = {}, {}
+    for stage, fields in timing.get("models", {}).items():
+        tables = fields.get("latency") or {}
+        times[stage] = {dev: t[TIMES] for dev, t in tables.items() if TIMES in t}
+        models[stage] = {**fields, "latency": {dev: {k: v for k, v in t.items() if k != TIMES}
+                                               for dev, t in tables.items()}}
+    return {**timing, "models": models}, times
 
 
 def allocator() -> str:

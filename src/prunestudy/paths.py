@@ -12,7 +12,8 @@
       retrain/                    MODEL, MASKS, ARCHITECTURE, EXPORT, EXPORT_META, HISTORY, METRICS,
                                   PREDICTIONS, [CHECKPOINT], control/ (control_dir)
       timing/                     timing_dir(run): METRICS, the latency of the pruned and retrained models
-                                  against the dense one on this machine (when they are not of its shape)
+                                  against the dense one on this machine (when they are not of its shape);
+                                  TIMES, every paired repeat's time behind those figures
       analysis/figures/*.png      figures_dir(run)
       <stage>/stage.json          stage_record(run, stage): what the stage was computed from (records)
       run.lock                    lock_file(run): the lock of the process writing the folder
@@ -73,6 +74,7 @@ EXPORT_META = "export.json"        # retrain/: how to rebuild it
 REWIND = "rewind.pt"               # train/: the weights after training step prune.rewind_step
 REWOUND = "rewound.pt"             # prune/: the surviving weights reset to that step
 CHECKPOINT = "checkpoint.pt"       # train/, retrain/: end-of-epoch state while a stage runs
+TIMES = "times.json"               # timing/: every repeat's time behind its figures (efficiency.split_times)
 CONTROL = "control"                # retrain/control/: the dense control
 TIMING = "timing"                  # timing/: the latency of a chain's models on one machine (the timing stage)
 FIGURES = Path("analysis") / "figures"

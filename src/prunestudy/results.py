@@ -34,7 +34,8 @@ def collect_results(run_dir, params: dict | None = None, timings: dict | None = 
         for stage in ("prune", "retrain"):
             if stage in res:
                 res[stage]["efficiency"] = with_timing(res[stage].get("efficiency"), timing, stage)
-        res["timing"] = {k: timing.get(k) for k in ("machine", "device", "measured")}
+        res["timing"] = {**{k: timing.get(k) for k in ("machine", "device", "measured")},
+                         "times": times_file(run_dir, run_dir)}
     names = curve_names(run_dir, params)
     if names:
         res["curve"] = curve_results(run_dir, names)
@@ -62,6 +63,13 @@ def timing_of(folder, run_dir=None) -> dict | None:
     if not (out / paths.METRICS).is_file() or records.problem(out, None, inputs) is not None:
         return None
     return atomic.read_json(out / paths.METRICS)
+
+
+def times_file(folder, run_dir) -> str | None:
+    """The file of a chain's timing that keeps every paired repeat (paths.TIMES), relative to the run
+    folder; None for a timing made before the repeats were kept (its figures cannot be audited)."""
+    path = paths.timing_dir(folder) / paths.TIMES
+    return path.relative_to(run_dir).as_posix() if path.is_file() else None
 
 
 def with_timing(eff: dict | None, timing: dict | None, stage: str) -> dict | None:
@@ -145,6 +153,7 @@ def curve_results(run_dir, names: list[str]) -> list[dict]:
                     "speedup_measured": eff["measured_speedup"], "speedup_ci": eff.get("speedup_ci"),
                     "speedup_theoretical": eff["theoretical_speedup"],
                     "timed": table is not None,
+                    "times": times_file(paths.curve_point_dir(run_dir, name), run_dir) if table else None,
                     "latency_device": table and table["device"], "latency_batch": batch,
                     "latency_ms": ms.get("pruned"), "dense_latency_ms": ms.get("dense"),
                     "latency_threads": table and table["threads"],

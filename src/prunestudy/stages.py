@@ -622,7 +622,8 @@ def _chain_timing(run_dir: Path, folder: Path, force: bool, log) -> dict | None:
             records.clear(out)
             (out / paths.METRICS).unlink(missing_ok=True)
             start = time.perf_counter()
-            timing = _time_models(dirs, pm, rm, repeats, device, params["machine"])
+            timing, times = efficiency.split_times(_time_models(dirs, pm, rm, repeats, device, params["machine"]))
+            atomic.write_json(out / paths.TIMES, times)
             atomic.write_json(out / paths.METRICS, timing)
             records.write(out, "timing", key, params, records.input_ids(inputs), time.perf_counter() - start,
                           "prunestudy run" if runlock.under_runner(run_dir) else "python")
