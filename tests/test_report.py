@@ -717,6 +717,30 @@ def test_summary_shows_size_and_latency_measured_in_the_run(study):
     assert "batch of 1 on cpu" in html and "judged at batch 64" in html
 
 
+def test_summary_time_cell_carries_the_interval_or_nothing(study):
+    """The first screen's time cell of a pruned model sets its median beside the dense one's with the
+    speedup and its interval at that batch; one repeat (no interval) gives the medians only, no
+    timing gives '—', and a run whose repeats were not kept says so rather than fail."""
+    from prunestudy.report import efficiency as report_efficiency
+
+    html = report.summary_styler(study).to_html()
+    assert "0.156 vs 0.159 ms, 0.98× [0.95, 1.04]" in html and "0.156 vs 0.158 ms, 0.99× [0.95, 1.04]" in html
+    assert ">0.156 ms<" in html and "repeats not stored" in html   # the dense reference; no times file
+    study["timing"] = {"times": "timing/times.json"}
+    assert "every paired repeat behind them is kept in timing/times.json" in report.summary_styler(study).to_html()
+    point = report.latency_point(study["prune"]["efficiency"])
+    one = copy.deepcopy(study["prune"]["efficiency"])
+    for row in one["latency"]["cpu"]["rows"]:
+        row["speedup_ci_low"] = row["speedup_ci_high"] = None
+    assert report_efficiency.time_cell(one, "pruned", point) == "0.156 vs 0.159 ms (no interval)"
+    assert np.isnan(report_efficiency.time_cell(efficiency.pending(), "pruned", point))
+    assert np.isnan(report_efficiency.time_cell(study["prune"]["efficiency"], "pruned", None))
+    study["prune"]["efficiency"].update(efficiency.pending())
+    study["retrain"]["efficiency"].update(efficiency.pending())
+    html = report.summary_styler(study).to_html()
+    assert "not timed yet" in html and " vs " not in html and "No latency column" not in html
+
+
 def test_a_study_of_masked_pruning_says_its_models_were_not_timed(study):
     """Masked pruning runs the dense computation: no latency (efficiency.untimed). The summary drops
     its empty latency column and says why; the efficiency table gives 1.00x and 'NO' without an

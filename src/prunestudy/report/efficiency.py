@@ -107,6 +107,56 @@ def efficiency_styler(results: dict):
                          "format any runtime loads."))
 
 
+def _ms(v: float) -> str:
+    return f"{v:.1f}" if v >= 10 else f"{v:.3g}"
+
+
+def time_cell(eff: dict | None, which: str, point: tuple[str, int] | None) -> str | float:
+    """The summary's time cell at `point` (device, batch) of an efficiency summary: the dense model's
+    median ('dense': '54.2 ms'), or the pruned model's beside the dense one of the same interleaved
+    run with the speedup and its interval ('54.2 vs 5.7 ms, 9.50x [0.59, 52.80]'). A speedup is never
+    shown without its interval (one repeat: the medians only); NaN (shown '—') without a timing."""
+    rows = ((eff or {}).get("latency") or {}).get(point[0], {}).get("rows", []) if point else []
+    at = {r["model"]: r for r in rows if r["batch"] == point[1]}
+    if "dense" not in at or (which != "dense" and "pruned" not in at):
+        return np.nan
+    if which == "dense":
+        return f"{_ms(at['dense']['median_ms'])} ms"
+    r = at["pruned"]
+    lo, hi = r.get("speedup_ci_low"), r.get("speedup_ci_high")
+    return (f"{_ms(at['dense']['median_ms'])} vs {_ms(r['median_ms'])} ms"
+            + (f", {r['speedup_vs_dense']:.2f}× [{lo:.2f}, {hi:.2f}]" if lo is not None else " (no interval)"))
+
+
+def time_column(results: dict, index, point: tuple[str, int] | None) -> list:
+    """The summary's time cells of the rows `index` (model states' long labels): the trained model
+    is the dense reference, the pruned and retrained models are set against it; others NaN."""
+    cells = {states.TRAINED.long_label: time_cell(dense_reference(results), "dense", point)}
+    for s in COSTED:
+        cells[s.long_label] = time_cell(states.metrics(results, s.key).get("efficiency"), "pruned", point)
+    return [cells.get(label, np.nan) for label in index]
+
+
+def time_note(results: dict, point: tuple[str, int] | None) -> str:
+    """The summary caption's words on its time cells: what the figures are and where the paired
+    repeats behind them are kept ('repeats not stored' for a run timed before they were kept); for
+    a run whose timing stage has not run, that it has not."""
+    if not point:
+        pending = efficiency.is_pending(dense_reference(results))
+        return "Latency: not timed yet (the timing stage measures it, within the analysis). " if pending else ""
+    return (f"A pruned row gives the dense model's median vs its own, then the speedup (geometric mean of the "
+            f"paired ratios dense / pruned, one per repeat) and its {efficiency.CONFIDENCE:.0%} Student-t interval "
+            f"[low, high] at batch {point[1]}; {repeats_kept(results)}. ")
+
+
+def repeats_kept(results: dict) -> str:
+    """Where the paired repeats behind a run's latencies are kept, or that they are not (a run timed
+    before the timing stage kept them: its figures cannot be recomputed)."""
+    times = (results.get("timing") or {}).get("times")
+    return (f"every paired repeat behind them is kept in {times} (docs/results.md recomputes them)" if times else
+            "repeats not stored (timed before runs kept them), so these figures cannot be recomputed")
+
+
 def timed_where(results: dict) -> str | None:
     """'AMD EPYC 9B14 (avx512 kernels, 2 threads) on 2026-12-07 18:02': the machine and the time the
     timing stage measured this run's latencies at, or None when it measured nothing."""
@@ -157,7 +207,7 @@ def efficiency_markdown(results: dict) -> str:
     if lines and where:
         lines.append(f"- **Where and when**: the latencies were timed on {md_escape(where)}, by the timing stage: "
                      "a run on another machine (or `prunestudy run --force timing`) times them again, and never "
-                     "recomputes the models.")
+                     f"recomputes the models; {md_escape(repeats_kept(results))}.")
     return "\n".join(lines) or "No efficiency figures: the prune stage has not run in this run folder."
 
 

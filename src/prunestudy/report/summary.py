@@ -13,7 +13,7 @@ from matplotlib.patches import Patch
 from .. import states
 from . import reference
 from .common import MB, binomial_se, count, flagged, joined, pct, test_size
-from .efficiency import dense_reference
+from .efficiency import dense_reference, time_column, time_note
 from .findings import floor_detail
 from .style import SEED_EDGE, SEED_HATCH, bar_values, figure, label, legend_outside, literal, md_escape
 
@@ -129,8 +129,9 @@ def summary_styler(results: dict):
     where = (f"Latency: median time for a batch of {point[1]} on {point[0]} in this run (masks folded, as "
              "deployed); whether pruning saves time is judged at batch "
              f"{_verdict_batch(results) or point[1]} (efficiency section). ") if point else ""
+    where += time_note(results, point)
     untimed = df[LATENCY].isna().all()
-    if untimed and dense_reference(results):   # masked pruning: the dense computation, not timed
+    if untimed and dense_reference(results) and not where:   # masked pruning: the dense computation, not timed
         where = ("No latency column: the study's pruned and retrained models run the dense model's computation "
                  "(masked weights on dense kernels), so they are not timed; their speed is the dense model's "
                  "(efficiency section). ")
@@ -146,9 +147,9 @@ def summary_styler(results: dict):
         seed_s = (f"The seed report's {pct(reference.accuracy('trained'), 0)} / {pct(reference.accuracy('pruned'), 0)} "
                   f"({seed['settings']['dataset']} at its settings) is not set beside this run, which is on other "
                   "data (named above).")
-    return (df.style.format({ACC: "{:.2f}", BALANCED: "{:.2f}", MACRO_F1: "{:.2f}", LOSS: "{:.4f}",
-                             SPARSITY: "{:.2f}", NONZERO: "{:,}", TOTAL: "{:,}", SIZE: "{:.2f}", LATENCY: "{:.2f}"},
-                            na_rep="—")
+    shown = df.assign(**{LATENCY: time_column(results, df.index, point)})
+    return (shown.style.format({ACC: "{:.2f}", BALANCED: "{:.2f}", MACRO_F1: "{:.2f}", LOSS: "{:.4f}",
+                                SPARSITY: "{:.2f}", NONZERO: "{:,}", TOTAL: "{:,}", SIZE: "{:.2f}"}, na_rep="—")
             .hide([LATENCY] if untimed else [], axis="columns")
             .set_caption(where + bal + seed_s))
 
