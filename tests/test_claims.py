@@ -371,3 +371,22 @@ def test_stratified_test_clustered_by_image_counts_each_image_once_over_seeds():
               for b, a in pairs.values())
     assert c["x2_cluster"] == pytest.approx(19 / 20 * net.sum() ** 2 / (net ** 2).sum())
     assert c["images"] == 20 and c["p_judged"] == max(c["p_value"], c["p_cluster"])
+
+
+def _clustered_accuracy(run_dir) -> tuple[dict, dict]:
+    res = stages.load_results(run_dir)
+    return res["test_clusters"], res["floor"]["states"]["trained"]["accuracy_clustered"]
+
+
+@pytest.mark.e2e
+def test_image_level_interval_widens_on_real_photos_and_stays_on_the_embedded_set(coco_run, smoke_run):
+    """Real COCO photos: several crops per image answer alike, so the image-level standard error is
+    over twice the binomial one (design effect about 5); the embedded set's crops do not cluster
+    (design effect about 1). The report states the images beside the crops."""
+    clusters, real = _clustered_accuracy(coco_run[0])
+    assert clusters["images"] < clusters["samples"] and real["design_effect"] > 3
+    assert real["se_bootstrap"] > 1.7 * real["se_independent"]
+    clusters, synth_ = _clustered_accuracy(smoke_run[0])
+    assert 0.6 < synth_["design_effect"] < 1.6 and synth_["resamples"] == metrics.BOOTSTRAP_RESAMPLES
+    acc = next(s for s in report.findings(stages.load_results(smoke_run[0])) if "standard error" in s)
+    assert f"test crops from {clusters['images']} images" in acc
