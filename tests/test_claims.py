@@ -295,3 +295,98 @@ def test_a_small_embedded_run_that_learns_is_not_at_the_floor_and_says_what_it_m
     removed = ~masks["fc1"]
     share = 100 * removed[torch.from_numpy(dead["fc1"])].sum().item() / removed.sum().item()
     assert table.loc["fc1", "removed in dead units (%)"] == pytest.approx(share)
+
+
+# --------------------------------------------------------------------------- crops of one image, seeds
+
+# Obuchowski (1998), Statistics in Medicine 17:1495-1507: PET against SPECT on the glands of 21
+# patients (clusters); per patient the glands both call negative (a), only PET (b), only SPECT (c),
+# neither (d). Her clustered statistic for this example is chi-square 2.857 (p 0.0910), as the R
+# package clust.bin.pair (Gopstein) reproduces it from the same table.
+THYROID_B = [0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+THYROID_C = [2, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 1, 0, 0, 0]
+
+
+def test_clustered_mcnemar_matches_obuchowskis_published_example():
+    x2, p = metrics.obuchowski(np.subtract(THYROID_B, THYROID_C))
+    assert round(x2, 4) == 2.8571 and round(p, 5) == 0.09097
+
+
+def test_clustered_mcnemar_with_one_sample_per_cluster_is_mcnemars_chi_square():
+    """Each cluster one pair: (K-1)/K times McNemar's (b - c)^2 / (b + c) over the K pairs."""
+    d = np.array([1] * 15 + [-1] * 10 + [0] * 68)
+    x2, _ = metrics.obuchowski(d)
+    assert x2 == pytest.approx(92 / 93 * (15 - 10) ** 2 / 25)
+
+
+def test_cluster_bootstrap_widens_by_the_design_effect_and_stays_for_independent_samples():
+    """Textbook design effect 1 + (m - 1) rho: clusters of m = 5 identical outcomes (rho = 1) have
+    the standard error of K = 100 independent samples, sqrt(p (1 - p) / 100); one sample per
+    cluster keeps the binomial sqrt(p (1 - p) / n). Seeded: the same figures twice."""
+    rng = np.random.default_rng(7)
+    outcome = rng.integers(0, 2, 100)
+    p = outcome.mean()
+    whole = metrics.cluster_interval(np.repeat(np.arange(100), 5), np.repeat(outcome, 5))
+    assert whole["se_bootstrap"] == pytest.approx(math.sqrt(p * (1 - p) / 100), rel=0.08)
+    assert whole["design_effect"] == pytest.approx(499 / 99)   # K/(K-1) robust over (n/(n-1)) binomial variance
+    single = metrics.cluster_interval(np.arange(500), np.repeat(outcome, 5))
+    assert single["se_bootstrap"] == pytest.approx(math.sqrt(p * (1 - p) / 500), rel=0.08)
+    assert single["design_effect"] == pytest.approx(1.0)
+    assert whole["ci_high"] - whole["ci_low"] > 2 * (single["ci_high"] - single["ci_low"])
+    assert metrics.cluster_interval(np.arange(500), np.repeat(outcome, 5)) == single
+    assert single["resamples"] == metrics.BOOTSTRAP_RESAMPLES and single["seed"] == metrics.BOOTSTRAP_SEED
+
+
+def _seed_pairs(gains_losses: list[tuple[int, int]], n: int = 93) -> tuple[np.ndarray, dict]:
+    """Test labels (all 0) and per seed (before, after) predictions with the given gains and losses."""
+    labels, pairs = np.zeros(n, dtype=int), {}
+    for seed, (g, l) in enumerate(gains_losses):
+        before, after = np.ones(n, dtype=int), np.ones(n, dtype=int)
+        after[:g] = 0                      # gains: only `after` right
+        before[g:g + l] = 0                # losses: only `before` right
+        pairs[seed] = (before, after)
+    return labels, pairs
+
+
+def test_stratified_test_pools_every_seeds_crop_pairs():
+    """The issue's case: 3 seeds on one test set of 93 crops, net changes +2, +2, +1, pooled 15
+    gained and 10 lost: the exact stratified McNemar test is the binomial test of 15 in 25 at 1/2,
+    p = 2 * P(X <= 10) = 0.4244 (by hand from the binomial coefficients)."""
+    labels, pairs = _seed_pairs([(5, 3), (6, 4), (4, 3)])
+    c = metrics.stratified(labels, pairs)
+    by_hand = 2 * sum(math.comb(25, k) for k in range(11)) / 2 ** 25
+    assert (c["gains"], c["losses"], c["n"]) == (15, 10, 279)
+    assert c["p_value"] == pytest.approx(by_hand) and round(c["p_value"], 2) == 0.42
+    assert c["verdict"] == "no significant change" and c["change"] == pytest.approx(5 / 279)
+    assert [t["gains"] - t["losses"] for t in c["per_seed"]] == [2, 2, 1]
+
+
+def test_stratified_test_clustered_by_image_counts_each_image_once_over_seeds():
+    """The same crop's pairs in every seed fall in its image's cluster: with 20 images the clustered
+    statistic is Obuchowski's over the 20 images' net changes summed over seeds."""
+    labels, pairs = _seed_pairs([(5, 3), (6, 4), (4, 3)])
+    groups = np.arange(93) % 20
+    c = metrics.stratified(labels, pairs, groups)
+    net = sum(np.bincount(groups, weights=(a == labels).astype(int) - (b == labels).astype(int), minlength=20)
+              for b, a in pairs.values())
+    assert c["x2_cluster"] == pytest.approx(19 / 20 * net.sum() ** 2 / (net ** 2).sum())
+    assert c["images"] == 20 and c["p_judged"] == max(c["p_value"], c["p_cluster"])
+
+
+def _clustered_accuracy(run_dir) -> tuple[dict, dict]:
+    res = stages.load_results(run_dir)
+    return res["test_clusters"], res["floor"]["states"]["trained"]["accuracy_clustered"]
+
+
+@pytest.mark.e2e
+def test_image_level_interval_widens_on_real_photos_and_stays_on_the_embedded_set(coco_run, smoke_run):
+    """Real COCO photos: several crops per image answer alike, so the image-level standard error is
+    over twice the binomial one (design effect about 5); the embedded set's crops do not cluster
+    (design effect about 1). The report states the images beside the crops."""
+    clusters, real = _clustered_accuracy(coco_run[0])
+    assert clusters["images"] < clusters["samples"] and real["design_effect"] > 3
+    assert real["se_bootstrap"] > 1.7 * real["se_independent"]
+    clusters, synth_ = _clustered_accuracy(smoke_run[0])
+    assert 0.6 < synth_["design_effect"] < 1.6 and synth_["resamples"] == metrics.BOOTSTRAP_RESAMPLES
+    acc = next(s for s in report.findings(stages.load_results(smoke_run[0])) if "standard error" in s)
+    assert f"test crops from {clusters['images']} images" in acc

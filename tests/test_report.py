@@ -783,6 +783,14 @@ def test_sweep_table_and_finding(study):
     assert list(df["saves time"]) == ["NO", "NO", "NO", "NO", "yes", "yes"]   # intervals above 1: channel only
     s = _sentence(report.findings(study), "On the curve")
     assert "Random pruning, the floor, scored 35.0% there" in s
+    # a point at the majority-class floor is called so, and random pruning there is no floor
+    below = copy.deepcopy(study)
+    for e in below["curve"]:
+        if e["method"] == "random_unstructured" and e["amount"] == max(x["amount"] for x in below["curve"]):
+            e["floor_after"] = {**(e.get("floor_after") or {}), "at_floor": True, "collapsed": False}
+    s = _sentence(report.findings(below), "On the curve")
+    assert "Random pruning, the floor" not in s and "not above the majority-class floor" in s
+    assert "none is compared against it" in s
     assert "; only channel saved time (speedup interval above 1.05×)" in s
     for e in study["curve"]:   # every method saved time: no "only"
         e["saves_time"], e["speedup_ci"] = True, [1.2, 1.3]
@@ -919,11 +927,12 @@ def test_seeds_table_and_paired_confidence_interval(seeded):
     # every seed lost accuracy to pruning, by 1.0 to 1.5 points: beyond the noise although 1 point is small
     md = report.seeds_markdown(seeded)
     assert "3 seeds (0, 1, 2)" in md and "pruned − trained: -1.23 points" in md
-    assert "the interval excludes 0: a loss beyond seed-to-seed noise" in md
+    assert "beyond" not in md and "the spread of training only: all seeds share one test set" in md
+    assert "the per-crop pairs of the seeds were not found, so no test over seeds was made" in md
     assert any(s.startswith("Over 3 seeds, pruning changed test accuracy by -1.23 points")
                for s in report.findings(seeded))
     html = report.paired_styler(seeded).to_html() + report.seeds_styler(seeded).to_html()
-    assert "95% Student-t confidence interval" in html
+    assert "95% Student-t interval" in html and "not the noise of the test set" in html
 
 
 def test_one_seed_reports_no_spread_and_says_how_to_get_one(study):
@@ -946,7 +955,7 @@ def test_plot_seeds_pairs_each_seeds_models(seeded):
 def test_interval_holding_zero_is_called_noise(seeded):
     seeded["repeats"][0]["pruned"]["test_accuracy"] = 0.62   # seed 1 gains 2 points: the signs disagree
     md = report.seeds_markdown(seeded)
-    assert "pruned − trained" in md and "not distinguishable from seed-to-seed noise" in md
+    assert "pruned − trained" in md and "beyond" not in md and "spread of training only" in md
 
 
 # --------------------------------------------------------------------------- one source of truth

@@ -175,3 +175,33 @@ def test_jobs_computes_the_chains_as_grid_points_in_parallel_then_links_them(tmp
     assert [(e["name"], e["test_accuracy_after"] is not None) for e in res["curve"]] == [("random_unstructured-0.5",
                                                                                           True)]
     assert (run_dir / "report.html").is_file()
+
+
+# --------------------------------------------------------------------------- wording (issue 32)
+
+def test_seeds_wording_never_says_beyond_noise_for_a_t_interval_on_one_test_set():
+    """The issue's case: 3 seeds, pruned − trained +2, +2, +1 crops of 93 (a Student-t interval over
+    seeds that excludes 0), pooled 15 gained and 10 lost (exact p = 0.42): no "beyond noise"."""
+    from prunestudy import metrics, report
+
+    labels = np.zeros(93, dtype=int)
+    pairs = {}
+    for seed, (g, l) in enumerate([(5, 3), (6, 4), (4, 3)]):
+        before, after = np.ones(93, dtype=int), np.ones(93, dtype=int)
+        after[:g], before[g:g + l] = 0, 0
+        pairs[seed] = (before, after)
+    runs = [{"seed": s, "dir": f"repeats/seed-{s}", "trained": {"test_accuracy": float((b == 0).mean())},
+             "pruned": {"test_accuracy": float((a == 0).mean())}} for s, (b, a) in pairs.items()]
+    res = {"params": {"seed": 0}, "train": {"test_accuracy": runs[0]["trained"]["test_accuracy"]},
+           "prune": {"test_accuracy": runs[0]["pruned"]["test_accuracy"]}, "repeats": runs[1:],
+           "seeds_paired": [{"after": "pruned", "before": "trained", **metrics.stratified(labels, pairs),
+                             "at_floor": []}]}
+    row = report.paired_table(res).loc["pruned − trained"]
+    assert row["95% CI low"] > 0                                   # the t-interval alone would call it a gain
+    text = report.seeds_markdown(res) + " ".join(filter(None, [report.seeds.f_seeds(res)]))
+    assert "beyond" not in text and "15 crop answers gained and 10 lost" in text
+    assert "stratified exact McNemar p = 0.42" in text and "no significant change" in text
+    caption = report.paired_styler(res).to_html()
+    assert "not distinguishable from seed-to-seed noise" not in caption and "spread of training" in caption
+    res["seeds_paired"][0]["at_floor"] = [1]                       # a repeat's model at the majority floor
+    assert "nothing can be concluded" in report.seeds_markdown(res)

@@ -40,6 +40,27 @@ is tested against that share (one-sided exact binomial test: is it above the flo
 whose accuracy is not above it at LEVEL, or that puts more than half of its predictions in one
 class and at least COLLAPSE_EXCESS more than that class's share of the test set, is flagged:
 nothing about pruning or retraining can be concluded from such a model.
+
+Crops of one image (`clustered`, `cluster_interval`, `stratified`)
+------------------------------------------------------------------
+Crops cut from the same image share its scene, lighting and objects, so they are not independent:
+treating them as such understates every standard error by the square root of the design effect.
+Where the test set's image of each crop is known, the paired change also gets Obuchowski's
+clustered McNemar statistic (Obuchowski 1998, Statistics in Medicine 17:1495-1507, with the
+variance under the null as in Yang, Sun and Hardin 2010): X2 = (K-1)/K * (sum_k d_k)^2 /
+sum_k d_k^2 with d_k = gains_k - losses_k of image k and K images, chi-square with 1 df; and a
+percentile interval from a cluster bootstrap that resamples whole images (BOOTSTRAP_RESAMPLES
+resamples, BOOTSTRAP_SEED: the same figures on every run). The verdict of such a comparison is
+made with the larger of the exact and the clustered p-value (`p_judged`): a change must hold
+whether crops are counted one by one or image by image. With one sample per image
+(`label_mode: image`) each cluster holds one crop and the exact test is the right one as it is.
+
+Repeats over seeds share one test set, so a Student-t interval over seeds measures only how
+training varies from seed to seed, never the noise of the test set. `stratified` tests the
+change over all seeds at once with the per-crop pairs of every seed: the exact conditional test
+of a common null across strata (the exact form of the Mantel-Haenszel test for matched pairs: the
+gains among all discordant pairs pooled over seeds, binomial at 1/2), the clustered statistic with
+each image holding its crops' pairs of every seed, and the cluster bootstrap of the mean change.
 """
 
 from __future__ import annotations
@@ -53,6 +74,8 @@ LEVEL = 0.05                 # the level of every verdict
 CONFIDENCE = 1 - LEVEL       # the level of every interval
 COLLAPSE_SHARE = 0.5         # a model putting more than this share of its predictions in one class ...
 COLLAPSE_EXCESS = 0.10       # ... and this much more than that class's share of the test set has collapsed
+BOOTSTRAP_RESAMPLES = 2000  # cluster-bootstrap resamples of every interval over images
+BOOTSTRAP_SEED = 0           # ... drawn from this seed: the same interval on every run
 VERDICTS = ("drop", "gain", "no significant change", "too few changes")
 
 
@@ -186,7 +209,7 @@ def judge(comparison: dict, p_key: str = "p_value") -> dict:
 def correct(comparisons: list[dict]) -> list[dict]:
     """Holm-correct a family of comparisons read together: each gets `p_holm`, `family` (its size)
     and its verdict from the corrected p-value."""
-    adjusted = holm([c["p_value"] for c in comparisons]) if comparisons else []
+    adjusted = holm([c.get("p_judged", c["p_value"]) for c in comparisons]) if comparisons else []
     for c, p in zip(comparisons, adjusted):
         c["p_holm"], c["family"] = p, len(comparisons)
         judge(c, "p_holm")
@@ -228,6 +251,105 @@ def floor(labels, predictions: dict[str, np.ndarray], classes: Sequence[str]) ->
 def flagged(floor_info: dict | None) -> dict[str, dict]:
     """The states of a `floor` result that are at the floor or collapsed (state -> its entry)."""
     return {s: e for s, e in ((floor_info or {}).get("states") or {}).items() if e["at_floor"] or e["collapsed"]}
+
+
+# --------------------------------------------------------------------------- crops of one image
+
+def cluster_sizes(groups) -> dict:
+    """How the test samples fall into images: samples, images, the largest image's samples and
+    whether every image holds one sample (then the per-sample tests are exact as they are)."""
+    _, counts = np.unique(np.asarray(groups).ravel(), return_counts=True)
+    return {"unit": "image", "samples": int(counts.sum()), "images": int(counts.size),
+            "largest": int(counts.max()) if counts.size else 0, "one_per_image": bool((counts <= 1).all())}
+
+
+def _per_cluster(groups, values) -> tuple[np.ndarray, np.ndarray]:
+    """Sum of `values` and count of samples per image (images in sorted order)."""
+    _, inv = np.unique(np.asarray(groups).ravel(), return_inverse=True)
+    v = np.asarray(values, dtype=float).ravel()
+    return np.bincount(inv, weights=v), np.bincount(inv).astype(float)
+
+
+def obuchowski(diffs) -> tuple[float, float]:
+    """Obuchowski's clustered McNemar statistic and its chi-square (1 df) p-value from the net
+    change d_k = gains_k - losses_k of each cluster (variance under the null, Yang et al. 2010):
+    X2 = (K-1)/K (sum d_k)^2 / sum d_k^2; p = 1 where no cluster changed."""
+    from scipy.stats import chi2
+
+    d = np.asarray(diffs, dtype=float).ravel()
+    k, denom = d.size, float((d * d).sum())
+    if denom == 0 or k < 2:
+        return 0.0, 1.0
+    x2 = (k - 1) / k * float(d.sum()) ** 2 / denom
+    return x2, float(chi2.sf(x2, 1))
+
+
+def cluster_interval(groups, values, confidence: float = CONFIDENCE, resamples: int = BOOTSTRAP_RESAMPLES,
+                     seed: int = BOOTSTRAP_SEED) -> dict:
+    """The mean of `values` (per sample: 1/0 for right, or +1/0/-1 for a paired change) with its
+    cluster-bootstrap percentile interval (whole images resampled with replacement, seeded), its
+    bootstrap standard error, the binomial-style standard error that treats samples as independent,
+    and the design effect (the ratio of the two variances, cluster-robust over independent)."""
+    sums, sizes = _per_cluster(groups, values)
+    n, k = sizes.sum(), sizes.size
+    mean = float(sums.sum() / n)
+    v = np.asarray(values, dtype=float).ravel()
+    se_iid = float(np.sqrt(v.var(ddof=1) / n)) if n > 1 else float("nan")
+    robust = float(np.sqrt(k / (k - 1) * ((sums - sizes * mean) ** 2).sum()) / n) if k > 1 else float("nan")
+    idx = np.random.default_rng(seed).integers(0, k, size=(resamples, k))
+    boot = sums[idx].sum(axis=1) / sizes[idx].sum(axis=1)
+    low, high = np.quantile(boot, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return {"mean": mean, "ci_low": float(low), "ci_high": float(high), "se_bootstrap": float(boot.std(ddof=1)),
+            "se_independent": se_iid, "se_cluster": robust,
+            "design_effect": float((robust / se_iid) ** 2) if se_iid > 0 else float("nan"),
+            "images": int(k), "samples": int(n), "resamples": resamples, "seed": seed, "confidence": confidence}
+
+
+def _clustered_fields(groups, net) -> dict:
+    """The clustered test and bootstrap interval of a per-sample net change (+1 gain, -1 loss, 0)."""
+    sums, _ = _per_cluster(groups, net)
+    x2, p = obuchowski(sums)
+    ci = cluster_interval(groups, net)
+    return {"images": ci["images"], "x2_cluster": x2, "p_cluster": p, "ci_low_cluster": ci["ci_low"],
+            "ci_high_cluster": ci["ci_high"], "design_effect": ci["design_effect"],
+            "resamples": ci["resamples"], "bootstrap_seed": ci["seed"]}
+
+
+def _net(labels, before, after) -> np.ndarray:
+    """+1 where only `after` is right, -1 where only `before` is, else 0."""
+    labels = _ints(labels)
+    return (_ints(after) == labels).astype(int) - (_ints(before) == labels).astype(int)
+
+
+def clustered(comparison: dict, labels, before, after, groups) -> dict:
+    """Add to a `paired` comparison what the images of its crops change (see the module doc):
+    `images`, Obuchowski's `x2_cluster` / `p_cluster`, the cluster-bootstrap interval
+    `ci_low_cluster` / `ci_high_cluster`, `design_effect`, `resamples`, `bootstrap_seed`; `p_judged`
+    (the larger of the exact and the clustered p) and the verdict made with it."""
+    comparison.update(_clustered_fields(groups, _net(labels, before, after)))
+    comparison["p_judged"] = max(comparison["p_value"], comparison["p_cluster"])
+    return judge(comparison, "p_judged")
+
+
+def stratified(labels, pairs: dict, groups=None, *, confidence: float = CONFIDENCE) -> dict:
+    """The change from `before` to `after` over seeds on one shared test set, from the per-crop pairs
+    of every seed (pairs: seed -> (before, after) predictions): per-seed gains and losses, their
+    pooled counts, the mean change, the exact stratified McNemar p-value (gains among the pooled
+    discordant pairs, binomial at 1/2) and its verdict; with `groups`, the clustered fields over
+    images (each image holding its crops' pairs of every seed) and the verdict from `p_judged`."""
+    per_seed = {s: discordant(labels, b, a) for s, (b, a) in pairs.items()}
+    gains, losses = (sum(t[k] for t in per_seed.values()) for k in ("gains", "losses"))
+    n = sum(t["n"] for t in per_seed.values())
+    out = {"seeds": list(pairs), "per_seed": [{"seed": s, **t} for s, t in per_seed.items()], "n": n,
+           "gains": gains, "losses": losses, "change": (gains - losses) / n, "confidence": confidence,
+           "p_value": mcnemar_p(gains, losses), "level": LEVEL, "test": "stratified exact McNemar"}
+    judge(out)
+    if groups is None:
+        return out
+    net = np.concatenate([_net(labels, b, a) for b, a in pairs.values()])
+    out.update(_clustered_fields(np.tile(np.asarray(groups).ravel(), len(pairs)), net))
+    out["p_judged"] = max(out["p_value"], out["p_cluster"])
+    return judge(out, "p_judged")
 
 
 def _z(confidence: float) -> float:

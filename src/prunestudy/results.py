@@ -10,6 +10,7 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from . import atomic, codedigest, config, data, graph, machine, methods, metrics, paths, records, states
@@ -46,6 +47,8 @@ def collect_results(run_dir, params: dict | None = None, timings: dict | None = 
         res["params_hash"] = config.stage_hash(params)
         if config.repeat_seeds(params):
             res["repeats"] = [seed_results(run_dir, s, paths.repeat_name(s)) for s in config.repeat_seeds(params)]
+            if test is not None:
+                res["seeds_paired"] = seeds_paired(run_dir, params, res["repeats"], *test)
     if timings is not None:
         res["timings_s"] = timings
     res["computed"] = computed(run_dir)
@@ -101,13 +104,51 @@ def seed_results(run_dir, seed: int, where: str = ".") -> dict:
     out = {"seed": seed, "dir": where}
     run_dir = Path(run_dir) / where
     test = _test_set(run_dir)
+    preds = {}
     for state in states.ALL:
         path = states.folder(run_dir, state.key) / paths.METRICS
         if path.is_file():
             m = _scored(atomic.read_json(path), states.folder(run_dir, state.key), test)
             out[state.key] = {k: m.get(k) for k in ("test_accuracy", "balanced_accuracy", "macro_f1", "test_loss",
                                                     "global_sparsity")}
+            if (pred := _predictions(states.folder(run_dir, state.key), test)) is not None:
+                preds[state.key] = pred
+    if preds:   # a repeat is judged like the run: each of its states against the majority floor
+        out["floor"] = metrics.floor(test[0], preds, test[1])
     return out
+
+
+def seeds_paired(run_dir, params: dict, repeats: list[dict], labels: np.ndarray, classes: list[str]) -> list[dict]:
+    """Each of states.COMPARED over the run's seed and its repeats, from the per-crop pairs of every
+    seed (metrics.stratified, clustered by image where the manifest names them): pooled gains and
+    losses, the stratified exact test, the clustered test and interval; `at_floor`: the seeds where
+    either state is at the majority floor or collapsed (nothing can then be concluded)."""
+    run_dir = Path(run_dir)
+    folders = {params.get("seed"): run_dir, **{r["seed"]: run_dir / r["dir"] for r in repeats}}
+    groups = test_groups(run_dir, labels)
+    out = []
+    for a, b in states.COMPARED:
+        pairs, bad = {}, []
+        for seed, folder in folders.items():
+            pa, pb = (_predictions(states.folder(folder, k), (labels, classes)) for k in (a, b))
+            if pa is not None and pb is not None:
+                pairs[seed] = (pb, pa)
+                if metrics.flagged(metrics.floor(labels, {a: pa, b: pb}, classes)):
+                    bad.append(seed)
+        if len(pairs) >= 2:
+            out.append({"after": a, "before": b, **metrics.stratified(labels, pairs, groups), "at_floor": bad})
+    return out
+
+
+def test_groups(run_dir, labels: np.ndarray) -> np.ndarray | None:
+    """The image of each test sample (its manifest's image_id, in the order of the test labels), or
+    None where the manifest is missing or does not fit the labels."""
+    path = paths.stage_dir(run_dir, "data") / paths.manifest("test")
+    if not path.is_file():
+        return None
+    m = pd.read_csv(path, usecols=["index", "image_id"]).sort_values("index")
+    ids = m["image_id"].to_numpy()
+    return ids if ids.size == labels.size else None
 
 
 def curve_names(run_dir, params: dict | None) -> list[str]:
@@ -204,9 +245,18 @@ def comparisons(run_dir, res: dict, labels: np.ndarray, classes: list[str]) -> d
     run_dir = Path(run_dir)
     preds = {s.key: p for s in states.ALL if s.stage in res
              and (p := _predictions(states.folder(run_dir, s.key), (labels, classes))) is not None}
+    groups = test_groups(run_dir, labels)
+
+    def pair(before: np.ndarray, after: np.ndarray) -> dict:
+        c = metrics.paired(labels, before, after)
+        return c if groups is None else metrics.clustered(c, labels, before, after, groups)
     out: dict = {"floor": metrics.floor(labels, preds, classes) if preds else None,
-                 "paired": [{"after": a, "before": b, **metrics.paired(labels, preds[b], preds[a])}
+                 "paired": [{"after": a, "before": b, **pair(preds[b], preds[a])}
                             for a, b in states.COMPARED if a in preds and b in preds]}
+    if groups is not None:
+        out["test_clusters"] = metrics.cluster_sizes(groups)
+        for state, e in ((out["floor"] or {}).get("states") or {}).items():
+            e["accuracy_clustered"] = metrics.cluster_interval(groups, preds[state] == labels)
     dense = preds.get("trained")
     families: dict[str, list[dict]] = {}
     points: dict[tuple[str, float, str], np.ndarray] = {}   # (method, amount, when) -> predictions
@@ -219,15 +269,16 @@ def comparisons(run_dir, res: dict, labels: np.ndarray, classes: list[str]) -> d
             s = metrics.scores(labels, pred, classes)
             for k in ("balanced_accuracy", "macro_f1"):
                 e[f"{k}_{when}"] = s[k]
+            e[f"floor_{when}"] = metrics.floor(labels, {"point": pred}, classes)["states"]["point"]
             if dense is not None:
-                e[f"paired_{when}"] = metrics.paired(labels, dense, pred)
+                e[f"paired_{when}"] = pair(dense, pred)
                 families.setdefault(f"paired_{when}", []).append(e[f"paired_{when}"])
     floor = methods.floor()
     for e in res.get("curve") or []:   # each method against random pruning at the same amount
         for when in ("before", "after"):
             base, pred = points.get((floor, e["amount"], when)), points.get((e["method"], e["amount"], when))
             if e["method"] != floor and base is not None and pred is not None:
-                e[f"vs_floor_{when}"] = metrics.paired(labels, base, pred)
+                e[f"vs_floor_{when}"] = pair(base, pred)
                 families.setdefault(f"vs_floor_{when}", []).append(e[f"vs_floor_{when}"])
     for family in families.values():
         metrics.correct(family)

@@ -104,6 +104,8 @@ def f_curve(results: dict) -> str | None:
 
     def vs_dense(m: str) -> str:
         c = at_top[m].get(f"paired_{stage}")
+        if at_floor(at_top[m], stage):
+            return f"; {at_floor_text(results)}"
         return "" if c is None else f"; {signed(100 * c['change'])} points against the dense model, {_short(c)}"
     parts = "; ".join(f"{m} {pct(a)} (sparsity {pct(at_top[m]['sparsity'], 0)}{vs_dense(m)})" for m, a in acc.items())
     n_amounts = len({e["amount"] for e in curve})
@@ -111,12 +113,15 @@ def f_curve(results: dict) -> str | None:
          f"amount{'s' * (n_amounts != 1)}), at the largest "
          f"amount ({pct(top, 0)}) test accuracy {stage} retraining was: {parts}")
     rand = floor_method()
-    if rand in acc:
+    if rand in acc and at_floor(at_top[rand], stage):
+        s += (f". Random pruning scored {pct(acc[rand])} there ({at_floor_text(results)}), so it is no floor for "
+              "the other methods and none is compared against it")
+    elif rand in acc:
         s += f". Random pruning, the floor, scored {pct(acc[rand])} there"
         against = []
         for m in acc:
             c = at_top[m].get(f"vs_floor_{stage}")
-            if m == rand or c is None:
+            if m == rand or c is None or at_floor(at_top[m], stage):
                 continue
             sparsity = (f" at {pct(at_top[m]['sparsity'], 0)} sparsity against random's "
                         f"{pct(at_top[rand]['sparsity'], 0)}"
@@ -137,6 +142,20 @@ def f_curve(results: dict) -> str | None:
              f"; {'only ' * (len(saving) < len(methods))}{', '.join(saving)} saved time (speedup interval above "
              f"{efficiency.MIN_SPEEDUP:.2f}×)"))
     return s + "."
+
+
+def at_floor(e: dict, when: str) -> bool:
+    """Whether a curve point's model (before or after retraining) is at the majority-class floor or
+    collapsed onto one class (results.json's floor_before / floor_after), judged like a run's states."""
+    f = e.get(f"floor_{when}") or {}
+    return bool(f.get("at_floor") or f.get("collapsed"))
+
+
+def at_floor_text(results: dict) -> str:
+    """'not above the majority-class floor of 15.1%: nothing can be concluded from it'."""
+    share = (results.get("floor") or {}).get("share")
+    floor = f" of {pct(share)}" if share is not None else ""
+    return f"not above the majority-class floor{floor}: nothing can be concluded from it"
 
 
 def _short(c: dict) -> str:

@@ -116,9 +116,25 @@ def _f_accuracy(results: dict) -> str | None:
     if extra:
         s += f" ({'; '.join(extra)})"
     if n:
-        s += (f"; on {count(n)} test crops one binomial standard error of that accuracy is "
-              f"±{100 * binomial_se(acc, n):.1f} points")
+        s += f"; {_uncertainty(results, acc, n)}"
     return s + "."
+
+
+def _uncertainty(results: dict, acc: float, n: int) -> str:
+    """The standard error of the trained accuracy: binomial where the test crops are independent
+    (one per image, or images unknown), else the image-level (cluster bootstrap) one beside it."""
+    binomial = f"±{100 * binomial_se(acc, n):.1f} points"
+    clusters = results.get("test_clusters")
+    e = (((results.get("floor") or {}).get("states") or {}).get("trained") or {}).get("accuracy_clustered")
+    if not clusters:
+        return f"on {count(n)} test crops one binomial standard error of that accuracy is {binomial}"
+    where = f"on {count(n)} test crops from {count(clusters['images'])} images"
+    if clusters["one_per_image"] or not e:
+        return f"{where} (one per image: independent) one binomial standard error of that accuracy is {binomial}"
+    return (f"{where} one standard error of that accuracy is ±{100 * e['se_bootstrap']:.1f} points when whole "
+            f"images are resampled ({e['resamples']} cluster-bootstrap resamples, seed {e['seed']}; "
+            f"{e['confidence']:.0%} interval {pct(e['ci_low'])} to {pct(e['ci_high'])}), against {binomial} if the "
+            f"crops were independent (design effect {e['design_effect']:.1f})")
 
 
 def _f_train_loss(results: dict, state: str) -> str | None:

@@ -1,5 +1,11 @@
 """Is it noise? The study repeated over random seeds: accuracy (and balanced accuracy, macro-F1)
-per seed, paired changes with Student-t confidence intervals, their sentences and the seeds figure."""
+per seed, paired changes per seed with their spread, their sentences and the seeds figure.
+
+All seeds share one test set, so a Student-t interval over seeds measures only how training varies
+from seed to seed: it says nothing of the test set's own noise (a few crops, from fewer images).
+A change over seeds is therefore judged with results.json's `seeds_paired` (the per-crop pairs of
+every seed: stratified exact McNemar test, clustered by image, prunestudy.metrics.stratified), and
+never called "beyond noise" from the t-interval alone."""
 
 from __future__ import annotations
 
@@ -116,8 +122,10 @@ def paired_styler(results: dict):
     return (df.style.format({c: "{:.2f}" if c.startswith("SD") else "{:+.2f}" for c in df.columns if c != "seeds"},
                             na_rep="—")
             .set_caption(f"Paired change of test accuracy in points, per seed (the same seed's models compared). "
-                         f"CI: {CONFIDENCE:.0%} Student-t confidence interval of the mean change over seeds; an "
-                         "interval that holds 0 means the change is not distinguishable from seed-to-seed noise."))
+                         f"CI: {CONFIDENCE:.0%} Student-t interval of the mean change over seeds. Every seed is "
+                         "scored on the same test crops, so this interval measures only the spread of training "
+                         "over seeds, not the noise of the test set: the verdict is the paired test over all "
+                         "seeds' crops in the text above."))
 
 
 def seeds_markdown(results: dict) -> str:
@@ -139,11 +147,10 @@ def seeds_markdown(results: dict) -> str:
     for name, r in paired.iterrows():
         if r["seeds"] < 2:
             continue
-        lo, hi = r[CI_LOW], r[CI_HIGH]
-        verdict = ("the interval holds 0: not distinguishable from seed-to-seed noise" if lo <= 0 <= hi
-                   else f"the interval excludes 0: a {'loss' if hi < 0 else 'gain'} beyond seed-to-seed noise")
-        lines.append(f"- {md_escape(name)}: {r['mean (points)']:+.2f} points on average over {int(r['seeds'])} seeds, "
-                     f"{CONFIDENCE:.0%} CI [{lo:+.2f}, {hi:+.2f}]; {verdict}.")
+        a, b = _pair_of(name)
+        lines.append(f"- {md_escape(name)}: {r['mean (points)']:+.2f} points on average over {int(r['seeds'])} seeds "
+                     f"(Student-t {CONFIDENCE:.0%} interval over seeds [{r[CI_LOW]:+.2f}, {r[CI_HIGH]:+.2f}], the "
+                     f"spread of training only: all seeds share one test set); {pooled_text(results, a, b)}.")
     pruning = _pruning_change(paired)
     if pruning is not None and reference.data_source(results)["comparable"]:
         lo, hi = pruning[CI_LOW], pruning[CI_HIGH]
@@ -154,6 +161,41 @@ def seeds_markdown(results: dict) -> str:
         lines.append(f"- The seed report's change after pruning (one seed; from its rounded figures somewhere between "
                      f"{seed[0]:+.0f} and {seed[1]:+.0f} points) lies {where} this study's interval for it.")
     return "\n".join(lines)
+
+
+def _pair_of(name: str) -> tuple[str, str]:
+    """The (after, before) states of a paired_table row name."""
+    return next((a, b) for a, b in PAIRS if pair_name(a, b) == name)
+
+
+def pooled(results: dict, after: str, before: str) -> dict | None:
+    """results.json's change from `before` to `after` over all seeds (metrics.stratified), if made."""
+    return next((c for c in results.get("seeds_paired") or [] if c["after"] == after and c["before"] == before), None)
+
+
+def pooled_text(results: dict, after: str, before: str) -> str:
+    """The change over seeds as the paired test on every seed's crops says it: pooled gains and
+    losses, the stratified exact p (and the image-clustered p and interval), the verdict; 'nothing
+    can be concluded' where a seed's model sits at the majority floor. Never 'beyond noise'."""
+    c = pooled(results, after, before)
+    if c is None:
+        return "the per-crop pairs of the seeds were not found, so no test over seeds was made"
+    n_seeds = len(c["seeds"])
+    nets = ", ".join(f"{t['gains'] - t['losses']:+d}" for t in c["per_seed"])
+    s = (f"pooled over the {n_seeds} seeds' {c['n'] // n_seeds} test crops each, {c['gains']} crop answers gained "
+         f"and {c['losses']} lost (per seed, net {nets}); "
+         f"stratified exact McNemar p = {c['p_value']:.2f}")
+    if "p_cluster" in c:
+        s += (f", clustered by the {c['images']} test images p = {c['p_cluster']:.2f}, {CONFIDENCE:.0%} cluster-"
+              f"bootstrap interval [{100 * c['ci_low_cluster']:+.2f}, {100 * c['ci_high_cluster']:+.2f}] points")
+    if c["at_floor"]:
+        return s + (f"; but in seed{'s' * (len(c['at_floor']) > 1)} {', '.join(md_escape(x) for x in c['at_floor'])} "
+                    "a model is at the majority-class floor, so nothing can be concluded from this change")
+    verdict = {"too few changes": "too few crops changed answer for any verdict",
+               "no significant change": "no significant change: not distinguishable from the noise of this test set",
+               "gain": f"a significant gain on this test set at {c['level']:.0%}",
+               "drop": f"a significant drop on this test set at {c['level']:.0%}"}[c["verdict"]]
+    return f"{s}: {verdict}"
 
 
 def _pruning_change(paired: pd.DataFrame) -> pd.Series | None:
@@ -168,10 +210,9 @@ def f_seeds(results: dict) -> str | None:
     r = _pruning_change(paired_table(results))
     if r is None:
         return None
-    lo, hi = r[CI_LOW], r[CI_HIGH]
-    return (f"Over {int(r['seeds'])} seeds, pruning changed test accuracy by {r['mean (points)']:+.2f} points "
-            f"({CONFIDENCE:.0%} CI {lo:+.2f} to {hi:+.2f}): "
-            + ("within seed-to-seed noise." if lo <= 0 <= hi else "beyond seed-to-seed noise."))
+    return (f"Over {int(r['seeds'])} seeds, pruning changed test accuracy by {r['mean (points)']:+.2f} points on "
+            f"average (seed-to-seed spread only, Student-t {CONFIDENCE:.0%} interval {r[CI_LOW]:+.2f} to "
+            f"{r[CI_HIGH]:+.2f}); {pooled_text(results, 'pruned', 'trained')}.")
 
 
 def plot_seeds(results: dict) -> Figure:
