@@ -91,9 +91,10 @@ def test_lab_copies_hold_the_runs_values_as_literals_and_the_tracked_code(run_di
         assert values["run_dir"] == str(run_dir)
         assert code_cells(copy_path) == code_cells(ROOT / "notebooks" / paths.NOTEBOOK_OF[stage])
         assert all(not c.get("outputs") for c in nbformat.read(copy_path, as_version=4).cells)
-        # each line's comment kept
-        assert [line.partition("#")[2] for line in source.splitlines()] == \
-               [line.partition("#")[2] for line in tracked_source.splitlines()]
+        # each line's comment kept, but run_dir's, which told what None meant
+        comments = [line.partition("#")[2] for line in source.splitlines()]
+        assert comments[0] == " the run folder of this copy" and "None means" in tracked_source.splitlines()[0]
+        assert comments[1:] == [line.partition("#")[2] for line in tracked_source.splitlines()[1:]]
     train, _ = parameters(paths.lab_notebook(run_dir, "train"))
     prune, source = parameters(paths.lab_notebook(run_dir, "prune"))
     assert train["lr"] == 0.001 and train["epochs"] == 1   # the smoke run's, not the defaults (0.0001, 10)
