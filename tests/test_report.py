@@ -947,7 +947,7 @@ def test_seed_report_figures_come_from_their_data_file(run, tmp_path, monkeypatc
     res["params"]["train"]["batch_size"] = 64
     df = report.summary_table(res)
     assert df.loc["seed report (COCO 2017): trained", report.ACC] == 75.0
-    assert "batch 64" in report.title_markdown(res) and "batch-size (64)" in report.seed_report()["note"]
+    assert "batch 64" in report.summary_styler(res).to_html() and "batch-size (64)" in report.seed_report()["note"]
     assert "against the seed's 75% (a rounded figure: 74.5–75.5%)" in _sentence(report.findings(res), "seed's 75%")
 
 
@@ -1006,3 +1006,69 @@ def test_every_report_and_stages_name_a_notebook_calls_exists():
     assert not missing, missing
     analysis = {attr for nb, m, attr in calls if nb == "05_analysis.ipynb" and m == "report"}
     assert analysis <= set(report.__all__)   # the analysis notebook's names are the package's public ones
+
+
+# --------------------------------------------------------------------------- the verdict (issue 32)
+
+def _verdict_results(*, change=-0.004, lo=-0.014, hi=0.006, p=0.52, verdict="no significant change",
+                     at_floor=False, channel=False, timed=False, saves=False) -> dict:
+    """A hand-made results dict: dense 57.3%, a retrained model `change` away, one paired test, the floor
+    flag of the trained model, and a masked (untimed) or channel (smaller, timed) efficiency summary."""
+    dense = 0.573
+    pair = {"after": "retrained", "before": "trained", "n": 1000, "change": change, "ci_low": lo, "ci_high": hi,
+            "p_value": p, "verdict": verdict, "gains": 20, "losses": 24, "confidence": 0.95, "level": 0.05,
+            "agree": 0.956}
+    eff = {"dense_params_total": 4_000_000, "params_total": 2_000_000 if channel else 4_000_000,
+           "params_nonzero": 2_000_000, "dense_state_dict_bytes": 16_000_000,
+           "state_dict_bytes": 8_000_000 if channel else 16_000_100, "sparse_compressed_bytes": 9_000_000,
+           "dense_macs": 40_000_000, "macs": 20_000_000 if channel else 40_000_000, "effective_macs": 20_000_000,
+           "theoretical_speedup": 2.0}
+    if timed:
+        eff.update({"measured_speedup": 1.8, "speedup_ci": [1.7, 1.9] if saves else [0.9, 1.2], "saves_time": saves,
+                    "latency": {"cpu": {"rows": [{"batch": 1, "model": "pruned", "median_ms": 5.0}]}}})
+    else:
+        eff.update(efficiency.untimed(2.0))
+    floor = {"class": "person", "share": 0.55, "n": 1000, "level": 0.05,
+             "states": {"trained": {"accuracy": dense, "at_floor": at_floor, "collapsed": False, "p_value": 0.3,
+                                    "top_class": "person", "top_share": 0.6, "top_test_share": 0.55}}}
+    return {"train": {"test_accuracy": dense}, "prune": {"test_accuracy": dense - 0.01, "efficiency": eff},
+            "retrain": {"test_accuracy": dense + change}, "paired": [pair], "floor": floor}
+
+
+def test_the_verdict_at_the_floor_says_nothing_can_be_concluded():
+    v = report.verdict(_verdict_results(at_floor=True, verdict="drop", p=0.001))
+    assert v.startswith("Nothing can be concluded about pruning: the trained (57.3%) model is at the majority")
+    assert "'person' scores 55.0%" in v and "beyond noise" not in v and "McNemar" not in v
+
+
+def test_the_verdict_of_a_change_within_noise_gives_its_interval_and_test_and_what_was_bought():
+    v = report.verdict(_verdict_results())
+    assert "after retraining cannot be told from noise (57.3% → 56.9%, -0.4 points, 95% CI -1.4 to +0.6 points, " \
+           "exact McNemar p = 0.520)" in v
+    assert "the drop is at most 1.4 points" in v
+    assert "50.0% of the 4,000,000 parameters zeroed or removed" in v and "the same 16.00 MB on disk" in v
+    assert "9.00 MB as a sparse estimate" in v and "all of them still run" in v
+    assert "no time (it runs the dense model's computation)" in v
+
+
+def test_the_verdict_of_a_gain_beyond_noise():
+    v = report.verdict(_verdict_results(change=0.021, lo=0.008, hi=0.034, p=0.0004, verdict="gain"))
+    assert "Test accuracy rose by 2.1 points after retraining" in v and "p < 0.001" in v and "beyond noise" in v
+
+
+def test_the_verdict_of_channel_pruning_that_saves_time():
+    v = report.verdict(_verdict_results(channel=True, timed=True, saves=True, change=-0.03, lo=-0.045, hi=-0.015,
+                                        p=0.0001, verdict="drop"))
+    assert "Pruning cost 3.0 points of test accuracy after retraining" in v
+    assert "16.00 → 8.00 MB on disk" in v and "40.0 → 20.0 M MACs run" in v
+    assert "1.80× the dense speed (95% CI 1.70–1.90×): saves time" in v
+    v = report.verdict(_verdict_results(channel=True, timed=True, saves=False))
+    assert "(95% CI 0.90–1.20×): no time saved beyond noise" in v
+
+
+def test_the_verdict_leads_the_title_and_the_floor_is_said_once():
+    res = _verdict_results(at_floor=True)
+    title = report.title_markdown(res)
+    assert title.index("**Verdict.**") < 200 and title.count("majority") == 1
+    assert "[majority-class floor](#glossary-floor)" in title   # linked to the glossary
+    assert 'id="glossary-floor"' in report.glossary_markdown()
