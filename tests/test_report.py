@@ -841,6 +841,29 @@ def test_per_class_table_with_no_change_renders_without_warnings(run):
     assert "0.0" in html
 
 
+def test_p_values_read_the_same_in_the_tables_as_in_the_sentences(run):
+    """A p-value below 0.001 reads '< 0.001' in the per-class table (escaped in its HTML), as the
+    sentences say 'p < 0.001', not '0.000'; tables and prose use the one formatter (common.p_figure)."""
+    from scipy.stats import binomtest
+
+    from prunestudy.report.common import p_cell, p_figure, pvalue
+
+    labels, train = run["test_labels"], run["preds"]["train"]
+    pruned = train.copy()
+    lost = (labels == 0) & (train == 0)     # the pruned model now misses every person the trained one got
+    pruned[lost] = 1
+    np.save(run["dir"] / "prune" / "predictions.npy", pruned)
+    assert binomtest(0, int(lost.sum()), 0.5).pvalue < 0.001
+    df = report.per_class_table(run["dir"])
+    assert df.loc["person", "pruned: p"] < 0.001 and df.loc["person", "pruned: p (Holm)"] < 0.001
+    html = report.per_class_styler(run["dir"]).to_html()
+    assert "&lt; 0.001" in html and "0.000<" not in html
+    assert p_figure(0.0004) == "< 0.001" and pvalue(0.0004) == "p < 0.001" and p_cell(0.0004) == "&lt; 0.001"
+    assert p_figure(0.03125) == "0.031" and pvalue(0.03125) == "p = 0.031" and p_figure(1.0) == "1.000"
+    md = report.per_class_markdown(run["dir"])
+    assert "p < 0.001 after correction" in md and "p = 0.000" not in md
+
+
 def test_per_class_table_escapes_class_names_in_html(run):
     html = report.per_class_styler(run["dir"]).to_html()
     assert "&lt;b&gt;dog&lt;/b&gt;" in html and "<b>dog</b>" not in html

@@ -29,6 +29,7 @@ from .common import (
     pct,
     plural,
     pts,
+    pvalue,
     relative,
     signed,
     small_classes,
@@ -59,7 +60,7 @@ def floor_detail(floor: dict, bad: dict) -> str:
         what = [f"{pct(e['accuracy'])}"]
         if e["at_floor"]:
             what.append(f"not significantly above the majority floor of {pct(floor['share'])} (always answering "
-                        f"'{floor['class']}'; exact binomial test of being above it: p = {e['p_value']:.2f})")
+                        f"'{floor['class']}'; exact binomial test of being above it: {pvalue(e['p_value'])})")
         if e["collapsed"]:
             what.append(f"answering '{e['top_class']}' for {pct(e['top_share'])} of the test crops ("
                         f"'{e['top_class']}' is {pct(e['top_test_share'])} of them)")

@@ -12,7 +12,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from .. import atomic, metrics, paths, states
-from .common import data_info, min_test, pvalue, signed, where
+from .common import data_info, min_test, p_cell, pvalue, signed, where
 from .style import figure, label, literal, md_escape, placeholder
 
 
@@ -115,7 +115,7 @@ def per_class_styler(run_dir):
     if df.empty:
         return df
     fmt = {c: "{:.1f}" for c in df.columns if df[c].dtype.kind == "f"}
-    fmt.update({c: "{:.3f}" for c in df.columns if c.endswith(": p") or c.endswith("(Holm)")})
+    fmt.update({c: p_cell for c in df.columns if c.endswith(": p") or c.endswith("(Holm)")})
     # bars only where a change is not zero everywhere (pandas divides by the column's range)
     change = [c for c in df.columns if c.endswith("(points)") and df[c].abs().max() > 0]
     return (df.style.format(fmt, na_rep="—").format_index(escape="html")   # class names are untrusted text
