@@ -882,6 +882,43 @@ def test_small_classes_are_named_and_get_no_verdict(run):
     assert "Too few test crops" not in report.data_markdown(info, 1)
 
 
+def test_the_data_table_says_what_each_skip_column_counts(run):
+    """Under the data table, one line names every reject column (capped, iscrowd, other_class,
+    small, ...) with what it counts, read from data.SKIP_REASONS (the one place they are said)."""
+    from prunestudy import data
+    from prunestudy.report.style import md_escape
+
+    info = json.loads((run["dir"] / "data" / "data.json").read_text())
+    info["skipped"] = {"train": {"capped": 7, "iscrowd": 2, "other_class": 40, "small": 3},
+                       "test": {"iscrowd": 1, "small": 1, "corrupt_image": 2}}
+    md = report.data_markdown(info)
+    lines = md.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| split | kept |"))
+    columns = [c.strip() for c in lines[header].strip("|").split("|")][2:]
+    assert columns == [md_escape(k) for k in ("capped", "corrupt_image", "iscrowd", "other_class", "small")]
+    legend = next(line for line in lines[header + 4:] if line)   # the first line after the table's rows
+    for k, column in zip(sorted(info["skipped"]["train"] | info["skipped"]["test"]), columns):
+        assert f"*{column}*: {md_escape(data.SKIP_REASONS[k])}" in legend
+    assert "data.max\\_per\\_class" in legend and "data.min\\_box" in legend   # the parameters named
+    # every reason the selection counts has its words (the reasons coco.py and crops.py add too)
+    assert {"iscrowd", "small", "other_class", "capped", "not_largest", "no_image", "invalid_box", "malformed",
+            "unknown_category", "bad_image_record", "missing_file", "corrupt_image", "size_mismatch"} \
+        <= set(data.SKIP_REASONS)
+    info["skipped"] = {}
+    assert "by reason" not in report.data_markdown(info)
+
+
+def test_table_captions_link_their_terms_to_the_glossary(run):
+    """The per-class caption's Holm (and McNemar, Newcombe) and the efficiency caption's MMACs link to
+    their glossary entries, which exist."""
+    caption = report.per_class_styler(run["dir"]).caption
+    assert '<a href="#glossary-holm">Holm</a>' in caption and '<a href="#glossary-mcnemar">' in caption
+    caption = report.linked_caption(report.efficiency_styler(run["results"])).caption
+    assert '<a href="#glossary-macs">MMACs</a>' in caption
+    anchors = report.glossary_markdown()
+    assert 'id="glossary-holm"' in anchors and 'id="glossary-macs"' in anchors
+
+
 # --------------------------------------------------------------------------- seeds
 
 def _repeat(seed, trained, pruned, retrained, control):

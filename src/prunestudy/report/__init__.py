@@ -40,7 +40,7 @@ from .curves import cut_threshold, plot_epoch_metrics, plot_layer_sparsity, plot
 from .data import data_markdown, plot_class_counts, plot_samples, sample_mosaic
 from .efficiency import efficiency_markdown, efficiency_styler, efficiency_table
 from .findings import amount_phrase, control_markdown, findings, findings_markdown, findings_section
-from .glossary import glossary_markdown
+from .glossary import glossary_markdown, linked_caption
 from .grid import (
     floor_markdown,
     grid_heading,
@@ -104,7 +104,7 @@ __all__ = [
     "amount_phrase", "binomial_se", "dead_units", "min_test", "confusion_matrix", "control_markdown", "cut_threshold",
     "data_markdown",
     "efficiency_markdown", "efficiency_styler", "efficiency_table", "epoch_table", "findings", "findings_markdown",
-    "findings_section", "glossary_markdown", "verdict", "verdict_markdown",
+    "findings_section", "glossary_markdown", "linked_caption", "verdict", "verdict_markdown",
     "latency_point", "literal", "md_escape", "paired_styler", "paired_table", "per_class_markdown",
     "per_class_styler", "per_class_table", "plot_accuracy", "plot_class_counts", "plot_confusion",
     "plot_epoch_metrics", "plot_layer_sparsity", "plot_samples", "plot_seeds", "plot_step_loss", "plot_tradeoff",

@@ -39,6 +39,15 @@ def link(text: str, terms=TERMS, html: bool = False) -> str:
     return text
 
 
+def linked_caption(styler):
+    """A table (pandas Styler) whose caption links the first mention of each term, in place: the
+    caption is HTML (pandas does not escape it)."""
+    caption = getattr(styler, "caption", None)
+    if caption:
+        styler.set_caption(link(caption, html=True))
+    return styler
+
+
 def glossary_markdown() -> str:
     """The glossary section: one anchored line per term."""
     rows = [f'- <a id="{anchor}"></a>**{term}**: {text}' for term, (anchor, _, text) in TERMS.items()]
