@@ -48,3 +48,31 @@ def test_hostile_names_run_nothing_in_the_browser(coco_run):
         assert found["broken_images"] == [], page.name  # an injected <img src=x> would be one
         if page.name in ("report.html", "01_data.html"):
             assert all(name in found["text"] for name in HOSTILE.values()), page.name  # readable as text
+
+
+def _first_screen(run_dir, name="report.html"):
+    """What a reader meets at 1366x768: the verdict's box on the first screen, and the tables too wide."""
+    return browser.inspect(run_dir / name, first_screen="text=Verdict.")
+
+
+@pytest.mark.e2e
+def test_the_verdict_is_on_the_first_screen_and_no_table_is_wider_than_the_page(smoke_run):
+    found = _first_screen(smoke_run[0])
+    assert found["first_screen_visible"], found["first_screen_box"]
+    assert found["first_screen_box"]["y"] < 250   # first, above the table
+    assert found["wide_tables"] == []
+    assert "No sweep in this run" not in found["text"]   # no section for what the run did not compute
+    assert len(found["first_screen_text"].split()) < 450   # 541 before the verdict (issue 32)
+
+
+@pytest.mark.e2e
+def test_the_verdict_on_real_photos_at_the_floor_says_it_once(coco_run):
+    found = _first_screen(coco_run[0])
+    assert found["first_screen_visible"] and found["wide_tables"] == []
+    assert found["first_screen_text"].count("Nothing can be concluded") == 1
+
+
+@pytest.mark.e2e
+def test_every_figure_has_its_caption_as_alt_text(smoke_run):
+    html = (smoke_run[0] / "report.html").read_text()
+    assert "No description has been provided" not in html and 'alt="Test accuracy' in html

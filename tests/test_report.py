@@ -873,6 +873,29 @@ def test_per_class_table_with_no_change_renders_without_warnings(run):
     assert "0.0" in html
 
 
+def test_p_values_read_the_same_in_the_tables_as_in_the_sentences(run):
+    """A p-value below 0.001 reads '< 0.001' in the per-class table (escaped in its HTML), as the
+    sentences say 'p < 0.001', not '0.000'; tables and prose use the one formatter (common.p_figure)."""
+    from scipy.stats import binomtest
+
+    from prunestudy.report.common import p_cell, p_figure, pvalue
+
+    labels, train = run["test_labels"], run["preds"]["train"]
+    pruned = train.copy()
+    lost = (labels == 0) & (train == 0)     # the pruned model now misses every person the trained one got
+    pruned[lost] = 1
+    np.save(run["dir"] / "prune" / "predictions.npy", pruned)
+    assert binomtest(0, int(lost.sum()), 0.5).pvalue < 0.001
+    df = report.per_class_table(run["dir"])
+    assert df.loc["person", "pruned: p"] < 0.001 and df.loc["person", "pruned: p (Holm)"] < 0.001
+    html = report.per_class_styler(run["dir"]).to_html()
+    assert "&lt; 0.001" in html and "0.000<" not in html
+    assert p_figure(0.0004) == "< 0.001" and pvalue(0.0004) == "p < 0.001" and p_cell(0.0004) == "&lt; 0.001"
+    assert p_figure(0.03125) == "0.031" and pvalue(0.03125) == "p = 0.031" and p_figure(1.0) == "1.000"
+    md = report.per_class_markdown(run["dir"])
+    assert "p < 0.001 after correction" in md and "p = 0.000" not in md
+
+
 def test_per_class_table_escapes_class_names_in_html(run):
     html = report.per_class_styler(run["dir"]).to_html()
     assert "&lt;b&gt;dog&lt;/b&gt;" in html and "<b>dog</b>" not in html
@@ -889,6 +912,43 @@ def test_small_classes_are_named_and_get_no_verdict(run):
     info = json.loads((run["dir"] / "data" / "data.json").read_text())
     assert "Too few test crops to read per class" in report.data_markdown(info, 60)
     assert "Too few test crops" not in report.data_markdown(info, 1)
+
+
+def test_the_data_table_says_what_each_skip_column_counts(run):
+    """Under the data table, one line names every reject column (capped, iscrowd, other_class,
+    small, ...) with what it counts, read from data.SKIP_REASONS (the one place they are said)."""
+    from prunestudy import data
+    from prunestudy.report.style import md_escape
+
+    info = json.loads((run["dir"] / "data" / "data.json").read_text())
+    info["skipped"] = {"train": {"capped": 7, "iscrowd": 2, "other_class": 40, "small": 3},
+                       "test": {"iscrowd": 1, "small": 1, "corrupt_image": 2}}
+    md = report.data_markdown(info)
+    lines = md.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| split | kept |"))
+    columns = [c.strip() for c in lines[header].strip("|").split("|")][2:]
+    assert columns == [md_escape(k) for k in ("capped", "corrupt_image", "iscrowd", "other_class", "small")]
+    legend = next(line for line in lines[header + 4:] if line)   # the first line after the table's rows
+    for k, column in zip(sorted(info["skipped"]["train"] | info["skipped"]["test"]), columns):
+        assert f"*{column}*: {md_escape(data.SKIP_REASONS[k])}" in legend
+    assert "data.max\\_per\\_class" in legend and "data.min\\_box" in legend   # the parameters named
+    # every reason the selection counts has its words (the reasons coco.py and crops.py add too)
+    assert {"iscrowd", "small", "other_class", "capped", "not_largest", "no_image", "invalid_box", "malformed",
+            "unknown_category", "bad_image_record", "missing_file", "corrupt_image", "size_mismatch"} \
+        <= set(data.SKIP_REASONS)
+    info["skipped"] = {}
+    assert "by reason" not in report.data_markdown(info)
+
+
+def test_table_captions_link_their_terms_to_the_glossary(run):
+    """The per-class caption's Holm (and McNemar, Newcombe) and the efficiency caption's MMACs link to
+    their glossary entries, which exist."""
+    caption = report.per_class_styler(run["dir"]).caption
+    assert '<a href="#glossary-holm">Holm</a>' in caption and '<a href="#glossary-mcnemar">' in caption
+    caption = report.linked_caption(report.efficiency_styler(run["results"])).caption
+    assert '<a href="#glossary-macs">MMACs</a>' in caption
+    anchors = report.glossary_markdown()
+    assert 'id="glossary-holm"' in anchors and 'id="glossary-macs"' in anchors
 
 
 # --------------------------------------------------------------------------- seeds
@@ -980,7 +1040,7 @@ def test_seed_report_figures_come_from_their_data_file(run, tmp_path, monkeypatc
     res["params"]["train"]["batch_size"] = 64
     df = report.summary_table(res)
     assert df.loc["seed report (COCO 2017): trained", report.ACC] == 75.0
-    assert "batch 64" in report.title_markdown(res) and "batch-size (64)" in report.seed_report()["note"]
+    assert "batch 64" in report.summary_styler(res).to_html() and "batch-size (64)" in report.seed_report()["note"]
     assert "against the seed's 75% (a rounded figure: 74.5–75.5%)" in _sentence(report.findings(res), "seed's 75%")
 
 
@@ -1039,3 +1099,69 @@ def test_every_report_and_stages_name_a_notebook_calls_exists():
     assert not missing, missing
     analysis = {attr for nb, m, attr in calls if nb == "05_analysis.ipynb" and m == "report"}
     assert analysis <= set(report.__all__)   # the analysis notebook's names are the package's public ones
+
+
+# --------------------------------------------------------------------------- the verdict (issue 32)
+
+def _verdict_results(*, change=-0.004, lo=-0.014, hi=0.006, p=0.52, verdict="no significant change",
+                     at_floor=False, channel=False, timed=False, saves=False) -> dict:
+    """A hand-made results dict: dense 57.3%, a retrained model `change` away, one paired test, the floor
+    flag of the trained model, and a masked (untimed) or channel (smaller, timed) efficiency summary."""
+    dense = 0.573
+    pair = {"after": "retrained", "before": "trained", "n": 1000, "change": change, "ci_low": lo, "ci_high": hi,
+            "p_value": p, "verdict": verdict, "gains": 20, "losses": 24, "confidence": 0.95, "level": 0.05,
+            "agree": 0.956}
+    eff = {"dense_params_total": 4_000_000, "params_total": 2_000_000 if channel else 4_000_000,
+           "params_nonzero": 2_000_000, "dense_state_dict_bytes": 16_000_000,
+           "state_dict_bytes": 8_000_000 if channel else 16_000_100, "sparse_compressed_bytes": 9_000_000,
+           "dense_macs": 40_000_000, "macs": 20_000_000 if channel else 40_000_000, "effective_macs": 20_000_000,
+           "theoretical_speedup": 2.0}
+    if timed:
+        eff.update({"measured_speedup": 1.8, "speedup_ci": [1.7, 1.9] if saves else [0.9, 1.2], "saves_time": saves,
+                    "latency": {"cpu": {"rows": [{"batch": 1, "model": "pruned", "median_ms": 5.0}]}}})
+    else:
+        eff.update(efficiency.untimed(2.0))
+    floor = {"class": "person", "share": 0.55, "n": 1000, "level": 0.05,
+             "states": {"trained": {"accuracy": dense, "at_floor": at_floor, "collapsed": False, "p_value": 0.3,
+                                    "top_class": "person", "top_share": 0.6, "top_test_share": 0.55}}}
+    return {"train": {"test_accuracy": dense}, "prune": {"test_accuracy": dense - 0.01, "efficiency": eff},
+            "retrain": {"test_accuracy": dense + change}, "paired": [pair], "floor": floor}
+
+
+def test_the_verdict_at_the_floor_says_nothing_can_be_concluded():
+    v = report.verdict(_verdict_results(at_floor=True, verdict="drop", p=0.001))
+    assert v.startswith("Nothing can be concluded about pruning: the trained (57.3%) model is at the majority")
+    assert "'person' scores 55.0%" in v and "beyond noise" not in v and "McNemar" not in v
+
+
+def test_the_verdict_of_a_change_within_noise_gives_its_interval_and_test_and_what_was_bought():
+    v = report.verdict(_verdict_results())
+    assert "after retraining cannot be told from noise (57.3% → 56.9%, -0.4 points, 95% CI -1.4 to +0.6 points, " \
+           "exact McNemar p = 0.520)" in v
+    assert "the drop is at most 1.4 points" in v
+    assert "50.0% of the 4,000,000 parameters zeroed or removed" in v and "the same 16.00 MB on disk" in v
+    assert "9.00 MB as a sparse estimate" in v and "all of them still run" in v
+    assert "no time (it runs the dense model's computation)" in v
+
+
+def test_the_verdict_of_a_gain_beyond_noise():
+    v = report.verdict(_verdict_results(change=0.021, lo=0.008, hi=0.034, p=0.0004, verdict="gain"))
+    assert "Test accuracy rose by 2.1 points after retraining" in v and "p < 0.001" in v and "beyond noise" in v
+
+
+def test_the_verdict_of_channel_pruning_that_saves_time():
+    v = report.verdict(_verdict_results(channel=True, timed=True, saves=True, change=-0.03, lo=-0.045, hi=-0.015,
+                                        p=0.0001, verdict="drop"))
+    assert "Pruning cost 3.0 points of test accuracy after retraining" in v
+    assert "16.00 → 8.00 MB on disk" in v and "40.0 → 20.0 M MACs run" in v
+    assert "1.80× the dense speed (95% CI 1.70–1.90×): saves time" in v
+    v = report.verdict(_verdict_results(channel=True, timed=True, saves=False))
+    assert "(95% CI 0.90–1.20×): no time saved beyond noise" in v
+
+
+def test_the_verdict_leads_the_title_and_the_floor_is_said_once():
+    res = _verdict_results(at_floor=True)
+    title = report.title_markdown(res)
+    assert title.index("**Verdict.**") < 200 and title.count("majority") == 1
+    assert "[majority-class floor](#glossary-floor)" in title   # linked to the glossary
+    assert 'id="glossary-floor"' in report.glossary_markdown()

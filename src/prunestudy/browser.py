@@ -16,6 +16,24 @@ VIEWPORT = {"width": 1366, "height": 768}
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "chrome")
 
 
+# the text a reader sees without scrolling: every text node with a visible box above the fold
+FIRST_SCREEN_TEXT = """() => {
+  const walk = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+  const out = [];
+  for (let n = walk.nextNode(); n; n = walk.nextNode()) {
+    if (!n.textContent.trim() || !n.parentElement.checkVisibility()) continue;   // a closed <details>
+    const r = document.createRange(); r.selectNodeContents(n);
+    const b = r.getBoundingClientRect();
+    if (b.width > 0 && b.height > 0 && b.top < window.innerHeight && b.bottom > 0) out.push(n.textContent.trim());
+  }
+  return out.join(' ');
+}"""
+# tables that do not fit the page: wider than the viewport, or scrolled inside their box
+WIDE_TABLES = """() => [...document.querySelectorAll('table')].map(t => {
+  const b = t.getBoundingClientRect(), box = t.parentElement;
+  return {caption: (t.caption ? t.caption.textContent : t.innerText).slice(0, 60), width: Math.round(b.width),
+          right: Math.round(b.right), box: box.clientWidth, scroll: box.scrollWidth};
+}).filter(t => t.right > window.innerWidth || t.scroll > t.box + 1)"""
 def chromium_path() -> str | None:
     """The system Chromium, or None."""
     return next((p for p in map(shutil.which, CANDIDATES) if p), None)
@@ -52,6 +70,8 @@ def inspect(html: str | Path, screenshot: str | Path | None = None, first_screen
             found["first_screen_visible"] = bool(box and box["y"] >= 0 and box["y"] + min(box["height"], 200)
                                                  <= VIEWPORT["height"] and box["width"] > 0)
             found["text"] = page.inner_text("body")
+            found["first_screen_text"] = page.evaluate(FIRST_SCREEN_TEXT)
+            found["wide_tables"] = page.evaluate(WIDE_TABLES)
             if screenshot:
                 page.screenshot(path=str(screenshot))
         finally:

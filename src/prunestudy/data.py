@@ -82,7 +82,7 @@ from .crops import (  # noqa: F401  (load_image, crop_and_resize: part of this m
 __all__ = [
     "build_dataset", "load_split", "read_manifest", "read_rejects", "read_info", "check_layout",
     "choose_classes", "select_annotations", "crop_square", "load_image", "crop_and_resize",
-    "DataError", "PAD_RGB", "SPLITS", "MANIFEST_COLUMNS", "REJECT_COLUMNS", "LABEL_MODES",
+    "DataError", "PAD_RGB", "SPLITS", "MANIFEST_COLUMNS", "REJECT_COLUMNS", "LABEL_MODES", "SKIP_REASONS",
 ]
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,24 @@ MANIFEST_COLUMNS = [
     "crop_x0", "crop_y0", "crop_x1", "crop_y1", "clipped", "decode_scale",
 ]
 REJECT_COLUMNS = ["image_id", "file_name", "boxes", "reason", "detail"]
+
+# every reason a box is counted under in data.json's "skipped" (a column of the report's data table),
+# in a few words: this module's selection, the records prunestudy.coco skips, the images crops.py cannot read
+SKIP_REASONS = {
+    "iscrowd": "a crowd region (COCO iscrowd), not one object",
+    "no_image": "names an image the annotation file does not list",
+    "invalid_box": "no area left once clipped to its image",
+    "small": "shorter side below data.min_box px",
+    "other_class": "a category not among the classes studied",
+    "not_largest": "not its image's largest box (label_mode image)",
+    "capped": "over the class's cap (data.max_per_class, data.max_test_per_class), left out at random",
+    "malformed": "an annotation record the checks could not use",
+    "unknown_category": "a category id the file does not define",
+    "bad_image_record": "its image's record was malformed",
+    "missing_file": "its image file is missing",
+    "corrupt_image": "its image file could not be decoded",
+    "size_mismatch": "its image's size differs from the annotation file's",
+}
 
 INFO_FILE = paths.DATA_INFO
 

@@ -11,7 +11,9 @@ them all, under the names the notebooks call):
 
 - ``summary``: title (the data named, warnings), summary table, test-accuracy bars (the seed report's
   beside them only where comparable);
-- ``findings``: the first screen's sentences (and the dense control's);
+- ``verdict``: the first screen's verdict: what pruning cost and bought, or nothing to conclude;
+- ``findings``: the sentences computed from the numbers, below the table (and the dense control's);
+- ``glossary``: the terms of the tests and measures, defined once at the end, linked where they appear;
 - ``seeds``: accuracy over seeds, paired changes and their confidence intervals;
 - ``efficiency``: parameters, MACs, bytes and measured time;
 - ``curve``: the curve table (prune.amounts x prune.methods) and its trade-off plots;
@@ -37,7 +39,8 @@ from .curve import curve_markdown, curve_styler, curve_table, plot_tradeoff
 from .curves import cut_threshold, plot_epoch_metrics, plot_layer_sparsity, plot_step_loss, plot_weight_histograms
 from .data import data_markdown, plot_class_counts, plot_samples, sample_mosaic
 from .efficiency import efficiency_markdown, efficiency_styler, efficiency_table
-from .findings import amount_phrase, control_markdown, findings, findings_markdown
+from .findings import amount_phrase, control_markdown, findings, findings_markdown, findings_section
+from .glossary import glossary_markdown, linked_caption
 from .grid import (
     floor_markdown,
     grid_heading,
@@ -90,6 +93,7 @@ from .summary import (
     title_markdown,
 )
 from .usage import dead_units, usage_markdown, usage_table
+from .verdict import verdict, verdict_markdown
 
 __all__ = [
     "ACC", "BALANCED", "CONFIDENCE", "MACRO_F1", "CONTROL_LABEL", "DPI", "FIGSIZE", "LATENCY", "LOSS", "NONZERO",
@@ -100,6 +104,7 @@ __all__ = [
     "amount_phrase", "binomial_se", "dead_units", "min_test", "confusion_matrix", "control_markdown", "cut_threshold",
     "data_markdown",
     "efficiency_markdown", "efficiency_styler", "efficiency_table", "epoch_table", "findings", "findings_markdown",
+    "findings_section", "glossary_markdown", "linked_caption", "verdict", "verdict_markdown",
     "latency_point", "literal", "md_escape", "paired_styler", "paired_table", "per_class_markdown",
     "per_class_styler", "per_class_table", "plot_accuracy", "plot_class_counts", "plot_confusion",
     "plot_epoch_metrics", "plot_layer_sparsity", "plot_samples", "plot_seeds", "plot_step_loss", "plot_tradeoff",

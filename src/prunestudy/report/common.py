@@ -4,6 +4,7 @@ majority floor of results.json (prunestudy.metrics), and how numbers are written
 
 from __future__ import annotations
 
+import html
 import math
 from pathlib import Path
 
@@ -82,9 +83,22 @@ def signed(points: float, digits: int = 1) -> str:
     return f"{points:+.{digits}f}" if round(points, digits) != 0 else f"{0:.{digits}f}"
 
 
+def p_figure(p: float) -> str:
+    """A p-value as a table cell shows it, under a column headed p: '< 0.001', '0.033', '1.000'.
+    The one place a p-value's digits are decided (``pvalue`` says the same in prose)."""
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
 def pvalue(p: float) -> str:
     """A p-value as prose: 'p < 0.001', 'p = 0.033', 'p = 0.125'."""
-    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+    figure = p_figure(p)
+    return f"p {figure}" if figure.startswith("<") else f"p = {figure}"
+
+
+def p_cell(p: float) -> str:
+    """``p_figure`` for a Styler's HTML cell ('&lt; 0.001'): Styler escapes what it is given, not
+    what a formatter returns."""
+    return html.escape(p_figure(p))
 
 
 def plural(n: int, word: str) -> str:

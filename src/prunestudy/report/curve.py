@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 from .. import config, efficiency, states
-from .common import MB, pct, pvalue, signed
+from .common import MB, p_cell, pct, pvalue, signed
 from .style import figure, floor_method, label, literal, md_escape, method_style, placeholder
 
 
@@ -64,7 +64,7 @@ def curve_styler(results: dict):
     if df.empty:
         return df
     fmt = {c: "{:.2f}" for c in df.columns if df[c].dtype.kind == "f"}
-    fmt["vs dense: p (Holm)"] = "{:.3f}"
+    fmt["vs dense: p (Holm)"] = p_cell
     return (df.style.format(fmt, na_rep="—").hide(axis="index")
             .set_caption("vs dense: the paired change of test accuracy against the trained (dense) model on the "
                          "same test crops, after retraining where the point was retrained; exact McNemar p-value "

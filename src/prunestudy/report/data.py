@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.figure import Figure
 
-from .. import config, paths
+from .. import config, data, paths
 from .common import count, data_info
 from .style import bar_values, figure, label, literal, md_escape, placeholder
 
@@ -26,12 +26,22 @@ def data_markdown(info: dict, min_test: int | None = None) -> str:
         skipped = (info.get("skipped") or {}).get(split, {})
         lines.append(f"| {split} | {count(size)} | "
                      + " | ".join(count(skipped.get(k, 0)) for k in _skip_keys(info)) + " |")
+    lines += skip_legend(_skip_keys(info))
     lines += _small_lines(info, config.default("data.min_test_per_class") if min_test is None else min_test)
     clipped = info.get("clipped") or {}
     if any(clipped.values()):
         lines += ["", "Boxes reaching outside their image, clipped to it: "
                   + ", ".join(f"{split} {count(n)}" for split, n in clipped.items()) + "."]
     return "\n".join(lines + _rejects_lines(info))
+
+
+def skip_legend(keys: list[str]) -> list[str]:
+    """One line under the data table: what each of its skip columns counts (data.SKIP_REASONS)."""
+    if not keys:
+        return []
+    said = [f"*{md_escape(k)}*" + (f": {md_escape(data.SKIP_REASONS[k])}" if k in data.SKIP_REASONS else "")
+            for k in keys]
+    return ["", "Boxes skipped, by reason: " + "; ".join(said) + "."]
 
 
 def _small_lines(info: dict, min_test: int) -> list[str]:

@@ -9,12 +9,13 @@ majority-class floor makes every comparison it is part of say that nothing can b
 
 from __future__ import annotations
 
+import html
 import math
 
 import numpy as np
 
 from .. import methods, states
-from . import reference
+from . import glossary, reference
 from .common import (
     binomial_se,
     change,
@@ -28,6 +29,7 @@ from .common import (
     pct,
     plural,
     pts,
+    pvalue,
     relative,
     signed,
     small_classes,
@@ -58,7 +60,7 @@ def floor_detail(floor: dict, bad: dict) -> str:
         what = [f"{pct(e['accuracy'])}"]
         if e["at_floor"]:
             what.append(f"not significantly above the majority floor of {pct(floor['share'])} (always answering "
-                        f"'{floor['class']}'; exact binomial test of being above it: p = {e['p_value']:.2f})")
+                        f"'{floor['class']}'; exact binomial test of being above it: {pvalue(e['p_value'])})")
         if e["collapsed"]:
             what.append(f"answering '{e['top_class']}' for {pct(e['top_share'])} of the test crops ("
                         f"'{e['top_class']}' is {pct(e['top_test_share'])} of them)")
@@ -399,6 +401,14 @@ def findings(results: dict) -> list[str]:
 def findings_markdown(results: dict) -> str:
     """The findings as a Markdown bullet list (text escaped: no HTML, links or math)."""
     return "\n".join(f"- {md_escape(s)}" for s in findings(results))
+
+
+def findings_section(results: dict) -> str:
+    """The findings below the first screen's verdict and table, folded (the verdict says what they
+    conclude; a click opens the reasoning), the first mention of each glossary term linked."""
+    items = "".join(f"<li>{html.escape(' '.join(s.split()), quote=False)}</li>" for s in findings(results))
+    return (f"<details><summary><b>Findings, step by step</b> ({items.count('<li>')} sentences computed from the "
+            f"numbers)</summary><ul>{glossary.link(items, html=True)}</ul></details>")
 
 
 def _f_control(results: dict) -> str | None:

@@ -12,7 +12,8 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from .. import atomic, metrics, paths, states
-from .common import data_info, min_test, pvalue, signed, where
+from . import glossary
+from .common import data_info, min_test, p_cell, pvalue, signed, where
 from .style import figure, label, literal, md_escape, placeholder
 
 
@@ -115,16 +116,17 @@ def per_class_styler(run_dir):
     if df.empty:
         return df
     fmt = {c: "{:.1f}" for c in df.columns if df[c].dtype.kind == "f"}
-    fmt.update({c: "{:.3f}" for c in df.columns if c.endswith(": p") or c.endswith("(Holm)")})
+    fmt.update({c: p_cell for c in df.columns if c.endswith(": p") or c.endswith("(Holm)")})
     # bars only where a change is not zero everywhere (pandas divides by the column's range)
     change = [c for c in df.columns if c.endswith("(points)") and df[c].abs().max() > 0]
-    return (df.style.format(fmt, na_rep="—").format_index(escape="html")   # class names are untrusted text
+    styler = (df.style.format(fmt, na_rep="—").format_index(escape="html")   # class names are untrusted text
             .bar(subset=change, align="zero", color=[states.PRUNED.color, states.RETRAINED.color])
             .set_caption("Per-class test accuracy (%). Changes are paired (the same test crops before and after), "
                          "in points, with the 95% Newcombe interval and the exact McNemar p-value, then "
                          f"Holm-corrected over the classes with at least {df.attrs['min_test']} test crops; verdicts "
                          "at 5%. A class with fewer test crops is too few to read. Sorted by the change after "
                          "pruning, largest loss first."))
+    return glossary.linked_caption(styler)   # its Holm, McNemar and Newcombe, to their definitions
 
 
 def _class_line(state: str, family: list[tuple[str, dict]]) -> str:

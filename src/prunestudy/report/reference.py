@@ -99,9 +99,8 @@ def data_source(results: dict) -> dict:
     classes = info.get("classes") or []
     if (params.get("data") or {}).get("root") == "embedded" or (root and (Path(root) / synth.MARKER_NAME).is_file()):
         return {"kind": EMBEDDED, "comparable": False, "differs": [],
-                "text": f"the embedded synthetic dataset: {len(classes)} classes of drawn shapes ("
-                        f"{', '.join(classes)}) made by prunestudy.synth in the COCO 2017 file layout, "
-                        "not COCO photographs"}
+                "text": f"the embedded synthetic dataset: {len(classes)} classes of drawn shapes made by "
+                        "prunestudy.synth (named in the data section), not COCO photographs"}
     images = _image_counts(root)
     if images is None:
         return {"kind": OTHER, "comparable": False, "differs": [],

@@ -109,9 +109,19 @@ def show_figure(run_dir, name: str, fig: Figure, dpi: int = SAVE_DPI):
     from IPython.display import Image
 
     _, png = _write_png(run_dir, name, fig, dpi)
+    alt = caption(fig) or name
     plt.close(fig)
     width = struct.unpack(">I", png[16:20])[0]   # the PNG header's width, in pixels
-    return Image(data=png, format="png", width=round(width * DPI / dpi))
+    return Image(data=png, format="png", width=round(width * DPI / dpi), alt=alt)
+
+
+def caption(fig: Figure) -> str:
+    """A figure's caption, for its alt text: its title above all, then each panel's title, or the
+    axis labels of an untitled panel (what a reader who cannot see it needs to know it shows)."""
+    top = fig._suptitle.get_text() if fig._suptitle else ""
+    panels = [ax.get_title() or " against ".join(t for t in (ax.get_ylabel(), ax.get_xlabel()) if t)
+              or " ".join(t.get_text() for t in ax.texts) for ax in fig.axes if ax.get_visible()]
+    return "; ".join(t for t in [top, *panels] if t).replace("\n", " ")
 
 
 def _write_png(run_dir, name: str, fig: Figure, dpi: int) -> tuple[Path, bytes]:

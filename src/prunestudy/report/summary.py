@@ -1,8 +1,11 @@
-"""The first screen: the title (with the data named, and a warning when a model state sits at the
-majority-class floor), the summary table (one row per model state and curve point, the majority
-floor, and the seed report's figures where they are comparable) and the test-accuracy bars."""
+"""The first screen: the title, the verdict (what pruning cost and bought, or that nothing can be
+concluded at the majority-class floor: report/verdict.py) and the data named; the summary table
+(one row per model state and curve point, the majority floor, and the seed report's figures where
+they are comparable, its notes folded away); and the test-accuracy bars."""
 
 from __future__ import annotations
+
+import html
 
 import numpy as np
 import pandas as pd
@@ -11,11 +14,11 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from .. import states
-from . import reference
-from .common import MB, binomial_se, count, flagged, joined, pct, test_size
+from . import glossary, reference
+from .common import MB, binomial_se, count, pct, test_size
 from .efficiency import dense_reference, time_column, time_note
-from .findings import floor_detail
 from .style import SEED_EDGE, SEED_HATCH, bar_values, figure, label, legend_outside, literal, md_escape
+from .verdict import verdict_markdown
 
 ACC, LOSS, SPARSITY, NONZERO, TOTAL = ("test accuracy (%)", "test loss (mean per sample)", "global sparsity (%)",
                                        "nonzero params", "total params")
@@ -151,7 +154,13 @@ def summary_styler(results: dict):
     return (shown.style.format({ACC: "{:.2f}", BALANCED: "{:.2f}", MACRO_F1: "{:.2f}", LOSS: "{:.4f}",
                                 SPARSITY: "{:.2f}", NONZERO: "{:,}", TOTAL: "{:,}", SIZE: "{:.2f}"}, na_rep="—")
             .hide([LATENCY] if untimed else [], axis="columns")
-            .set_caption(where + bal + seed_s))
+            .set_caption(details("How to read this table", where + bal + seed_s
+                                 + f" Seed report: {seed['source']}.")))
+
+
+def details(summary: str, text: str) -> str:
+    """A caption folded away: its summary line shows, the long text opens on a click (HTML-escaped)."""
+    return f"<details><summary>{html.escape(summary)}</summary>{html.escape(text, quote=False)}</details>"
 
 
 def _verdict_batch(results: dict) -> int | None:
@@ -167,28 +176,14 @@ def data_line(results: dict) -> str:
         return ""
     src = reference.data_source(results)
     tail = (" The seed report's figures stand beside this run's." if src["comparable"] else
-            " The seed report (COCO 2017 photographs at its settings) is a reference only, not a baseline.")
+            " The seed report (COCO 2017 at its settings) is a reference only.")
     return f"**Data:** {md_escape(src['text'])}.{md_escape(tail)}\n\n"
 
 
-def floor_warning(results: dict) -> str:
-    """A plain warning on the first screen when a model state is at the majority-class floor or
-    answers one class for most test crops: which state, which class, what share."""
-    bad = flagged(results)
-    if not bad:
-        return ""
-    names = joined([states.get(s).label for s in bad])
-    detail = floor_detail(results["floor"], bad)
-    return ("> **Warning: the " + md_escape(names) + f" model{'s' * (len(bad) != 1)} "
-            f"{'is' if len(bad) == 1 else 'are'} at the majority-class floor.** "
-            + md_escape(detail[0].upper() + detail[1:])
-            + ". Nothing can be concluded about pruning or retraining from "
-            + ("it" if len(bad) == 1 else "them") + ": train longer (train.epochs) or on more data.\n\n")
-
-
 def title_markdown(results: dict) -> str:
-    """A heading naming the model, the pruning and the run's parameter hash; then the warnings (a
-    run folder mixing computations, a model at the majority floor) and the line naming the data."""
+    """The first screen above the table: a heading naming the model, the pruning and the run's
+    parameter hash; a warning when the run folder mixes computations; the verdict (what pruning cost
+    and bought, or that nothing can be concluded at the majority floor); the line naming the data."""
     model = states.metrics(results, "trained").get("model", "model")
     prune = states.metrics(results, "pruned")
     what = (f"{prune.get('method', 'pruning')} at {pct(prune['amount'], 0)}" if prune.get("amount") is not None
@@ -200,10 +195,9 @@ def title_markdown(results: dict) -> str:
     if results.get("curve"):
         what += f"; curve of {len(results['curve'])} points"
     h = results.get("params_hash")
-    return (f"# Pruning study: {md_escape(model)}, {md_escape(what)}\n\n"
-            + stale_warning(results) + floor_warning(results) + data_line(results)
-            + (f"Run parameters hash {md_escape(h)}. " if h else "")
-            + md_escape(f"Seed report: {reference.seed_report()['source']}."))
+    run = f" (run {md_escape(h)})" if h else ""
+    return (f"# Pruning study: {md_escape(model)}, {md_escape(what)}{run}\n\n"
+            + stale_warning(results) + glossary.link(verdict_markdown(results)) + "\n" + data_line(results))
 
 
 def stale_warning(results: dict) -> str:
