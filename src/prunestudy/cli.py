@@ -157,6 +157,8 @@ def _interrupted_status() -> int:
     and a KeyboardInterrupt while exiting would end it with -2 instead (seen once in CI, when the
     SIGINT came while the closing line was printed: so this is called first)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # and blocked in this thread: a handler restored later (at exit) cannot let a pending one through
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     return 128 + (signal.SIGTERM if schedule.terminated() else signal.SIGINT)
 
 
