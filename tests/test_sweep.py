@@ -722,8 +722,9 @@ def test_the_grid_report_stays_readable_with_60_points():
 
 
 def test_the_grid_reports_bands_stay_within_0_and_100_and_its_speedup_axis_names_untimed_points():
-    """Two seeds far apart give a t-band of about ±250 points: drawn within 0-100%. Masked points,
-    not timed (speedup 1.0 by construction), are named on the speedup axis; timed ones alone are not."""
+    """Two seeds far apart give a t-band of about ±250 points: drawn within 0-100%. With no point
+    timed (masked pruning: 1x by construction) there is no speedup panel; with some, the axis names the
+    untimed ones. The log axis has plain tick labels; the two reference lines differ in style."""
     import matplotlib.pyplot as plt
 
     from prunestudy import report
@@ -739,11 +740,22 @@ def test_the_grid_reports_bands_stay_within_0_and_100_and_its_speedup_axis_names
     ops = report.operating_points(table)
     assert ops["accuracy_after_lo"].iloc[0] < 0 < 1 < ops["accuracy_after_hi"].iloc[0]
     fig = report.plot_grid_tradeoff(table)
-    for ax in fig.axes[:3]:
+    for ax in fig.axes[:2]:
         band = np.concatenate([p.vertices for c in ax.collections for p in c.get_paths()])
         assert band[:, 1].min() >= 0 and band[:, 1].max() <= 100
+    assert not any("speedup" in ax.get_xlabel() for ax in fig.axes)   # no point timed: no speedup panel
+    assert "speed" not in fig._suptitle.get_text()
+    fig.canvas.draw()
+    labels = [t.get_text() for t in [*fig.axes[1].get_xticklabels(), *fig.axes[1].get_xticklabels(minor=True)]]
+    assert "2" in labels and not any("times" in t or "^" in t for t in labels), labels   # not 2x10^0
+    styles = {ln.get_label(): ln.get_linestyle() for ln in fig.axes[0].get_lines()}
+    assert styles["dense (trained)"] != styles["dense control"]   # told apart by style, not colour alone
+    plt.close(fig)
+    table.loc[0, "speedup_timed"] = True   # one point timed: the panel, its axis naming the untimed ones
+    fig = report.plot_grid_tradeoff(table)
     assert "masked: 1x, not timed" in fig.axes[2].get_xlabel()
     plt.close(fig)
+    table["speedup_timed"] = False
     speed = report.grid_operating_styler(table).data["measured speedup (x)"]
     assert list(speed) == ["1.00 (not timed)"]   # not "1.00 ± 0.00", as if measured
     table["speedup_timed"] = True

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
 from .. import atomic, efficiency, metrics, paths, states
 from .seeds import t_interval
@@ -210,10 +211,11 @@ def plot_grid_tradeoff(table: pd.DataFrame) -> Figure:
     if ops.empty or "accuracy_after" not in ops:
         return placeholder("no finished point yet: nothing to plot")
     method_col = "prune.method" if "prune.method" in ops else None
-    fig, axes = figure(ncols=3, size=(15, 4.6))
-    for ax, (x, xname) in zip(axes, (("sparsity", "sparsity of the targeted weights (%)"),
-                                     ("compression_ratio", "compression ratio (x, log)"),
-                                     ("measured_speedup", _speedup_axis(table)))):
+    panels = [("sparsity", "sparsity of the targeted weights (%)"), ("compression_ratio", "compression ratio (x, log)")]
+    if timed_any(table):   # no panel of points that all sit at 1x untimed (masked pruning)
+        panels.append(("measured_speedup", _speedup_axis(table)))
+    fig, axes = figure(ncols=len(panels), size=(5 * len(panels), 4.6))
+    for ax, (x, xname) in zip(axes, panels):
         for method, group in (ops.groupby(method_col, sort=False) if method_col else [("points", ops)]):
             group = group.sort_values(x)
             colour, marker = method_style(method)
@@ -229,16 +231,24 @@ def plot_grid_tradeoff(table: pd.DataFrame) -> Figure:
         if "floor_share" in table and table["floor_share"].notna().any():
             ax.axhline(100 * table["floor_share"].mean(), color="dimgray", ls="-.", lw=1.2,
                        label="majority-class floor")
-        for ref, colour, name in (("dense_accuracy", states.TRAINED.color, "dense (trained)"),
-                                  ("control_accuracy", states.CONTROL.color, states.CONTROL.label)):
-            if table[ref].notna().any():
-                ax.axhline(100 * table[ref].mean(), color=colour, ls=":", lw=1.4, label=name)
+        for ref, colour, style, name in (("dense_accuracy", states.TRAINED.color, (0, (7, 3)), "dense (trained)"),
+                                         ("control_accuracy", states.CONTROL.color, ":", states.CONTROL.label)):
+            if table[ref].notna().any():   # told apart by style as well as colour, and named in the legend
+                ax.axhline(100 * table[ref].mean(), color=colour, ls=style, lw=1.6, label=name)
         if x == "compression_ratio":
             ax.set_xscale("log")
+            for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):   # 2, 3: not 2x10^0
+                axis(FuncFormatter(lambda v, _: f"{v:g}"))
         label(ax, xname, "test accuracy (%)")
     legend_outside(axes[-1])
-    fig.suptitle("Accuracy against sparsity, compression and measured speed (mean and 95% band over seeds)")
+    fig.suptitle("Accuracy against sparsity, compression" + (" and measured speed" if len(panels) == 3 else "")
+                 + " (mean and 95% band over seeds)")
     return fig
+
+
+def timed_any(table: pd.DataFrame) -> bool:
+    """Whether any point's speedup was measured (a table of an older sweep, without the flag: yes)."""
+    return "speedup_timed" not in table or not (table["speedup_timed"] == False).all()   # noqa: E712
 
 
 def _speedup_axis(table: pd.DataFrame) -> str:
