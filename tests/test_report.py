@@ -1012,6 +1012,20 @@ def test_plot_seeds_pairs_each_seeds_models(seeded):
     assert sorted(l.get_ydata()[1] for l in lines) == pytest.approx([58.5, 61.8, 64.0])
 
 
+def test_plot_seeds_never_magnifies_a_change_within_the_test_sets_noise(study):
+    """One seed, a 0.5-point dip between two models on 474 test crops (one accuracy's standard error is
+    2.3 points): the axis spans at least two standard errors beyond the values, not 54-60."""
+    res = copy.deepcopy(study)
+    res["data"]["test_size"] = 474
+    for state, acc in (("train", 0.559), ("prune", 0.554), ("retrain", 0.559)):
+        res[state]["test_accuracy"] = acc
+    ax = report.plot_seeds(res).axes[0]
+    se = 100 * math.sqrt(0.557 * 0.443 / 474)
+    low, high = ax.get_ylim()
+    assert low <= 55.4 - 2 * se + 0.05 and high >= 55.9 + 2 * se - 0.05 and high - low > 4 * se
+    assert "two standard errors" in ax.get_title()
+
+
 def test_interval_holding_zero_is_called_noise(seeded):
     seeded["repeats"][0]["pruned"]["test_accuracy"] = 0.62   # seed 1 gains 2 points: the signs disagree
     md = report.seeds_markdown(seeded)

@@ -16,6 +16,7 @@ from matplotlib.lines import Line2D
 
 from .. import metrics, states
 from . import reference
+from .common import binomial_se, test_size
 from .style import figure, label, legend_outside, md_escape, placeholder
 
 PAIRS = states.COMPARED
@@ -239,10 +240,14 @@ def plot_seeds(results: dict) -> Figure:
                     ecolor="black", zorder=3)
     ax.set_xticks(list(x.values()), [states.get(s).label for s in shown_states])
     ax.set_xlim(-0.4, len(shown_states) - 0.4)
-    ax.set_ylim(max(0.0, min(shown) - 3), min(100.0, max(shown) + 3))   # a wide CI runs off the axes
+    n = test_size(results)   # the axis spans two standard errors of one test accuracy beyond the values at
+    pad = max(3.0, 2 * 100 * binomial_se(np.mean(shown) / 100, n)) if n else 3.0   # least: no noise magnified
+    ax.set_ylim(max(0.0, min(shown) - pad), min(100.0, max(shown) + pad))   # a wide CI runs off the axes
     handles = [Line2D([], [], color="#9a9a9a", lw=1, label="one seed (its models joined)"),
                Line2D([], [], marker="D", color="black", ls="none", mfc="white",
                       label=f"mean, {CONFIDENCE:.0%} CI over seeds" if len(runs) > 1 else "mean (one seed: no CI)")]
     legend_outside(ax, handles=handles)
-    label(ax, "model state", "test accuracy (%)", f"Test accuracy per seed ({len(runs)} seed{'s' * (len(runs) != 1)})")
+    label(ax, "model state", "test accuracy (%)", f"Test accuracy per seed ({len(runs)} seed{'s' * (len(runs) != 1)}"
+          + (f"; the axis reaches {pad:.1f} points, two standard errors of one accuracy, past the values)" if n
+             else ")"))
     return fig
