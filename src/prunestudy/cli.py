@@ -130,13 +130,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prunestudy: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        status = _interrupted_status()   # first: a second SIGINT (a kernel's group stopped) must not end us now
+        _interrupted_status()   # first: a second SIGINT (a kernel's group stopped) must not end us now
         # the notebook client's cell task ends with the kernel's KeyboardInterrupt after we stopped listening:
         # asyncio would print it as "Task exception was never retrieved" with a traceback at exit
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         print(f"prunestudy: {_interruption()}; finished stages are kept in {run_dir}: rerun the same command to "
               "go on", file=sys.stderr)
-        return status
+        return _interrupted_status()   # again: a SIGTERM handled meanwhile makes it 143
     except OSError as e:  # the runner's own writes (results.json, report): disk full, folder gone
         print(f"prunestudy: {e}; finished stages are kept in {run_dir}: fix the cause and rerun", file=sys.stderr)
         return 1
@@ -159,6 +159,8 @@ def _interrupted_status() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # and blocked in this thread: a handler restored later (at exit) cannot let a pending one through
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    # a SIGTERM from now on is only noted (the command is ending already), never a second interrupt
+    signal.signal(signal.SIGTERM, schedule.note_sigterm)
     return 128 + (signal.SIGTERM if schedule.terminated() else signal.SIGINT)
 
 
@@ -446,11 +448,11 @@ def _sweep(args) -> int:
         print(f"prunestudy: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        status = _interrupted_status()   # first (see cli._run)
+        _interrupted_status()   # first (see cli._run)
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)   # see cli._run
         print(f"prunestudy: {_interruption()}; finished stages are kept in the store ({root}): rerun the same "
               "command to go on", file=sys.stderr)
-        return status
+        return _interrupted_status()   # again: a SIGTERM handled meanwhile makes it 143
     except execute.StageFailed as e:   # the grid report itself
         print(f"prunestudy: {e}", file=sys.stderr)
         return 1

@@ -350,6 +350,12 @@ def sigterm_as_sigint() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def note_sigterm(signum=None, frame=None) -> None:
+    """A SIGTERM handler that only notes it (`terminated()`): for a process that is ending already."""
+    global _terminated
+    _terminated = True
+
+
 def terminated() -> bool:
     """SIGTERM reached this process (sigterm_as_sigint): an interrupt exits 143, not 130."""
     return _terminated
