@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -28,8 +30,24 @@ from . import (
     sweep,
 )
 
+_ending = False   # an interrupted run or sweep is ending (_interrupted_status; see main)
+
 
 def main(argv: list[str] | None = None) -> int:
+    """The `prunestudy` command. An interrupted run or sweep of the program itself (argv None: not a
+    caller in this process) ends right after its exit handlers (its kernel stopped, Ray shut down):
+    the interpreter's own teardown could still meet a late SIGINT (a handler put back as a closed
+    generator unwinds) and end the process with 130 or -2 instead of its status."""
+    code = _main(argv)
+    if _ending and argv is None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        atexit._run_exitfuncs()
+        os._exit(code)
+    return code
+
+
+def _main(argv: list[str] | None = None) -> int:
     if hasattr(signal, "SIGPIPE"):  # `prunestudy params | head` ends quietly
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     parser = argparse.ArgumentParser(prog="prunestudy", description=__doc__)
@@ -156,6 +174,8 @@ def _interrupted_status() -> int:
     on SIGINT is ignored: stopping a kernel signals its process group, which may hold this process,
     and a KeyboardInterrupt while exiting would end it with -2 instead (seen once in CI, when the
     SIGINT came while the closing line was printed: so this is called first)."""
+    global _ending
+    _ending = True
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # and blocked in this thread: a handler restored later (at exit) cannot let a pending one through
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
